@@ -1,0 +1,3 @@
+"""onnx-obs: prune ONNX models with Optimal Brain Surgeon."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,171 @@
+"""Loading and saving ONNX files: checks with clear errors, external data, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from onnx_obs.errors import OnnxObsError
+
+_TWO_GB = 2**31
+# Tensors at least this large go to the external data file when a model is saved with one.
+_EXTERNAL_MIN_BYTES = 1024
+
+
+@dataclass
+class LoadedModel:
+    model: onnx.ModelProto   # external data is referenced, not read into memory
+    path: Path | None
+    base_dir: str            # where external data files are found
+    file_size: int           # bytes of the model file plus its external data files
+
+    @property
+    def has_external_data(self) -> bool:
+        return any(_is_external(t) for t in iter_tensors(self.model.graph))
+
+
+def iter_tensors(graph: onnx.GraphProto):
+    """Every stored tensor of a graph and its subgraphs: initializers and Constant values."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+            elif a.type == onnx.AttributeProto.GRAPH:
+                yield from iter_tensors(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from iter_tensors(g)
+
+
+def _is_external(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _external_files(model: onnx.ModelProto) -> set[str]:
+    files = set()
+    for t in iter_tensors(model.graph):
+        if _is_external(t):
+            files.update(e.value for e in t.external_data if e.key == "location")
+    return files
+
+
+def load_model(path: str | os.PathLike, check: bool = True) -> LoadedModel:
+    """Read an ONNX file without reading its external data; raise OnnxObsError on any problem."""
+    p = Path(path)
+    if not p.exists():
+        raise OnnxObsError(f"model file not found: {p}")
+    if not p.is_file():
+        raise OnnxObsError(f"model path is not a file: {p}")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as e:
+        raise OnnxObsError(f"{p} is not a readable ONNX model (truncated or another format?): "
+                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    if not model.graph.node and not model.graph.output:
+        raise OnnxObsError(f"{p} is not an ONNX model: no graph found")
+    base_dir = str(p.parent)
+    size = p.stat().st_size
+    for loc in sorted(_external_files(model)):
+        data = p.parent / loc
+        if not data.is_file():
+            raise OnnxObsError(f"external data file '{loc}' of {p.name} is missing: "
+                               f"keep it next to the model in {p.parent}")
+        size += data.stat().st_size
+    if check:
+        try:
+            onnx.checker.check_model(str(p))
+        except onnx.checker.ValidationError as e:
+            first = str(e).strip().splitlines()[0]
+            raise OnnxObsError(f"{p} fails onnx.checker: {first}") from e
+    return LoadedModel(model, p, base_dir, size)
+
+
+def from_proto(model: onnx.ModelProto) -> LoadedModel:
+    return LoadedModel(model, None, "", model.ByteSize())
+
+
+def check_output_path(out: str | os.PathLike, src: Path | None, force: bool) -> Path:
+    """Refuse paths that would lose data or cannot be written, before any work is done."""
+    o = Path(out)
+    if src is not None and o.exists() and o.resolve() == src.resolve():
+        raise OnnxObsError("output path is the input model: write to another file (-o)")
+    if o.is_dir():
+        raise OnnxObsError(f"output path {o} is a directory: give a file name")
+    if not o.parent.exists():
+        raise OnnxObsError(f"output directory {o.parent} does not exist: create it first")
+    if not os.access(o.parent, os.W_OK):
+        raise OnnxObsError(f"output directory {o.parent} is not writable")
+    if o.exists() and not force:
+        raise OnnxObsError(f"{o} exists: pass --force to overwrite it")
+    return o
+
+
+def save_model(model: onnx.ModelProto, out: str | os.PathLike, base_dir: str = "",
+               external: bool | None = None) -> int:
+    """Write atomically (temp files, then rename) and return the bytes written.
+
+    With external data (automatic when the input had it or the model exceeds 2 GB), large tensors
+    are streamed one at a time into `<out>.data`, so memory stays near one tensor.
+    """
+    out = Path(out)
+    if external is None:
+        external = bool(_external_files(model)) or model.ByteSize() >= _TWO_GB
+    data_name = out.name + ".data"
+    tmp_files: list[Path] = []
+    try:
+        if external:
+            fd, tmp_data = tempfile.mkstemp(prefix=".onnx-obs-", dir=out.parent)
+            tmp_files.append(Path(tmp_data))
+            with os.fdopen(fd, "wb") as f:
+                _stream_external(model, f, data_name, base_dir)
+        fd, tmp_model = tempfile.mkstemp(prefix=".onnx-obs-", dir=out.parent)
+        tmp_files.append(Path(tmp_model))
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        if external:
+            os.replace(tmp_files[0], out.parent / data_name)
+        os.replace(tmp_files[-1], out)
+    except BaseException as e:
+        for t in tmp_files:
+            t.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OnnxObsError(f"could not write {out}: {e.strerror or e}") from e
+        raise
+    size = out.stat().st_size
+    if external:
+        size += (out.parent / data_name).stat().st_size
+    return size
+
+
+def _stream_external(model: onnx.ModelProto, f, data_name: str, base_dir: str) -> None:
+    """Copy each large tensor's bytes into the open data file and point the tensor at it."""
+    offset = 0
+    for t in iter_tensors(model.graph):
+        if _is_external(t):
+            info = {e.key: e.value for e in t.external_data}
+            with open(os.path.join(base_dir, info["location"]), "rb") as src:
+                src.seek(int(info.get("offset", 0)))
+                payload = src.read(int(info["length"])) if "length" in info else src.read()
+        elif t.HasField("raw_data") and len(t.raw_data) >= _EXTERNAL_MIN_BYTES:
+            payload = t.raw_data
+        else:
+            continue
+        pad = (-offset) % 4096  # aligned offsets let runtimes memory-map tensors
+        f.write(b"\0" * pad)
+        offset += pad
+        f.write(payload)
+        t.ClearField("raw_data")
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(payload)))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        offset += len(payload)

@@ -1,0 +1,162 @@
+"""Layer-wise Hessians H = (2/n) sum_k x_k x_k^T from captured activations (OBC / SparseGPT).
+
+An activation tensor becomes input vectors x_k (the columns of the site's 2-D matrix): every
+token of a MatMul input, every output position's receptive field of a convolution (im2col), one
+set per convolution group. Sums are float64 and streamed batch by batch: memory is one
+(cols x cols) matrix per group, whatever the number of samples.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+_CHUNK_ROWS = 16384  # input vectors per float64 product, bounds the unfold's working memory
+
+
+@dataclass
+class ConvGeometry:
+    """What an unfold needs from a Conv / ConvTranspose node, as plain numbers."""
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...] | None   # begins then ends; None with auto_pad
+    auto_pad: str = "NOTSET"
+    groups: int = 1
+    output_padding: tuple[int, ...] = ()
+    output_shape: tuple[int, ...] = ()
+
+    @classmethod
+    def from_attrs(cls, attrs: dict, kernel: tuple[int, ...]) -> ConvGeometry:
+        r = len(kernel)
+        ap = attrs.get("auto_pad", "NOTSET")
+        ap = ap.decode() if isinstance(ap, bytes) else ap
+        return cls(
+            kernel=tuple(attrs.get("kernel_shape", kernel)),
+            strides=tuple(attrs.get("strides", [1] * r)),
+            dilations=tuple(attrs.get("dilations", [1] * r)),
+            pads=tuple(attrs["pads"]) if "pads" in attrs and ap in ("NOTSET", "") else None,
+            auto_pad=ap or "NOTSET",
+            groups=int(attrs.get("group", 1)),
+            output_padding=tuple(attrs.get("output_padding", [0] * r)),
+            output_shape=tuple(attrs.get("output_shape", ())),
+        )
+
+
+class HessianSum:
+    """Running sum of 2 x x^T per group; `hessian()` returns (groups, cols, cols) means."""
+
+    def __init__(self, groups: int, cols: int):
+        self.sum = np.zeros((groups, cols, cols))
+        self.count = 0
+
+    def add(self, vectors: np.ndarray) -> None:
+        """vectors: (groups, n, cols)."""
+        for start in range(0, vectors.shape[1], _CHUNK_ROWS):
+            v = vectors[:, start:start + _CHUNK_ROWS].astype(np.float64)
+            self.sum += 2.0 * np.einsum("gni,gnj->gij", v, v, optimize=True)
+        self.count += vectors.shape[1]
+
+    def hessian(self) -> np.ndarray:
+        return self.sum / max(self.count, 1)
+
+
+def input_vectors(x: np.ndarray, samples: str, cols: int,
+                  geometry: ConvGeometry | None = None):
+    """Yield (groups, n, cols) blocks of input vectors from one activation batch."""
+    if samples == "rows":
+        yield x.reshape(1, -1, cols)
+    elif samples == "cols":
+        yield (x.reshape(1, cols) if x.ndim == 1 else np.swapaxes(x, -1, -2)).reshape(1, -1, cols)
+    elif samples == "conv":
+        for sample in x:
+            yield _group_rows(conv_patches(sample, geometry), geometry.groups)
+    elif samples == "convtranspose":
+        for sample in x:
+            yield _group_rows(conv_transpose_patches(sample, geometry), geometry.groups)
+    else:
+        raise ValueError(f"unknown sample layout {samples}")
+
+
+def _group_rows(patches: np.ndarray, groups: int) -> np.ndarray:
+    """(C, K, *out) patches -> (groups, positions, C/groups * K), columns ordered (channel, tap)."""
+    c, k = patches.shape[:2]
+    p = patches.reshape(groups, c // groups * k, -1)
+    return p.transpose(0, 2, 1)
+
+
+def same_pads(in_size: int, stride: int, extent: int, mode: str) -> tuple[int, int]:
+    out = -(-in_size // stride)
+    total = max(0, (out - 1) * stride + extent - in_size)
+    small, big = total // 2, total - total // 2
+    return (small, big) if mode == "SAME_UPPER" else (big, small)
+
+
+def conv_patches(x: np.ndarray, g: ConvGeometry) -> np.ndarray:
+    """im2col of one sample x (C, *spatial) for Conv: (C, prod(kernel), *out)."""
+    r = len(g.kernel)
+    extents = [(k - 1) * d + 1 for k, d in zip(g.kernel, g.dilations)]
+    if g.pads is not None:
+        pads = list(zip(g.pads[:r], g.pads[r:]))
+    elif g.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [same_pads(n, s, e, g.auto_pad) for n, s, e in zip(x.shape[1:], g.strides, extents)]
+    else:
+        pads = [(0, 0)] * r
+    xp = np.pad(x, [(0, 0)] + pads)
+    out = [(n - e) // s + 1 for n, e, s in zip(xp.shape[1:], extents, g.strides)]
+    return _taps(xp, g.kernel, g.dilations, g.strides, out)
+
+
+def conv_transpose_patches(x: np.ndarray, g: ConvGeometry) -> np.ndarray:
+    """Input vectors of ConvTranspose for one sample: (C, prod(kernel), *out).
+
+    Output position p sees tap k of input i where p = i*s + k*d - pad_begin. On the input
+    upsampled by s (zeros between samples) and padded left by (K-1)*d - pad_begin, that tap is
+    element p + (K-1-k)*d: an ordinary dilated im2col with the kernel axis reversed.
+    """
+    r = len(g.kernel)
+    spatial = x.shape[1:]
+    full = [s * (n - 1) + op + (k - 1) * d + 1 for n, s, op, k, d in
+            zip(spatial, g.strides, g.output_padding or [0] * r, g.kernel, g.dilations)]
+    if g.output_shape:
+        pads = _transpose_pads([f - o for f, o in zip(full, g.output_shape[-r:])], g.auto_pad)
+    elif g.pads is not None:
+        pads = list(zip(g.pads[:r], g.pads[r:]))
+    elif g.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = _transpose_pads([f - n * s for f, n, s in zip(full, spatial, g.strides)], g.auto_pad)
+    else:
+        pads = [(0, 0)] * r
+    out = list(g.output_shape[-r:]) if g.output_shape else [f - b - e for f, (b, e) in zip(full, pads)]
+    up = np.zeros((x.shape[0],) + tuple((n - 1) * s + 1 for n, s in zip(spatial, g.strides)), x.dtype)
+    up[(slice(None),) + tuple(slice(None, None, s) for s in g.strides)] = x
+    xp = np.zeros((x.shape[0],) + tuple(o + (k - 1) * d for o, k, d in zip(out, g.kernel, g.dilations)),
+                  x.dtype)
+    dst, src = [slice(None)], [slice(None)]
+    for n_up, n_xp, k, d, (b, _) in zip(up.shape[1:], xp.shape[1:], g.kernel, g.dilations, pads):
+        left = (k - 1) * d - b          # xp[j] = up[j - left]
+        lo, hi = max(0, left), min(n_xp, n_up + left)
+        dst.append(slice(lo, hi))
+        src.append(slice(lo - left, hi - left))
+    xp[tuple(dst)] = up[tuple(src)]
+    taps = _taps(xp, g.kernel, g.dilations, (1,) * r, out)
+    return taps[:, ::-1]  # tap k' = K-1-k; the flattened reversal reverses every kernel axis
+
+
+def _transpose_pads(totals: list[int], auto_pad: str) -> list[tuple[int, int]]:
+    # As onnxruntime: a negative total (output_shape above the natural size) pads nothing, and
+    # SAME_UPPER puts the smaller half first.
+    totals = [max(0, t) for t in totals]
+    return [(t // 2, t - t // 2) if auto_pad == "SAME_UPPER" else (t - t // 2, t // 2) for t in totals]
+
+
+def _taps(xp, kernel, dilations, strides, out) -> np.ndarray:
+    c = xp.shape[0]
+    taps = np.empty((c, int(np.prod(kernel)), *out), xp.dtype)
+    for t, offset in enumerate(itertools.product(*[range(k) for k in kernel])):
+        idx = tuple(slice(o * d, o * d + s * (n - 1) + 1, s)
+                    for o, d, s, n in zip(offset, dilations, strides, out))
+        taps[:, t] = xp[(slice(None),) + idx]
+    return taps

@@ -1,0 +1,84 @@
+"""onnxruntime sessions: execution providers, models with external data, clear load errors."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnx_obs.errors import OnnxObsError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def providers_for(device: str) -> list[str]:
+    available = ort.get_available_providers()
+    if device not in DEVICES:
+        raise OnnxObsError(f"unknown device '{device}': use one of {', '.join(DEVICES)}")
+    if device == "cuda" and "CUDAExecutionProvider" not in available:
+        raise OnnxObsError("--device cuda needs onnxruntime-gpu and a CUDA GPU: "
+                           "pip install onnxruntime-gpu, or use --device cpu")
+    if device in ("cuda", "auto") and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class Runner:
+    """One onnxruntime session over a model proto whose external data lives in `base_dir`."""
+
+    def __init__(self, model: onnx.ModelProto, base_dir: str = "", device: str = "cpu"):
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.providers = providers_for(device)
+        try:
+            self.session = _session(model, base_dir, opts, self.providers)
+        except OnnxObsError:
+            raise
+        except Exception as e:  # onnxruntime raises several private exception types
+            raise OnnxObsError(f"onnxruntime cannot load the model: {_first_line(e)}") from e
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
+        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
+        try:
+            return self.session.run(outputs, feeds)
+        except Exception as e:
+            raise OnnxObsError(f"onnxruntime failed to run the model: {_first_line(e)}") from e
+
+
+def _session(model, base_dir, opts, providers):
+    if not _locations(model):
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+    # External data resolves relative to the model file: put the proto in a temp dir next to
+    # symlinks of the original data files.
+    with tempfile.TemporaryDirectory(prefix="onnx-obs-") as tmp:
+        for loc in _locations(model):
+            dst = Path(tmp) / loc
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(Path(base_dir).resolve() / loc, dst)
+        path = Path(tmp) / "model.onnx"
+        path.write_bytes(model.SerializeToString())
+        return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def _locations(model) -> set[str]:
+    from onnx_obs.graph.model_io import iter_tensors
+
+    return {e.value for t in iter_tensors(model.graph)
+            if t.data_location == onnx.TensorProto.EXTERNAL
+            for e in t.external_data if e.key == "location"}
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(e).__name__

@@ -21,3 +21,35 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
         else:
             vi.name = name
     return m
+
+
+def site_depths(model: onnx.ModelProto, sites) -> dict[str, int]:
+    """How many sites lie upstream of each site's inputs (0: fed by the model inputs only).
+
+    Sites of equal depth can be captured in one pass after all shallower sites are pruned.
+    """
+    index = {s.name: i for i, s in enumerate(sites)}
+    producing = {}  # node output -> bitmask of the sites whose node produces it
+    for s in sites:
+        for u in s.uses:
+            producing[u.output] = producing.get(u.output, 0) | (1 << index[s.name])
+    upstream: dict[str, int] = {}
+    for node in model.graph.node:
+        mask = 0
+        for name in node.input:
+            mask |= upstream.get(name, 0)
+        for out in node.output:
+            upstream[out] = mask | producing.get(out, 0)
+    depth: dict[str, int] = {}
+    for s in sorted(sites, key=lambda s: bin(_mask(s, upstream)).count("1")):
+        above = _mask(s, upstream) & ~(1 << index[s.name])
+        depth[s.name] = 1 + max((depth[t.name] for t in sites if above >> index[t.name] & 1
+                                 and t.name in depth), default=-1)
+    return depth
+
+
+def _mask(site, upstream) -> int:
+    m = 0
+    for u in site.uses:
+        m |= upstream.get(u.activation, 0)
+    return m

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_CHUNK_ROWS = 16384  # input vectors per float64 product, bounds the unfold's working memory
+_CHUNK_ROWS = 16384         # input vectors per float64 product
+_UNFOLD_ELEMENTS = 1 << 24  # bounds one unfolded convolution chunk (64 MB of float32)
 
 
 @dataclass
@@ -57,7 +58,7 @@ class HessianSum:
         """vectors: (groups, n, cols)."""
         for start in range(0, vectors.shape[1], _CHUNK_ROWS):
             v = vectors[:, start:start + _CHUNK_ROWS].astype(np.float64)
-            self.sum += 2.0 * np.einsum("gni,gnj->gij", v, v, optimize=True)
+            self.sum += 2.0 * np.matmul(v.transpose(0, 2, 1), v)
         self.count += vectors.shape[1]
 
     def hessian(self) -> np.ndarray:
@@ -71,21 +72,21 @@ def input_vectors(x: np.ndarray, samples: str, cols: int,
         yield x.reshape(1, -1, cols)
     elif samples == "cols":
         yield (x.reshape(1, cols) if x.ndim == 1 else np.swapaxes(x, -1, -2)).reshape(1, -1, cols)
-    elif samples == "conv":
-        for sample in x:
-            yield _group_rows(conv_patches(sample, geometry), geometry.groups)
-    elif samples == "convtranspose":
-        for sample in x:
-            yield _group_rows(conv_transpose_patches(sample, geometry), geometry.groups)
+    elif samples in ("conv", "convtranspose"):
+        unfold = conv_patches if samples == "conv" else conv_transpose_patches
+        per_sample = unfold(x[:1], geometry).size
+        step = max(1, _UNFOLD_ELEMENTS // per_sample)
+        for start in range(0, len(x), step):
+            yield _group_rows(unfold(x[start:start + step], geometry), geometry.groups)
     else:
         raise ValueError(f"unknown sample layout {samples}")
 
 
 def _group_rows(patches: np.ndarray, groups: int) -> np.ndarray:
-    """(C, K, *out) patches -> (groups, positions, C/groups * K), columns ordered (channel, tap)."""
-    c, k = patches.shape[:2]
-    p = patches.reshape(groups, c // groups * k, -1)
-    return p.transpose(0, 2, 1)
+    """(N, C, K, *out) patches -> (groups, N * positions, C/groups * K), columns (channel, tap)."""
+    n, c, k = patches.shape[:3]
+    p = patches.reshape(n, groups, c // groups * k, -1)
+    return p.transpose(1, 0, 3, 2).reshape(groups, -1, c // groups * k)
 
 
 def same_pads(in_size: int, stride: int, extent: int, mode: str) -> tuple[int, int]:
@@ -96,29 +97,29 @@ def same_pads(in_size: int, stride: int, extent: int, mode: str) -> tuple[int, i
 
 
 def conv_patches(x: np.ndarray, g: ConvGeometry) -> np.ndarray:
-    """im2col of one sample x (C, *spatial) for Conv: (C, prod(kernel), *out)."""
+    """im2col of a batch x (N, C, *spatial) for Conv: (N, C, prod(kernel), *out)."""
     r = len(g.kernel)
     extents = [(k - 1) * d + 1 for k, d in zip(g.kernel, g.dilations)]
     if g.pads is not None:
         pads = list(zip(g.pads[:r], g.pads[r:]))
     elif g.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        pads = [same_pads(n, s, e, g.auto_pad) for n, s, e in zip(x.shape[1:], g.strides, extents)]
+        pads = [same_pads(n, s, e, g.auto_pad) for n, s, e in zip(x.shape[2:], g.strides, extents)]
     else:
         pads = [(0, 0)] * r
-    xp = np.pad(x, [(0, 0)] + pads)
-    out = [(n - e) // s + 1 for n, e, s in zip(xp.shape[1:], extents, g.strides)]
+    xp = np.pad(x, [(0, 0), (0, 0)] + pads)
+    out = [(n - e) // s + 1 for n, e, s in zip(xp.shape[2:], extents, g.strides)]
     return _taps(xp, g.kernel, g.dilations, g.strides, out)
 
 
 def conv_transpose_patches(x: np.ndarray, g: ConvGeometry) -> np.ndarray:
-    """Input vectors of ConvTranspose for one sample: (C, prod(kernel), *out).
+    """Input vectors of ConvTranspose for a batch (N, C, *spatial): (N, C, prod(kernel), *out).
 
     Output position p sees tap k of input i where p = i*s + k*d - pad_begin. On the input
     upsampled by s (zeros between samples) and padded left by (K-1)*d - pad_begin, that tap is
     element p + (K-1-k)*d: an ordinary dilated im2col with the kernel axis reversed.
     """
     r = len(g.kernel)
-    spatial = x.shape[1:]
+    spatial = x.shape[2:]
     full = [s * (n - 1) + op + (k - 1) * d + 1 for n, s, op, k, d in
             zip(spatial, g.strides, g.output_padding or [0] * r, g.kernel, g.dilations)]
     if g.output_shape:
@@ -130,19 +131,19 @@ def conv_transpose_patches(x: np.ndarray, g: ConvGeometry) -> np.ndarray:
     else:
         pads = [(0, 0)] * r
     out = list(g.output_shape[-r:]) if g.output_shape else [f - b - e for f, (b, e) in zip(full, pads)]
-    up = np.zeros((x.shape[0],) + tuple((n - 1) * s + 1 for n, s in zip(spatial, g.strides)), x.dtype)
-    up[(slice(None),) + tuple(slice(None, None, s) for s in g.strides)] = x
-    xp = np.zeros((x.shape[0],) + tuple(o + (k - 1) * d for o, k, d in zip(out, g.kernel, g.dilations)),
+    up = np.zeros(x.shape[:2] + tuple((n - 1) * s + 1 for n, s in zip(spatial, g.strides)), x.dtype)
+    up[(slice(None),) * 2 + tuple(slice(None, None, s) for s in g.strides)] = x
+    xp = np.zeros(x.shape[:2] + tuple(o + (k - 1) * d for o, k, d in zip(out, g.kernel, g.dilations)),
                   x.dtype)
-    dst, src = [slice(None)], [slice(None)]
-    for n_up, n_xp, k, d, (b, _) in zip(up.shape[1:], xp.shape[1:], g.kernel, g.dilations, pads):
+    dst, src = [slice(None)] * 2, [slice(None)] * 2
+    for n_up, n_xp, k, d, (b, _) in zip(up.shape[2:], xp.shape[2:], g.kernel, g.dilations, pads):
         left = (k - 1) * d - b          # xp[j] = up[j - left]
         lo, hi = max(0, left), min(n_xp, n_up + left)
         dst.append(slice(lo, hi))
         src.append(slice(lo - left, hi - left))
     xp[tuple(dst)] = up[tuple(src)]
     taps = _taps(xp, g.kernel, g.dilations, (1,) * r, out)
-    return taps[:, ::-1]  # tap k' = K-1-k; the flattened reversal reverses every kernel axis
+    return taps[:, :, ::-1]  # tap k' = K-1-k; the flattened reversal reverses every kernel axis
 
 
 def _transpose_pads(totals: list[int], auto_pad: str) -> list[tuple[int, int]]:
@@ -153,10 +154,9 @@ def _transpose_pads(totals: list[int], auto_pad: str) -> list[tuple[int, int]]:
 
 
 def _taps(xp, kernel, dilations, strides, out) -> np.ndarray:
-    c = xp.shape[0]
-    taps = np.empty((c, int(np.prod(kernel)), *out), xp.dtype)
+    taps = np.empty((*xp.shape[:2], int(np.prod(kernel)), *out), xp.dtype)
     for t, offset in enumerate(itertools.product(*[range(k) for k in kernel])):
         idx = tuple(slice(o * d, o * d + s * (n - 1) + 1, s)
                     for o, d, s, n in zip(offset, dilations, strides, out))
-        taps[:, t] = xp[(slice(None),) + idx]
+        taps[:, :, t] = xp[(slice(None),) * 2 + idx]
     return taps

@@ -1,0 +1,3 @@
+from onnx_obs.cli import main
+
+main()

@@ -1,0 +1,293 @@
+"""The Python API: `prune` and `inspect`. The CLI is a thin wrapper over these."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnx_obs.calib import Calibration, load_calibration
+from onnx_obs.errors import OnnxObsError
+from onnx_obs.graph.capture import site_depths, with_outputs
+from onnx_obs.graph.model_io import LoadedModel, check_output_path, from_proto, iter_tensors, load_model, save_model
+from onnx_obs.graph.sites import FLOAT_TYPES, Site, Skipped, find_sites, site_matrix, write_matrix
+from onnx_obs.hessian.layerwise import ConvGeometry, HessianSum, input_vectors
+from onnx_obs.metrics import compare_runs
+from onnx_obs.progress import Progress
+from onnx_obs.prune.layerwise import layer_error, prune_layer
+from onnx_obs.report import Report, SiteReport
+from onnx_obs.runtime import Runner
+
+METHODS = ("obs", "obd", "wanda", "magnitude")
+SCOPES = ("layer", "global")
+
+
+@dataclass
+class PruneResult:
+    model: onnx.ModelProto
+    report: Report
+
+
+@dataclass
+class Selection:
+    include: str | None = None
+    exclude: str | None = None
+    op_types: list[str] | None = None
+
+    def picks(self, site: Site) -> bool:
+        names = [site.name] + [u.node for u in site.uses]
+        if self.include and not any(self._re(self.include).search(n) for n in names):
+            return False
+        if self.exclude and any(self._re(self.exclude).search(n) for n in names):
+            return False
+        return not self.op_types or any(u.op_type in self.op_types for u in site.uses)
+
+    @staticmethod
+    def _re(pattern: str) -> re.Pattern:
+        try:
+            return re.compile(pattern)
+        except re.error as e:
+            raise OnnxObsError(f"invalid regular expression '{pattern}': {e}") from e
+
+
+def _load(model) -> LoadedModel:
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return from_proto(copy)
+    return load_model(model)
+
+
+def inspect(model, selection: Selection | None = None) -> dict:
+    """Sites, their shapes and sparsity, and the tensors left alone."""
+    loaded = _load(model)
+    sites, skipped = find_sites(loaded.model)
+    selection = selection or Selection()
+    rows = []
+    for s in sites:
+        if not selection.picks(s):
+            continue
+        w = site_matrix(s, loaded.base_dir)
+        rows.append({
+            "name": s.name, "op": s.op_type, "nodes": [u.node for u in s.uses],
+            "onnx_shape": list(s.shape), "matrix_shape": list(w.shape), "params": s.size,
+            "sparsity": float(np.mean(w == 0)), "dtype": s.dtype,
+            "location": s.storage + (f" in {s.scope}" if s.scope else ""),
+            "graph_input": s.graph_input,
+        })
+    return {
+        "model": str(loaded.path) if loaded.path else "<proto>",
+        "opset": {o.domain or "ai.onnx": o.version for o in loaded.model.opset_import},
+        "sites": rows,
+        "skipped": [vars(k) for k in skipped],
+        "totals": {"sites": len(rows), "site_params": sum(r["params"] for r in rows),
+                   "model_params": _float_params(loaded.model),
+                   "file_size": loaded.file_size},
+    }
+
+
+def prune(model, calib=None, *, method: str = "obs", sparsity: float = 0.5,
+          pattern: tuple[int, int] | None = None, scope: str = "layer",
+          selection: Selection | None = None, solver: str = "auto", block_size: int = 128,
+          damp: float = 0.01, sequential: bool = True, batch_size: int = 32,
+          max_samples: int | None = None, labels: str | None = None, device: str = "auto",
+          output: str | Path | None = None, force: bool = False, progress: bool = False,
+          command: str = "") -> PruneResult:
+    """Prune `model` (path or ModelProto) and return the pruned proto and its report.
+
+    With `output`, the model is validated and then written atomically (never over the input).
+    """
+    start = time.perf_counter()
+    _check_settings(method, sparsity, pattern, scope, calib)
+    loaded = _load(model)
+    if output is not None:
+        check_output_path(output, loaded.path, force)
+    original = onnx.ModelProto()
+    original.CopyFrom(loaded.model)
+    sites, skipped = find_sites(loaded.model)
+    selection = selection or Selection()
+    sites = [s for s in sites if selection.picks(s)]
+    if not sites:
+        raise OnnxObsError("no prunable weights selected: check --include/--exclude/--op-types "
+                           "(run `onnx-obs inspect MODEL` to list the sites)")
+    report = Report(command=command, method=method, settings=dict(
+        sparsity=sparsity, pattern=f"{pattern[0]}:{pattern[1]}" if pattern else None, scope=scope,
+        solver=solver, block_size=block_size, damp=damp, sequential=sequential,
+        batch_size=batch_size, max_samples=max_samples))
+    report.skipped = [vars(k) for k in skipped]
+    report.model_params = _float_params(loaded.model)
+    report.file_size_before = loaded.file_size
+    cal = None
+    if calib is not None:
+        cal = load_calibration(calib, loaded.model, batch_size=batch_size,
+                               max_samples=max_samples, labels_key=labels)
+        report.calibration_samples = cal.num_samples
+    runner_device = device
+    with Progress(enabled=progress) as bar:
+        if method == "magnitude":
+            _prune_magnitude(sites, loaded, sparsity, pattern, scope, report)
+        else:
+            sites = _drop_uncaptureable(sites, report)
+            _prune_layerwise(sites, loaded, cal, method, sparsity, pattern, solver, block_size,
+                             damp, sequential, runner_device, report, bar)
+        _refuse_non_finite(sites, loaded.base_dir)
+        report.device = _validate(original, loaded, cal, runner_device, report, bar)
+    if output is not None:
+        report.file_size_after = save_model(loaded.model, output, loaded.base_dir)
+    report.wall_seconds = time.perf_counter() - start
+    return PruneResult(loaded.model, report)
+
+
+def _check_settings(method, sparsity, pattern, scope, calib) -> None:
+    if method not in METHODS:
+        raise OnnxObsError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
+    if not 0 <= sparsity < 1:
+        raise OnnxObsError(f"sparsity must be in [0, 1), got {sparsity}")
+    if pattern is not None:
+        n, m = pattern
+        if not 0 < n < m:
+            raise OnnxObsError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
+    if scope not in SCOPES:
+        raise OnnxObsError(f"unknown scope '{scope}': use one of {', '.join(SCOPES)}")
+    if scope == "global" and method != "magnitude":
+        raise OnnxObsError("--scope global ranks weights of different layers against each other, "
+                           "which only magnitude supports: use --method magnitude or --scope layer")
+    if scope == "global" and pattern is not None:
+        raise OnnxObsError("--pattern applies per layer: drop --scope global")
+    if method != "magnitude" and calib is None:
+        raise OnnxObsError(f"--method {method} needs calibration data: pass --calib DATA.npz")
+
+
+def _site_report(site: Site, before: np.ndarray, after: np.ndarray, method: str) -> SiteReport:
+    return SiteReport(name=site.name, op=site.op_type, matrix_shape=tuple(before.shape),
+                      params=int(before.size), zeros_before=int(np.sum(before == 0)),
+                      zeros_after=int(np.sum(after == 0)), method=method)
+
+
+def _prune_magnitude(sites, loaded, sparsity, pattern, scope, report) -> None:
+    mats = {s.name: site_matrix(s, loaded.base_dir) for s in sites}
+    threshold = None
+    if scope == "global":
+        allw = np.concatenate([np.abs(m).ravel() for m in mats.values()])
+        k = int(round(sparsity * allw.size))
+        threshold = np.partition(allw, k - 1)[k - 1] if k else -1.0
+    for s in sites:
+        t0 = time.perf_counter()
+        w = mats[s.name]
+        if threshold is not None:
+            new = np.where(np.abs(w) <= threshold, 0.0, w)
+        else:
+            new = prune_layer(w, None, method="magnitude", sparsity=sparsity, pattern=pattern).weight
+        write_matrix(s, new)
+        r = _site_report(s, w, new, "magnitude")
+        r.seconds = time.perf_counter() - t0
+        report.sites.append(r)
+
+
+def _drop_uncaptureable(sites, report) -> list[Site]:
+    kept = []
+    for s in sites:
+        if s.captureable:
+            kept.append(s)
+        else:
+            report.skipped.append({"name": s.name, "op_type": s.op_type,
+                                   "reason": "inside a subgraph: its activations cannot be "
+                                             "captured for a Hessian (use --method magnitude)"})
+    if not kept:
+        raise OnnxObsError("no selected site can be captured for a Hessian (all are inside "
+                           "subgraphs): use --method magnitude")
+    return kept
+
+
+def _prune_layerwise(sites, loaded, cal: Calibration, method, sparsity, pattern, solver,
+                     block_size, damp, sequential, device, report, bar) -> None:
+    """Capture each site's Hessian and prune it; in sequential mode shallower sites go first and
+    deeper sites see their already-pruned inputs, so corrections compensate earlier errors."""
+    depth = site_depths(loaded.model, sites) if sequential else {s.name: 0 for s in sites}
+    waves = sorted(set(depth.values()))
+    task = bar.add("pruning sites", total=len(sites))
+    for wave in waves:
+        batch = [s for s in sites if depth[s.name] == wave]
+        hessians = capture_hessians(loaded, batch, cal, device, bar)
+        for s in batch:
+            t0 = time.perf_counter()
+            w = site_matrix(s, loaded.base_dir)
+            H = hessians[s.name]
+            new = np.empty_like(w)
+            r = _site_report(s, w, w, method)
+            r.predicted_error = r.measured_error = 0.0
+            for rows, Hg in zip(s.row_groups(), H):
+                res = prune_layer(w[rows], Hg, method=method, sparsity=sparsity, pattern=pattern,
+                                  solver=solver, block_size=block_size, damp=damp)
+                new[rows] = res.weight
+                r.predicted_error += res.predicted_error
+                r.measured_error += layer_error(w[rows], res.weight, Hg)
+                r.solver, r.damping = res.solver, res.damping
+            write_matrix(s, new)
+            r.zeros_after = int(np.sum(new == 0))
+            r.seconds = time.perf_counter() - t0
+            report.sites.append(r)
+            bar.advance(task)
+
+
+def capture_hessians(loaded: LoadedModel, sites: list[Site], cal: Calibration, device: str,
+                     bar) -> dict[str, np.ndarray]:
+    """Run the calibration data once and return each site's (groups, cols, cols) Hessian.
+
+    Sites reading the same activation in the same way share one accumulator.
+    """
+    acts = sorted({u.activation for s in sites for u in s.uses})
+    runner = Runner(with_outputs(loaded.model, acts), loaded.base_dir, device)
+    sums: dict[tuple, tuple[HessianSum, Site]] = {}
+    keys = {}
+    for s in sites:
+        key = tuple((u.activation, u.samples, repr(_geometry(s, u))) for u in s.uses)
+        keys[s.name] = key
+        if key not in sums:
+            sums[key] = HessianSum(len(s.row_groups()), s.matrix_shape[1]), s
+    task = bar.add("capturing activations", total=len(cal.batches))
+    for feeds in cal:
+        values = dict(zip(acts, runner.run(feeds, acts)))
+        for acc, s in sums.values():
+            for u in s.uses:
+                for vectors in input_vectors(values[u.activation], u.samples, s.matrix_shape[1],
+                                             _geometry(s, u)):
+                    acc.add(vectors)
+        bar.advance(task)
+    return {s.name: sums[keys[s.name]][0].hessian() for s in sites}
+
+
+def _geometry(site: Site, use) -> ConvGeometry | None:
+    if use.samples not in ("conv", "convtranspose"):
+        return None
+    return ConvGeometry.from_attrs(use.attrs, site.op_shape[2:])
+
+
+def _refuse_non_finite(sites, base_dir) -> None:
+    for s in sites:
+        if not np.isfinite(site_matrix(s, base_dir)).all():
+            raise OnnxObsError(f"pruning produced NaN/Inf in '{s.name}' (ill-conditioned Hessian?): "
+                               "nothing written; raise --damp or add calibration samples")
+
+
+def _validate(original, loaded, cal, device, report, bar) -> str:
+    try:
+        onnx.checker.check_model(loaded.model)
+    except onnx.checker.ValidationError as e:
+        raise OnnxObsError(f"the pruned model fails onnx.checker ({str(e).splitlines()[0]}): "
+                           "nothing written; please report this") from e
+    pruned = Runner(loaded.model, loaded.base_dir, device)
+    if cal is not None:
+        ref = Runner(original, loaded.base_dir, device)
+        bar.add("measuring output deviation", total=None)
+        report.deviation = compare_runs(ref, pruned, cal.batches)
+    return pruned.provider
+
+
+def _float_params(model: onnx.ModelProto) -> int:
+    return sum(int(np.prod(t.dims, dtype=np.int64)) for t in iter_tensors(model.graph)
+               if t.data_type in FLOAT_TYPES)

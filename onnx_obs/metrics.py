@@ -1,0 +1,65 @@
+"""How far one model's outputs are from another's: the numbers every command reports."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def is_classifier_like(y: np.ndarray) -> bool:
+    return y.dtype.kind == "f" and y.ndim == 2 and y.shape[1] > 1
+
+
+class OutputDeviation:
+    """Streams pairs of output batches (reference, candidate) and summarises their distance."""
+
+    def __init__(self):
+        self.sq_err = 0.0
+        self.sq_ref = 0.0
+        self.dot = 0.0
+        self.sq_cand = 0.0
+        self.max_abs = 0.0
+        self.count = 0
+        self.top1 = 0
+        self.top5 = 0
+        self.rows = 0
+        self.has_top5 = False
+
+    def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        r, c = ref.astype(np.float64), cand.astype(np.float64)
+        d = r - c
+        self.sq_err += float(np.sum(d * d))
+        self.sq_ref += float(np.sum(r * r))
+        self.sq_cand += float(np.sum(c * c))
+        self.dot += float(np.sum(r * c))
+        if d.size:
+            self.max_abs = max(self.max_abs, float(np.max(np.abs(d))))
+        self.count += d.size
+        if is_classifier_like(ref):
+            self.rows += len(ref)
+            self.top1 += int(np.sum(ref.argmax(1) == cand.argmax(1)))
+            if ref.shape[1] > 5:
+                self.has_top5 = True
+                top5 = np.argpartition(-cand, 5, axis=1)[:, :5]
+                self.top5 += int(np.sum((top5 == ref.argmax(1)[:, None]).any(1)))
+
+    def summary(self) -> dict:
+        out = {
+            "relative_mse": self.sq_err / self.sq_ref if self.sq_ref > 0 else float(self.sq_err > 0),
+            "max_abs_error": self.max_abs,
+            "cosine": self.dot / np.sqrt(self.sq_ref * self.sq_cand) if self.sq_ref * self.sq_cand > 0
+            else float(self.sq_err == 0),
+        }
+        if self.rows:
+            out["top1_agreement"] = self.top1 / self.rows
+            if self.has_top5:
+                out["top5_agreement"] = self.top5 / self.rows
+        return out
+
+
+def compare_runs(ref_runner, cand_runner, batches) -> dict[str, dict]:
+    """Run both models on every batch; per-output deviation summaries keyed by output name."""
+    stats = {name: OutputDeviation() for name in ref_runner.output_names}
+    for feeds in batches:
+        for name, a, b in zip(ref_runner.output_names, ref_runner.run(feeds), cand_runner.run(feeds)):
+            stats[name].add(np.asarray(a), np.asarray(b))
+    return {k: v.summary() for k, v in stats.items()}

@@ -10,20 +10,25 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnx_obs import compact
 from onnx_obs.calib import Calibration, load_calibration
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.capture import site_depths, with_outputs
-from onnx_obs.graph.model_io import LoadedModel, check_output_path, from_proto, iter_tensors, load_model, save_model
+from onnx_obs.graph.model_io import (LoadedModel, check_output_path, check_proto, from_proto, iter_tensors,
+                                     load_model, save_model)
 from onnx_obs.graph.sites import FLOAT_TYPES, Site, Skipped, find_sites, site_matrix, write_matrix
 from onnx_obs.hessian.layerwise import ConvGeometry, HessianSum, input_vectors
 from onnx_obs.metrics import compare_runs
 from onnx_obs.progress import Progress
+from onnx_obs.prune.full_network import FullOptions, check_full_settings, prune_full
 from onnx_obs.prune.layerwise import layer_error, prune_layer
 from onnx_obs.report import Report, SiteReport
 from onnx_obs.runtime import Runner
 
 METHODS = ("obs", "obd", "wanda", "magnitude")
 SCOPES = ("layer", "global")
+GRAPH_INPUT_REASON = ("also a graph input: a caller may override it at run time; "
+                      "name it with --include to prune it")
 
 
 @dataclass
@@ -45,6 +50,10 @@ class Selection:
         if self.exclude and any(self._re(self.exclude).search(n) for n in names):
             return False
         return not self.op_types or any(u.op_type in self.op_types for u in site.uses)
+
+    def names(self, site: Site) -> bool:
+        """Whether --include names the site's tensor itself (not only its node)."""
+        return bool(self.include) and bool(self._re(self.include).search(site.name))
 
     @staticmethod
     def _re(pattern: str) -> re.Pattern:
@@ -96,29 +105,54 @@ def prune(model, calib=None, *, method: str = "obs", sparsity: float = 0.5,
           damp: float = 0.01, sequential: bool = True, batch_size: int = 32,
           max_samples: int | None = None, labels: str | None = None, device: str = "auto",
           output: str | Path | None = None, force: bool = False, progress: bool = False,
-          command: str = "") -> PruneResult:
+          command: str = "", hessians: dict[str, np.ndarray] | None = None,
+          hessian: str = "layerwise", full: FullOptions | None = None,
+          structure: str | None = None, target_params: int | None = None,
+          target_flops: float | None = None, storage: str = "dense") -> PruneResult:
     """Prune `model` (path or ModelProto) and return the pruned proto and its report.
 
     With `output`, the model is validated and then written atomically (never over the input).
+    hessians: a cache, by site name, shared by calls on the same model and calibration data with
+    sequential=False (their Hessians are the original model's): read where present, else
+    captured and stored in it. Ignored in sequential mode, whose Hessians depend on the pruning.
+    hessian: "layerwise" (per site), or "full" / "fisher": full-network OBS, OBD or magnitude over
+    all selected weights as one pool (prune/full_network.py), with its settings in `full`.
+    structure: "neurons" / "channels" removes whole units and shrinks the graph (compact.py), to
+    `sparsity` of each layer's units or to target_params / target_flops for the whole model.
+    storage: "sparse" / "auto" writes pruned weights as sparse initializers (auto: where smaller).
     """
     start = time.perf_counter()
     _check_settings(method, sparsity, pattern, scope, calib)
+    compact.check_settings(structure, method, pattern, scope, target_params, target_flops, storage,
+                           hessian)
+    full = full or FullOptions()
+    bound = check_full_settings(hessian, method, pattern, full, labels, force) if hessian != "layerwise" else None
     loaded = _load(model)
     if output is not None:
-        check_output_path(output, loaded.path, force)
+        check_output_path(output, loaded.path, force, loaded.model, loaded.base_dir)
     original = onnx.ModelProto()
     original.CopyFrom(loaded.model)
     sites, skipped = find_sites(loaded.model)
     selection = selection or Selection()
     sites = [s for s in sites if selection.picks(s)]
+    # A weight that is also a graph input can be replaced by the caller at run time: prune it
+    # only when --include names it.
+    overridable = [s for s in sites if s.graph_input and not selection.names(s)]
+    sites = [s for s in sites if not (s.graph_input and not selection.names(s))]
     if not sites:
         raise OnnxObsError("no prunable weights selected: check --include/--exclude/--op-types "
-                           "(run `onnx-obs inspect MODEL` to list the sites)")
+                           "(run `onnx-obs inspect MODEL` to list the sites)" + (
+                               "; the selected weights are also graph inputs: name them with "
+                               "--include to prune them" if overridable else ""))
     report = Report(command=command, method=method, settings=dict(
         sparsity=sparsity, pattern=f"{pattern[0]}:{pattern[1]}" if pattern else None, scope=scope,
         solver=solver, block_size=block_size, damp=damp, sequential=sequential,
         batch_size=batch_size, max_samples=max_samples))
-    report.skipped = [vars(k) for k in skipped]
+    if structure is not None or storage != "dense":
+        report.settings.update(structure=structure, target_params=target_params,
+                               target_flops=target_flops, storage=storage)
+    report.skipped = [vars(k) for k in skipped] + [
+        {"name": s.name, "op_type": s.op_type, "reason": GRAPH_INPUT_REASON} for s in overridable]
     report.model_params = _float_params(loaded.model)
     report.file_size_before = loaded.file_size
     cal = None
@@ -128,14 +162,31 @@ def prune(model, calib=None, *, method: str = "obs", sparsity: float = 0.5,
         report.calibration_samples = cal.num_samples
     runner_device = device
     with Progress(enabled=progress) as bar:
-        if method == "magnitude":
+        if structure is not None:
+            sites = compact.prune_structured(
+                loaded, cal, selection, method=method, sparsity=sparsity,
+                target_params=target_params, target_flops=target_flops, damp=damp,
+                device=runner_device, report=report, bar=bar, capture=capture_hessians)
+        elif hessian != "layerwise":
+            sites = _drop_uncaptureable(sites, report)
+            prune_full(loaded, sites, cal, method=method, sparsity=sparsity, hessian=hessian, options=full,
+                       bound=bound, device=runner_device, report=report, bar=bar, force=force)
+        elif method == "magnitude":
             _prune_magnitude(sites, loaded, sparsity, pattern, scope, report)
         else:
             sites = _drop_uncaptureable(sites, report)
             _prune_layerwise(sites, loaded, cal, method, sparsity, pattern, solver, block_size,
-                             damp, sequential, runner_device, report, bar)
+                             damp, sequential, runner_device, report, bar,
+                             None if sequential else hessians)
         _refuse_non_finite(sites, loaded.base_dir)
         report.device = _validate(original, loaded, cal, runner_device, report, bar)
+        compact.apply_storage(loaded, storage, runner_device, cal, report)
+        if structure is not None or storage != "dense":
+            report.costs = compact.measure_costs(original, loaded, cal, runner_device)
+    report.notes += [f"{r.name}: already {r.zeros_before / r.params:.1%} zeros, at or above the "
+                     f"{sparsity:.1%} target: nothing removed" for r in report.sites
+                     if pattern is None and scope == "layer" and hessian == "layerwise" and r.zeros_before
+                     and r.zeros_before >= round(sparsity * r.params)]
     if output is not None:
         report.file_size_after = save_model(loaded.model, output, loaded.base_dir)
     report.wall_seconds = time.perf_counter() - start
@@ -204,7 +255,7 @@ def _drop_uncaptureable(sites, report) -> list[Site]:
 
 
 def _prune_layerwise(sites, loaded, cal: Calibration, method, sparsity, pattern, solver,
-                     block_size, damp, sequential, device, report, bar) -> None:
+                     block_size, damp, sequential, device, report, bar, cache=None) -> None:
     """Capture each site's Hessian and prune it; in sequential mode shallower sites go first and
     deeper sites see their already-pruned inputs, so corrections compensate earlier errors."""
     depth = site_depths(loaded.model, sites) if sequential else {s.name: 0 for s in sites}
@@ -212,7 +263,11 @@ def _prune_layerwise(sites, loaded, cal: Calibration, method, sparsity, pattern,
     task = bar.add("pruning sites", total=len(sites))
     for wave in waves:
         batch = [s for s in sites if depth[s.name] == wave]
-        hessians = capture_hessians(loaded, batch, cal, device, bar)
+        missing = [s for s in batch if cache is None or s.name not in cache]
+        hessians = capture_hessians(loaded, missing, cal, device, bar) if missing else {}
+        if cache is not None:
+            cache.update(hessians)
+            hessians = cache
         for s in batch:
             t0 = time.perf_counter()
             w = site_matrix(s, loaded.base_dir)
@@ -235,10 +290,11 @@ def _prune_layerwise(sites, loaded, cal: Calibration, method, sparsity, pattern,
 
 
 def capture_hessians(loaded: LoadedModel, sites: list[Site], cal: Calibration, device: str,
-                     bar) -> dict[str, np.ndarray]:
+                     bar, with_bias: bool = False) -> dict[str, np.ndarray]:
     """Run the calibration data once and return each site's (groups, cols, cols) Hessian.
 
-    Sites reading the same activation in the same way share one accumulator.
+    Sites reading the same activation in the same way share one accumulator. with_bias: every
+    input vector gets a trailing constant 1 (H is (groups, cols+1, cols+1)), the input of a bias.
     """
     acts = sorted({u.activation for s in sites for u in s.uses})
     runner = Runner(with_outputs(loaded.model, acts), loaded.base_dir, device)
@@ -248,7 +304,7 @@ def capture_hessians(loaded: LoadedModel, sites: list[Site], cal: Calibration, d
         key = tuple((u.activation, u.samples, repr(_geometry(s, u))) for u in s.uses)
         keys[s.name] = key
         if key not in sums:
-            sums[key] = HessianSum(len(s.row_groups()), s.matrix_shape[1]), s
+            sums[key] = HessianSum(len(s.row_groups()), s.matrix_shape[1] + with_bias), s
     task = bar.add("capturing activations", total=len(cal.batches))
     for feeds in cal:
         values = dict(zip(acts, runner.run(feeds, acts)))
@@ -256,6 +312,9 @@ def capture_hessians(loaded: LoadedModel, sites: list[Site], cal: Calibration, d
             for u in s.uses:
                 for vectors in input_vectors(values[u.activation], u.samples, s.matrix_shape[1],
                                              _geometry(s, u)):
+                    if with_bias:
+                        vectors = np.concatenate([vectors, np.ones(vectors.shape[:2] + (1,), vectors.dtype)],
+                                                 axis=2)
                     acc.add(vectors)
         bar.advance(task)
     return {s.name: sums[keys[s.name]][0].hessian() for s in sites}
@@ -276,7 +335,7 @@ def _refuse_non_finite(sites, base_dir) -> None:
 
 def _validate(original, loaded, cal, device, report, bar) -> str:
     try:
-        onnx.checker.check_model(loaded.model)
+        check_proto(loaded.model)
     except onnx.checker.ValidationError as e:
         raise OnnxObsError(f"the pruned model fails onnx.checker ({str(e).splitlines()[0]}): "
                            "nothing written; please report this") from e

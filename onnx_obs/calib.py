@@ -133,7 +133,7 @@ def _from_arrays(arrays, specs, batch_size, max_samples, labels_key, name) -> Ca
         if n % batch_size:
             raise OnnxObsError(f"the model's batch dimension is fixed at {batch_size} but the "
                                f"calibration data has {n} samples: use a multiple of {batch_size}")
-    batches = [{k: v[i:i + batch_size] for k, v in arrays.items()} for i in range(0, n, batch_size)]
+    batches = [{k: v[i:min(i + batch_size, n)] for k, v in arrays.items()} for i in range(0, n, batch_size)]
     return Calibration(batches, n, None if labels is None else labels[:n], name)
 
 
@@ -145,14 +145,22 @@ def _from_feeds(feeds, specs, max_samples, name) -> Calibration:
                                f"got {type(feed).__name__}")
         _check_keys(feed, specs)
         batch = {s.name: _check_array(s, np.asarray(feed[s.name])) for s in specs}
-        batches.append(batch)
         first = next(iter(batch.values()))
-        n += first.shape[0] if first.ndim else 1
+        size = first.shape[0] if first.ndim else 1
+        if max_samples is not None and n + size > max_samples and _dynamic_batch(specs):
+            size = max_samples - n  # keep exactly max_samples: cut the last feed short
+            batch = {k: v[:size] for k, v in batch.items()}
+        batches.append(batch)
+        n += size
         if max_samples is not None and n >= max_samples:
             break
     if not batches:
         raise OnnxObsError(f"the calibration {name} yielded no data")
     return Calibration(batches, n, None, name)
+
+
+def _dynamic_batch(specs: list[InputSpec]) -> bool:
+    return all(s.shape and s.shape[0] is None for s in specs)
 
 
 def _check_keys(arrays: Mapping, specs: list[InputSpec]) -> None:

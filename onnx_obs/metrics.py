@@ -56,10 +56,22 @@ class OutputDeviation:
         return out
 
 
-def compare_runs(ref_runner, cand_runner, batches) -> dict[str, dict]:
-    """Run both models on every batch; per-output deviation summaries keyed by output name."""
+def compare_runs(ref_runner, cand_runner, batches, observe=None) -> dict[str, dict]:
+    """Run both models on every batch; per-output deviation summaries keyed by output name.
+
+    `observe(ref_outputs, cand_outputs)`, if given, also sees each batch's outputs (in order).
+    """
     stats = {name: OutputDeviation() for name in ref_runner.output_names}
     for feeds in batches:
-        for name, a, b in zip(ref_runner.output_names, ref_runner.run(feeds), cand_runner.run(feeds)):
+        ref_out, cand_out = ref_runner.run(feeds), cand_runner.run(feeds)
+        for name, a, b in zip(ref_runner.output_names, ref_out, cand_out):
             stats[name].add(np.asarray(a), np.asarray(b))
+        if observe is not None:
+            observe(ref_out, cand_out)
     return {k: v.summary() for k, v in stats.items()}
+
+
+def top1_correct(scores: np.ndarray, labels: np.ndarray) -> int:
+    """How many rows of class scores put their maximum on the label (an index, or one-hot)."""
+    target = labels.argmax(1) if labels.ndim == 2 else labels
+    return int(np.sum(scores.argmax(1) == target))

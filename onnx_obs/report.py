@@ -45,6 +45,10 @@ class Report:
     device: str = ""
     calibration_samples: int = 0
     wall_seconds: float = 0.0
+    full_network: dict = field(default_factory=dict)  # full-network OBS: global figures
+    structure: list[dict] = field(default_factory=list)  # structured: units per producer layer
+    storage: list[dict] = field(default_factory=list)    # --storage: dense/sparse per tensor
+    costs: dict = field(default_factory=dict)            # params, MACs, latency before/after
 
     @property
     def params_before(self) -> int:
@@ -74,6 +78,10 @@ class Report:
             "skipped": self.skipped,
             "notes": self.notes,
             "deviation": self.deviation,
+            **({"full_network": self.full_network} if self.full_network else {}),
+            **({"structure": self.structure} if self.structure else {}),
+            **({"storage": self.storage} if self.storage else {}),
+            **({"costs": self.costs} if self.costs else {}),
             "totals": {
                 "sites": len(self.sites),
                 "site_params": site_params,

@@ -13,6 +13,7 @@ import onnxruntime as ort
 from onnx_obs.errors import OnnxObsError
 
 DEVICES = ("auto", "cpu", "cuda")
+_ORT_VERSION = tuple(int(x) for x in ort.__version__.split(".")[:2])
 
 
 def providers_for(device: str) -> list[str]:
@@ -57,6 +58,12 @@ class Runner:
 
 def _session(model, base_dir, opts, providers):
     if not _locations(model):
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+    if _ORT_VERSION >= (1, 21):  # the folder option arrived in 1.21 (onnxruntime PR 23557)
+        # A model loaded from memory finds its external data in this folder. (Symlinks, below,
+        # are refused by newer onnxruntime: their targets lie outside the model's folder.)
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                      str(Path(base_dir or ".").resolve()))
         return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
     # External data resolves relative to the model file: put the proto in a temp dir next to
     # symlinks of the original data files.

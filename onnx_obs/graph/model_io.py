@@ -11,6 +11,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from onnx_obs.errors import OnnxObsError
+from onnx_obs.graph.sparse_storage import densify
 
 _TWO_GB = 2**31
 # Tensors at least this large go to the external data file when a model is saved with one.
@@ -81,20 +82,50 @@ def load_model(path: str | os.PathLike, check: bool = True) -> LoadedModel:
         try:
             onnx.checker.check_model(str(p))
         except onnx.checker.ValidationError as e:
-            first = str(e).strip().splitlines()[0]
+            # the checker's message spans lines (node details, context): keep it whole, on one line
+            first = " ".join(str(e).split("==> Context")[0].split())[:300]
             raise OnnxObsError(f"{p} fails onnx.checker: {first}") from e
+    densify(model.graph, base_dir)  # weights are read from initializers: sparse ones become dense
     return LoadedModel(model, p, base_dir, size)
 
 
+def check_proto(model: onnx.ModelProto) -> None:
+    """onnx.checker on an in-memory model, whose external data files the checker would look for
+    in the working directory: a copy leaves those tensors out (their bytes are read as stored)."""
+    if _external_files(model):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        for t in iter_tensors(copy.graph):
+            if _is_external(t):
+                t.data_location = onnx.TensorProto.DEFAULT
+                del t.external_data[:]
+                del t.dims[:]
+                t.dims.append(0)
+        model = copy
+    onnx.checker.check_model(model)
+
+
 def from_proto(model: onnx.ModelProto) -> LoadedModel:
-    return LoadedModel(model, None, "", model.ByteSize())
+    size = model.ByteSize()
+    densify(model.graph)  # as load_model: sparse initializers become dense ones, in place
+    return LoadedModel(model, None, "", size)
 
 
-def check_output_path(out: str | os.PathLike, src: Path | None, force: bool) -> Path:
-    """Refuse paths that would lose data or cannot be written, before any work is done."""
+def check_output_path(out: str | os.PathLike, src: Path | None, force: bool,
+                      model: onnx.ModelProto | None = None, base_dir: str = "") -> Path:
+    """Refuse paths that would lose data or cannot be written, before any work is done.
+
+    With `model`, also refuse to write over its external data files (the output's own
+    `<out>.data` included), which would corrupt the input.
+    """
     o = Path(out)
     if src is not None and o.exists() and o.resolve() == src.resolve():
         raise OnnxObsError("output path is the input model: write to another file (-o)")
+    inputs = {(Path(base_dir) / loc).resolve() for loc in _external_files(model)} if model else set()
+    for p in (o, o.parent / (o.name + ".data")):
+        if p.resolve() in inputs:
+            raise OnnxObsError(f"writing {o} would overwrite {p}, the input model's external data: "
+                               "choose another output name")
     if o.is_dir():
         raise OnnxObsError(f"output path {o} is a directory: give a file name")
     if not o.parent.exists():
@@ -122,10 +153,14 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, base_dir: str = "
         if external:
             fd, tmp_data = tempfile.mkstemp(prefix=".onnx-obs-", dir=out.parent)
             tmp_files.append(Path(tmp_data))
+            os.fchmod(fd, _new_file_mode())
             with os.fdopen(fd, "wb") as f:
                 _stream_external(model, f, data_name, base_dir)
+                f.flush()
+                os.fsync(f.fileno())
         fd, tmp_model = tempfile.mkstemp(prefix=".onnx-obs-", dir=out.parent)
         tmp_files.append(Path(tmp_model))
+        os.fchmod(fd, _new_file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(model.SerializeToString())
             f.flush()
@@ -143,6 +178,13 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, base_dir: str = "
     if external:
         size += (out.parent / data_name).stat().st_size
     return size
+
+
+def _new_file_mode() -> int:
+    """The mode a plain open() gives a new file (0666 less the umask); mkstemp's 0600 is not."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _stream_external(model: onnx.ModelProto, f, data_name: str, base_dir: str) -> None:

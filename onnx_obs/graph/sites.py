@@ -185,6 +185,8 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], list[Skipped]]:
 
     def walk(graph: onnx.GraphProto, scope: str, visible: dict[str, _Const]):
         visible = dict(visible)
+        for i in graph.input:  # a subgraph input may shadow an outer constant of the same name
+            visible.pop(i.name, None)
         for init in graph.initializer:
             key = f"{scope}/{init.name}" if scope else init.name
             c = _Const(key, init, "initializer", scope)

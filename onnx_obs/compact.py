@@ -1,0 +1,232 @@
+"""Making the written model smaller for real: structured removal of units, sparse storage at save
+time, and the cost figures (parameters, MACs, latency) that show the effect.
+
+Structured removal, one producer layer at a time in graph order (sequential, like the layer-wise
+pipeline: each layer's consumers are captured on the model as already shrunk):
+  1. trace which columns of which consumer layers each unit feeds (graph.channels);
+  2. method "obs": capture the consumers' Hessians with a constant-1 input appended (so a bias
+     can absorb what a removed unit contributed on average) and remove units by group OBS
+     (prune.structured), writing the corrected consumer weights and biases;
+     method "magnitude": remove the units whose producer rows have the smallest L1 norm, no
+     correction;
+  3. cut the units out of every tensor they own and re-run shape inference (graph.channels).
+Targets: --sparsity removes that fraction of the units of every layer that has removable units.
+--target-params / --target-flops plan per-layer counts for the whole model first, on the
+original model: each layer's greedy removal curve (group-OBS cost of each next unit, divided by
+the layer's consumer output energy so that costs are relative output errors comparable across
+layers; for magnitude the L1 norms divided by their layer mean) is merged greedily, cheapest
+relative error per parameter (or MAC) saved first, until the target is met.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import onnx
+
+from onnx_obs.calib import model_inputs
+from onnx_obs.errors import OnnxObsError
+from onnx_obs.flops import batch_feeds, count_macs, count_params, latency_ms, resource_model
+from onnx_obs.graph.channels import UnitGroup, read_bias, shrink, trace_units, write_bias
+from onnx_obs.graph.sites import find_sites, site_matrix, write_matrix
+from onnx_obs.graph.sparse_storage import MODES as STORAGES
+from onnx_obs.graph.sparse_storage import store_sparse
+from onnx_obs.prune.layerwise import layer_error
+from onnx_obs.prune.structured import Consumer, group_obs, l1_order, output_energy, plan_counts
+from onnx_obs.runtime import Runner
+
+STRUCTURES = ("neurons", "channels")   # the same thing: "channels" is the Conv spelling
+STRUCTURED_METHODS = ("obs", "magnitude")
+MAX_STEPS = 64   # greedy steps per layer at most: larger layers remove several units per step
+
+
+def check_settings(structure, method, pattern, scope, target_params, target_flops, storage,
+                   hessian: str = "layerwise") -> None:
+    if storage not in STORAGES:
+        raise OnnxObsError(f"unknown storage '{storage}': use one of {', '.join(STORAGES)}")
+    targets = [t for t in (target_params, target_flops) if t is not None]
+    if targets and structure is None:
+        raise OnnxObsError("--target-params/--target-flops set the size of a structured prune: "
+                           "add --structure neurons (or channels)")
+    if structure is None:
+        return
+    if structure not in STRUCTURES:
+        raise OnnxObsError(f"unknown structure '{structure}': use neurons or channels")
+    if method not in STRUCTURED_METHODS:
+        raise OnnxObsError(f"--structure works with --method obs (group OBS with correction) or "
+                           f"magnitude (L1 norm of rows, no correction), not {method}")
+    if hessian != "layerwise":
+        raise OnnxObsError("--structure uses layer-wise Hessians of the consumer layers: drop "
+                           f"--hessian {hessian}")
+    if pattern is not None or scope != "layer":
+        raise OnnxObsError("--pattern and --scope global apply to single weights: drop them "
+                           "with --structure")
+    if len(targets) > 1:
+        raise OnnxObsError("give one of --target-params and --target-flops, not both")
+    if targets and not targets[0] > 0:
+        raise OnnxObsError(f"the target must be a positive number, got {targets[0]}")
+
+
+def prune_structured(loaded, cal, selection, *, method: str, sparsity: float,
+                     target_params: int | None, target_flops: float | None, damp: float,
+                     device: str, report, bar, capture) -> list:
+    """Remove units from `loaded.model` in place; fill report.structure and report.skipped.
+    Returns the sites of the shrunk model.
+
+    capture(loaded, sites, cal, device, bar, with_bias=True) -> {site name: (1, c+1, c+1) H}.
+    """
+    model = loaded.model
+    sites, _ = find_sites(model)
+    chosen = {s.name for s in sites if selection.picks(s)}
+    groups, left = trace_units(model, sites, chosen)
+    report.skipped += [{"name": x.name, "op_type": x.op_type, "reason": "units kept: " + x.reason}
+                       for x in left]
+    if not groups:
+        why = f" ({left[0].name}: {left[0].reason})" if left else ""
+        raise OnnxObsError(f"no selected layer has units that can be removed{why}: check "
+                           "--include/--exclude/--op-types")
+    groups.sort(key=lambda g: g.node)
+    target = target_params if target_params is not None else target_flops
+    if target is not None:
+        kind = "params" if target_params is not None else "macs"
+        counts = _plan(loaded, groups, cal, method, damp, device, bar, capture, target, kind, report)
+    else:
+        counts = {g.producer.name: min(round(sparsity * g.units), g.units - 1) for g in groups}
+    task = bar.add("removing units", total=len(groups))
+    for name in [g.producer.name for g in groups]:
+        t0 = time.perf_counter()
+        sites, _ = find_sites(model)
+        now, lost = trace_units(model, sites, {name})
+        if not now:
+            report.notes.append(f"{name}: units kept: {lost[0].reason}")
+            continue
+        group, n = now[0], counts[name]
+        entry = {"name": name, "op": group.producer.op_type, "units_before": group.units,
+                 "units_after": group.units - n,
+                 "consumers": [c.site.name for c in group.consumers],
+                 "predicted_error": 0.0, "measured_error": 0.0, "relative_error": 0.0}
+        if method == "obs":
+            removed = _obs_step(loaded, group, n, cal, damp, device, bar, capture, entry) if n else []
+        else:
+            removed = l1_order(site_matrix(group.producer, loaded.base_dir))[0][:n]
+            entry["predicted_error"] = entry["measured_error"] = entry["relative_error"] = None
+        shrink(model, group, removed, loaded.base_dir)
+        entry["removed"] = sorted(int(u) for u in removed)
+        entry["seconds"] = time.perf_counter() - t0
+        report.structure.append(entry)
+        bar.advance(task)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise OnnxObsError(f"the shrunk model fails onnx.checker ({str(e).splitlines()[0]}): "
+                           "nothing written; please report this") from e
+    return find_sites(model)[0]
+
+
+def _consumers(loaded, group: UnitGroup, hessians: dict) -> list[Consumer]:
+    """The algorithm's view of each consumer: W (with its bias as a last column where the bias
+    can absorb a correction) and the matching Hessian (H of [x; 1], or of x alone)."""
+    out = []
+    for c in group.consumers:
+        W = site_matrix(c.site, loaded.base_dir)
+        H = hessians[c.site.name][0]
+        if c.bias is not None:
+            W = np.hstack([W, read_bias(loaded.model, c.bias, loaded.base_dir)[:, None]])
+        else:
+            H = H[:-1, :-1]
+        out.append(Consumer(W, H, c.columns))
+    return out
+
+
+def _obs_step(loaded, group, n, cal, damp, device, bar, capture, entry) -> np.ndarray:
+    hessians = capture(loaded, [c.site for c in group.consumers], cal, device, bar, with_bias=True)
+    consumers = _consumers(loaded, group, hessians)
+    result = group_obs(consumers, n, damp=damp, step=math.ceil(n / MAX_STEPS))
+    for c, con, W in zip(group.consumers, consumers, result.weights):
+        entry["measured_error"] += layer_error(con.weight, W, con.hessian)
+        if c.bias is not None:
+            write_bias(loaded.model, c.bias, W[:, -1], c.site.dtype)
+            W = W[:, :-1]
+        write_matrix(c.site, W)
+    entry["predicted_error"] = float(result.costs.sum())
+    energy = output_energy(consumers)
+    entry["relative_error"] = entry["measured_error"] / energy if energy > 0 else 0.0
+    return result.order
+
+
+def _plan(loaded, groups, cal, method, damp, device, bar, capture, target, kind, report) -> dict:
+    """Per-layer unit counts that meet a whole-model target (see the module docstring)."""
+    if method == "obs":
+        consumer_sites = list({c.site.name: c.site for g in groups for c in g.consumers}.values())
+        hessians = capture(loaded, consumer_sites, cal, device, bar, with_bias=True)
+    curves = []
+    for g in groups:
+        limit = g.units - 1
+        if method == "obs":
+            consumers = _consumers(loaded, g, hessians)
+            costs = group_obs(consumers, limit, damp=damp, step=math.ceil(limit / MAX_STEPS)).costs
+            energy = output_energy(consumers)
+            curves.append(costs / energy if energy > 0 else costs)
+        else:
+            curves.append(l1_order(site_matrix(g.producer, loaded.base_dir))[1][:limit])
+    resource = resource_model(loaded.model, groups, kind)
+    start = resource(np.zeros(len(groups)))
+    if start <= target:
+        report.notes.append(f"the model already has {start:,.0f} {kind}, within the target "
+                            f"{target:,.0f}: nothing removed")
+    counts = plan_counts(curves, resource, target)
+    return {g.producer.name: int(k) for g, k in zip(groups, counts)}
+
+
+# ---------------------------------------------------------------- storage and cost figures
+
+def apply_storage(loaded, mode: str, device: str, cal, report) -> None:
+    """Store pruned weights sparse (after validation, before writing) and check that
+    onnxruntime loads the result and computes exactly what the dense model computes."""
+    if mode == "dense":
+        return
+    sites, _ = find_sites(loaded.model)
+    names = [s.name for s in sites if s.storage == "initializer" and not s.scope]
+    dense = onnx.ModelProto()
+    dense.CopyFrom(loaded.model)
+    choices = store_sparse(loaded.model, names, mode, loaded.base_dir)
+    report.storage = [vars(c) for c in choices]
+    if not any(c.stored == "sparse" for c in choices):
+        report.notes.append(f"--storage {mode}: no weight is smaller stored sparse "
+                            "(values + int64 indices need under 1/3 density in float32)")
+        return
+    try:
+        onnx.checker.check_model(loaded.model)
+    except onnx.checker.ValidationError as e:
+        raise OnnxObsError(f"the sparse model fails onnx.checker ({str(e).splitlines()[0]}): "
+                           "use --storage dense") from e
+    runner = Runner(loaded.model, loaded.base_dir, device)
+    if cal is not None:
+        feeds = cal.batches[0]
+        same = all(np.array_equal(a, b) for a, b in
+                   zip(Runner(dense, loaded.base_dir, device).run(feeds), runner.run(feeds)))
+        if not same:
+            raise OnnxObsError("onnxruntime computes different outputs from the sparse-stored "
+                               "weights: use --storage dense")
+
+
+def measure_costs(original, loaded, cal, device: str) -> dict:
+    """Parameters, MACs and onnxruntime latency (median of repeated runs) before and after."""
+    costs = {}
+    for key, fn in (("params", lambda m: count_params(m, loaded.base_dir)["params"]),
+                    ("nonzero_params", lambda m: count_params(m, loaded.base_dir)["nonzero_params"]),
+                    ("macs", lambda m: count_macs(m)[0])):
+        costs[key] = {"before": fn(original), "after": fn(loaded.model)}
+    if cal is None:
+        return costs
+    fixed = [s.shape[0] for s in model_inputs(original) if s.shape and s.shape[0] is not None]
+    sizes = [fixed[0]] if fixed else [1, 32]
+    before = Runner(original, loaded.base_dir, device).session
+    after = Runner(loaded.model, loaded.base_dir, device).session
+    for size in sizes:
+        feeds = batch_feeds(cal.batches, size)
+        b, a = latency_ms(before, feeds), latency_ms(after, feeds)
+        costs[f"latency_ms_batch_{size}"] = {"before": b, "after": a, "speedup": b / a if a else None}
+    return costs

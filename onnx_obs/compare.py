@@ -1,0 +1,170 @@
+"""Sweep pruning methods over sparsities and score each result on held-out data: which method
+removes the most weights for the same loss of quality."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from onnx_obs import api
+from onnx_obs.calib import load_calibration
+from onnx_obs.errors import OnnxObsError
+from onnx_obs.evaluate import data_keys, detect_labels, measure, open_model
+from onnx_obs.progress import Progress
+from onnx_obs.runtime import Runner
+
+DEFAULT_SPARSITIES = "0.1:0.9:0.1"
+
+
+def parse_sparsities(text: str) -> list[float]:
+    """'start:stop:step' (stop included when it lands on the grid) or a comma list, sorted."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(x) for x in text.split(":"))
+            if step <= 0 or stop < start:
+                raise OnnxObsError(f"--sparsities {text}: needs step > 0 and start <= stop")
+            count = math.floor((stop - start) / step + 1e-9) + 1
+            values = [round(start + i * step, 10) for i in range(count)]
+        else:
+            values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise OnnxObsError(f"--sparsities must be start:stop:step (e.g. 0.1:0.9:0.1) or a comma "
+                           f"list (e.g. 0.5,0.7), got '{text}'") from None
+    bad = [v for v in values if not 0 <= v < 1]
+    if bad or not values:
+        raise OnnxObsError(f"--sparsities must lie in [0, 1), got '{text}'")
+    return sorted(set(values))
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    unknown = [m for m in methods if m not in api.METHODS]
+    if unknown or not methods:
+        raise OnnxObsError(f"unknown method '{unknown[0] if unknown else text}' in --methods: "
+                           f"use a comma list of {', '.join(api.METHODS)}")
+    return methods
+
+
+def compare(model, calib, *, methods: list[str], sparsities: list[float] | None,
+            eval_data=None, labels: str | None = None, pattern: tuple[int, int] | None = None,
+            sequential: bool = False, max_samples: int | None = None, batch_size: int = 32,
+            solver: str = "auto", block_size: int = 128, damp: float = 0.01,
+            device: str = "auto", max_loss: float | None = None, progress: bool = False) -> dict:
+    """Prune `model` with every method at every sparsity and score each result on `eval_data`
+    (the calibration data when None) against the original model.
+
+    With sequential=False the original model's Hessians are captured once and shared by every
+    run; sequential=True recaptures them per run. With `pattern`, `sparsities` must be None (the
+    pattern fixes it). max_loss: per method, the highest sparsity up to which every tested
+    sparsity loses at most this much of the quality metric (accuracy with labels, else top-1
+    agreement, else relative MSE, which counts as a loss by itself).
+    """
+    if pattern is not None and sparsities is not None:
+        raise OnnxObsError("--pattern fixes the sparsity at N/M: drop --sparsities")
+    grid = [pattern[0] / pattern[1]] if pattern is not None else sparsities
+    if not grid:
+        raise OnnxObsError("no sparsities to compare: pass --sparsities")
+    if max_loss is not None and max_loss < 0:
+        raise OnnxObsError(f"--max-loss must be at least 0, got {max_loss}")
+    loaded = open_model(model)
+    notes = []
+    cal = load_calibration(calib, loaded.model, batch_size=batch_size, max_samples=max_samples,
+                           labels_key=_own_labels(calib, loaded.model, labels))
+    eval_src = calib if eval_data is None else eval_data
+    eval_labels = labels if labels is not None else detect_labels(eval_src, loaded.model)
+    if labels is None and eval_labels is not None:
+        notes.append(f"using key '{eval_labels}' of the evaluation data as labels")
+    if eval_data is None:
+        notes.append("no held-out data given: scores are measured on the calibration data, which "
+                     "flatters the methods that use it (pass --eval HELD_OUT.npz)")
+    if not sequential and any(m != "magnitude" for m in methods):
+        notes.append("Hessians of the original model were captured once and shared by every run "
+                     "(the seconds of the first Hessian-based run include the capture)")
+    ecal = load_calibration(eval_src, loaded.model, batch_size=batch_size, labels_key=eval_labels)
+    ref = Runner(loaded.model, loaded.base_dir, device)
+    cache = None if sequential else {}
+    rows, baseline = [], None
+    with Progress(enabled=progress) as bar:
+        task = bar.add("pruning and scoring", total=len(methods) * len(grid))
+        for method in methods:
+            for sparsity in grid:
+                result = api.prune(model, cal.batches, method=method, sparsity=sparsity,
+                                   pattern=pattern, solver=solver, block_size=block_size,
+                                   damp=damp, sequential=sequential, device=device,
+                                   hessians=cache)
+                quality = measure(ref, Runner(result.model, loaded.base_dir, device), ecal)
+                baseline = quality["accuracy"][0]
+                rows.append(_row(method, sparsity, pattern, result, quality))
+                bar.advance(task)
+    metric = "accuracy" if eval_labels else "top1_agreement" if "top1_agreement" in rows[0] else "relative_mse"
+    best = {"accuracy": baseline, "top1_agreement": 1.0, "relative_mse": 0.0}[metric]
+    for r in rows:
+        r["loss"] = r[metric] - best if metric == "relative_mse" else best - r[metric]
+    return {
+        "model": str(loaded.path) if loaded.path else "<proto>",
+        "calibration": {"source": cal.source, "samples": cal.num_samples},
+        "eval": {"source": ecal.source, "samples": ecal.num_samples,
+                 "is_calibration": eval_data is None},
+        "labels": eval_labels,
+        "output": rows[0]["output"],
+        "metric": metric,
+        "baseline": best,
+        "settings": {"pattern": f"{pattern[0]}:{pattern[1]}" if pattern else None,
+                     "sequential": sequential, "hessians_shared": not sequential,
+                     "solver": solver, "block_size": block_size, "damp": damp,
+                     "batch_size": batch_size, "max_samples": max_samples},
+        "device": ref.provider,
+        "rows": rows,
+        "max_loss": None if max_loss is None else highest_within(rows, methods, max_loss),
+        "notes": notes,
+    }
+
+
+def _own_labels(calib, model, labels: str | None) -> str | None:
+    """The labels key of the calibration data itself, so that it is not mistaken for an input."""
+    if labels is not None and labels in data_keys(calib):
+        return labels
+    return detect_labels(calib, model)
+
+
+def _row(method: str, sparsity: float, pattern, result: api.PruneResult, quality: dict) -> dict:
+    outputs = quality["outputs"]
+    name = quality["label_output"] or next(
+        (k for k, d in outputs.items() if "top1_agreement" in d), next(iter(outputs)))
+    out = outputs[name]
+    totals = result.report.to_dict()["totals"]
+    row = {"method": method, "sparsity": sparsity,
+           "pattern": f"{pattern[0]}:{pattern[1]}" if pattern else None,
+           "weight_sparsity": totals["sparsity"], "output": name,
+           "relative_mse": out["relative_mse"], "cosine": out["cosine"],
+           "seconds": result.report.wall_seconds}
+    if "top1_agreement" in out:
+        row["top1_agreement"] = out["top1_agreement"]
+    if quality["accuracy"][1] is not None:
+        row["accuracy"] = quality["accuracy"][1]
+    return row
+
+
+def highest_within(rows: list[dict], methods: list[str], max_loss: float) -> dict:
+    """Per method, the highest sparsity such that it and every lower tested sparsity lose at
+    most `max_loss` (None when even the lowest loses more)."""
+    found = {}
+    for method in methods:
+        best = None
+        for r in sorted((r for r in rows if r["method"] == method), key=lambda r: r["sparsity"]):
+            if r["loss"] > max_loss:
+                break
+            best = r
+        found[method] = {"sparsity": best["sparsity"] if best else None,
+                         "loss": best["loss"] if best else None}
+    return {"max_loss": max_loss, "per_method": found}
+
+
+def check_writable(path: Path | None, flag: str) -> None:
+    """Fail before the sweep, not after it, when an output file cannot be written."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise OnnxObsError(f"{flag} {path} is a directory: give a file name")
+    if not path.parent.exists():
+        raise OnnxObsError(f"{flag}: directory {path.parent} does not exist: create it first")

@@ -1,0 +1,256 @@
+"""Evaluate a pruned model against its original on the same data: output deviation, top-k
+agreement, accuracy with labels, latency and file size; and quality thresholds for CI."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnx_obs import api
+from onnx_obs.calib import Calibration, load_calibration, model_inputs
+from onnx_obs.errors import OnnxObsError
+from onnx_obs.graph.model_io import LoadedModel, from_proto, load_model
+from onnx_obs.metrics import compare_runs, is_classifier_like, top1_correct
+from onnx_obs.progress import Progress
+from onnx_obs.runtime import Runner
+
+LABEL_KEYS = ("label", "labels")
+# Threshold metrics: higher is better (checked by --fail-under) or lower is better (--fail-over).
+HIGHER_IS_BETTER = ("top1_agreement", "top5_agreement", "accuracy", "cosine")
+LOWER_IS_BETTER = ("relative_mse", "max_abs_error", "accuracy_drop")
+ALIASES = {"agreement": "top1_agreement", "top1": "top1_agreement", "top5": "top5_agreement",
+           "mse": "relative_mse", "max_abs": "max_abs_error"}
+
+
+def evaluate(original, pruned, data, *, labels: str | None = None, batch_size: int = 32,
+             repeats: int = 5, device: str = "auto", progress: bool = False) -> dict:
+    """Run `original` and `pruned` (paths or ModelProtos) on `data` and compare them.
+
+    data: anything load_calibration accepts (an .npz/.npy path, a dict of arrays, ...).
+    labels: the key of `data` that holds class labels; when None, a key "label" or "labels" that
+    is not a model input is used (and a note says so). repeats: timed passes per model (after a
+    warm-up); 0 skips the timing.
+    """
+    if repeats < 0:
+        raise OnnxObsError(f"--repeats must be at least 0, got {repeats}")
+    ref_model, cand_model = open_model(original), open_model(pruned)
+    _check_same_interface(ref_model.model, cand_model.model)
+    notes = []
+    if labels is None:
+        labels = detect_labels(data, ref_model.model)
+        if labels is not None:
+            notes.append(f"using key '{labels}' of the data as labels (choose another with --labels)")
+    cal = load_calibration(data, ref_model.model, batch_size=batch_size, labels_key=labels)
+    ref = Runner(ref_model.model, ref_model.base_dir, device)
+    cand = Runner(cand_model.model, cand_model.base_dir, device)
+    with Progress(enabled=progress) as bar:
+        quality = measure(ref, cand, cal, bar)
+        latency = measure_latency([ref, cand], cal, repeats, bar) if repeats else [None, None]
+    models = {}
+    for key, source, loaded, acc, lat in zip(("original", "pruned"), (original, pruned),
+                                              (ref_model, cand_model), quality["accuracy"], latency):
+        models[key] = {"model": str(loaded.path) if loaded.path else "<proto>",
+                       "file_size": loaded.file_size, "weight_sparsity": weight_sparsity(source),
+                       "accuracy": acc, "latency_ms": lat}
+    return {
+        **models,
+        "outputs": quality["outputs"],
+        "label_output": quality["label_output"],
+        "data": cal.source,
+        "samples": cal.num_samples,
+        "labels": labels,
+        "batch_size": len(next(iter(cal.batches[0].values()))),
+        "repeats": repeats,
+        "device": ref.provider,
+        "notes": notes,
+    }
+
+
+def open_model(model) -> LoadedModel:
+    return from_proto(model) if isinstance(model, onnx.ModelProto) else load_model(model)
+
+
+def detect_labels(data, model: onnx.ModelProto) -> str | None:
+    """A key named "label" or "labels" in `data` that is not a model input, if any."""
+    inputs = {s.name for s in model_inputs(model)}
+    keys = data_keys(data)
+    return next((k for k in LABEL_KEYS if k in keys and k not in inputs), None)
+
+
+def data_keys(data) -> set[str]:
+    """The keys of a dict of arrays or an .npz file (empty for other sources)."""
+    if isinstance(data, Mapping):
+        return set(data)
+    if not isinstance(data, (str, os.PathLike)) or Path(data).suffix != ".npz":
+        return set()
+    try:
+        with np.load(data, allow_pickle=False) as z:
+            return set(z.files)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        return set()  # load_calibration reports the unreadable file
+
+
+def _check_same_interface(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
+    ins_a = [(s.name, s.describe()) for s in model_inputs(a)]
+    ins_b = [(s.name, s.describe()) for s in model_inputs(b)]
+    if ins_a != ins_b:
+        raise OnnxObsError(f"the models take different inputs ({_names(ins_a)} vs {_names(ins_b)}): "
+                           "compare a model with a pruned copy of it")
+    outs_a, outs_b = [o.name for o in a.graph.output], [o.name for o in b.graph.output]
+    if outs_a != outs_b:
+        raise OnnxObsError(f"the models have different outputs ({', '.join(outs_a)} vs "
+                           f"{', '.join(outs_b)}): compare a model with a pruned copy of it")
+
+
+def _names(specs) -> str:
+    return ", ".join(f"{n} {d}" for n, d in specs)
+
+
+def measure(ref: Runner, cand: Runner, cal: Calibration, bar=None) -> dict:
+    """Per-output deviation of `cand` from `ref` over every batch, and with cal.labels the
+    accuracy of each model on the first classifier-like output ([batch, classes] floats)."""
+    seen = {"rows": 0, "correct": [0, 0], "output": None}
+
+    def observe(ref_out, cand_out):
+        if cal.labels is not None:
+            i = _label_output(ref_out, ref.output_names, seen)
+            labels = cal.labels[seen["rows"]:seen["rows"] + len(ref_out[i])]
+            _check_labels(labels, ref_out[i])
+            for k, out in enumerate((ref_out, cand_out)):
+                seen["correct"][k] += top1_correct(out[i], labels)
+            seen["rows"] += len(ref_out[i])
+        if bar is not None:
+            bar.advance(task)
+
+    task = bar.add("comparing outputs", total=len(cal.batches)) if bar is not None else None
+    outputs = compare_runs(ref, cand, cal.batches, observe)
+    accuracy = [c / seen["rows"] for c in seen["correct"]] if seen["rows"] else [None, None]
+    return {"outputs": outputs, "accuracy": accuracy, "label_output": seen["output"]}
+
+
+def _label_output(outs, names, seen) -> int:
+    if seen["output"] is None:
+        i = next((i for i, y in enumerate(outs) if is_classifier_like(np.asarray(y))), None)
+        if i is None:
+            raise OnnxObsError("labels were given but no model output looks like class scores "
+                               "(a 2-D float [batch, classes] array): drop --labels")
+        seen["output"] = names[i]
+    return names.index(seen["output"])
+
+
+def _check_labels(labels: np.ndarray, scores: np.ndarray) -> None:
+    ok = (labels.ndim == 1 or (labels.ndim == 2 and labels.shape[1] == scores.shape[1]))
+    if not ok or len(labels) != len(scores):
+        raise OnnxObsError(f"labels of shape {list(labels.shape)} do not fit output scores of "
+                           f"shape {list(scores.shape)}: give class indices [samples] or one-hot "
+                           "[samples, classes]")
+
+
+def measure_latency(runners: list[Runner], cal: Calibration, repeats: int, bar=None) -> list[dict]:
+    """Per runner, the median wall time of a full pass over `cal` and of a one-sample run.
+
+    Each runner gets a warm-up first; the timed runs alternate between runners so that load from
+    elsewhere on the machine hits them alike. batch1_ms is None when the batch size is fixed.
+    """
+    one = {k: v[:1] for k, v in cal.batches[0].items()}
+    single = len(next(iter(cal.batches[0].values()))) == 1 or _batch_is_free(runners[0])
+    task = bar.add("timing", total=repeats * len(runners)) if bar is not None else None
+    for r in runners:
+        _full_pass(r, cal)
+        if single:
+            r.run(one)
+    passes = [[] for _ in runners]
+    singles = [[] for _ in runners]
+    for _ in range(repeats):
+        for k, r in enumerate(runners):
+            passes[k].append(_full_pass(r, cal))
+            if single:
+                t0 = time.perf_counter()
+                r.run(one)
+                singles[k].append(time.perf_counter() - t0)
+            if bar is not None:
+                bar.advance(task)
+    return [{"pass_ms": 1e3 * statistics.median(p),
+             "batch1_ms": 1e3 * statistics.median(s) if single else None} for p, s in zip(passes, singles)]
+
+
+def _full_pass(runner: Runner, cal: Calibration) -> float:
+    t0 = time.perf_counter()
+    for feeds in cal.batches:
+        runner.run(feeds)
+    return time.perf_counter() - t0
+
+
+def _batch_is_free(runner: Runner) -> bool:
+    """Whether every input's first dimension is dynamic (or 1), so one sample can run alone."""
+    return all(not i.shape or not isinstance(i.shape[0], int) or i.shape[0] == 1
+               for i in runner.session.get_inputs())
+
+
+def weight_sparsity(model) -> float:
+    """Fraction of exact zeros among the prunable weights (the sites) of `model`."""
+    sites = api.inspect(model)["sites"]
+    total = sum(s["params"] for s in sites)
+    return sum(s["params"] * s["sparsity"] for s in sites) / total if total else 0.0
+
+
+def parse_thresholds(text: str | None, flag: str) -> dict[str, float]:
+    """'metric=value,...' for --fail-under (higher-is-better metrics) or --fail-over (lower)."""
+    allowed = HIGHER_IS_BETTER if flag == "--fail-under" else LOWER_IS_BETTER
+    other = "--fail-over" if flag == "--fail-under" else "--fail-under"
+    limits = {}
+    for item in filter(None, (t.strip() for t in (text or "").split(","))):
+        name, sep, value = item.partition("=")
+        metric = ALIASES.get(name.strip(), name.strip())
+        try:
+            limit = float(value)
+        except ValueError:
+            raise OnnxObsError(f"{flag} expects metric=number pairs, e.g. "
+                               f"{allowed[0]}=0.99, got '{item}'") from None
+        if not sep or metric not in allowed:
+            hint = (f"{metric} is lower-is-better: use {other}" if metric in LOWER_IS_BETTER
+                    else f"{metric} is higher-is-better: use {other}" if metric in HIGHER_IS_BETTER
+                    else f"{flag} takes {', '.join(allowed)}")
+            raise OnnxObsError(f"{flag}: cannot check '{item}' ({hint})")
+        limits[metric] = limit
+    return limits
+
+
+def check_thresholds(result: dict, under: dict[str, float], over: dict[str, float]) -> list[dict]:
+    """Each threshold against `result` of evaluate(): one check per output that has the metric.
+
+    A check fails when the value is below an `under` limit or above an `over` limit.
+    """
+    checks = []
+    for limits, direction in ((under, "under"), (over, "over")):
+        for metric, limit in limits.items():
+            for where, value in _values(result, metric):
+                passed = value >= limit if direction == "under" else value <= limit
+                checks.append({"metric": metric, "of": where, "value": value, "limit": limit,
+                               "fails_when": direction, "passed": passed})
+    return checks
+
+
+def _values(result: dict, metric: str) -> list[tuple[str, float]]:
+    if metric in ("accuracy", "accuracy_drop"):
+        acc, ref = result["pruned"]["accuracy"], result["original"]["accuracy"]
+        if acc is None:
+            raise OnnxObsError(f"{metric} needs labels: pass --labels KEY (a key of the data file)")
+        return [("the pruned model", acc if metric == "accuracy" else ref - acc)]
+    found = [(f"output '{name}'", d[metric]) for name, d in result["outputs"].items() if metric in d]
+    if not found:
+        raise OnnxObsError(f"no output has {metric} (top-k agreement needs [batch, classes] scores, "
+                           "top-5 more than 5 classes): drop that threshold")
+    return found
+
+
+def failure_message(check: dict) -> str:
+    return (f"{check['metric']} of {check['of']} is {check['value']:.6g}, {check['fails_when']} "
+            f"the threshold {check['limit']:.6g}")

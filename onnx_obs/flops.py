@@ -1,0 +1,169 @@
+"""Model cost: parameters and multiply-accumulates counted from the graph, onnxruntime latency.
+
+Parameters: elements of every float initializer and Constant (sparse initializers at their dense
+size), and how many of them are non-zero. MACs: one per multiply-add of Conv, ConvTranspose, Gemm
+and MatMul, from the shapes onnx shape inference gives with every symbolic dimension (the batch)
+set to 1. Elementwise ops, pooling and normalisation are not counted. Counts are dense: a zero
+in a dense tensor still costs its MAC, which is why structured removal is what makes a model
+faster.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+from onnx_obs.graph.sites import FLOAT_TYPES, node_label
+
+LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _float_tensors(graph: onnx.GraphProto):
+    """(name, TensorProto or SparseTensorProto) of the float weights of a graph and subgraphs."""
+    for t in graph.initializer:
+        if t.data_type in FLOAT_TYPES:
+            yield t.name, t
+    for s in graph.sparse_initializer:
+        if s.values.data_type in FLOAT_TYPES:
+            yield s.values.name, s
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type in FLOAT_TYPES and node.output:
+                yield node.output[0], a.t
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from _float_tensors(g)
+
+
+def count_params(model: onnx.ModelProto, base_dir: str = "") -> dict:
+    """{"params": float weight elements, "nonzero_params": those that are not zero}."""
+    total = nonzero = 0
+    for _, t in _float_tensors(model.graph):
+        if isinstance(t, onnx.SparseTensorProto):
+            total += int(np.prod(t.dims, dtype=np.int64))
+            nonzero += int(np.count_nonzero(numpy_helper.to_array(t.values, base_dir)))
+        else:
+            total += int(np.prod(t.dims, dtype=np.int64))
+            nonzero += int(np.count_nonzero(numpy_helper.to_array(t, base_dir)))
+    return {"params": total, "nonzero_params": nonzero}
+
+
+def count_macs(model: onnx.ModelProto) -> tuple[int, dict[str, int]]:
+    """Total MACs at batch 1 and the MACs of each linear node (by node label)."""
+    dims = _batch1_shapes(model)
+    per_node = {}
+    for i, node in enumerate(model.graph.node):
+        if node.op_type not in LINEAR:
+            continue
+        macs = _node_macs(node, dims)
+        if macs is not None:
+            per_node[node_label(node, i, "")] = macs
+    return sum(per_node.values()), per_node
+
+
+def _node_macs(node: onnx.NodeProto, dims: dict) -> int | None:
+    shapes = [dims.get(n) for n in node.input[:2]]
+    out = dims.get(node.output[0])
+    if any(s is None for s in shapes) or out is None:
+        return None
+    x, w = shapes
+    if node.op_type == "Conv":        # N * out positions * (C_out * C_in/g * taps)
+        return int(np.prod(out[:1] + out[2:]) * np.prod(w))
+    if node.op_type == "ConvTranspose":  # N * in positions * (C_in * C_out/g * taps)
+        return int(np.prod(x[:1] + x[2:]) * np.prod(w))
+    if node.op_type == "Gemm":
+        trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
+        return int(np.prod(out) * (x[0] if trans_a else x[-1]))
+    return int(np.prod(out) * x[-1])   # MatMul: every output element is a K-long dot product
+
+
+def _batch1_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Static dims of every tensor with symbolic input dims set to 1 (tensors whose shape stays
+    unknown are left out)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.value_info[:]
+    for vi in m.graph.input:
+        for d in vi.type.tensor_type.shape.dim:
+            if not d.HasField("dim_value"):
+                d.dim_value = 1
+    try:
+        m = onnx.shape_inference.infer_shapes(m)
+    except Exception:  # custom ops: count what can be counted
+        pass
+    out = {}
+    for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
+        ds = vi.type.tensor_type.shape.dim
+        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in ds):
+            out[vi.name] = [d.dim_value for d in ds]
+    for name, t in _float_tensors(m.graph):
+        out.setdefault(name, list(t.dims))
+    return out
+
+
+def resource_model(model: onnx.ModelProto, groups, kind: str) -> Callable[[np.ndarray], float]:
+    """Parameters ("params") or MACs ("macs") of the model as a function of how many units each
+    of `groups` (onnx_obs.graph.channels.UnitGroup) loses: every cut tensor shrinks by the
+    unit's positions along its axis, and a linear node's MACs scale with its weight's size."""
+    cut_axes: dict[str, dict[int, list[tuple[int, float]]]] = {}
+    for g, group in enumerate(groups):
+        for cut in group.cuts:
+            step = float(np.mean([len(p) for p in cut.positions]))
+            cut_axes.setdefault(cut.tensor, {}).setdefault(cut.axis, []).append((g, step))
+    tensors = dict(_float_tensors(model.graph))
+    if kind == "params":
+        weights = {name: 1.0 for name in tensors}
+        fixed = 0.0
+    else:
+        _, per_node = count_macs(model)
+        weights, fixed = {}, 0.0
+        for i, node in enumerate(model.graph.node):
+            macs = per_node.get(node_label(node, i, ""), 0)
+            w = node.input[1] if len(node.input) > 1 else ""
+            if w in tensors and macs:
+                size = int(np.prod(tensors[w].dims, dtype=np.int64))
+                weights[w] = weights.get(w, 0.0) + macs / size
+            else:
+                fixed += macs
+    terms = [(coef, [int(d) for d in tensors[name].dims], cut_axes.get(name, {}))
+             for name, coef in weights.items()]
+
+    def resource(counts: np.ndarray) -> float:
+        total = fixed
+        for coef, dims, axes in terms:
+            size = coef
+            for axis, d in enumerate(dims):
+                size *= max(d - sum(step * counts[g] for g, step in axes.get(axis, ())), 0.0)
+            total += size
+        return total
+
+    return resource
+
+
+# ---------------------------------------------------------------- latency
+
+def latency_ms(session: ort.InferenceSession, feeds: dict[str, np.ndarray], *,
+               max_runs: int = 200, budget_s: float = 1.0) -> float:
+    """Median wall time of session.run over repeated runs (after 5 warm-up runs), in ms."""
+    for _ in range(5):
+        session.run(None, feeds)
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < max_runs and (len(times) < 10 or time.perf_counter() < deadline):
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    return 1000.0 * float(np.median(times))
+
+
+def batch_feeds(batches: list[dict[str, np.ndarray]], size: int) -> dict[str, np.ndarray]:
+    """The first `size` samples of the calibration data (repeated if there are fewer)."""
+    names = list(batches[0])
+    data = {k: np.concatenate([b[k] for b in batches]) for k in names}
+    n = len(next(iter(data.values())))
+    idx = np.arange(size) % n
+    return {k: v[idx] for k, v in data.items()}

@@ -1,0 +1,715 @@
+"""Channel tracing and shape surgery for structured pruning. Graph code: no linear algebra.
+
+A *unit* is one output row of a producer site: a Gemm / MatMul output neuron or a Conv output
+channel. `trace_units` follows the producer's output tensor through the ops between it and the
+linear layers that read it (its consumers), tracking the positions each unit occupies along the
+tensor's channel axis (one position after an elementwise op, a block of H*W after a Flatten, an
+offset after a Concat), and collects:
+  - cuts: constant tensors that lose entries along one axis when a unit goes (the producer's
+    weight rows and bias, per-channel constants on the path, the consumers' weight inputs);
+  - edits: integers in the graph that count channels (Reshape targets, Split sizes, the group
+    of a depthwise Conv on the path);
+  - consumers: each consumer site and, per unit, the columns of its 2-D view the unit feeds.
+Channels that reach anything else (a graph output, an Add with another computed tensor such as a
+residual connection, an op not handled here) leave their producer alone, with the reason.
+`shrink` applies the cuts and edits for a set of removed units and re-runs shape inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnx_obs.errors import OnnxObsError
+from onnx_obs.graph.sites import Site, node_label
+
+# Ops applied to each element on its own: a channel passes through unchanged.
+UNARY = {"Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish",
+         "Elu", "Selu", "Celu", "Gelu", "Erf", "Softplus", "Softsign", "Mish", "ThresholdedRelu",
+         "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign",
+         "Sin", "Cos", "Identity", "Dropout", "Cast"}
+# Elementwise ops of several operands: fine with constants (per channel or broadcast) and with
+# computed tensors of size 1 on the channel axis; another computed tensor couples the channels.
+ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean"}
+POOLS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
+NORMS = {"BatchNormalization": 5, "InstanceNormalization": 3}  # op -> inputs (all per channel)
+REGROUP = {"Flatten", "Reshape", "Squeeze", "Unsqueeze"}
+LINEAR = {"Gemm", "MatMul", "Conv", "ConvTranspose"}
+
+
+@dataclass
+class Cut:
+    tensor: str                    # constant name in the main graph
+    axis: int
+    positions: list[np.ndarray]    # per unit: the indices along `axis` it owns
+
+
+@dataclass
+class Edit:
+    kind: str                      # "reshape" (entry of a shape), "split" (size), "group"
+    node: int                      # index of the node in graph.node
+    index: int                     # reshape: entry; split: output
+    base: int                      # the value before any removal
+    positions: list[np.ndarray]    # per unit: positions it removes from the counted axis
+
+
+@dataclass
+class BiasSlot:
+    """Where a consumer's bias lives: its value in 2-D view units is scale * stored value."""
+
+    node: int
+    tensor: str | None             # None: the node has no bias yet (one is added when written)
+    shape: tuple[int, ...]         # stored shape that holds one value per unit
+    scale: float
+
+
+@dataclass
+class ConsumerUse:
+    site: Site
+    columns: list[np.ndarray]      # per unit: columns of the site's 2-D view it feeds
+    bias: BiasSlot | None
+
+
+@dataclass
+class UnitGroup:
+    producer: Site
+    node: int                      # index of the producer node
+    units: int
+    cuts: list[Cut]
+    edits: list[Edit]
+    consumers: list[ConsumerUse]
+    path: list[str] = field(default_factory=list)   # op types followed
+
+
+@dataclass
+class LeftAlone:
+    name: str
+    op_type: str
+    reason: str
+
+
+class _Blocked(Exception):
+    pass
+
+
+@dataclass
+class _State:
+    tensor: str
+    axis: int
+    positions: list[np.ndarray]
+    size: int
+
+
+def trace_units(model: onnx.ModelProto, sites: list[Site],
+                producers: set[str] | None = None) -> tuple[list[UnitGroup], list[LeftAlone]]:
+    """Unit groups of the producer sites (all sites, or those named), and those left alone.
+
+    `sites` must be every site of the model: consumers are looked up among them.
+    """
+    g = _Graph(model, sites)
+    groups, left = [], []
+    for site in sites:
+        if producers is not None and site.name not in producers:
+            continue
+        try:
+            groups.append(g.trace(site))
+        except _Blocked as e:
+            left.append(LeftAlone(site.name, site.op_type, str(e)))
+    return groups, left
+
+
+class _Graph:
+    def __init__(self, model: onnx.ModelProto, sites: list[Site]):
+        self.model = model
+        self.nodes = list(model.graph.node)
+        self.consts: dict[str, onnx.TensorProto] = {i.name: i for i in model.graph.initializer}
+        for node in self.nodes:
+            if node.op_type == "Constant" and node.output:
+                for a in node.attribute:
+                    if a.name == "value":
+                        self.consts[node.output[0]] = a.t
+        self.readers: dict[str, list[tuple[int, int]]] = {}
+        self.refs: dict[str, int] = {}
+        for i, node in enumerate(self.nodes):
+            for pos, name in enumerate(node.input):
+                if name:
+                    self.readers.setdefault(name, []).append((i, pos))
+                    self.refs[name] = self.refs.get(name, 0) + 1
+        self.inner_refs = _subgraph_refs(model.graph)
+        self.outputs = {o.name for o in model.graph.output}
+        self.graph_inputs = {i.name for i in model.graph.input}
+        self.shapes = _shapes(model)
+        self.labels = {node_label(n, i, ""): i for i, n in enumerate(self.nodes)}
+        self.site_of_node: dict[int, list[tuple[Site, object]]] = {}
+        for s in sites:
+            for u in s.uses:
+                if u.node in self.labels and not s.scope:
+                    self.site_of_node.setdefault(self.labels[u.node], []).append((s, u))
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+    # ------------------------------------------------------------ the trace of one producer
+
+    def trace(self, site: Site) -> UnitGroup:
+        if site.scope:
+            raise _Blocked("inside a subgraph")
+        if len(site.uses) != 1:
+            raise _Blocked("its weight is shared by several nodes")
+        if site.graph_input or site.name in self.graph_inputs:
+            raise _Blocked("its weight is also a graph input (a caller may replace it)")
+        if site.layout in ("conv", "convT") and site.groups != 1:
+            depthwise = site.layout == "conv" and site.op_shape[1] == 1
+            raise _Blocked("depthwise Conv: its channels are tied to its input channels and go "
+                           "with the layer that feeds it" if depthwise else
+                           f"grouped {site.op_type} (group={site.groups}): removing one output "
+                           "channel would unbalance its groups")
+        use = site.uses[0]
+        ni = self.labels[use.node]
+        node = self.nodes[ni]
+        out = node.output[0]
+        rank = self._rank(out)
+        units = site.matrix_shape[0]
+        positions = [np.array([u], dtype=np.int64) for u in range(units)]
+        if node.op_type in ("Conv", "ConvTranspose"):
+            axis = 1
+        elif node.op_type == "Gemm":
+            axis = 1 if node.input[0] == use.activation else 0
+        else:
+            axis = rank - 1 if node.input[0] == use.activation else rank - 2
+        group = UnitGroup(site, ni, units, [Cut(site.name, _weight_axis(site, "out"), positions)],
+                          [], [])
+        if node.op_type != "MatMul" and len(node.input) > 2 and node.input[2]:
+            bias = node.input[2]
+            if bias not in self.consts:
+                raise _Blocked("its bias is a computed tensor")
+            if node.op_type == "Gemm":   # C broadcasts against Y; a Conv bias is per channel
+                cut = self._per_channel(bias, rank, axis, units, positions)
+            else:
+                cut = self._own_cut(bias, 0, positions)
+            if cut:
+                group.cuts.append(cut)
+        self._follow(group, _State(out, axis, positions, units))
+        if not group.consumers:
+            raise _Blocked("no linear layer reads its output")
+        return group
+
+    def _follow(self, group: UnitGroup, start: _State) -> None:
+        queue, reached = [start], set()
+        while queue:
+            st = queue.pop()
+            if st.tensor in self.outputs:
+                raise _Blocked(f"its channels reach the graph output '{st.tensor}'")
+            if st.tensor in self.inner_refs:
+                raise _Blocked(f"'{st.tensor}' is read inside a subgraph")
+            by_node: dict[int, list[int]] = {}
+            for ni, pos in self.readers.get(st.tensor, []):
+                by_node.setdefault(ni, []).append(pos)
+            for ni, where in by_node.items():
+                if ni in reached:
+                    raise _Blocked(f"its channels meet again at {self.nodes[ni].op_type} "
+                                   f"'{self._label(ni)}' (coupled)")
+                reached.add(ni)
+                group.path.append(self.nodes[ni].op_type)
+                queue.extend(self._step(group, ni, where, st))
+
+    def _step(self, group: UnitGroup, ni: int, where: list[int], st: _State) -> list[_State]:
+        node = self.nodes[ni]
+        op = node.op_type
+        a = _attrs(node)
+        if op in LINEAR and not (op == "Conv" and a.get("group", 1) > 1):
+            self._consumer(group, ni, where, st)
+            return []
+        if op == "Conv" and where == [0]:
+            return [self._depthwise(group, ni, st, a.get("group", 1))]
+        if op in UNARY and where == [0]:
+            if op == "PRelu":
+                cut = self._per_channel(node.input[1], self._rank(node.output[0]), st.axis,
+                                        st.size, st.positions)
+                if cut:
+                    group.cuts.append(cut)
+            self._only_first_output(ni)
+            return [_State(node.output[0], st.axis, st.positions, st.size)]
+        if op in ELEMENTWISE:
+            return [self._elementwise(group, ni, where, st)]
+        if op in NORMS and where == [0] and st.axis == 1:
+            for name in node.input[1:NORMS[op]]:
+                if name not in self.consts:
+                    raise _Blocked(f"{op} '{self._label(ni)}' has computed statistics")
+                group.cuts.append(self._own_cut(name, 0, st.positions))
+            self._only_first_output(ni)
+            return [_State(node.output[0], 1, st.positions, st.size)]
+        if op in POOLS and where == [0] and st.axis == 1:
+            self._only_first_output(ni)
+            return [_State(node.output[0], 1, st.positions, st.size)]
+        if op in REGROUP and where == [0]:
+            return [self._regroup(group, ni, st)]
+        if op == "Transpose" and where == [0]:
+            perm = a.get("perm", list(range(self._rank(node.input[0])))[::-1])
+            return [_State(node.output[0], list(perm).index(st.axis), st.positions, st.size)]
+        if op == "Concat":
+            return [self._concat(ni, where, st, a)]
+        if op == "Split" and where == [0]:
+            return self._split(group, ni, st, a)
+        if op == "Slice" and where == [0]:
+            axes = self._const_ints(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+            rank = self._rank(node.input[0])
+            if axes is None or st.axis in [x % rank for x in axes]:
+                raise _Blocked(f"Slice '{self._label(ni)}' may cut its channel axis")
+            return [_State(node.output[0], st.axis, st.positions, st.size)]
+        raise _Blocked(f"its channels are read by {op} '{self._label(ni)}', which onnx-obs "
+                       "cannot follow channels through")
+
+    # ------------------------------------------------------------ the ops on the path
+
+    def _consumer(self, group: UnitGroup, ni: int, where: list[int], st: _State) -> None:
+        node = self.nodes[ni]
+        found = [(s, u) for s, u in self.site_of_node.get(ni, []) if u.activation == st.tensor]
+        if not found or where != [list(node.input).index(st.tensor)]:
+            raise _Blocked(f"its channels reach {node.op_type} '{self._label(ni)}' as an operand "
+                           "that is not a prunable layer's input")
+        site, use = found[0]
+        if len(site.uses) != 1:
+            raise _Blocked(f"the weight of consumer '{site.name}' is shared by several nodes")
+        if site.layout in ("conv", "convT") and site.groups != 1:
+            raise _Blocked(f"consumer '{site.name}' is a grouped {node.op_type}")
+        a = _attrs(node)
+        rank = self._rank(st.tensor)
+        pos = where[0]
+        if node.op_type in ("Conv", "ConvTranspose"):
+            contraction = 1
+        elif node.op_type == "Gemm":
+            contraction = (0 if a.get("transA", 0) else 1) if pos == 0 else (1 if a.get("transB", 0) else 0)
+        else:
+            contraction = rank - 1 if pos == 0 else max(rank - 2, 0)
+        if st.axis != contraction:
+            raise _Blocked(f"its channel axis is not the input axis of {node.op_type} "
+                           f"'{self._label(ni)}'")
+        taps = int(np.prod(site.op_shape[2:], dtype=np.int64)) if site.layout in ("conv", "convT") else 1
+        columns = [(p[:, None] * taps + np.arange(taps)).ravel() for p in st.positions]
+        group.cuts.append(Cut(site.name, _weight_axis(site, "in"), st.positions))
+        group.consumers.append(ConsumerUse(site, columns, self._bias_slot(ni, site, use)))
+
+    def _depthwise(self, group: UnitGroup, ni: int, st: _State, groups: int) -> _State:
+        """A depthwise Conv on the path: its channels go with the unit that feeds them."""
+        node = self.nodes[ni]
+        if st.axis != 1 or groups != st.size or len(st.positions[0]) != 1:
+            raise _Blocked(f"grouped Conv '{self._label(ni)}' (group={groups}): removing input "
+                           "channels would unbalance its groups")
+        if node.input[1] not in self.consts:
+            raise _Blocked(f"depthwise Conv '{self._label(ni)}' has a computed weight")
+        c_out = int(self.consts[node.input[1]].dims[0])
+        mult = c_out // groups
+        positions = [(p[:, None] * mult + np.arange(mult)).ravel() for p in st.positions]
+        group.cuts.append(self._own_cut(node.input[1], 0, positions))
+        if len(node.input) > 2 and node.input[2]:
+            if node.input[2] not in self.consts:
+                raise _Blocked(f"depthwise Conv '{self._label(ni)}' has a computed bias")
+            group.cuts.append(self._own_cut(node.input[2], 0, positions))
+        group.edits.append(Edit("group", ni, 0, groups, st.positions))
+        return _State(node.output[0], 1, positions, c_out)
+
+    def _elementwise(self, group: UnitGroup, ni: int, where: list[int], st: _State) -> _State:
+        node = self.nodes[ni]
+        out = node.output[0]
+        rank_out = self._rank(out)
+        axis = st.axis + rank_out - self._rank(st.tensor)
+        for pos, name in enumerate(node.input):
+            if pos in where or not name:
+                continue
+            if name in self.consts:
+                cut = self._per_channel(name, rank_out, axis, st.size, st.positions)
+                if cut:
+                    group.cuts.append(cut)
+                continue
+            dims = self.shapes.get(name)
+            k = None if dims is None else axis - (rank_out - len(dims))
+            if dims is None or (k >= 0 and dims[k] != 1):
+                raise _Blocked(f"its channels are coupled with '{name}' by {node.op_type} "
+                               f"'{self._label(ni)}' (a residual connection?)")
+        return _State(out, axis, st.positions, st.size)
+
+    def _regroup(self, group: UnitGroup, ni: int, st: _State) -> _State:
+        """Flatten / Reshape / Squeeze / Unsqueeze: where the channel axis lands, and the block
+        of positions each channel position becomes (outer * size * inner layout)."""
+        node = self.nodes[ni]
+        dims_in = self._dims(node.input[0])
+        if node.op_type == "Flatten":
+            k = _attrs(node).get("axis", 1)
+            k = k + len(dims_in) if k < 0 else k
+            dims_out = [_product(dims_in[:k]), _product(dims_in[k:])]
+        elif node.op_type == "Reshape":
+            target = self._const_ints(node.input[1])
+            if target is None:
+                raise _Blocked(f"Reshape '{self._label(ni)}' has a computed shape")
+            dims_out = _reshape_dims(dims_in, target)
+        else:
+            dims_out = self._dims(node.output[0])
+        out_axis, outer, inner = _regroup(dims_in, dims_out, st.axis)
+        if out_axis is None:
+            raise _Blocked(f"{node.op_type} '{self._label(ni)}' splits or mixes its channel axis")
+        block = np.arange(outer)[:, None, None] * st.size * inner + np.arange(inner)
+        positions = [(block + p[None, :, None] * inner).ravel() for p in st.positions]
+        positions = [np.sort(p) for p in positions]
+        if node.op_type == "Reshape" and target[out_axis] > 0:
+            if self.refs.get(node.input[1], 0) != 1:
+                raise _Blocked(f"the shape of Reshape '{self._label(ni)}' is shared")
+            group.edits.append(Edit("reshape", ni, out_axis, int(target[out_axis]), positions))
+        return _State(node.output[0], out_axis, positions, st.size * outer * inner)
+
+    def _concat(self, ni: int, where: list[int], st: _State, a: dict) -> _State:
+        node = self.nodes[ni]
+        out = node.output[0]
+        rank = self._rank(out)
+        if a.get("axis", 0) % rank != st.axis:
+            raise _Blocked(f"Concat '{self._label(ni)}' stacks its channels with other tensors "
+                           "on another axis (coupled)")
+        offsets, total = [], 0
+        for pos, name in enumerate(node.input):
+            if pos in where:
+                offsets.append(total)
+            d = self._dims(name)[st.axis]
+            if not isinstance(d, int):
+                raise _Blocked(f"the inputs of Concat '{self._label(ni)}' have unknown sizes")
+            total += d
+        positions = [np.concatenate([p + o for o in offsets]) for p in st.positions]
+        return _State(out, st.axis, positions, total)
+
+    def _split(self, group: UnitGroup, ni: int, st: _State, a: dict) -> list[_State]:
+        node = self.nodes[ni]
+        rank = self._rank(node.input[0])
+        used = [i for i, o in enumerate(node.output) if o]
+        if a.get("axis", 0) % rank != st.axis:
+            return [_State(node.output[i], st.axis, st.positions, st.size) for i in used]
+        if len(node.input) > 1 and node.input[1] and self.refs.get(node.input[1], 0) != 1:
+            raise _Blocked(f"the sizes of Split '{self._label(ni)}' are shared")
+        sizes = [self._dims(o)[st.axis] for o in node.output]
+        if not all(isinstance(s, int) for s in sizes):
+            raise _Blocked(f"the outputs of Split '{self._label(ni)}' have unknown sizes")
+        states, start = [], 0
+        for k, size in enumerate(sizes):
+            inside = [p[(p >= start) & (p < start + size)] - start for p in st.positions]
+            group.edits.append(Edit("split", ni, k, size, inside))
+            if node.output[k]:
+                states.append(_State(node.output[k], st.axis, inside, size))
+            start += size
+        return states
+
+    # ------------------------------------------------------------ constants and biases
+
+    def _per_channel(self, name: str, rank: int, axis: int, size: int,
+                     positions: list[np.ndarray]) -> Cut | None:
+        """The cut of a constant broadcast against a tensor whose `axis` carries the channels:
+        None when it is the same for every channel (size 1 there, or no such axis)."""
+        if name not in self.consts:
+            raise _Blocked(f"'{name}' is a computed per-channel operand")
+        dims = list(self.consts[name].dims)
+        k = axis - (rank - len(dims))
+        if k < 0 or dims[k] == 1:
+            return None
+        if dims[k] != size:
+            raise _Blocked(f"constant '{name}' does not broadcast per channel")
+        return self._own_cut(name, k, positions)
+
+    def _own_cut(self, name: str, axis: int, positions: list[np.ndarray]) -> Cut:
+        if self.refs.get(name, 0) != 1 or name in self.graph_inputs:
+            raise _Blocked(f"per-channel constant '{name}' is shared with other nodes")
+        return Cut(name, axis, positions)
+
+    def _bias_slot(self, ni: int, site: Site, use) -> BiasSlot | None:
+        """Where the consumer's bias can absorb a correction (None: it cannot)."""
+        node = self.nodes[ni]
+        rows = site.matrix_shape[0]
+        if node.op_type == "MatMul":
+            return None
+        a = _attrs(node)
+        scale, shape = 1.0, (rows,)
+        if node.op_type == "Gemm":
+            alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
+            if alpha == 0 or beta == 0:
+                return None
+            scale = beta / alpha
+            if node.input[0] != use.activation:   # weight on the left: units on axis 0
+                shape = (rows, 1)
+        name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if name is None:
+            return BiasSlot(ni, None, shape, scale)
+        if name not in self.consts or self.refs.get(name, 0) != 1 or name in self.graph_inputs:
+            return None
+        dims = list(self.consts[name].dims)
+        while dims and dims[0] == 1:   # leading 1s broadcast away
+            dims.pop(0)
+        if dims and dims != list(shape[-len(dims):]):
+            return None   # varies along the sample axis: not one value per unit
+        return BiasSlot(ni, name, shape, scale)
+
+    # ------------------------------------------------------------ shapes
+
+    def _dims(self, name: str) -> list:
+        dims = self.shapes.get(name)
+        if dims is None:
+            raise _Blocked(f"the shape of '{name}' is unknown")
+        return dims
+
+    def _rank(self, name: str) -> int:
+        return len(self._dims(name))
+
+    def _const_ints(self, name: str) -> list[int] | None:
+        if name not in self.consts:
+            return None
+        return [int(x) for x in numpy_helper.to_array(self.consts[name]).ravel()]
+
+    def _only_first_output(self, ni: int) -> None:
+        node = self.nodes[ni]
+        for o in node.output[1:]:
+            if o and (o in self.readers or o in self.outputs):
+                raise _Blocked(f"the extra outputs of {node.op_type} '{self._label(ni)}' are used")
+
+    def _label(self, ni: int) -> str:
+        return node_label(self.nodes[ni], ni, "")
+
+
+def _weight_axis(site: Site, which: str) -> int:
+    """Stored axis of a site's tensor that holds its output units ("out") or inputs ("in")."""
+    out_axis = {"rows_cols": 0, "cols_rows": 1, "conv": 0, "convT": 1}[site.layout]
+    op_axis = out_axis if which == "out" else 1 - out_axis
+    return site.perm[op_axis] if site.perm else op_axis
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _subgraph_refs(graph: onnx.GraphProto) -> set[str]:
+    """Names read by nodes inside subgraphs (they may come from the outer graph)."""
+    names: set[str] = set()
+    for node in graph.node:
+        for a in node.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                for n in g.node:
+                    names.update(n.input)
+                names |= _subgraph_refs(g)
+    return names
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """Inferred dims of every main-graph tensor: int, dim_param string, or None if unknown."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # custom ops or inconsistent declarations: use what the file declares
+        inferred = model
+    shapes = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        tt = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                               for d in tt.shape.dim]
+    for t in g.initializer:
+        shapes[t.name] = list(t.dims)
+    for node in g.node:
+        if node.op_type == "Constant" and node.output:
+            for a in node.attribute:
+                if a.name == "value":
+                    shapes[node.output[0]] = list(a.t.dims)
+    return shapes
+
+
+def _product(dims: list):
+    """Product of dims: an int, a single dim_param times 1, or None when unknown."""
+    n, syms = 1, []
+    for d in dims:
+        if isinstance(d, int):
+            n *= d
+        elif isinstance(d, str):
+            syms.append(d)
+        else:
+            return None
+    if not syms:
+        return n
+    return syms[0] if len(syms) == 1 and n == 1 else None
+
+
+def _reshape_dims(dims_in: list, target: list[int]) -> list:
+    """Output dims of Reshape(dims_in, target): 0 copies, -1 takes what is left."""
+    out = [dims_in[i] if t == 0 and i < len(dims_in) else t for i, t in enumerate(target)]
+    if -1 in out:
+        i = out.index(-1)
+        known = [d for j, d in enumerate(out) if j != i]
+        total, syms_in = 1, []
+        for d in dims_in:
+            if isinstance(d, int):
+                total *= d
+            elif isinstance(d, str):
+                syms_in.append(d)
+            else:
+                total = None
+                break
+        rest = None
+        if total is not None and all(isinstance(d, (int, str)) for d in known):
+            syms = list(syms_in)
+            k = 1
+            for d in known:
+                if isinstance(d, str) and d in syms:
+                    syms.remove(d)
+                elif isinstance(d, int):
+                    k *= d
+                else:
+                    syms = None
+                    break
+            if syms is not None and k and total % k == 0:
+                rest = _product([total // k] + syms) if len(syms) <= 1 else None
+                if rest == 1 and syms:
+                    rest = syms[0]
+        out[i] = rest
+    return out
+
+
+def _regroup(dims_in: list, dims_out: list, axis: int):
+    """(output axis, outer, inner) for a reshape that keeps the channel axis whole: the output
+    axis holds outer x channel x inner positions (row-major). (None, 0, 0) if it splits it."""
+    n_in, n_out = len(dims_in), len(dims_out)
+    pre = 0
+    while pre < min(n_in, n_out) and dims_in[pre] is not None and dims_in[pre] == dims_out[pre]:
+        pre += 1
+    if pre > axis:
+        return axis, 1, 1
+    suf = 0
+    while (suf < min(n_in, n_out) - pre and dims_in[-1 - suf] is not None
+           and dims_in[-1 - suf] == dims_out[-1 - suf]):
+        suf += 1
+    if suf >= n_in - axis:
+        return n_out - (n_in - axis), 1, 1
+    mid_in, mid_out = dims_in[pre:n_in - suf], dims_out[pre:n_out - suf]
+    if not all(isinstance(d, int) for d in mid_in + mid_out):
+        return None, 0, 0
+    if int(np.prod(mid_in, dtype=np.int64)) != int(np.prod(mid_out, dtype=np.int64)):
+        return None, 0, 0
+    big = [i for i, d in enumerate(mid_out) if d != 1]
+    if len(big) != 1:
+        return None, 0, 0
+    k = axis - pre
+    outer = int(np.prod(mid_in[:k], dtype=np.int64))
+    inner = int(np.prod(mid_in[k + 1:], dtype=np.int64))
+    return pre + big[0], outer, inner
+
+
+# ---------------------------------------------------------------- surgery
+
+def shrink(model: onnx.ModelProto, group: UnitGroup, removed, base_dir: str = "") -> None:
+    """Delete the removed units' entries from every cut tensor, apply the edits, refresh shapes."""
+    removed = [int(u) for u in removed]
+    if not removed:
+        return
+    consts = _const_protos(model)
+    for cut in group.cuts:
+        pos = np.concatenate([cut.positions[u] for u in removed])
+        array = numpy_helper.to_array(consts[cut.tensor], base_dir)
+        _store(consts[cut.tensor], np.delete(array, pos, axis=cut.axis))
+    splits: dict[int, dict[int, int]] = {}
+    for e in group.edits:
+        value = e.base - sum(len(e.positions[u]) for u in removed)
+        node = model.graph.node[e.node]
+        if e.kind == "reshape":
+            shape = numpy_helper.to_array(consts[node.input[1]]).copy()
+            shape[e.index] = value
+            _store(consts[node.input[1]], shape)
+        elif e.kind == "group":
+            _set_int_attr(node, "group", value)
+        else:
+            splits.setdefault(e.node, {})[e.index] = value
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    for ni, sizes in splits.items():
+        _write_split(model, model.graph.node[ni], [sizes[k] for k in sorted(sizes)], consts, opset)
+    refresh_shapes(model)
+
+
+def refresh_shapes(model: onnx.ModelProto) -> None:
+    """Drop stale intermediate shapes and check the graph with strict shape inference (the
+    inferred shapes are kept only if the file declared intermediate shapes to begin with)."""
+    had = len(model.graph.value_info) > 0
+    del model.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
+        raise OnnxObsError(f"removing units left inconsistent shapes ({str(e).splitlines()[0]}): "
+                           "nothing written; please report this") from e
+    if had:
+        model.graph.value_info.extend(inferred.graph.value_info)
+
+
+def _const_protos(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    consts = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output:
+            for a in node.attribute:
+                if a.name == "value":
+                    consts[node.output[0]] = a.t
+    return consts
+
+
+def _store(tensor: onnx.TensorProto, array: np.ndarray) -> None:
+    """Replace a tensor's contents in place (its name, dtype and location kind stay)."""
+    tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), tensor.name))
+
+
+def _set_int_attr(node: onnx.NodeProto, name: str, value) -> None:
+    for a in node.attribute:
+        if a.name == name:
+            node.attribute.remove(a)
+            break
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def _write_split(model, node, sizes: list[int], consts, opset: int) -> None:
+    if opset < 13:
+        _set_int_attr(node, "split", sizes)
+        return
+    array = np.array(sizes, dtype=np.int64)
+    if len(node.input) > 1 and node.input[1]:
+        _store(consts[node.input[1]], array)
+    else:
+        name = _unique_name(model, (node.name or node.output[0]) + "_split")
+        model.graph.initializer.append(numpy_helper.from_array(array, name))
+        while len(node.input) < 2:
+            node.input.append("")
+        node.input[1] = name
+    for a in list(node.attribute):
+        if a.name == "num_outputs":
+            node.attribute.remove(a)
+
+
+def _unique_name(model: onnx.ModelProto, base: str) -> str:
+    taken = {i.name for i in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    taken |= {i.name for i in model.graph.input}
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+# ---------------------------------------------------------------- consumer biases
+
+def read_bias(model: onnx.ModelProto, slot: BiasSlot, base_dir: str = "") -> np.ndarray:
+    """The consumer's bias in 2-D view units, one value per unit (zeros if it has none)."""
+    rows = int(np.prod(slot.shape))
+    if slot.tensor is None:
+        return np.zeros(rows)
+    array = numpy_helper.to_array(_const_protos(model)[slot.tensor], base_dir).astype(np.float64)
+    return slot.scale * np.broadcast_to(array.ravel(), (rows,)).copy()
+
+
+def write_bias(model: onnx.ModelProto, slot: BiasSlot, values: np.ndarray, dtype) -> None:
+    """Store a per-unit bias (2-D view units) into the consumer, adding the input if absent."""
+    array = (np.asarray(values, dtype=np.float64) / slot.scale).reshape(slot.shape).astype(dtype)
+    if slot.tensor is not None:
+        _store(_const_protos(model)[slot.tensor], array)
+        return
+    node = model.graph.node[slot.node]
+    name = _unique_name(model, (node.name or node.output[0]) + "_bias")
+    model.graph.initializer.append(numpy_helper.from_array(array, name))
+    while len(node.input) < 3:
+        node.input.append("")
+    node.input[2] = name
+    slot.tensor = name

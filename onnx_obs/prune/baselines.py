@@ -1,0 +1,24 @@
+"""Removal scores of the no-correction baselines: magnitude, OBD and Wanda.
+
+Each returns a score array shaped like W (lower = remove first); the caller selects the mask and
+zeroes the weights without correcting the others.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def magnitude_scores(W: np.ndarray) -> np.ndarray:
+    """|w|: the smallest weights go first."""
+    return np.abs(W)
+
+
+def obd_scores(W: np.ndarray, h_diag: np.ndarray) -> np.ndarray:
+    """Optimal Brain Damage saliency H_qq w_q^2 / 2 (LeCun et al. 1990, diagonal Hessian)."""
+    return 0.5 * h_diag * W * W
+
+
+def wanda_scores(W: np.ndarray, h_diag: np.ndarray) -> np.ndarray:
+    """Wanda |w_ij| * ||x_j|| (Sun et al. 2023); ||x_j|| is proportional to sqrt(H_jj)."""
+    return np.abs(W) * np.sqrt(h_diag)

@@ -1,0 +1,605 @@
+"""Full-network Optimal Brain Surgeon on an ONNX graph (Hassibi & Stork 1992).
+
+All selected weights (and, with prune_biases, the biases of their nodes) form one vector w. For
+every calibration sample k the derivatives X_k = dF(w, in_k)/dw of the network outputs (Eqs. 12-14;
+one vector per output unit) are assembled from each linear node's deltas dF/dz - computed by a
+gradient graph (graph/backprop.py) or by finite differences (graph/perturb.py) - and its captured
+inputs (hessian/full.py). They stream into the Eq. 17 inverse of H = alpha I + (1/P) sum X X^T;
+surgery (Eqs. 5-6) then deletes weights across all layers and corrects all the others, and the
+result is written back into the graph. OBD and magnitude rank the same pool without correction.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnx_obs.calib import Calibration
+from onnx_obs.errors import OnnxObsError
+from onnx_obs.graph.backprop import build_vjp_model, supports_gradients
+from onnx_obs.graph.capture import with_outputs
+from onnx_obs.graph.model_io import LoadedModel, check_output_path, save_model
+from onnx_obs.graph.perturb import build_perturbed_model, fd_deltas
+from onnx_obs.graph.sites import Site, Use, site_matrix, write_matrix
+from onnx_obs.hessian import full as fullh
+from onnx_obs.hessian.inverse import check_fits, inverse_hessian
+from onnx_obs.hessian.layerwise import ConvGeometry, input_vectors
+from onnx_obs.prune.surgery import SurgeryResult, global_baseline, obs_surgery
+from onnx_obs.report import Report, SiteReport
+from onnx_obs.runtime import Runner
+
+HESSIANS = ("layerwise", "full", "fisher")
+FULL_METHODS = ("obs", "obd", "magnitude")
+GRADIENTS = ("auto", "graph", "fd")
+_BIAS_DTYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
+_ALPHA_DOMINATES = 0.1  # warn when alpha is at least this fraction of mean diag(H)
+
+
+@dataclass
+class FullOptions:
+    """Settings of full-network pruning (`hessian="full"` or `"fisher"` in api.prune).
+
+    alpha: H^-1_0 = alpha^-1 I of Eq. 17 (the paper: 1e-8 <= alpha <= 1e-4).
+    max_error_increase: stop before the predicted error increase passes this: a number (absolute,
+        in units of E = 1/(2P) sum ||F - t||^2, or of the mean loss for fisher) or "N%" of the
+        current error E0 (needs labels: with the model's own outputs as targets E0 is 0).
+    recompute_every: rebuild H^-1 at the corrected weights after this many deletions.
+    step: weights deleted together per OBS step (1 = the paper's one at a time).
+    prune_biases: the biases of the selected nodes join w (the paper counts them as weights).
+    gradients: "graph" (a gradient graph), "fd" (finite differences) or "auto" (graph where
+        every op on the way has a rule, else fd with a note naming the op).
+    save_gradient_graph: write the gradient graph (the model plus its reverse pass) here.
+    """
+
+    alpha: float = 1e-6
+    max_error_increase: float | str | None = None
+    recompute_every: int | None = None
+    step: int = 1
+    prune_biases: bool = False
+    gradients: str = "auto"
+    save_gradient_graph: str | Path | None = None
+
+
+def check_full_settings(hessian: str, method: str, pattern, options: FullOptions,
+                        labels: str | None, force: bool = False) -> tuple[str, float] | None:
+    """Refuse bad settings before any work; return the parsed error bound (kind, value)."""
+    if hessian not in HESSIANS:
+        raise OnnxObsError(f"unknown --hessian '{hessian}': use one of {', '.join(HESSIANS)}")
+    if method not in FULL_METHODS:
+        raise OnnxObsError(f"--hessian {hessian} supports --method {', '.join(FULL_METHODS)}, not {method}")
+    if pattern is not None:
+        raise OnnxObsError(f"--pattern is per layer: --hessian {hessian} prunes one global pool; drop --pattern")
+    if hessian == "fisher" and labels is None:
+        raise OnnxObsError("--hessian fisher needs targets for its loss gradients: pass --labels KEY "
+                           "(without labels, use --hessian full)")
+    if options.gradients not in GRADIENTS:
+        raise OnnxObsError(f"unknown --gradients '{options.gradients}': use one of {', '.join(GRADIENTS)}")
+    if not options.alpha > 0:
+        raise OnnxObsError(f"--alpha must be positive, got {options.alpha}")
+    if options.step < 1:
+        raise OnnxObsError(f"--step must be at least 1, got {options.step}")
+    if options.recompute_every is not None and options.recompute_every < 1:
+        raise OnnxObsError(f"--recompute-every must be at least 1, got {options.recompute_every}")
+    if options.recompute_every is not None and method != "obs":
+        raise OnnxObsError("--recompute-every rebuilds OBS's inverse Hessian: use it with --method obs")
+    if options.save_gradient_graph is not None:
+        if options.gradients == "fd" or method == "magnitude":
+            raise OnnxObsError("--save-gradient-graph needs gradients by a graph: drop --gradients fd "
+                               "and use --method obs or obd")
+        check_output_path(options.save_gradient_graph, None, force)
+    bound = _parse_bound(options.max_error_increase)
+    if bound is not None:
+        if method == "magnitude":
+            raise OnnxObsError("--max-error-increase needs a predicted error: use --method obs or obd")
+        if bound[0] == "relative" and labels is None:
+            raise OnnxObsError("--max-error-increase in % is relative to the current error E0, which is 0 "
+                               "without labels (the targets are the model's own outputs): pass --labels KEY "
+                               "or an absolute bound")
+    return bound
+
+
+def _parse_bound(spec) -> tuple[str, float] | None:
+    if spec is None:
+        return None
+    text = str(spec).strip()
+    relative = text.endswith("%")
+    try:
+        value = float(text[:-1] if relative else text)
+    except ValueError:
+        raise OnnxObsError(f"--max-error-increase must be a number or a percentage like 5%, got '{spec}'") from None
+    if not value >= 0:
+        raise OnnxObsError(f"--max-error-increase must be non-negative, got '{spec}'")
+    return ("relative", value / 100) if relative else ("absolute", value)
+
+
+# ---- the weight vector -------------------------------------------------------------------------
+
+
+@dataclass
+class Segment:
+    """A slice of w: one site's 2-D matrix (row-major) or one node's bias."""
+
+    name: str
+    op: str
+    start: int
+    shape: tuple[int, ...]  # the site's matrix shape, or the bias tensor's shape
+    site: Site | None = None
+    bias: onnx.TensorProto | None = None
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.start, self.start + self.size)
+
+
+@dataclass
+class Term:
+    """One linear node's contribution to X: its weight segment, its bias segment (if any)."""
+
+    site: Site
+    use: Use
+    weights: slice
+    layout: str  # of the node output, see hessian.full.delta_vectors
+    alpha: float
+    geometry: ConvGeometry | None
+    bias: slice | None = None
+    beta: float = 1.0
+
+
+@dataclass
+class Parameters:
+    segments: list[Segment]
+    terms: list[Term]
+    base_dir: str
+    n: int = field(init=False)
+
+    def __post_init__(self):
+        self.n = sum(s.size for s in self.segments)
+
+    def read(self) -> np.ndarray:
+        parts = []
+        for s in self.segments:
+            if s.site is not None:
+                parts.append(site_matrix(s.site, self.base_dir).ravel())
+            else:
+                parts.append(numpy_helper.to_array(s.bias, self.base_dir).astype(np.float64).ravel())
+        return np.concatenate(parts)
+
+    def write(self, w: np.ndarray) -> None:
+        for s in self.segments:
+            if s.site is not None:
+                write_matrix(s.site, w[s.slice].reshape(s.shape))
+            else:
+                dtype = helper.tensor_dtype_to_np_dtype(s.bias.data_type)
+                s.bias.CopyFrom(numpy_helper.from_array(w[s.slice].reshape(s.shape).astype(dtype), s.bias.name))
+
+
+def parameters(model: onnx.ModelProto, sites: list[Site], base_dir: str, prune_biases: bool,
+               notes: list[str]) -> Parameters:
+    """Lay out w: every site's matrix, then (with prune_biases) each of their nodes' biases."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    inits = {t.name: t for t in graph.initializer}
+    graph_inputs = {i.name for i in graph.input}
+    segments, terms, start = [], [], 0
+    for s in sites:
+        segments.append(Segment(s.name, s.op_type, start, s.matrix_shape, site=s))
+        start += segments[-1].size
+    for s, seg in zip(sites, list(segments)):
+        for u in s.uses:
+            node = producer[u.output]
+            layout = "channels" if u.op_type in ("Conv", "ConvTranspose") else (
+                "rows" if node.input[0] == u.activation else "cols")
+            geometry = ConvGeometry.from_attrs(u.attrs, s.op_shape[2:]) if layout == "channels" else None
+            alpha = float(u.attrs.get("alpha", 1.0)) if u.op_type == "Gemm" else 1.0
+            term = Term(s, u, seg.slice, layout, alpha, geometry)
+            terms.append(term)
+            if not prune_biases:
+                continue
+            found = _bias(node, u, layout, s.matrix_shape[0], consumers, inits, graph_inputs)
+            if isinstance(found, str):
+                notes.append(f"bias of {u.node} left out of w: {found}")
+                continue
+            if found is None:
+                continue
+            tensor, beta = found
+            segments.append(Segment(tensor.name, f"{u.op_type} bias", start, tuple(tensor.dims), bias=tensor))
+            term.bias, term.beta = segments[-1].slice, beta
+            start += segments[-1].size
+    return Parameters(segments, terms, base_dir)
+
+
+def _bias(node, use: Use, layout: str, rows: int, consumers, inits, graph_inputs):
+    """(tensor, scale) of the node's per-unit bias, None if it has none, or why it cannot join w."""
+    if node.op_type in ("Gemm", "Conv", "ConvTranspose"):
+        if len(node.input) < 3 or not node.input[2]:
+            return None
+        name, beta = node.input[2], float(use.attrs.get("beta", 1.0)) if node.op_type == "Gemm" else 1.0
+    else:  # MatMul followed by Add of a constant: the delta of the MatMul output is the bias's
+        after = consumers.get(use.output, [])
+        if len(after) != 1 or after[0].op_type != "Add" or len(set(after[0].input)) != 2:
+            return None
+        name, beta = next(i for i in after[0].input if i != use.output), 1.0
+        if name not in inits:
+            return None
+    tensor = inits.get(name)
+    if tensor is None or name in graph_inputs:
+        return f"'{name}' is not a constant initializer of the main graph"
+    if tensor.data_type not in _BIAS_DTYPES:
+        return f"'{name}' has an unsupported data type"
+    if len(consumers.get(name, [])) != 1:
+        return f"'{name}' is shared with other nodes"
+    dims = list(tensor.dims)
+    if layout == "rows":
+        aligned = bool(dims) and dims[-1] == rows
+    elif layout == "cols":
+        aligned = len(dims) >= 2 and dims[-2] == rows and dims[-1] == 1
+    else:
+        aligned = dims == [rows]
+    if not aligned or int(np.prod(dims)) != rows:
+        return f"'{name}' of shape {dims} is not one value per output unit"
+    return tensor, beta
+
+
+# ---- derivatives ---------------------------------------------------------------------------------
+
+
+class _Deltas:
+    """dF/dz for every linear node output z, by a gradient graph or by central differences."""
+
+    def __init__(self, model: onnx.ModelProto, base_dir: str, wrt: list[str], outputs: list[str],
+                 mode: str, device: str):
+        self.wrt, self.mode = wrt, mode
+        if mode == "graph":
+            self.models = {o: build_vjp_model(model, wrt, o) for o in outputs}
+            self.runners = {o: Runner(m, base_dir, device) for o, m in self.models.items()}
+        else:
+            self.runner = Runner(build_perturbed_model(model, wrt), base_dir, device)
+
+    def __call__(self, feeds: dict, seeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """seeds: per output, (S, *output shape). Returns per z: (sum of S, *z shape), the
+        derivative of sum(seed * output) for each seed."""
+        parts: dict[str, list[np.ndarray]] = {z: [] for z in self.wrt}
+        grads = [f"{z}__grad" for z in self.wrt]
+        for out, s in seeds.items():
+            if self.mode == "graph":
+                runs = [self.runners[out].run({**feeds, f"{out}__seed": seed}, grads) for seed in s]
+                for k, z in enumerate(self.wrt):
+                    parts[z].append(np.stack([r[k] for r in runs]).astype(np.float64))
+            else:
+                batch = s.shape[1]
+                for z in self.wrt:
+                    jac = fd_deltas(self.runner.session, feeds, z, out)  # (B, units, *z[1:])
+                    d = np.einsum("sbu,buz->sbz", s.reshape(len(s), batch, -1).astype(np.float64),
+                                  jac.reshape(batch, jac.shape[1], -1))
+                    parts[z].append(d.reshape(len(s), batch, *jac.shape[2:]))
+        return {z: np.concatenate(p) for z, p in parts.items()}
+
+
+def _float_outputs(model: onnx.ModelProto) -> list[str]:
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
+    outs = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in floats]
+    if not outs:
+        raise OnnxObsError("the model has no floating-point output to differentiate")
+    return outs
+
+
+class FullNetwork:
+    """The network F(w, in) over the calibration data: targets, error, and per-sample derivatives.
+
+    hessian "full": X_k holds dF_u/dw for every output unit u (Gauss-Newton H of
+    E = 1/(2P) sum_k ||F_k - t_k||^2, exact at w0 when the targets are the model's own outputs).
+    hessian "fisher": one vector per sample, the gradient of its loss (softmax cross-entropy for
+    class scores with class labels, 1/2 ||F - t||^2 otherwise): the empirical Fisher.
+    """
+
+    def __init__(self, loaded: LoadedModel, params: Parameters, cal: Calibration, *, hessian: str,
+                 options: FullOptions, device: str, notes: list[str], force: bool = False):
+        self.loaded, self.params, self.cal, self.device = loaded, params, cal, device
+        self.options, self.notes, self.force = options, notes, force
+        self.fisher = hessian == "fisher"
+        self.outputs = _float_outputs(loaded.model)
+        self.wrt = list(dict.fromkeys(t.use.output for t in params.terms))
+        self.acts = list(dict.fromkeys(t.use.activation for t in params.terms))
+        self.P = cal.num_samples
+        self.mode: str | None = None
+        self.seconds = {"gradients": 0.0, "inverse": 0.0}
+        self.mean_diag: float | None = None
+        self.rows_per_sample = 0
+        self.recomputes = 0
+        self.gradient_graphs: dict[str, onnx.ModelProto] = {}
+        self._reference(cal.labels)
+
+    # -- targets and error
+    def _reference(self, labels) -> None:
+        if labels is not None and len(self.outputs) != 1:
+            raise OnnxObsError(f"--labels needs a model with one output, this one has {len(self.outputs)}: "
+                               f"{', '.join(self.outputs)}")
+        runner = Runner(with_outputs(self.loaded.model, self.outputs), self.loaded.base_dir, self.device)
+        self.targets, start = [], 0
+        for feeds in self.cal:
+            outs = runner.run(feeds, self.outputs)
+            b = _batch_size(feeds)
+            for name, f in zip(self.outputs, outs):
+                if f.ndim == 0 or f.shape[0] != b:
+                    raise OnnxObsError(f"output '{name}' of shape {list(f.shape)} does not have the batch of {b} "
+                                       "on axis 0: full-network OBS needs per-sample outputs")
+            if labels is None:
+                self.targets.append([o.astype(np.float64) for o in outs])
+                continue
+            try:
+                self.targets.append([fullh.target_array(labels[start:start + b], outs[0])])
+            except ValueError as e:
+                raise OnnxObsError(f"--labels: {e}") from e
+            start += b
+        self.classifier = self.fisher and fullh.is_classifier(outs[0], np.asarray(labels))
+        if self.fisher:
+            loss = "softmax cross-entropy" if self.classifier else "squared error 1/2 ||F - t||^2"
+            self.notes.append(f"empirical Fisher: per-sample gradients of the {loss} against the labels")
+        self.E0 = self.error()
+
+    def error(self) -> float:
+        """E at the current weights: 1/(2P) sum ||F - t||^2 (fisher: the mean loss)."""
+        runner = Runner(with_outputs(self.loaded.model, self.outputs), self.loaded.base_dir, self.device)
+        total = 0.0
+        for feeds, targets in zip(self.cal, self.targets):
+            for f, t in zip(runner.run(feeds, self.outputs), targets):
+                total += fullh.cross_entropy(f, t) if self.classifier else fullh.squared_error(f, t)
+        return total / self.P
+
+    # -- derivatives
+    def _mode(self) -> str:
+        if self.mode is None:
+            self.mode = "fd" if self.options.gradients == "fd" else self._graph_or_fd()
+        return self.mode
+
+    def _graph_or_fd(self) -> str:
+        for out in self.outputs:
+            ok, reason = supports_gradients(self.loaded.model, self.wrt, out)
+            if ok:
+                continue
+            reason = reason.split("; use finite differences")[0]
+            if self.options.gradients == "graph":
+                raise OnnxObsError(f"--gradients graph: {reason}; use --gradients fd (finite differences)")
+            self.notes.append(f"gradients by finite differences: no gradient graph ({reason})")
+            return "fd"
+        return "graph"
+
+    def _source(self) -> _Deltas:
+        deltas = _Deltas(self.loaded.model, self.loaded.base_dir, self.wrt, self.outputs, self._mode(), self.device)
+        if self.mode == "graph" and not self.gradient_graphs:
+            self.gradient_graphs = deltas.models  # at the original weights, for --save-gradient-graph
+        return deltas
+
+    def save_gradient_graphs(self, path: str | Path) -> None:
+        """Write the gradient graph (one file per output: PATH, then PATH with the output name)."""
+        path = Path(path)
+        for k, (out, m) in enumerate(self.gradient_graphs.items()):
+            target = path if k == 0 else check_output_path(path.with_name(f"{path.stem}.{out}{path.suffix}"),
+                                                            None, self.force)
+            save_model(m, target, self.loaded.base_dir)
+            self.notes.append(f"gradient graph of output '{out}' written to {target}")
+
+    def _seeds(self, outs: list[np.ndarray], targets: list[np.ndarray]) -> dict[str, np.ndarray]:
+        if self.fisher:
+            g = fullh.loss_gradient(outs[0], targets[0], self.classifier)
+            return {self.outputs[0]: g[None].astype(outs[0].dtype)}
+        seeds = {}
+        for name, f in zip(self.outputs, outs):
+            b, units = f.shape[0], f[0].size
+            onehot = np.broadcast_to(np.eye(units, dtype=f.dtype)[:, None, :], (units, b, units))
+            seeds[name] = onehot.reshape(units, *f.shape)
+        return seeds
+
+    def _batch(self, deltas: _Deltas, forward: Runner, feeds: dict, targets) -> np.ndarray:
+        """X for one batch: (B, S, n), S vectors per sample."""
+        names = list(dict.fromkeys(self.outputs + self.acts + self.wrt))
+        values = dict(zip(names, forward.run(feeds, names)))
+        outs = [values[o] for o in self.outputs]
+        b = outs[0].shape[0]
+        for t in self.params.terms:
+            _check_batch_axis(t, values[t.use.activation], values[t.use.output].shape, b, self.mode)
+        d = deltas(feeds, self._seeds(outs, targets))
+        s = next(iter(d.values())).shape[0]
+        X = np.zeros((b, s, self.params.n))
+        for t in self.params.terms:
+            rows, cols = t.site.matrix_shape
+            dv = fullh.delta_vectors(d[t.use.output], t.layout, rows, t.site.groups if t.layout == "channels" else 1)
+            xv = np.concatenate(list(input_vectors(values[t.use.activation], t.use.samples, cols, t.geometry)), axis=1)
+            X[:, :, t.weights] += fullh.weight_derivatives(dv, xv, b, t.alpha)
+            if t.bias is not None:
+                X[:, :, t.bias] += fullh.bias_derivatives(dv, b, t.beta)
+        return X
+
+    def derivative_blocks(self, keep: np.ndarray | None = None, bar=None):
+        """Stream X over the calibration data at the current weights, one (B * S, n) block per batch
+        (columns restricted to `keep`)."""
+        t0 = time.perf_counter()
+        deltas = self._source()
+        names = list(dict.fromkeys(self.outputs + self.acts + self.wrt))
+        forward = Runner(with_outputs(self.loaded.model, names), self.loaded.base_dir, self.device)
+        self.seconds["gradients"] += time.perf_counter() - t0
+        task = bar.add("full-network gradients", total=len(self.cal.batches)) if bar else None
+        for feeds, targets in zip(self.cal, self.targets):
+            t0 = time.perf_counter()
+            X = self._batch(deltas, forward, feeds, targets)
+            self.rows_per_sample = X.shape[1]
+            X = X.reshape(-1, self.params.n)
+            if keep is not None:
+                X = X[:, keep]
+            self.seconds["gradients"] += time.perf_counter() - t0
+            if task is not None:
+                bar.advance(task)
+            yield X
+
+    def hessian_diag(self, keep: np.ndarray | None = None, bar=None) -> np.ndarray:
+        """diag(H) = (1/P) sum X_k^2, without forming H."""
+        diag = 0.0
+        for X in self.derivative_blocks(keep, bar):
+            diag = diag + np.einsum("ij,ij->j", X, X)
+        diag = np.asarray(diag) / self.P
+        self.mean_diag = float(diag.mean())
+        return diag
+
+    def inverse(self, keep: np.ndarray | None = None, bar=None) -> np.ndarray:
+        """H^-1 = (alpha I + (1/P) sum X X^T)^-1 by Eq. 17, blocked (hessian/inverse.py)."""
+        m = self.params.n if keep is None else keep.size
+        sq = np.zeros(m)
+
+        def counted(blocks):
+            for X in blocks:
+                sq[:] += np.einsum("ij,ij->j", X, X)
+                yield X
+
+        t0, g0 = time.perf_counter(), self.seconds["gradients"]
+        Hinv = inverse_hessian(counted(self.derivative_blocks(keep, bar)), m, self.options.alpha, self.P)
+        self.seconds["inverse"] += time.perf_counter() - t0 - (self.seconds["gradients"] - g0)
+        self.mean_diag = float(sq.mean() / self.P)
+        return Hinv
+
+    def recompute(self, w: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """H^-1 over the kept weights at the corrected weights w (obs_surgery's callback)."""
+        self.params.write(w)
+        self.recomputes += 1
+        return self.inverse(np.flatnonzero(mask))
+
+
+def _batch_size(feeds: dict) -> int:
+    first = next(iter(feeds.values()))
+    return first.shape[0] if first.ndim else 1
+
+
+def _check_batch_axis(t: Term, x: np.ndarray, z_shape: tuple, batch: int, mode: str) -> None:
+    """Samples must own contiguous runs of positions: the batch is the first non-feature axis."""
+    x_axis = x.shape[-1] if t.use.samples == "cols" and x.ndim == 2 else (x.shape[0] if x.ndim else 0)
+    z_axis = z_shape[-1] if t.layout == "cols" and len(z_shape) == 2 else (z_shape[0] if z_shape else 0)
+    if mode == "fd" and (z_shape[0] if z_shape else 0) != batch:
+        raise OnnxObsError(f"finite differences need the batch on axis 0 of '{t.use.output}' "
+                           f"(shape {list(z_shape)}): use --gradients graph")
+    if batch > 1 and (x_axis != batch or z_axis != batch):
+        raise OnnxObsError(f"node {t.use.node}: the samples of a batch do not lead its input or output "
+                           "tensor, so their derivatives cannot be told apart: pass --batch-size 1")
+
+
+# ---- the pipeline step -------------------------------------------------------------------------------
+
+
+def prune_full(loaded: LoadedModel, sites: list[Site], cal: Calibration | None, *, method: str,
+               sparsity: float, hessian: str, options: FullOptions, bound: tuple[str, float] | None,
+               device: str, report: Report, bar, force: bool = False) -> None:
+    """Prune the selected sites as one pool (api.prune's `hessian="full"|"fisher"` branch).
+
+    Writes the pruned weights into `loaded.model` and fills `report` (per-site rows, notes and
+    `report.full_network`).
+    """
+    params = parameters(loaded.model, sites, loaded.base_dir, options.prune_biases, report.notes)
+    w0 = params.read()
+    n = params.n
+    target = int(round(sparsity * n))
+    if method == "obs":
+        check_fits(n)  # before any gradient work: H^-1 and the surgery's working copy
+    net = None
+    if cal is not None:
+        net = FullNetwork(loaded, params, cal, hessian=hessian, options=options, device=device,
+                          notes=report.notes, force=force)
+    limit = None
+    if bound is not None:
+        limit = bound[1] * net.E0 if bound[0] == "relative" else bound[1]
+    t_surgery = 0.0
+    if method == "magnitude":
+        t0 = time.perf_counter()
+        res = global_baseline(w0, "magnitude", target_zeros=target)
+        t_surgery = time.perf_counter() - t0
+    elif method == "obd":
+        diag = net.hessian_diag(bar=bar)
+        t0 = time.perf_counter()
+        res = global_baseline(w0, "obd", target_zeros=target, hessian_diag=diag)
+        if limit is not None and res.error_increase > limit:
+            keep = int(np.searchsorted(res.cumulative, limit, side="right"))
+            res = global_baseline(w0, "obd", target_zeros=keep, hessian_diag=diag)
+            res = SurgeryResult(**{**res.__dict__, "stop_reason": "error"})
+        t_surgery = time.perf_counter() - t0
+    else:
+        Hinv = net.inverse(bar=bar)
+        _alpha_notes(net, report.notes)
+        t0, spent = time.perf_counter(), dict(net.seconds)
+        res = obs_surgery(w0, Hinv, target_zeros=target, max_error_increase=limit, step=options.step,
+                          recompute=net.recompute if options.recompute_every else None,
+                          recompute_every=options.recompute_every, overwrite_hinv=True)
+        del Hinv
+        t_surgery = time.perf_counter() - t0 - sum(net.seconds[k] - spent[k] for k in spent)
+    params.write(res.w)
+    if options.save_gradient_graph is not None:
+        net.save_gradient_graphs(options.save_gradient_graph)
+    _report(report, params, w0, res, net, hessian, method, options, target, limit, t_surgery)
+
+
+def _alpha_notes(net: FullNetwork, notes: list[str]) -> None:
+    a, md = net.options.alpha, net.mean_diag
+    ratio = a / md if md else float("inf")
+    notes.append(f"alpha {a:g} is {ratio:.3g} x mean diag(H) = {md:.3g}")
+    if ratio >= _ALPHA_DOMINATES:
+        notes.append(f"warning: alpha dominates H (>= {_ALPHA_DOMINATES:g} x its mean diagonal): saliencies tend to "
+                     "magnitude order; lower --alpha")
+    vectors = net.P * net.rows_per_sample
+    if vectors < net.params.n:
+        notes.append(f"H has rank at most {vectors} ({net.P} samples x {net.rows_per_sample}) below its "
+                     f"{net.params.n} weights: on the rest alpha alone sets H^-1, where weight changes leave "
+                     "the calibration outputs unchanged; more calibration samples constrain it")
+
+
+def _report(report: Report, params: Parameters, w0: np.ndarray, res: SurgeryResult, net: FullNetwork | None,
+            hessian: str, method: str, options: FullOptions, target: int, limit: float | None,
+            t_surgery: float) -> None:
+    report.method = f"full-network {method}"
+    report.settings.update(hessian=hessian, alpha=options.alpha, step=options.step,
+                           max_error_increase=options.max_error_increase,
+                           recompute_every=options.recompute_every, prune_biases=options.prune_biases,
+                           gradients=options.gradients)
+    sal = np.zeros(params.n)
+    sal[res.order] = res.saliencies
+    for s in params.segments:
+        before, after = w0[s.slice], res.w[s.slice]
+        report.sites.append(SiteReport(
+            name=s.name, op=s.op, matrix_shape=s.shape if s.site is not None else (1, s.size),
+            params=s.size, zeros_before=int(np.sum(before == 0)), zeros_after=int(np.sum(after == 0)),
+            method=report.method, solver="global",
+            predicted_error=float(sal[s.slice].sum()) if method != "magnitude" else None))
+    summary = {
+        "hessian": "empirical Fisher" if hessian == "fisher" else "Gauss-Newton (Eqs. 12-14)",
+        "weights": params.n, "biases": sum(s.size for s in params.segments if s.bias is not None),
+        "removed": int(res.order.size), "target_zeros": target,
+        "predicted_error_increase": float(res.error_increase), "error_bound": limit,
+        "stop_reason": res.stop_reason, "seconds": {"gradients": 0.0, "inverse": 0.0, "surgery": t_surgery},
+    }
+    if net is not None:
+        after = net.error()
+        summary.update(
+            gradients=net.mode, samples=net.P, vectors_per_sample=net.rows_per_sample or None,
+            targets="labels" if net.cal.labels is not None else "original outputs",
+            alpha=options.alpha, mean_diag_h=net.mean_diag,
+            alpha_over_mean_diag=options.alpha / net.mean_diag if net.mean_diag else None,
+            error_before=net.E0, error_after=after, measured_error_increase=after - net.E0,
+            recomputes=net.recomputes,
+        )
+        summary["seconds"].update(gradients=net.seconds["gradients"], inverse=net.seconds["inverse"])
+    report.full_network = summary
+    sec = summary["seconds"]
+    text = (f"full-network {method}: removed {summary['removed']} of {params.n} weights "
+            f"(stop: {res.stop_reason}), predicted error increase {res.error_increase:.4g}")
+    if net is not None:
+        text += f", measured {summary['measured_error_increase']:.4g} (E {net.E0:.4g} -> {summary['error_after']:.4g})"
+    text += f"; {sec['gradients']:.2f} s gradients, {sec['inverse']:.2f} s inverse, {sec['surgery']:.2f} s surgery"
+    report.notes.append(text)

@@ -1,0 +1,185 @@
+"""Layer-wise pruning of one weight matrix given its Hessian: the entry point of the pipeline.
+
+A layer is W (rows = output units, cols = inputs) and H = (2/n) sum_k x_k x_k^T over the n
+calibration inputs, so E(W') = 1/2 sum_r (W - W')_r^T H (W - W')_r = mean_k ||(W - W') x_k||^2.
+
+Shared preparation for every method that has an H:
+- dead inputs (H_jj == 0) contribute nothing: their weights are set to zero and their row and
+  column of H become the unit vector (as SparseGPT does);
+- damping adds damp * mean(diag H over live inputs) to the diagonal; should the Cholesky
+  factorisation still fail (singular H with damp=0), the damping grows tenfold until it succeeds,
+  and the value actually used is reported;
+- H with no live input at all carries no information: the layer falls back to magnitude pruning
+  (solver "magnitude", predicted error 0, which is exact since E does not depend on W).
+Weights already exactly zero count as removed and stay zero. Unstructured targets count
+round(sparsity * W.size) zeros in the whole matrix; a target below the current count removes
+nothing more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.linalg import lapack
+
+from onnx_obs.prune.baselines import magnitude_scores, obd_scores, wanda_scores
+from onnx_obs.prune.masks import nm_mask, smallest_in_groups, smallest_overall, spread_zeros
+from onnx_obs.prune.obc import obc_prune
+from onnx_obs.prune.sparsegpt import sparsegpt_prune
+
+METHODS = ("obs", "obd", "wanda", "magnitude")
+SOLVERS = ("auto", "exact", "fast")
+
+# solver="auto" uses the exact solver up to this many columns. Measured (2-core AMD EPYC,
+# OpenBLAS, square layers, 50% unstructured): see scripts/bench_layerwise.py --auto.
+EXACT_MAX_COLS = 128
+
+
+@dataclass
+class LayerResult:
+    weight: np.ndarray  # float64 (rows, cols): pruned and corrected weights, exact zeros where pruned
+    mask: np.ndarray  # bool (rows, cols): True = kept
+    predicted_error: float  # predicted increase of E (see prune_layer)
+    damping: float  # absolute value added to diag(H)
+    solver: str  # "exact", "fast", or the method name for baselines
+
+
+def prune_layer(
+    W: np.ndarray,
+    H: np.ndarray | None,
+    *,
+    method: str = "obs",
+    sparsity: float = 0.5,
+    pattern: tuple[int, int] | None = None,
+    solver: str = "auto",
+    block_size: int = 128,
+    damp: float = 0.01,
+) -> LayerResult:
+    """Prune one layer with OBS ("obs") or a no-correction baseline ("obd", "wanda", "magnitude").
+
+    sparsity: fraction of the whole matrix to be zero. pattern=(N, M): keep N weights in every
+    consecutive group of M columns (a tail group of r < M columns keeps min(N, r)); sparsity is
+    then ignored. Allocation over rows: "obs" exact and "obd" and "magnitude" choose matrix-wide,
+    "obs" fast per block of block_size columns over all rows (SparseGPT), "wanda" per row (its
+    paper's comparison groups, counts differing by at most one between rows); every one of them
+    hits round(sparsity * W.size) zeros exactly unless pre-existing zeros already exceed it.
+    predicted_error: for "obs" the sum of the OBS saliencies (Hassibi & Stork Eq. 6); for the
+    baselines 1/2 sum_r dW_r^T H dW_r; both with the damped H (NaN for magnitude without H).
+    """
+    W, H = _check(W, H, method, sparsity, pattern, solver, block_size, damp)
+    n_zeros = round(sparsity * W.size)
+    if H is None:
+        return _baseline(_float_copy(W), None, 0.0, "magnitude", n_zeros, pattern)
+    h_diag = H.diagonal().copy()
+    dead = ~(h_diag > 0)
+    if dead.all():
+        result = _baseline(_float_copy(W), None, 0.0, "magnitude", n_zeros, pattern)
+        result.predicted_error = 0.0
+        return result
+    h_diag[dead] = 0.0
+    lam = damp * float(h_diag[~dead].mean())
+    if method != "obs":
+        work = _float_copy(W)
+        work[:, dead] = 0.0
+        return _baseline(work, h_diag, lam, method, n_zeros, pattern, H)
+    L, lam = _damped_cholesky(H, dead, lam, float(h_diag.max()))
+    if solver == "fast" or (solver == "auto" and W.shape[1] > EXACT_MAX_COLS):
+        weight, removed, predicted = sparsegpt_prune(
+            W, L, dead, n_zeros=n_zeros, pattern=pattern, block_size=block_size
+        )
+        return LayerResult(weight, ~removed, predicted, lam, "fast")
+    work = _float_copy(W)
+    work[:, dead] = 0.0
+    Hinv, info = lapack.dpotri(L, lower=1, overwrite_c=1)
+    Hinv = np.tril(Hinv) + np.tril(Hinv, -1).T
+    weight, removed, predicted = obc_prune(work, Hinv, work == 0.0, n_zeros=n_zeros, pattern=pattern)
+    return LayerResult(weight, ~removed, predicted, lam, "exact")
+
+
+def layer_error(W_old: np.ndarray, W_new: np.ndarray, H: np.ndarray) -> float:
+    """E(W_new) - E(W_old) = 1/2 sum_r dW_r^T H dW_r with the undamped H."""
+    dW = np.asarray(W_old, dtype=np.float64) - np.asarray(W_new, dtype=np.float64)
+    return _half_quadratic(dW, np.asarray(H, dtype=np.float64))
+
+
+def _baseline(work, h_diag, lam, method, n_zeros, pattern, H=None) -> LayerResult:
+    """Remove weights by a baseline score, without correcting the others."""
+    forced = work == 0.0
+    if method == "magnitude":
+        scores = magnitude_scores(work)
+    elif method == "obd":
+        scores = obd_scores(work, h_diag)
+    else:
+        scores = wanda_scores(work, h_diag)
+    if pattern is not None:
+        removed = nm_mask(scores, forced, *pattern)
+    elif method == "wanda":
+        per_row = spread_zeros(n_zeros, forced.sum(axis=1), np.full(work.shape[0], work.shape[1]))
+        removed = smallest_in_groups(scores, forced, per_row)
+    else:
+        removed = smallest_overall(scores, forced, n_zeros)
+    dW = np.where(removed, work, 0.0)
+    predicted = float("nan") if H is None else _half_quadratic(dW, H) + 0.5 * lam * float(np.vdot(dW, dW))
+    work[removed] = 0.0
+    return LayerResult(work, ~removed, predicted, lam, method)
+
+
+def _float_copy(W: np.ndarray) -> np.ndarray:
+    """A float64 copy of W in Fortran order (columns contiguous)."""
+    work = np.empty(W.shape, order="F")
+    work[...] = W
+    return work
+
+
+def _half_quadratic(dW: np.ndarray, H: np.ndarray) -> float:
+    """1/2 sum_r dW_r^T H dW_r."""
+    return 0.5 * float(np.einsum("ij,ij->", dW @ H, dW))
+
+
+def _damped_cholesky(H: np.ndarray, dead: np.ndarray, lam: float, scale: float) -> tuple[np.ndarray, float]:
+    """Lower Cholesky factor (Fortran order) of H with dead inputs decoupled and lam added to the
+    diagonal; lam grows tenfold (from at least 1e-10 * scale) until the factorisation succeeds."""
+    while True:
+        A = np.array(H.T, dtype=np.float64, order="F")  # H is symmetric: a plain copy
+        if dead.any():
+            A[dead, :] = 0.0
+            A[:, dead] = 0.0
+            A[dead, dead] = 1.0
+        A.flat[:: A.shape[0] + 1] += lam
+        L, info = lapack.dpotrf(A, lower=1, clean=0, overwrite_a=1)
+        if info == 0:
+            return L, lam
+        lam = max(10.0 * lam, 1e-10 * scale)
+
+
+def _check(W, H, method, sparsity, pattern, solver, block_size, damp):
+    """Validate the arguments; return W and H as float arrays."""
+    W = np.asarray(W)
+    if W.ndim != 2 or not np.issubdtype(W.dtype, np.floating):
+        raise ValueError(f"W must be a 2-D float array, got shape {W.shape} and dtype {W.dtype}")
+    if not np.isfinite(W).all():
+        raise ValueError("W contains NaN or infinity")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if H is None:
+        if method != "magnitude":
+            raise ValueError(f"method {method!r} needs a Hessian H")
+    else:
+        H = np.asarray(H)
+        if H.shape != (W.shape[1], W.shape[1]):
+            raise ValueError(f"H must be ({W.shape[1]}, {W.shape[1]}) for W of shape {W.shape}, got {H.shape}")
+        if not np.isfinite(H).all():
+            raise ValueError("H contains NaN or infinity")
+    if pattern is None:
+        if not 0.0 <= sparsity <= 1.0:
+            raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    elif len(pattern) != 2 or not 0 <= pattern[0] <= pattern[1] or pattern[1] < 1:
+        raise ValueError(f"pattern must be (N, M) with 0 <= N <= M and M >= 1, got {pattern}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if damp < 0:
+        raise ValueError(f"damp must be non-negative, got {damp}")
+    return W, H

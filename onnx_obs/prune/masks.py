@@ -1,0 +1,111 @@
+"""Which weights to remove: zero counts and smallest-score selection.
+
+Scores follow one convention everywhere: lower means "remove first". Weights that must be removed
+whatever their score (already exactly zero, or on a dead input) are passed as `forced`; they are
+always selected and count toward the target.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def spread_zeros(total: int, forced: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Split `total` zeros over consecutive parts in proportion to their sizes.
+
+    Each part gets at least its forced zeros and at most its size; the counts add up to `total`
+    exactly whenever sum(forced) <= total <= sum(sizes) (otherwise every part keeps just its
+    forced zeros). Proportional shares differ from part to part by at most one.
+    """
+    forced = np.asarray(forced, dtype=np.int64)
+    sizes = np.asarray(sizes, dtype=np.int64)
+    counts = np.empty(len(sizes), dtype=np.int64)
+    remaining, remaining_size, forced_after = int(total), int(sizes.sum()), int(forced.sum())
+    for i, (size, must) in enumerate(zip(sizes.tolist(), forced.tolist())):
+        forced_after -= must
+        remaining_size -= size
+        share = round(remaining * size / (remaining_size + size)) if size else 0
+        # Leave room for the forced zeros still to come; take what later parts cannot hold.
+        low = max(must, remaining - remaining_size)
+        high = min(size, remaining - forced_after)
+        counts[i] = max(must, min(max(share, low), high))
+        remaining -= int(counts[i])
+    return counts
+
+
+def smallest_overall(scores: np.ndarray, forced: np.ndarray, n_remove: int) -> np.ndarray:
+    """Boolean mask (True = remove) of the n_remove smallest scores of the whole array.
+
+    Forced entries are always removed, so at least forced.sum() entries are selected.
+    Ties at the threshold are broken by position (in the order of scores.ravel()).
+    """
+    flat = np.where(forced, -np.inf, scores).ravel()
+    n_remove = min(max(int(n_remove), int(forced.sum())), flat.size)
+    if n_remove == 0:
+        return np.zeros(scores.shape, dtype=bool)
+    threshold = _kth_smallest(flat, n_remove)
+    remove = flat < threshold
+    ties = np.flatnonzero(flat == threshold)
+    remove[ties[: n_remove - int(remove.sum())]] = True
+    return remove.reshape(scores.shape)
+
+
+def _kth_smallest(x: np.ndarray, k: int) -> float:
+    """The k-th smallest value of the 1-D array x (k >= 1).
+
+    For large x, a sorted strided sample brackets the answer (+-4 sample standard deviations of
+    its rank) so that only the values in the bracket are partitioned; if the bracket misses,
+    the whole array is.
+    """
+    if x.size > 1 << 16:
+        sample = np.sort(x[:: x.size >> 14])
+        pos = k / x.size * sample.size
+        margin = 4.0 * np.sqrt(sample.size) + 2.0
+        lo = sample[max(int(pos - margin), 0)]
+        hi = sample[min(int(pos + margin), sample.size - 1)]
+        below = int(np.count_nonzero(x < lo))
+        inside = x[(x >= lo) & (x <= hi)]
+        if below < k <= below + inside.size:
+            return np.partition(inside, k - below - 1)[k - below - 1]
+    return np.partition(x, k - 1)[k - 1]
+
+
+def smallest_in_groups(scores: np.ndarray, forced: np.ndarray, n_remove: np.ndarray) -> np.ndarray:
+    """Boolean mask (True = remove) of the n_remove[...] smallest scores along the last axis.
+
+    `n_remove` has the shape of scores.shape[:-1]; forced entries are always removed (the count
+    grows to the number of forced entries where that is larger). Ties are broken by position.
+    """
+    n_remove = np.maximum(n_remove, forced.sum(axis=-1))
+    order = np.argsort(np.where(forced, -np.inf, scores), axis=-1, kind="stable")
+    remove = np.zeros(scores.shape, dtype=bool)
+    ranks = np.arange(scores.shape[-1])
+    np.put_along_axis(remove, order, ranks < n_remove[..., None], axis=-1)
+    return remove
+
+
+def nm_keep_counts(cols: int, n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Group index of every column and the number of weights each group keeps, for N:M sparsity.
+
+    Groups are consecutive runs of m columns. A full group keeps n; a tail group of r < m columns
+    keeps min(n, r), so that zero-padding the tail to m columns gives a valid N:M group.
+    """
+    group = np.arange(cols) // m
+    sizes = np.bincount(group, minlength=-(-cols // m))
+    return group, np.minimum(n, sizes)
+
+
+def nm_mask(scores: np.ndarray, forced: np.ndarray, n: int, m: int) -> np.ndarray:
+    """Boolean mask (True = remove) keeping the n best of every group of m along the last axis.
+
+    Groups with more forced entries than m - n keep fewer than n. See nm_keep_counts for the tail.
+    """
+    rows, cols = scores.shape
+    pad = -cols % m
+    padded = np.pad(scores, ((0, 0), (0, pad)), constant_values=np.inf).reshape(rows, -1, m)
+    padded_forced = np.pad(forced, ((0, 0), (0, pad))).reshape(rows, -1, m)
+    _, keep = nm_keep_counts(cols, n, m)
+    sizes = np.full(keep.shape, m)
+    sizes[-1] = m - pad
+    n_remove = np.broadcast_to(sizes - keep, padded.shape[:2])
+    return smallest_in_groups(padded, padded_forced, n_remove).reshape(rows, -1)[:, :cols]

@@ -1,0 +1,162 @@
+"""Exact layer-wise OBS: OBC (Frantar & Alistarh 2022), greedy per row with the full H^-1.
+
+Every row is its own OBS problem over the columns, all with the same H. Per row and step:
+    q = argmin_q w_q^2 / [H^-1]_qq                       (Hassibi & Stork Eq. 6; saliency / 2)
+    w <- w - (w_q / [H^-1]_qq) H^-1[:, q]                (Eq. 5)
+    H^-1 <- H^-1 - H^-1[:, q] H^-1[q, :] / [H^-1]_qq     (inverse over the remaining weights)
+The downdates are kept lazily: with v_s = H^-1_s[:, q_s] / sqrt([H^-1_s]_qq) for the steps s
+since the last fold, H^-1_t = H^-1_fold - sum_s v_s v_s^T, so a step needs only the column
+H^-1_fold[:, q] - V^T V[:, q] and the diagonal downdate v^2 (a pivoted Cholesky factorisation of
+H^-1 with OBS pivots); every FOLD steps the pending vectors are folded into the row's H^-1 with
+one matrix product. Rows go in chunks, every row of a chunk advancing one step per vectorised
+iteration.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.linalg.blas import dgemm
+from scipy.optimize import isotonic_regression
+
+from onnx_obs.prune.blas_threads import one_blas_thread
+
+from onnx_obs.prune.masks import nm_keep_counts, spread_zeros
+
+# Bytes of per-row copies of H^-1 (rows x cols x cols float64) held at once.
+CHUNK_BYTES = 64 << 20
+# Greedy steps between folds of the lazy downdates into the per-row H^-1.
+FOLD = 32
+
+
+def obc_prune(
+    W: np.ndarray,
+    Hinv: np.ndarray,
+    forced: np.ndarray,
+    *,
+    n_zeros: int = 0,
+    pattern: tuple[int, int] | None = None,
+    allocation: str = "global",
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Return (pruned weights, mask of removed weights, predicted error = sum of saliencies).
+
+    Hinv: inverse of the damped H (symmetric, both triangles). forced: weights that must go (they
+    are removed first, at no cost). Unstructured targets n_zeros zeros in the whole matrix:
+    - allocation="global" (default): each row's greedy trace is run to the end, recording the
+      loss of every step; per-row counts minimising the total loss for the total count are
+      chosen from those traces (_global_counts), and the greedy is run again to those counts.
+    - allocation="row": the n_zeros are spread evenly over the rows (counts differ by at most
+      one), one pass.
+    N:M: greedy within the rows with the weights of full groups (see masks.nm_keep_counts) out of
+    reach, until every group is down to its count.
+    """
+    rows, cols = W.shape
+    n_forced = forced.sum(axis=1)
+    groups = None
+    if pattern is not None:
+        group, keep = nm_keep_counts(cols, *pattern)
+        live = np.stack([np.bincount(group, weights=~f, minlength=len(keep)) for f in forced])
+        stop = n_forced + np.maximum(live - keep, 0).sum(axis=1).astype(np.int64)
+        groups = (group, keep)
+    elif allocation == "row":
+        stop = spread_zeros(n_zeros, n_forced, np.full(rows, cols))
+    elif allocation == "global":
+        _, _, losses = _greedy(W, Hinv, forced, np.full(rows, cols))
+        stop = _global_counts(losses, n_forced, n_zeros)
+    else:
+        raise ValueError(f"allocation must be 'global' or 'row', got {allocation!r}")
+    pruned, removed, losses = _greedy(W, Hinv, forced, stop, groups)
+    return pruned, removed, float(losses.sum())
+
+
+def _global_counts(losses: np.ndarray, n_forced: np.ndarray, n_zeros: int) -> np.ndarray:
+    """Per-row step counts for n_zeros removals in all, minimising the summed loss.
+
+    Each row's cumulative loss is replaced by its greatest convex minorant, whose slopes are the
+    isotonic regression of the step losses; taking the smallest slopes overall then gives every
+    row a prefix of its trace and is optimal for the convexified problem (a Lagrangian choice;
+    exact wherever a row's count ends on a vertex of its minorant). Forced steps go first.
+    """
+    rows, steps = losses.shape
+    slopes = np.full((rows, steps), -np.inf)
+    for r, f in enumerate(n_forced.tolist()):
+        if f < steps:
+            slopes[r, f:] = isotonic_regression(losses[r, f:]).x
+    # Stable sort of the row-major flattening: on ties, earlier steps of a row come first.
+    order = np.argsort(slopes, axis=None, kind="stable")
+    take = min(max(int(n_zeros), int(n_forced.sum())), slopes.size)
+    return np.bincount(order[:take] // steps, minlength=rows)
+
+
+def _greedy(
+    W: np.ndarray,
+    Hinv: np.ndarray,
+    forced: np.ndarray,
+    stop: np.ndarray,
+    groups: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run `stop[r]` greedy OBS steps on every row r; return (weights, removed, step losses)."""
+    rows, cols = W.shape
+    w = np.array(W, dtype=np.float64, order="C")
+    removed = np.zeros((rows, cols), dtype=bool)
+    losses = np.zeros((rows, int(stop.max(initial=0))))
+    chunk = max(1, CHUNK_BYTES // (8 * cols * cols))
+    by_steps = np.argsort(stop, kind="stable")  # rows with similar step counts share a chunk
+    with one_blas_thread():
+        for r0 in range(0, rows, chunk):
+            r = by_steps[r0 : r0 + chunk]
+            w[r], removed[r], losses[r] = _greedy_chunk(w[r], Hinv, forced[r], stop[r], groups, losses.shape[1])
+    w[removed] = 0.0  # removed columns of later steps carry rounding-level values
+    return w, removed, losses
+
+
+def _greedy_chunk(w, Hinv, forced, stop, groups, n_losses):
+    """Greedy OBS on a chunk of rows; return (weights, removed, step losses).
+
+    The lazy downdates (module doc) are folded into each row's own copy of H^-1 every FOLD steps
+    with one matrix product, so a step costs O(cols * FOLD) per row, mostly in cache.
+    """
+    n, cols = w.shape
+    steps = int(stop.max(initial=0))
+    at = np.arange(n)
+    losses = np.zeros((n, n_losses))
+    removed = np.zeros((n, cols), dtype=bool)
+    Hc = np.empty((n, cols, cols))
+    Hc[:] = Hinv
+    V = np.empty((n, FOLD, cols))
+    d = np.repeat(Hinv.diagonal()[None, :], n, axis=0)
+    floor = np.finfo(np.float64).eps * float(Hinv.diagonal().max())
+    # Added to the scores: -inf for forced weights not yet removed (they go first), +inf once removed.
+    penalty = np.where(forced, -np.inf, 0.0)
+    if groups is not None:
+        group, keep = groups
+        live = np.repeat(np.bincount(group)[None, :], n, axis=0)
+    k = 0  # lazy steps since the last fold
+    for t in range(steps):
+        if k == FOLD:
+            for r in np.flatnonzero(stop > t - FOLD):  # Hc[r] -= V[r]^T V[r]
+                dgemm(-1.0, V[r].T, V[r].T, beta=1.0, c=Hc[r].T, trans_b=1, overwrite_c=1)
+            k = 0
+        active = t < stop
+        score = w * w / np.maximum(d, floor) + penalty  # Eq. 6 (saliency up to the factor 1/2)
+        if groups is not None:
+            score[(live <= keep)[:, group] & (penalty == 0.0)] = np.inf
+        q = score.argmin(axis=1)
+        h = Hc[at, q]  # row q of H^-1 = column q (symmetric)
+        if k:
+            h -= np.matmul(V[at, :k, q][:, None, :], V[:, :k])[:, 0]
+        s = np.where(active, 1.0 / np.sqrt(np.maximum(h[at, q], floor)), 0.0)
+        v = h * s[:, None]  # H^-1[:, q] / sqrt([H^-1]_qq)
+        V[:, k] = v
+        k += 1
+        a = w[at, q] * s  # w_q / sqrt([H^-1]_qq)
+        losses[:, t] = 0.5 * a * a  # Eq. 6
+        w -= a[:, None] * v  # Eq. 5
+        d -= v * v  # diagonal of the downdated H^-1
+        hit = (at[active], q[active])
+        w[hit] = 0.0
+        d[hit] = 1.0
+        penalty[hit] = np.inf
+        removed[hit] = True
+        if groups is not None:
+            live[at[active], group[q[active]]] -= 1
+    return w, removed, losses

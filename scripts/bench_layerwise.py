@@ -1,0 +1,139 @@
+"""Speed and memory of the layer-wise pruning algorithms (onnx_obs.prune.layerwise).
+
+Prints, in one run:
+- the seconds to build H = (2/n) sum_k x_k x_k^T from the calibration vectors (float64, in chunks);
+- the seconds of fast-mode (SparseGPT) 50% pruning, and its ratio to the floor: one float64
+  Cholesky factorisation plus inverse of the same H, timed in the same run;
+- the seconds of exact-mode (OBC) 50% pruning of a smaller layer, with both row allocations,
+  and the layer errors of every method on it;
+- with --auto, exact vs fast seconds over a range of square layer sizes (for EXACT_MAX_COLS);
+- peak resident memory.
+
+Usage: python scripts/bench_layerwise.py [--quick] [--cols 4096] [--samples 8192] [--exact-cols 512] [--auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import time
+
+import numpy as np
+from scipy.linalg import lapack
+from scipy.linalg.blas import dsyrk
+
+from onnx_obs.prune.layerwise import layer_error, prune_layer
+from onnx_obs.prune.obc import obc_prune
+
+
+def correlated_inputs(rng: np.random.Generator, n: int, cols: int) -> np.ndarray:
+    """float32 (n, cols): a low-rank shared part plus noise, with log-normal feature scales."""
+    rank = max(1, cols // 8)
+    mix = (rng.standard_normal((rank, cols)) / np.sqrt(rank)).astype(np.float32)
+    X = rng.standard_normal((n, rank), dtype=np.float32) @ mix
+    X += 0.5 * rng.standard_normal((n, cols), dtype=np.float32)
+    X *= np.exp(0.5 * rng.standard_normal(cols)).astype(np.float32)
+    return X
+
+
+def build_hessian(X: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """H = (2/n) X^T X accumulated in float64 chunks with a symmetric rank-k update."""
+    n, cols = X.shape
+    H = np.zeros((cols, cols), order="F")
+    for i in range(0, n, chunk):
+        Xc = X[i : i + chunk].astype(np.float64)
+        dsyrk(2.0 / n, Xc.T, beta=1.0, c=H, lower=1, overwrite_c=1)
+    return np.tril(H) + np.tril(H, -1).T
+
+
+def floor_seconds(H: np.ndarray, damp: float = 0.01) -> float:
+    """One float64 Cholesky factorisation plus inverse (dpotrf + dpotri) of the damped H."""
+    A = np.array(H, order="F")
+    A.flat[:: A.shape[0] + 1] += damp * H.diagonal().mean()
+    t = time.perf_counter()
+    L, info = lapack.dpotrf(A, lower=1, clean=0, overwrite_a=1)
+    lapack.dpotri(L, lower=1, overwrite_c=1)
+    seconds = time.perf_counter() - t
+    assert info == 0
+    return seconds
+
+
+def timed(fn, *args, **kwargs):
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t
+
+
+def bench_fast(rng, cols: int, samples: int) -> None:
+    print(f"== fast mode: {cols}x{cols} layer, {samples} calibration vectors (float32 weights)")
+    X = correlated_inputs(rng, samples, cols)
+    W = rng.standard_normal((cols, cols), dtype=np.float32)
+    H, t_h = timed(build_hessian, X)
+    print(f"build H:             {t_h:8.3f} s")
+    floor = floor_seconds(H)
+    print(f"floor (chol + inv):  {floor:8.3f} s")
+    result, t_fast = timed(prune_layer, W, H, sparsity=0.5, solver="fast")
+    print(f"fast 50%:            {t_fast:8.3f} s   ratio to floor {t_fast / floor:.2f}x   (target <= 1.5x)")
+    result24, t_24 = timed(prune_layer, W, H, pattern=(2, 4), solver="fast")
+    print(f"fast 2:4:            {t_24:8.3f} s   ratio to floor {t_24 / floor:.2f}x")
+    print(f"fast 50% predicted error {result.predicted_error:.6g}, zeros {np.mean(result.weight == 0):.4f}")
+
+
+def bench_exact(rng, cols: int) -> None:
+    samples = 2 * cols
+    print(f"== exact mode: {cols}x{cols} layer, {samples} calibration vectors")
+    X = correlated_inputs(rng, samples, cols).astype(np.float64)
+    W = rng.standard_normal((cols, cols)) * np.exp(0.5 * rng.standard_normal((cols, 1)))
+    H = 2.0 / samples * X.T @ X
+    result, t_exact = timed(prune_layer, W, H, sparsity=0.5, solver="exact")
+    print(f"exact 50% (global allocation): {t_exact:8.3f} s   (target < 20 s)")
+    Hd = H + 0.01 * H.diagonal().mean() * np.eye(cols)
+    (w_row, _, _), t_row = timed(obc_prune, W, np.linalg.inv(Hd), W == 0, n_zeros=W.size // 2, allocation="row")
+    print(f"exact 50% (row allocation):    {t_row:8.3f} s")
+    errors = {
+        "exact global": layer_error(W, result.weight, H),
+        "exact row": layer_error(W, w_row, H),
+        "fast": layer_error(W, prune_layer(W, H, solver="fast").weight, H),
+    }
+    for method in ("obd", "wanda", "magnitude"):
+        errors[method] = layer_error(W, prune_layer(W, H, method=method).weight, H)
+    base = errors["exact global"]
+    print("layer error (x exact global): " + ", ".join(f"{k} {v:.4g} ({v / base:.2f})" for k, v in errors.items()))
+
+
+def bench_auto(rng) -> None:
+    print("== exact vs fast, square layers, 50%, for EXACT_MAX_COLS")
+    for cols in (64, 96, 128, 192, 256, 384):
+        X = correlated_inputs(rng, 2 * cols, cols).astype(np.float64)
+        W = rng.standard_normal((cols, cols))
+        H = 2.0 / len(X) * X.T @ X
+        exact, t_exact = timed(prune_layer, W, H, solver="exact")
+        fast, t_fast = timed(prune_layer, W, H, solver="fast")
+        ratio = layer_error(W, fast.weight, H) / layer_error(W, exact.weight, H)
+        print(f"cols {cols:4d}: exact {t_exact:7.3f} s   fast {t_fast:7.4f} s   fast/exact error {ratio:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test in seconds")
+    parser.add_argument("--cols", type=int, default=4096)
+    parser.add_argument("--samples", type=int, default=8192)
+    parser.add_argument("--exact-cols", type=int, default=512)
+    parser.add_argument("--auto", action="store_true", help="also time exact vs fast over layer sizes")
+    args = parser.parse_args()
+    if args.quick:
+        args.cols, args.samples, args.exact_cols = 512, 1024, 96
+    rng = np.random.default_rng(0)
+    print(f"machine: {os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    bench_fast(rng, args.cols, args.samples)
+    bench_exact(rng, args.exact_cols)
+    if args.auto:
+        bench_auto(rng)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak memory (max RSS): {peak_mib:.0f} MiB")
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()

@@ -30,6 +30,7 @@ from onnx_obs.calib import model_inputs
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.flops import batch_feeds, count_macs, count_params, latency_ms, resource_model
 from onnx_obs.graph.channels import UnitGroup, read_bias, shrink, trace_units, write_bias
+from onnx_obs.graph.model_io import iter_tensors
 from onnx_obs.graph.sites import find_sites, site_matrix, write_matrix
 from onnx_obs.graph.sparse_storage import MODES as STORAGES
 from onnx_obs.graph.sparse_storage import store_sparse
@@ -77,7 +78,11 @@ def prune_structured(loaded, cal, selection, *, method: str, sparsity: float,
 
     capture(loaded, sites, cal, device, bar, with_bias=True) -> {site name: (1, c+1, c+1) H}.
     """
+    if damp < 0:
+        raise OnnxObsError(f"--damp must be at least 0, got {damp}")
     model = loaded.model
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
     sites, _ = find_sites(model)
     chosen = {s.name for s in sites if selection.picks(s)}
     groups, left = trace_units(model, sites, chosen)
@@ -117,12 +122,28 @@ def prune_structured(loaded, cal, selection, *, method: str, sparsity: float,
         entry["seconds"] = time.perf_counter() - t0
         report.structure.append(entry)
         bar.advance(task)
+    _full_check(model, original, report)
+    return find_sites(model)[0]
+
+
+def _full_check(model, original, report) -> None:
+    """onnx.checker with full_check (shape inference included), unless the input fails it too.
+    With external data the checker would look for the files in the working directory: the strict
+    shape inference of every shrink step and the pipeline's own check_proto stand in for it."""
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in iter_tensors(model.graph)):
+        return
+    errors = (onnx.checker.ValidationError, onnx.shape_inference.InferenceError)
     try:
         onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+    except errors as e:
+        try:
+            onnx.checker.check_model(original, full_check=True)
+        except errors:
+            report.notes.append("the input model fails onnx.checker with full_check, so the shrunk "
+                                "one is checked without it")
+            return
         raise OnnxObsError(f"the shrunk model fails onnx.checker ({str(e).splitlines()[0]}): "
                            "nothing written; please report this") from e
-    return find_sites(model)[0]
 
 
 def _consumers(loaded, group: UnitGroup, hessians: dict) -> list[Consumer]:

@@ -12,7 +12,9 @@ offset after a Concat), and collects:
   - consumers: each consumer site and, per unit, the columns of its 2-D view the unit feeds.
 Channels that reach anything else (a graph output, an Add with another computed tensor such as a
 residual connection, an op not handled here) leave their producer alone, with the reason.
-`shrink` applies the cuts and edits for a set of removed units and re-runs shape inference.
+Nodes are visited in graph (topological) order, so a node whose several inputs carry the same
+units (x * Sigmoid(x)) sees them together. `shrink` applies the cuts and edits for a set of
+removed units and re-runs shape inference.
 """
 
 from __future__ import annotations
@@ -148,7 +150,6 @@ class _Graph:
             for u in s.uses:
                 if u.node in self.labels and not s.scope:
                     self.site_of_node.setdefault(self.labels[u.node], []).append((s, u))
-        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
     # ------------------------------------------------------------ the trace of one producer
 
@@ -196,25 +197,27 @@ class _Graph:
         return group
 
     def _follow(self, group: UnitGroup, start: _State) -> None:
-        queue, reached = [start], set()
-        while queue:
-            st = queue.pop()
-            if st.tensor in self.outputs:
-                raise _Blocked(f"its channels reach the graph output '{st.tensor}'")
-            if st.tensor in self.inner_refs:
-                raise _Blocked(f"'{st.tensor}' is read inside a subgraph")
-            by_node: dict[int, list[int]] = {}
-            for ni, pos in self.readers.get(st.tensor, []):
-                by_node.setdefault(ni, []).append(pos)
-            for ni, where in by_node.items():
-                if ni in reached:
-                    raise _Blocked(f"its channels meet again at {self.nodes[ni].op_type} "
-                                   f"'{self._label(ni)}' (coupled)")
-                reached.add(ni)
-                group.path.append(self.nodes[ni].op_type)
-                queue.extend(self._step(group, ni, where, st))
+        """Visit the nodes after the producer in graph (topological) order, so that a node reads
+        the states of all its inputs that carry the units at once (x * Sigmoid(x) is fine)."""
+        if start.tensor in self.outputs:
+            raise _Blocked(f"its channels reach the graph output '{start.tensor}'")
+        states = {start.tensor: start}
+        for ni in range(group.node + 1, len(self.nodes)):
+            node = self.nodes[ni]
+            where = [pos for pos, name in enumerate(node.input) if name in states]
+            if not where:
+                continue
+            group.path.append(node.op_type)
+            for st in self._step(group, ni, where, [states[node.input[p]] for p in where]):
+                if st.tensor in self.outputs:
+                    raise _Blocked(f"its channels reach the graph output '{st.tensor}'")
+                states[st.tensor] = st
+        for name in states:
+            if name in self.inner_refs:
+                raise _Blocked(f"'{name}' is read inside a subgraph")
 
-    def _step(self, group: UnitGroup, ni: int, where: list[int], st: _State) -> list[_State]:
+    def _step(self, group: UnitGroup, ni: int, where: list[int], ins: list[_State]) -> list[_State]:
+        st = ins[0]
         node = self.nodes[ni]
         op = node.op_type
         a = _attrs(node)
@@ -232,7 +235,7 @@ class _Graph:
             self._only_first_output(ni)
             return [_State(node.output[0], st.axis, st.positions, st.size)]
         if op in ELEMENTWISE:
-            return [self._elementwise(group, ni, where, st)]
+            return [self._elementwise(group, ni, where, ins)]
         if op in NORMS and where == [0] and st.axis == 1:
             for name in node.input[1:NORMS[op]]:
                 if name not in self.consts:
@@ -249,7 +252,7 @@ class _Graph:
             perm = a.get("perm", list(range(self._rank(node.input[0])))[::-1])
             return [_State(node.output[0], list(perm).index(st.axis), st.positions, st.size)]
         if op == "Concat":
-            return [self._concat(ni, where, st, a)]
+            return [self._concat(ni, where, ins, a)]
         if op == "Split" and where == [0]:
             return self._split(group, ni, st, a)
         if op == "Slice" and where == [0]:
@@ -310,11 +313,17 @@ class _Graph:
         group.edits.append(Edit("group", ni, 0, groups, st.positions))
         return _State(node.output[0], 1, positions, c_out)
 
-    def _elementwise(self, group: UnitGroup, ni: int, where: list[int], st: _State) -> _State:
+    def _elementwise(self, group: UnitGroup, ni: int, where: list[int], ins: list[_State]) -> _State:
         node = self.nodes[ni]
         out = node.output[0]
         rank_out = self._rank(out)
+        st = ins[0]
         axis = st.axis + rank_out - self._rank(st.tensor)
+        for other in ins[1:]:   # several operands carry the units: they must line up
+            if (other.axis + rank_out - self._rank(other.tensor) != axis or other.size != st.size
+                    or any(not np.array_equal(p, q) for p, q in zip(other.positions, st.positions))):
+                raise _Blocked(f"{node.op_type} '{self._label(ni)}' combines its channels in "
+                               "different layouts")
         for pos, name in enumerate(node.input):
             if pos in where or not name:
                 continue
@@ -358,23 +367,23 @@ class _Graph:
             group.edits.append(Edit("reshape", ni, out_axis, int(target[out_axis]), positions))
         return _State(node.output[0], out_axis, positions, st.size * outer * inner)
 
-    def _concat(self, ni: int, where: list[int], st: _State, a: dict) -> _State:
+    def _concat(self, ni: int, where: list[int], ins: list[_State], a: dict) -> _State:
         node = self.nodes[ni]
         out = node.output[0]
-        rank = self._rank(out)
-        if a.get("axis", 0) % rank != st.axis:
+        axis = a.get("axis", 0) % self._rank(out)
+        if any(st.axis != axis for st in ins):
             raise _Blocked(f"Concat '{self._label(ni)}' stacks its channels with other tensors "
                            "on another axis (coupled)")
-        offsets, total = [], 0
+        shifted, total = [], 0
         for pos, name in enumerate(node.input):
             if pos in where:
-                offsets.append(total)
-            d = self._dims(name)[st.axis]
+                shifted.append([p + total for p in ins[where.index(pos)].positions])
+            d = self._dims(name)[axis]
             if not isinstance(d, int):
                 raise _Blocked(f"the inputs of Concat '{self._label(ni)}' have unknown sizes")
             total += d
-        positions = [np.concatenate([p + o for o in offsets]) for p in st.positions]
-        return _State(out, st.axis, positions, total)
+        positions = [np.concatenate(ps) for ps in zip(*shifted)]
+        return _State(out, axis, positions, total)
 
     def _split(self, group: UnitGroup, ni: int, st: _State, a: dict) -> list[_State]:
         node = self.nodes[ni]
@@ -422,7 +431,7 @@ class _Graph:
         node = self.nodes[ni]
         rows = site.matrix_shape[0]
         if node.op_type == "MatMul":
-            return None
+            return self._matmul_bias(ni, rows) if node.input[0] == use.activation else None
         a = _attrs(node)
         scale, shape = 1.0, (rows,)
         if node.op_type == "Gemm":
@@ -443,6 +452,21 @@ class _Graph:
         if dims and dims != list(shape[-len(dims):]):
             return None   # varies along the sample axis: not one value per unit
         return BiasSlot(ni, name, shape, scale)
+
+    def _matmul_bias(self, ni: int, rows: int) -> BiasSlot | None:
+        """MatMul followed by Add of a per-unit constant (its bias, as exporters write it)."""
+        out = self.nodes[ni].output[0]
+        readers = self.readers.get(out, [])
+        if len(readers) != 1 or out in self.outputs or self.nodes[readers[0][0]].op_type != "Add":
+            return None
+        ai, pos = readers[0]
+        name = self.nodes[ai].input[1 - pos]
+        if name not in self.consts or self.refs.get(name, 0) != 1 or name in self.graph_inputs:
+            return None
+        dims = list(self.consts[name].dims)
+        while dims and dims[0] == 1:
+            dims.pop(0)
+        return BiasSlot(ai, name, (rows,), 1.0) if dims in ([], [rows]) else None
 
     # ------------------------------------------------------------ shapes
 
@@ -532,37 +556,27 @@ def _product(dims: list):
 
 
 def _reshape_dims(dims_in: list, target: list[int]) -> list:
-    """Output dims of Reshape(dims_in, target): 0 copies, -1 takes what is left."""
+    """Output dims of Reshape(dims_in, target): 0 copies, -1 takes what is left (None when the
+    leftover is not one known number or one dim_param)."""
     out = [dims_in[i] if t == 0 and i < len(dims_in) else t for i, t in enumerate(target)]
-    if -1 in out:
-        i = out.index(-1)
-        known = [d for j, d in enumerate(out) if j != i]
-        total, syms_in = 1, []
-        for d in dims_in:
-            if isinstance(d, int):
-                total *= d
-            elif isinstance(d, str):
-                syms_in.append(d)
-            else:
-                total = None
-                break
-        rest = None
-        if total is not None and all(isinstance(d, (int, str)) for d in known):
-            syms = list(syms_in)
-            k = 1
-            for d in known:
-                if isinstance(d, str) and d in syms:
-                    syms.remove(d)
-                elif isinstance(d, int):
-                    k *= d
-                else:
-                    syms = None
-                    break
-            if syms is not None and k and total % k == 0:
-                rest = _product([total // k] + syms) if len(syms) <= 1 else None
-                if rest == 1 and syms:
-                    rest = syms[0]
-        out[i] = rest
+    if -1 not in out:
+        return out
+    i = out.index(-1)
+    left, syms = 1, []
+    for d in dims_in:
+        if d is None:
+            out[i] = None
+            return out
+        left, syms = (left * d, syms) if isinstance(d, int) else (left, syms + [d])
+    for d in out[:i] + out[i + 1:]:
+        if isinstance(d, int) and d and left % d == 0:
+            left //= d
+        elif isinstance(d, str) and d in syms:
+            syms.remove(d)
+        else:
+            out[i] = None
+            return out
+    out[i] = _product([left] + syms)
     return out
 
 

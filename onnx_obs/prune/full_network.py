@@ -268,11 +268,13 @@ class _Deltas:
         else:
             self.runner = Runner(build_perturbed_model(model, wrt), base_dir, device)
 
-    def __call__(self, feeds: dict, seeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """seeds: per output, (S, *output shape). Returns per z: (sum of S, *z shape), the
-        derivative of sum(seed * output) for each seed."""
+    def __call__(self, feeds: dict, seeds: dict[str, np.ndarray], values: dict) -> dict[str, np.ndarray]:
+        """seeds: per output, (S, *output shape); values: the forward values of the z tensors.
+        Returns per z: (sum of S, *z shape), the derivative of sum(seed * output) for each seed."""
         parts: dict[str, list[np.ndarray]] = {z: [] for z in self.wrt}
         grads = [f"{z}__grad" for z in self.wrt]
+        if self.mode == "fd":  # full-shape zero deltas: onnxruntime fuses Conv + Add and will not broadcast
+            feeds = {**feeds, **{f"{z}__delta": np.zeros_like(values[z]) for z in self.wrt}}
         for out, s in seeds.items():
             if self.mode == "graph":
                 runs = [self.runners[out].run({**feeds, f"{out}__seed": seed}, grads) for seed in s]
@@ -411,7 +413,7 @@ class FullNetwork:
         b = outs[0].shape[0]
         for t in self.params.terms:
             _check_batch_axis(t, values[t.use.activation], values[t.use.output].shape, b, self.mode)
-        d = deltas(feeds, self._seeds(outs, targets))
+        d = deltas(feeds, self._seeds(outs, targets), values)
         s = next(iter(d.values())).shape[0]
         X = np.zeros((b, s, self.params.n))
         for t in self.params.terms:

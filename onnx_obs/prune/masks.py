@@ -37,9 +37,10 @@ def smallest_overall(scores: np.ndarray, forced: np.ndarray, n_remove: int) -> n
     """Boolean mask (True = remove) of the n_remove smallest scores of the whole array.
 
     Forced entries are always removed, so at least forced.sum() entries are selected.
-    Ties at the threshold are broken by position (in the order of scores.ravel()).
+    Ties at the threshold are broken by position (in memory order).
     """
-    flat = np.where(forced, -np.inf, scores).ravel()
+    order = "F" if scores.flags.f_contiguous else "C"
+    flat = np.where(forced, -np.inf, scores).ravel(order=order)
     n_remove = min(max(int(n_remove), int(forced.sum())), flat.size)
     if n_remove == 0:
         return np.zeros(scores.shape, dtype=bool)
@@ -47,7 +48,7 @@ def smallest_overall(scores: np.ndarray, forced: np.ndarray, n_remove: int) -> n
     remove = flat < threshold
     ties = np.flatnonzero(flat == threshold)
     remove[ties[: n_remove - int(remove.sum())]] = True
-    return remove.reshape(scores.shape)
+    return remove.reshape(scores.shape, order=order)
 
 
 def _kth_smallest(x: np.ndarray, k: int) -> float:
@@ -55,10 +56,11 @@ def _kth_smallest(x: np.ndarray, k: int) -> float:
 
     For large x, a sorted strided sample brackets the answer (+-4 sample standard deviations of
     its rank) so that only the values in the bracket are partitioned; if the bracket misses,
-    the whole array is.
+    the whole array is. The stride is odd so that it cycles through the columns of a flattened
+    matrix whose row length is a power of two.
     """
     if x.size > 1 << 16:
-        sample = np.sort(x[:: x.size >> 14])
+        sample = np.sort(x[:: (x.size >> 14) | 1])
         pos = k / x.size * sample.size
         margin = 4.0 * np.sqrt(sample.size) + 2.0
         lo = sample[max(int(pos - margin), 0)]

@@ -10,10 +10,13 @@ columns still to visit by -(w_i L_ii) Li[i, :i]. A kept column is frozen once vi
 Alg. 1 on the reversed column order: J H^-1 J = (J Li J)^T (J Li J), J Li J upper triangular.)
 
 Written with L instead of Li: let z_j = w0_j - w'_j be the total change of visited column j (w0
-the original weights, w' the final ones: 0 where pruned, the then-current value where kept).
-Summing the Eq. 5 updates, the current value of an unvisited column i is
-    w_i = w0_i + s_i / L_ii,    s_i = sum_{j > i} z_j L[j, i],
-so the lazy updates (Alg. 1 lines 13-16) accumulate S += Z L: rank-1 steps inside sub-blocks of
+the original weights, w' the final ones: 0 where pruned, the then-current value where kept), G
+the visited columns, F = {0..i} the others, and S_F = Z_G L[G, F]. Summing the Eq. 5 updates
+(E_G = Z_G L_GG, Li[G, F] = -L_GG^-1 L[G, F] L_FF^-1), the current weights of F are
+    w_F = w0_F + S_F L_FF^-1,
+so the current weights of a trailing block b of F are w0_b + S_b L_bb^-1 (one small triangular
+solve, for choosing a mask), and those of column i alone, when it is visited, w0_i + s_i / L_ii.
+The lazy updates (Alg. 1 lines 13-16) accumulate S += Z L: rank-1 steps inside sub-blocks of
 SUB_BLOCK columns, one matrix product per sub-block for the rest of its block, and one per block
 for every column still to visit. S is stored in the output array; a visited column's slot then
 holds its final weights.
@@ -22,7 +25,7 @@ holds its final weights.
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg.blas import dgemm, dger
+from scipy.linalg.blas import dgemm, dger, dtrsm
 
 from onnx_obs.prune.blas_threads import one_blas_thread
 from onnx_obs.prune.masks import nm_mask, smallest_overall, spread_zeros
@@ -35,7 +38,6 @@ SUB_BLOCK = 16
 def sparsegpt_prune(
     W0: np.ndarray,
     L: np.ndarray,
-    dead: np.ndarray,
     *,
     n_zeros: int = 0,
     pattern: tuple[int, int] | None = None,
@@ -43,9 +45,9 @@ def sparsegpt_prune(
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Return (pruned weights, mask of removed weights, predicted error = sum of saliencies).
 
-    W0: the original weights (read only; any float dtype and order); weights that are exactly
-    zero or on a dead input (dead[j]) are removed whatever their saliency. L: lower Cholesky
-    factor of the damped H, Fortran order; only its lower triangle is read.
+    W0: the original weights, float64 in Fortran order (read only); weights that are exactly zero
+    are removed whatever their saliency. L: lower Cholesky factor of the damped H, Fortran
+    order; only its lower triangle is read.
     Unstructured: n_zeros zeros in all, spread over the blocks in proportion to their size (each
     block at least its forced zeros), each block's mask chosen over all its rows and columns by
     the saliency w^2 / [H_FF^-1]_ii at the block's start (Alg. 1 line 9). N:M: a group's mask is
@@ -58,7 +60,7 @@ def sparsegpt_prune(
     diag = L.diagonal().copy()
     starts = list(reversed(range(0, cols, block)))
     if pattern is None:
-        forced_cols = np.where(dead, rows, np.count_nonzero(W0 == 0, axis=0))
+        forced_cols = np.count_nonzero(W0 == 0.0, axis=0)
         forced_blocks = [forced_cols[i1 : i1 + block].sum() for i1 in starts]
         sizes = [rows * (min(i1 + block, cols) - i1) for i1 in starts]
         quotas = spread_zeros(n_zeros, forced_blocks, sizes)
@@ -69,13 +71,12 @@ def sparsegpt_prune(
     predicted = 0.0
     for b, i1 in enumerate(starts):
         i2 = min(i1 + block, cols)
-        w0 = np.array(W0[:, i1:i2], dtype=np.float64, order="F")
-        w0[:, dead[i1:i2]] = 0.0
+        w0 = W0[:, i1:i2]
         forced = w0 == 0.0
         drop = removed[:, i1:i2]
         with one_blas_thread():
             if pattern is None:  # Alg. 1 line 9: adaptive mask over the whole block
-                w = w0 + S[:, i1:i2] / diag[i1:i2]
+                w = _current(w0, S, L, slice(i1, i2))
                 drop[:] = smallest_overall((w * diag[i1:i2]) ** 2, forced, quotas[b])
             _visit_block(w0, forced, S, L, diag, drop, Z, current, i1, i2, sub, pattern)
         if i1 > 0:  # the block's changes reach every column still to visit
@@ -94,7 +95,7 @@ def _visit_block(w0, forced, S, L, diag, drop, Z, current, i1, i2, sub, pattern)
             k = i - i1
             if pattern and ((i + 1) % pattern[1] == 0 or i == S.shape[1] - 1):
                 g = slice(i - i % pattern[1], i + 1)  # i ends group g: choose its mask now
-                w = w0[:, g.start - i1 : k + 1] + S[:, g] / diag[g]
+                w = _current(w0[:, g.start - i1 : k + 1], S, L, g)
                 drop[:, g.start - i1 : k + 1] = nm_mask((w * diag[g]) ** 2, forced[:, g.start - i1 : k + 1], *pattern)
                 keep[:, g.start - i1 : k + 1] = ~drop[:, g.start - i1 : k + 1]
             np.add(w0[:, k], S[:, i] / diag[i], out=current[:, k])  # current w_i
@@ -104,3 +105,8 @@ def _visit_block(w0, forced, S, L, diag, drop, Z, current, i1, i2, sub, pattern)
                 dger(1.0, Z[:, k], L[i, j1:i], a=S[:, j1:i], overwrite_a=True)
         if j1 > i1:
             dgemm(1.0, Z[:, j1 - i1 : j2 - i1], L[j1:j2, i1:j1], beta=1.0, c=S[:, i1:j1], overwrite_c=True)
+
+
+def _current(w0: np.ndarray, S: np.ndarray, L: np.ndarray, b: slice) -> np.ndarray:
+    """Current weights of the unvisited trailing columns b: w0_b + S_b L_bb^-1."""
+    return w0 + dtrsm(1.0, L[b, b], S[:, b], side=1, lower=1)

@@ -43,9 +43,11 @@ class UnitRemoval:
 
 
 def damped_inverse(H: np.ndarray, damp: float) -> tuple[np.ndarray, float]:
-    """(H + lambda I)^-1 with lambda = damp * mean(diag H), grown tenfold until H is positive
-    definite (an all-zero H, whose layer output ignores W, gets lambda = 1)."""
-    mean = float(np.mean(np.diag(H))) if H.size else 0.0
+    """(H + lambda I)^-1 with lambda = damp * mean of the non-zero diag(H) (as the unstructured
+    pipeline), grown tenfold until positive definite (an all-zero H, whose layer output ignores
+    W, gets lambda = 1)."""
+    diag = np.diag(H)
+    mean = float(diag[diag > 0].mean()) if np.any(diag > 0) else 0.0
     lam = damp * mean if mean > 0 else 1.0
     eye = np.eye(len(H))
     for _ in range(12):
@@ -83,6 +85,10 @@ def group_obs(consumers: list[Consumer], n_remove: int, *, damp: float = 0.01,
         alive[pick] = False
         order.extend(int(u) for u in pick)
         costs.extend([cost / k] * k)
+    for j, c in enumerate(consumers):  # later steps leave rounding residue in earlier columns
+        gone = [c.columns[u] for u in order]
+        if gone:
+            W[j][:, np.concatenate(gone).astype(np.int64)] = 0.0
     return UnitRemoval(np.array(order, dtype=np.int64), np.array(costs), W, [lam for _, lam in inv])
 
 
@@ -155,7 +161,7 @@ def plan_counts(curves: list[np.ndarray], resource: Callable[[np.ndarray], float
                 best, best_score, best_value = layer, score, value
         if best < 0:
             raise OnnxObsError(f"the target cannot be reached by removing units: the smallest "
-                               f"model keeps {current:,.0f}; raise the target")
+                               f"model they leave still has {current:,.0f}; raise the target")
         counts[best] += 1
         current = best_value
     return counts

@@ -1,0 +1,358 @@
+"""Structured OBS: whole units removed, the graph shrunk, consumers corrected.
+
+The reference for every graph is computed here, independently of onnx_obs: the dense model with
+the removed units zeroed (producer rows, biases and per-channel constants) and the consumer's
+remaining columns and bias set to the least-squares fit (numpy.linalg.lstsq) of its original
+output from its original inputs. With damp=0, group OBS must land on exactly that optimum, so the
+shrunk model and the reference compute the same outputs to float32 precision.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from numpy.lib.stride_tricks import sliding_window_view
+from onnx import helper, numpy_helper
+
+from graphs import init, make_model, randn, run, run_tensors, vi
+from onnx_obs import api
+from onnx_obs.errors import OnnxObsError
+from onnx_obs.prune.structured import Consumer, group_obs
+
+
+# ---------------------------------------------------------------- helpers
+
+def structured(model, feeds, **kw):
+    return api.prune(model, feeds, structure="neurons", damp=0.0, **kw)
+
+
+def removed_units(result, producer: str) -> list[int]:
+    return next(e["removed"] for e in result.report.structure if e["name"] == producer)
+
+
+def weights(model) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def with_weights(model, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in m.graph.initializer:
+        if t.name in arrays:
+            t.CopyFrom(numpy_helper.from_array(arrays[t.name].astype(np.float32), t.name))
+    return m
+
+
+def zeroed(arrays: dict, units: dict[str, list[int]]) -> dict:
+    """Copies with entries `units[name]` zeroed along axis 0."""
+    out = {k: v.astype(np.float64).copy() for k, v in arrays.items()}
+    for name, idx in units.items():
+        out[name][idx] = 0.0
+    return out
+
+
+def lstsq_with_bias(X: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """min ||[X 1] c - T||: weights (outputs x inputs) and bias."""
+    A = np.hstack([X.astype(np.float64), np.ones((len(X), 1))])
+    coef = np.linalg.lstsq(A, T.astype(np.float64), rcond=None)[0]
+    return coef[:-1].T, coef[-1]
+
+
+def patches(x: np.ndarray, k: int = 3, pad: int = 1) -> np.ndarray:
+    """im2col of (N, C, H, W) for a k x k stride-1 conv: rows (n, h, w), columns (c, kh, kw)."""
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    win = sliding_window_view(xp, (k, k), axis=(2, 3))            # N, C, H, W, k, k
+    return win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * k * k)
+
+
+def conv_fit(R: np.ndarray, W: np.ndarray, b: np.ndarray, keep: list[int]):
+    """Least-squares refit of a 3x3 pad-1 conv on the kept input channels of R."""
+    P = patches(R.astype(np.float64))
+    T = P @ W.reshape(len(W), -1).T + b
+    cols = np.concatenate([np.arange(9) + 9 * c for c in keep])
+    Wk, bk = lstsq_with_bias(P[:, cols], T)
+    full = np.zeros(W.shape)
+    full[:, keep] = Wk.reshape(len(W), len(keep), 3, 3)
+    return full, bk
+
+
+def assert_same_outputs(model, reference, feeds):
+    got, want = run(model, feeds), run(reference, feeds)
+    for k in want:
+        scale = np.abs(want[k]).max()
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-4 * scale)
+
+
+def keep_of(units: int, gone: list[int]) -> list[int]:
+    return [u for u in range(units) if u not in gone]
+
+
+def gemm(a, w, b, y, **kw):
+    return helper.make_node("Gemm", [a, w, b], [y], name=y, transB=1, **kw)
+
+
+def conv(x, w, b, y, **kw):
+    return helper.make_node("Conv", [x, w, b], [y], name=y, pads=[1, 1, 1, 1], **kw)
+
+
+def relu(x, y):
+    return helper.make_node("Relu", [x], [y], name=y)
+
+
+# ---------------------------------------------------------------- chains
+
+@pytest.mark.parametrize("form", ["gemm", "gemm_alpha_no_bias", "matmul_add_transposed"])
+def test_gemm_relu_gemm(form):
+    a = {"W1": randn([12, 8], 1), "b1": randn([12], 2), "W2": randn([5, 12], 3), "b2": randn([5], 4)}
+    alpha = 0.5 if form == "gemm_alpha_no_bias" else 1.0
+    if form == "gemm":
+        nodes = [gemm("x", "W1", "b1", "h"), relu("h", "r"), gemm("r", "W2", "b2", "y")]
+    elif form == "gemm_alpha_no_bias":   # the consumer gets a bias input to absorb the correction
+        a["b2"] = np.zeros(5, np.float32)
+        nodes = [gemm("x", "W1", "b1", "h"), relu("h", "r"),
+                 helper.make_node("Gemm", ["r", "W2"], ["y"], name="y", transB=1, alpha=alpha)]
+    else:   # weights read through a Transpose, biases as Add of a constant (exporters do this)
+        nodes = [helper.make_node("Transpose", ["W1"], ["W1t"], perm=[1, 0]),
+                 helper.make_node("MatMul", ["x", "W1t"], ["m1"]), helper.make_node("Add", ["m1", "b1"], ["h"]),
+                 relu("h", "r"), helper.make_node("Transpose", ["W2"], ["W2t"], perm=[1, 0]),
+                 helper.make_node("MatMul", ["r", "W2t"], ["m2"]), helper.make_node("Add", ["m2", "b2"], ["y"])]
+    inits = [init(k, v) for k, v in a.items() if not (form == "gemm_alpha_no_bias" and k == "b2")]
+    model = make_model(nodes, [vi("x", shape=["batch", 8])], [vi("y", shape=["batch", 5])], inits)
+    X = randn([400, 8], 5)
+    res = structured(model, {"x": X}, sparsity=0.5)
+    gone = removed_units(res, "W1")
+    keep = keep_of(12, gone)
+    assert len(gone) == 6
+    w = weights(res.model)
+    assert w["W1"].shape == (6, 8) and w["b1"].shape == (6,) and w["W2"].shape == (5, 6)
+    onnx.checker.check_model(res.model, full_check=True)
+
+    R = np.maximum(X.astype(np.float64) @ a["W1"].T + a["b1"], 0)
+    Wk, bk = lstsq_with_bias(R[:, keep], alpha * R @ a["W2"].T.astype(np.float64) + a["b2"])
+    Xe = randn([64, 8], 6).astype(np.float64)
+    W1z, b1z = a["W1"].astype(np.float64), a["b1"].astype(np.float64)
+    W1z[gone], b1z[gone] = 0.0, 0.0     # the dense model with the units zeroed ...
+    W2c = np.zeros((5, 12))
+    W2c[:, keep] = Wk                   # ... and the least-squares consumer
+    want = np.maximum(Xe @ W1z.T + b1z, 0) @ W2c.T + bk
+    got = run(res.model, {"x": Xe.astype(np.float32)})["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    entry = res.report.structure[0]     # with damp=0 the predicted error is the measured one
+    assert entry["predicted_error"] == pytest.approx(entry["measured_error"], rel=1e-6)
+
+
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_conv_batchnorm_act_conv(act):
+    a = {"W1": randn([8, 3, 3, 3], 1), "b1": randn([8], 2), "s": randn([8], 3), "B": randn([8], 4),
+         "m": randn([8], 5), "v": np.abs(randn([8], 6)) + 0.5, "W2": randn([4, 8, 3, 3], 7),
+         "b2": randn([4], 8)}
+    nodes = [conv("x", "W1", "b1", "c1"),
+             helper.make_node("BatchNormalization", ["c1", "s", "B", "m", "v"], ["bn"], name="bn")]
+    if act == "relu":
+        nodes.append(relu("bn", "r"))
+    else:   # SiLU as exporters write it: both operands of the Mul carry the channels
+        nodes += [helper.make_node("Sigmoid", ["bn"], ["sg"], name="sg"),
+                  helper.make_node("Mul", ["bn", "sg"], ["r"], name="silu")]
+    nodes.append(conv("r", "W2", "b2", "y"))
+    model = make_model(nodes, [vi("x", shape=["batch", 3, 6, 6])], [vi("y", shape=["batch", 4, 6, 6])],
+                       [init(k, v) for k, v in a.items()])
+    X = randn([64, 3, 6, 6], 9)
+    res = structured(model, {"x": X}, sparsity=0.5)
+    gone = removed_units(res, "W1")
+    keep = keep_of(8, gone)
+    w = weights(res.model)
+    assert w["W1"].shape == (4, 3, 3, 3) and w["W2"].shape == (4, 4, 3, 3)
+    assert all(w[k].shape == (4,) for k in ("b1", "s", "B", "m", "v"))
+    onnx.checker.check_model(res.model, full_check=True)
+
+    R = run_tensors(model, {"x": X}, ["r"])["r"]
+    ref = zeroed(a, {"W1": gone, "b1": gone, "s": gone, "B": gone})
+    ref["W2"], ref["b2"] = conv_fit(R, a["W2"], a["b2"], keep)
+    assert_same_outputs(res.model, with_weights(model, ref), {"x": randn([8, 3, 6, 6], 10)})
+
+
+@pytest.mark.parametrize("flatten", ["Flatten", "Reshape"])
+def test_conv_flatten_gemm(flatten):
+    a = {"W1": randn([6, 2, 3, 3], 1), "b1": randn([6], 2), "W2": randn([3, 96], 3), "b2": randn([3], 4)}
+    inits = [init(k, v) for k, v in a.items()]
+    if flatten == "Flatten":
+        flat = helper.make_node("Flatten", ["r"], ["f"], name="flat")
+    else:  # an explicit channel count in the shape constant: it must shrink too
+        flat = helper.make_node("Reshape", ["r", "shape"], ["f"], name="flat")
+        inits.append(init("shape", np.array([0, 96], dtype=np.int64)))
+    model = make_model([conv("x", "W1", "b1", "c"), relu("c", "r"), flat, gemm("f", "W2", "b2", "y")],
+                       [vi("x", shape=["batch", 2, 4, 4])], [vi("y", shape=["batch", 3])], inits)
+    X = randn([600, 2, 4, 4], 5)
+    res = structured(model, {"x": X}, sparsity=0.5)
+    gone = removed_units(res, "W1")
+    keep = keep_of(6, gone)
+    w = weights(res.model)
+    assert w["W1"].shape == (3, 2, 3, 3) and w["W2"].shape == (3, 48)
+    if flatten == "Reshape":
+        assert w["shape"].tolist() == [0, 48]
+    onnx.checker.check_model(res.model, full_check=True)
+
+    F = run_tensors(model, {"x": X}, ["r"])["r"].reshape(len(X), 96).astype(np.float64)
+    cols = np.concatenate([np.arange(16) + 16 * c for c in keep])   # channel c -> 16 spatial columns
+    Wk, bk = lstsq_with_bias(F[:, cols], F @ a["W2"].T.astype(np.float64) + a["b2"])
+    ref = zeroed(a, {"W1": gone, "b1": gone})
+    ref["W2"] = np.zeros((3, 96))
+    ref["W2"][:, cols] = Wk
+    ref["b2"] = bk
+    assert_same_outputs(res.model, with_weights(model, ref), {"x": randn([16, 2, 4, 4], 6)})
+
+
+def test_concat_offsets():
+    a = {"WA": randn([4, 3, 3, 3], 1), "bA": randn([4], 2), "WB": randn([6, 3, 3, 3], 3),
+         "bB": randn([6], 4), "WC": randn([3, 10, 3, 3], 5), "bC": randn([3], 6)}
+    nodes = [conv("x", "WA", "bA", "cA"), relu("cA", "rA"), conv("x", "WB", "bB", "cB"), relu("cB", "rB"),
+             helper.make_node("Concat", ["rA", "rB"], ["cat"], name="cat", axis=1),
+             conv("cat", "WC", "bC", "y")]
+    model = make_model(nodes, [vi("x", shape=["batch", 3, 5, 5])], [vi("y", shape=["batch", 3, 5, 5])],
+                       [init(k, v) for k, v in a.items()])
+    X = randn([64, 3, 5, 5], 7)
+    res = structured(model, {"x": X}, sparsity=0.5)
+    goneA, goneB = removed_units(res, "WA"), removed_units(res, "WB")
+    assert (len(goneA), len(goneB)) == (2, 3)
+    keep = keep_of(4, goneA) + [4 + c for c in keep_of(6, goneB)]
+    w = weights(res.model)
+    assert w["WA"].shape == (2, 3, 3, 3) and w["WB"].shape == (3, 3, 3, 3) and w["WC"].shape == (3, 5, 3, 3)
+    onnx.checker.check_model(res.model, full_check=True)
+
+    # WA's units go first; WB's removal then refits WC again: both exact OBS steps on the same
+    # quadratic, so the end point is the joint least-squares optimum over the kept channels.
+    R = run_tensors(model, {"x": X}, ["cat"])["cat"]
+    ref = zeroed(a, {"WA": goneA, "bA": goneA, "WB": goneB, "bB": goneB})
+    ref["WC"], ref["bC"] = conv_fit(R, a["WC"], a["bC"], keep)
+    assert_same_outputs(res.model, with_weights(model, ref), {"x": randn([8, 3, 5, 5], 8)})
+
+
+def test_depthwise_conv_follows_its_input_channels():
+    a = {"W1": randn([6, 3, 3, 3], 1), "b1": randn([6], 2), "Wd": randn([6, 1, 3, 3], 3),
+         "bd": randn([6], 4), "W3": randn([2, 6, 3, 3], 5), "b3": randn([2], 6)}
+    nodes = [conv("x", "W1", "b1", "c1"), relu("c1", "r1"), conv("r1", "Wd", "bd", "cd", group=6),
+             relu("cd", "rd"), conv("rd", "W3", "b3", "y")]
+    model = make_model(nodes, [vi("x", shape=["batch", 3, 5, 5])], [vi("y", shape=["batch", 2, 5, 5])],
+                       [init(k, v) for k, v in a.items()])
+    X = randn([64, 3, 5, 5], 7)
+    res = structured(model, {"x": X}, sparsity=0.5)
+    gone = removed_units(res, "W1")
+    keep = keep_of(6, gone)
+    w = weights(res.model)
+    assert w["W1"].shape == (3, 3, 3, 3) and w["Wd"].shape == (3, 1, 3, 3) and w["W3"].shape == (2, 3, 3, 3)
+    dw = next(n for n in res.model.graph.node if n.name == "cd")
+    assert helper.get_attribute_value(next(x for x in dw.attribute if x.name == "group")) == 3
+    assert any(s["name"] == "Wd" and "depthwise" in s["reason"] for s in res.report.skipped)
+
+    R = run_tensors(model, {"x": X}, ["rd"])["rd"]
+    ref = zeroed(a, {"W1": gone, "b1": gone, "bd": gone})
+    ref["W3"], ref["b3"] = conv_fit(R, a["W3"], a["b3"], keep)
+    assert_same_outputs(res.model, with_weights(model, ref), {"x": randn([8, 3, 5, 5], 8)})
+
+
+def test_residual_channels_are_left_alone():
+    a = {"W0": randn([6, 3, 3, 3], 1), "b0": randn([6], 2), "W1": randn([6, 6, 3, 3], 3),
+         "b1": randn([6], 4), "W2": randn([8, 6, 3, 3], 5), "b2": randn([8], 6),
+         "W3": randn([3, 8, 3, 3], 7), "b3": randn([3], 8)}
+    nodes = [conv("x", "W0", "b0", "c0"), relu("c0", "r0"), conv("r0", "W1", "b1", "c1"), relu("c1", "r1"),
+             helper.make_node("Add", ["r0", "r1"], ["s"], name="residual"),
+             conv("s", "W2", "b2", "c2"), relu("c2", "r2"), conv("r2", "W3", "b3", "y")]
+    model = make_model(nodes, [vi("x", shape=["batch", 3, 5, 5])], [vi("y", shape=["batch", 3, 5, 5])],
+                       [init(k, v) for k, v in a.items()])
+    X = randn([32, 3, 5, 5], 9)
+    res = structured(model, {"x": X}, sparsity=0.5)
+    w = weights(res.model)
+    assert w["W0"].shape == (6, 3, 3, 3) and w["W1"].shape == (6, 6, 3, 3)   # untouched
+    assert w["W2"].shape == (4, 6, 3, 3) and w["W3"].shape == (3, 4, 3, 3)
+    reasons = {s["name"]: s["reason"] for s in res.report.skipped}
+    assert "coupled" in reasons["W0"] and "coupled" in reasons["W1"]
+    out = run(res.model, {"x": X[:4]})["y"]
+    assert out.shape == (4, 3, 5, 5) and np.isfinite(out).all()
+
+
+# ---------------------------------------------------------------- the algorithm alone
+
+def test_group_obs_is_the_least_squares_optimum():
+    rng = np.random.default_rng(0)
+    n, units, k = 500, 5, 3
+    X = rng.standard_normal((n, units * k)) @ rng.standard_normal((units * k, units * k))
+    W = rng.standard_normal((4, units * k))
+    H = 2.0 / n * X.T @ X
+    columns = [np.arange(k) + k * u for u in range(units)]
+    res = group_obs([Consumer(W, H, columns)], 2, damp=0.0)
+    keep = np.concatenate([columns[u] for u in range(units) if u not in res.order])
+    Wls = np.linalg.lstsq(X[:, keep], X @ W.T, rcond=None)[0].T
+    np.testing.assert_allclose(res.weights[0][:, keep], Wls, rtol=1e-7, atol=1e-9)
+    assert not res.weights[0][:, np.setdiff1d(np.arange(units * k), keep)].any()
+    dW = res.weights[0] - W
+    assert res.costs.sum() == pytest.approx(0.5 * np.sum((dW @ H) * dW), rel=1e-8)
+
+    def lone_cost(u):  # error of the best refit without unit u alone, by lstsq
+        kept = np.concatenate([columns[v] for v in range(units) if v != u])
+        fit = np.linalg.lstsq(X[:, kept], X @ W.T, rcond=None)[0]
+        return np.sum((X[:, kept] @ fit - X @ W.T) ** 2) / n
+
+    costs = [lone_cost(u) for u in range(units)]
+    assert res.order[0] == int(np.argmin(costs))
+    assert res.costs[0] == pytest.approx(costs[res.order[0]], rel=1e-7)
+
+
+def test_units_feeding_two_consumers_cost_the_sum():
+    rng = np.random.default_rng(1)
+    n = 300
+    X = rng.standard_normal((n, 4)) @ rng.standard_normal((4, 4))
+    H = 2.0 / n * X.T @ X
+    cols = [np.array([u]) for u in range(4)]
+    W1, W2 = rng.standard_normal((2, 4)), rng.standard_normal((3, 4))
+
+    def lone(W, u):
+        kept = [v for v in range(4) if v != u]
+        fit = np.linalg.lstsq(X[:, kept], X @ W.T, rcond=None)[0]
+        return np.sum((X[:, kept] @ fit - X @ W.T) ** 2) / n
+
+    total = [lone(W1, u) + lone(W2, u) for u in range(4)]
+    res = group_obs([Consumer(W1, H, cols), Consumer(W2, H, cols)], 1, damp=0.0)
+    assert res.order[0] == int(np.argmin(total))
+    assert res.costs[0] == pytest.approx(min(total), rel=1e-7)
+
+
+# ---------------------------------------------------------------- targets and settings
+
+def test_target_params_is_met(mlp_path, mlp_calib):
+    res = api.prune(str(mlp_path), str(mlp_calib), structure="neurons", target_params=3000)
+    after = res.report.costs["params"]["after"]
+    assert after <= 3000 and after > 2500   # one unit saves at most 64 + 1 + 32 parameters
+    assert res.report.costs["params"]["before"] == 6570
+
+
+def test_target_flops_on_the_cnn(cnn_path, cnn_calib):
+    res = api.prune(str(cnn_path), str(cnn_calib), structure="channels", target_flops=900_000,
+                    max_samples=64)
+    macs = res.report.costs["macs"]
+    assert macs["before"] == 1_821_952 and 800_000 < macs["after"] <= 900_000
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(target_params=100), "add --structure"),
+    (dict(structure="neurons", method="wanda"), "--method obs"),
+    (dict(structure="rows"), "neurons or channels"),
+    (dict(structure="neurons", target_params=100, target_flops=100), "not both"),
+    (dict(storage="zip"), "unknown storage"),
+    (dict(structure="neurons", target_params=10), "cannot be reached"),
+])
+def test_user_errors(mlp_path, mlp_calib, kwargs, words):
+    with pytest.raises(OnnxObsError, match=words):
+        api.prune(str(mlp_path), str(mlp_calib), **kwargs)
+
+
+def test_cli_channels_writes_a_smaller_faster_model(cli, tmp_path, cnn_path, cnn_calib):
+    out = tmp_path / "small.onnx"
+    r = cli("prune", cnn_path, "-o", out, "--calib", cnn_calib, "--structure", "channels",
+            "--sparsity", "0.5", "--max-samples", "64")
+    assert r.exit_code == 0, r.stderr
+    assert out.stat().st_size < cnn_path.stat().st_size / 3
+    assert "MACs" in r.stdout and "latency" in r.stdout and "14.weight" in r.stdout
+    onnx.checker.check_model(str(out), full_check=True)
+    again = cli("inspect", out)
+    assert again.exit_code == 0 and "[16, 1, 3, 3]" in again.stdout

@@ -59,10 +59,11 @@ def build(sample: str, out: Path) -> dict[str, Path]:
     # also compare sparing the first site, the others sparser to keep the same non-zero count.
     first = info["sites"][0]
     spared = (total - kept) / (site_params - first["params"])
-    paths["unstructured OBS, 1st layer kept"] = out / "unstructured_first_kept.onnx"
-    api.prune(str(model), str(calib), method="obs", sparsity=spared,
-              selection=api.Selection(exclude=f"^{re.escape(first['name'])}$"),
-              output=paths["unstructured OBS, 1st layer kept"])
+    if spared < 1:   # impossible when the first layer holds most weights (the MLP)
+        paths["unstructured OBS, 1st layer kept"] = out / "unstructured_first_kept.onnx"
+        api.prune(str(model), str(calib), method="obs", sparsity=spared,
+                  selection=api.Selection(exclude=f"^{re.escape(first['name'])}$"),
+                  output=paths["unstructured OBS, 1st layer kept"])
     paths["L1 channels"] = out / "l1_channels.onnx"
     api.prune(str(model), str(calib), method="magnitude", structure="neurons", sparsity=0.5,
               output=paths["L1 channels"])

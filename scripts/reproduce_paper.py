@@ -227,21 +227,34 @@ def digits(grid: list[float], max_loss: float, work: Path) -> dict:
     runs = {
         "magnitude (global)": dict(method="magnitude", hessian="full"),
         "OBD (global, diag of full H)": dict(method="obd", hessian="full"),
-        "layer-wise OBS": dict(method="obs", hessian="layerwise"),
-        "full-network OBS (step 16)": dict(method="obs", hessian="full", full=api.FullOptions(step=16, alpha=ALPHA)),
+        "layer-wise OBS (damping 0.01 mean diag H)": dict(method="obs", hessian="layerwise"),
+        f"full-network OBS, alpha {ALPHA:g}": dict(method="obs", hessian="full",
+                                                   full=api.FullOptions(step=32, alpha=ALPHA)),
     }
     rows = {"original": base, "weights": n, "methods": {}}
     for label, kw in runs.items():
-        t0, best = time.perf_counter(), (0.0, base)
-        for s in grid:
-            res = api.prune(str(model), str(calib), sparsity=s, device="cpu", **kw)
-            a = acc(res.model)
-            if a < base - max_loss:
-                break
-            best = (s, a)
-        rows["methods"][label] = {"sparsity": best[0], "kept": int(round(n * (1 - best[0]))), "accuracy": best[1],
-                                  "seconds": time.perf_counter() - t0}
+        rows["methods"][label] = sweep(str(model), str(calib), kw, grid, lambda m: acc(m) >= base - max_loss, acc)
+        if kw["method"] == "obd":  # its report gives the scale of H, for a damping like the layer-wise one
+            mean_diag = api.prune(str(model), str(calib), sparsity=0.5, device="cpu", **kw).report.full_network[
+                "mean_diag_h"]
+    alpha = 0.01 * mean_diag
+    kw = dict(method="obs", hessian="full", full=api.FullOptions(step=32, alpha=alpha))
+    rows["methods"][f"full-network OBS, alpha {alpha:.3g} = 0.01 mean diag H"] = sweep(
+        str(model), str(calib), kw, grid, lambda m: acc(m) >= base - max_loss, acc)
     return rows
+
+
+def sweep(model: str, calib: str, kw: dict, grid: list[float], good, acc) -> dict:
+    """The highest grid sparsity before the first one whose pruned model is not `good`."""
+    t0, best = time.perf_counter(), (0.0, acc(Path(model)))
+    for s in grid:
+        pruned = api.prune(model, calib, sparsity=s, device="cpu", **kw).model
+        if not good(pruned):
+            break
+        best = (s, acc(pruned))
+    n = sum(r["params"] for r in api.inspect(model)["sites"])
+    return {"sparsity": best[0], "kept": int(round(n * (1 - best[0]))), "accuracy": best[1],
+            "seconds": time.perf_counter() - t0}
 
 
 # ---- the table ---------------------------------------------------------------------------------------

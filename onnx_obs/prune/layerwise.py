@@ -18,6 +18,7 @@ nothing more.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,29 +68,29 @@ def prune_layer(
     predicted_error: for "obs" the sum of the OBS saliencies (Hassibi & Stork Eq. 6); for the
     baselines 1/2 sum_r dW_r^T H dW_r; both with the damped H (NaN for magnitude without H).
     """
-    W, H = _check(W, H, method, sparsity, pattern, solver, block_size, damp)
+    W, H, pattern = _check(W, H, method, sparsity, pattern, solver, block_size, damp)
     n_zeros = round(sparsity * W.size)
+    work = _float_copy(W)
+    if work.size == 0:
+        return LayerResult(work, np.ones(work.shape, dtype=bool), 0.0, 0.0, "exact" if method == "obs" else method)
     if H is None:
-        return _baseline(_float_copy(W), None, 0.0, "magnitude", n_zeros, pattern)
-    h_diag = H.diagonal().copy()
+        return _baseline(work, None, 0.0, "magnitude", n_zeros, pattern)
+    h_diag = H.diagonal().astype(np.float64)
     dead = ~(h_diag > 0)
-    if dead.all():
-        result = _baseline(_float_copy(W), None, 0.0, "magnitude", n_zeros, pattern)
+    if dead.all():  # H carries no information and E cannot change
+        result = _baseline(work, None, 0.0, "magnitude", n_zeros, pattern)
         result.predicted_error = 0.0
         return result
+    work[:, dead] = 0.0
     h_diag[dead] = 0.0
     lam = damp * float(h_diag[~dead].mean())
     if method != "obs":
-        work = _float_copy(W)
-        work[:, dead] = 0.0
         return _baseline(work, h_diag, lam, method, n_zeros, pattern, H)
-    work = _float_copy(W)
-    work[:, dead] = 0.0
     L, lam = _damped_cholesky(H, dead, lam, float(h_diag.max()))
     if solver == "fast" or (solver == "auto" and W.shape[1] > EXACT_MAX_COLS):
         weight, removed, predicted = sparsegpt_prune(work, L, n_zeros=n_zeros, pattern=pattern, block_size=block_size)
         return LayerResult(weight, ~removed, predicted, lam, "fast")
-    Hinv, info = lapack.dpotri(L, lower=1, overwrite_c=1)
+    Hinv, _ = lapack.dpotri(L, lower=1, overwrite_c=1)
     Hinv = np.tril(Hinv) + np.tril(Hinv, -1).T
     weight, removed, predicted = obc_prune(work, Hinv, work == 0.0, n_zeros=n_zeros, pattern=pattern)
     return LayerResult(weight, ~removed, predicted, lam, "exact")
@@ -139,7 +140,9 @@ def _half_quadratic(dW: np.ndarray, H: np.ndarray) -> float:
 
 def _damped_cholesky(H: np.ndarray, dead: np.ndarray, lam: float, scale: float) -> tuple[np.ndarray, float]:
     """Lower Cholesky factor (Fortran order) of H with dead inputs decoupled and lam added to the
-    diagonal; lam grows tenfold (from at least 1e-10 * scale) until the factorisation succeeds."""
+    diagonal. lam grows tenfold (from at least 1e-10 * scale) until the factorisation succeeds
+    with no squared pivot below 1e-12 * scale (a numerically singular H can pass dpotrf with
+    rounding-level pivots, whose inverse would be noise)."""
     while True:
         A = np.array(H.T, dtype=np.float64, order="F")  # H is symmetric: a plain copy
         if dead.any():
@@ -148,13 +151,13 @@ def _damped_cholesky(H: np.ndarray, dead: np.ndarray, lam: float, scale: float) 
             A[dead, dead] = 1.0
         A.flat[:: A.shape[0] + 1] += lam
         L, info = lapack.dpotrf(A, lower=1, clean=0, overwrite_a=1)
-        if info == 0:
+        if info == 0 and L.diagonal().min() ** 2 > 1e-12 * scale:
             return L, lam
         lam = max(10.0 * lam, 1e-10 * scale)
 
 
 def _check(W, H, method, sparsity, pattern, solver, block_size, damp):
-    """Validate the arguments; return W and H as float arrays."""
+    """Validate the arguments; return W and H as arrays and pattern as a pair of ints."""
     W = np.asarray(W)
     if W.ndim != 2 or not np.issubdtype(W.dtype, np.floating):
         raise ValueError(f"W must be a 2-D float array, got shape {W.shape} and dtype {W.dtype}")
@@ -176,10 +179,14 @@ def _check(W, H, method, sparsity, pattern, solver, block_size, damp):
     if pattern is None:
         if not 0.0 <= sparsity <= 1.0:
             raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
-    elif len(pattern) != 2 or not 0 <= pattern[0] <= pattern[1] or pattern[1] < 1:
+    elif len(pattern) != 2 or not all(isinstance(x, numbers.Integral) for x in pattern):
+        raise ValueError(f"pattern must be a pair of integers (N, M), got {pattern!r}")
+    elif not 0 <= pattern[0] <= pattern[1] or pattern[1] < 1:
         raise ValueError(f"pattern must be (N, M) with 0 <= N <= M and M >= 1, got {pattern}")
+    else:
+        pattern = (int(pattern[0]), int(pattern[1]))
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if damp < 0:
         raise ValueError(f"damp must be non-negative, got {damp}")
-    return W, H
+    return W, H, pattern

@@ -40,35 +40,38 @@ def smallest_overall(scores: np.ndarray, forced: np.ndarray, n_remove: int) -> n
     Ties at the threshold are broken by position (in memory order).
     """
     order = "F" if scores.flags.f_contiguous else "C"
-    flat = np.where(forced, -np.inf, scores).ravel(order=order)
-    n_remove = min(max(int(n_remove), int(forced.sum())), flat.size)
+    n_forced = int(np.count_nonzero(forced))
+    flat = (np.where(forced, -np.inf, scores) if n_forced else scores).ravel(order=order)
+    n_remove = min(max(int(n_remove), n_forced), flat.size)
     if n_remove == 0:
         return np.zeros(scores.shape, dtype=bool)
     threshold = _kth_smallest(flat, n_remove)
-    remove = flat < threshold
-    ties = np.flatnonzero(flat == threshold)
-    remove[ties[: n_remove - int(remove.sum())]] = True
+    remove = flat <= threshold
+    extra = int(np.count_nonzero(remove)) - n_remove
+    if extra:  # ties at the threshold: keep the last ones
+        remove[np.flatnonzero(flat == threshold)[-extra:]] = False
     return remove.reshape(scores.shape, order=order)
 
 
 def _kth_smallest(x: np.ndarray, k: int) -> float:
     """The k-th smallest value of the 1-D array x (k >= 1).
 
-    For large x, a sorted strided sample brackets the answer (+-4 sample standard deviations of
-    its rank) so that only the values in the bracket are partitioned; if the bracket misses,
-    the whole array is. The stride is odd so that it cycles through the columns of a flattened
+    For large x, a strided sample brackets the answer (+-4 sample standard deviations of its
+    rank) so that only the values in the bracket are partitioned; if the bracket misses, the
+    whole array is. The stride is odd so that it cycles through the columns of a flattened
     matrix whose row length is a power of two.
     """
     if x.size > 1 << 16:
-        sample = np.sort(x[:: (x.size >> 14) | 1])
+        sample = x[:: (x.size >> 14) | 1]
         pos = k / x.size * sample.size
         margin = 4.0 * np.sqrt(sample.size) + 2.0
-        lo = sample[max(int(pos - margin), 0)]
-        hi = sample[min(int(pos + margin), sample.size - 1)]
-        below = int(np.count_nonzero(x < lo))
-        inside = x[(x >= lo) & (x <= hi)]
-        if below < k <= below + inside.size:
-            return np.partition(inside, k - below - 1)[k - below - 1]
+        ends = [max(int(pos - margin), 0), min(int(pos + margin), sample.size - 1)]
+        lo, hi = np.partition(sample, ends)[ends]
+        below = x < lo
+        n_below = int(np.count_nonzero(below))
+        inside = x[(x <= hi) & ~below]
+        if n_below < k <= n_below + inside.size:
+            return np.partition(inside, k - n_below - 1)[k - n_below - 1]
     return np.partition(x, k - 1)[k - 1]
 
 

@@ -14,8 +14,9 @@ the original weights, w' the final ones: 0 where pruned, the then-current value 
 the visited columns, F = {0..i} the others, and S_F = Z_G L[G, F]. Summing the Eq. 5 updates
 (E_G = Z_G L_GG, Li[G, F] = -L_GG^-1 L[G, F] L_FF^-1), the current weights of F are
     w_F = w0_F + S_F L_FF^-1,
-so the current weights of a trailing block b of F are w0_b + S_b L_bb^-1 (one small triangular
-solve, for choosing a mask), and those of column i alone, when it is visited, w0_i + s_i / L_ii.
+so the current weights of a trailing block b of F are w0_b + S_b L_bb^-1 (one product with a
+small triangular inverse, for choosing a mask), and those of column i alone, when it is
+visited, w0_i + s_i / L_ii.
 The lazy updates (Alg. 1 lines 13-16) accumulate S += Z L: rank-1 steps inside sub-blocks of
 SUB_BLOCK columns, one matrix product per sub-block for the rest of its block, and one per block
 for every column still to visit. S is stored in the output array; a visited column's slot then
@@ -25,7 +26,8 @@ holds its final weights.
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg.blas import dgemm, dger, dtrsm
+from scipy.linalg.blas import dgemm, dger
+from scipy.linalg.lapack import dtrtri
 
 from onnx_obs.prune.blas_threads import one_blas_thread
 from onnx_obs.prune.masks import nm_mask, smallest_overall, spread_zeros
@@ -76,30 +78,32 @@ def sparsegpt_prune(
         drop = removed[:, i1:i2]
         with one_blas_thread():
             if pattern is None:  # Alg. 1 line 9: adaptive mask over the whole block
-                w = _current(w0, S, L, slice(i1, i2))
-                drop[:] = smallest_overall((w * diag[i1:i2]) ** 2, forced, quotas[b])
+                drop[:] = smallest_overall(_saliency(w0, S, L, slice(i1, i2)), forced, quotas[b])
             _visit_block(w0, forced, S, L, diag, drop, Z, current, i1, i2, sub, pattern)
         if i1 > 0:  # the block's changes reach every column still to visit
             dgemm(1.0, Z[:, : i2 - i1], L[i1:i2, :i1], beta=1.0, c=S[:, :i1], overwrite_c=True)
-        saliency = current[:, : i2 - i1] * diag[i1:i2]  # w_i / sqrt([H_FF^-1]_ii), Eq. 6
-        predicted += 0.5 * float(np.sum(saliency[drop] ** 2))
+        pruned = np.where(drop, current[:, : i2 - i1], 0.0)  # w_i of the removed weights
+        predicted += 0.5 * float(np.einsum("ij,ij->j", pruned, pruned) @ diag[i1:i2] ** 2)  # Eq. 6
     return S, removed, predicted
 
 
 def _visit_block(w0, forced, S, L, diag, drop, Z, current, i1, i2, sub, pattern) -> None:
     """Visit columns i2-1 .. i1 (Alg. 1 lines 10-15): final weights into S, changes into Z."""
     keep = (~drop).astype(np.float64)
+    inv_diag = 1.0 / diag
     for j1 in reversed(range(i1, i2, sub)):
         j2 = min(j1 + sub, i2)
         for i in range(j2 - 1, j1 - 1, -1):
             k = i - i1
             if pattern and ((i + 1) % pattern[1] == 0 or i == S.shape[1] - 1):
                 g = slice(i - i % pattern[1], i + 1)  # i ends group g: choose its mask now
-                w = _current(w0[:, g.start - i1 : k + 1], S, L, g)
-                drop[:, g.start - i1 : k + 1] = nm_mask((w * diag[g]) ** 2, forced[:, g.start - i1 : k + 1], *pattern)
-                keep[:, g.start - i1 : k + 1] = ~drop[:, g.start - i1 : k + 1]
-            np.add(w0[:, k], S[:, i] / diag[i], out=current[:, k])  # current w_i
-            np.multiply(current[:, k], keep[:, k], out=S[:, i])  # final w'_i
+                local = slice(g.start - i1, k + 1)
+                drop[:, local] = nm_mask(_saliency(w0[:, local], S, L, g), forced[:, local], *pattern)
+                keep[:, local] = ~drop[:, local]
+            w = current[:, k]
+            np.multiply(S[:, i], inv_diag[i], out=w)
+            w += w0[:, k]  # current w_i = w0_i + s_i / L_ii
+            np.multiply(w, keep[:, k], out=S[:, i])  # final w'_i
             np.subtract(w0[:, k], S[:, i], out=Z[:, k])  # z_i = w0_i - w'_i
             if i > j1:
                 dger(1.0, Z[:, k], L[i, j1:i], a=S[:, j1:i], overwrite_a=True)
@@ -107,6 +111,10 @@ def _visit_block(w0, forced, S, L, diag, drop, Z, current, i1, i2, sub, pattern)
             dgemm(1.0, Z[:, j1 - i1 : j2 - i1], L[j1:j2, i1:j1], beta=1.0, c=S[:, i1:j1], overwrite_c=True)
 
 
-def _current(w0: np.ndarray, S: np.ndarray, L: np.ndarray, b: slice) -> np.ndarray:
-    """Current weights of the unvisited trailing columns b: w0_b + S_b L_bb^-1."""
-    return w0 + dtrsm(1.0, L[b, b], S[:, b], side=1, lower=1)
+def _saliency(w0: np.ndarray, S: np.ndarray, L: np.ndarray, b: slice) -> np.ndarray:
+    """(w_i L_ii)^2 = w_i^2 / [H_FF^-1]_ii for the unvisited trailing columns b, whose current
+    weights are w_b = w0_b + S_b L_bb^-1 (module doc); one product with L_bb^-1 diag(L_bb)."""
+    d = L.diagonal()[b]
+    scale = np.tril(dtrtri(L[b, b], lower=1)[0]) * d
+    w_scaled = dgemm(1.0, S[:, b], scale, beta=1.0, c=w0 * d, overwrite_c=True)
+    return np.square(w_scaled, out=w_scaled)

@@ -1,0 +1,327 @@
+"""Layer-wise pruning algorithms checked against independent computations.
+
+Independent references used here: least squares on the calibration activations themselves
+(numpy.linalg.lstsq), the closed-form OBS step (Hassibi & Stork Eq. 5/6) from an explicit
+inverse, and a literal transcription of SparseGPT Algorithm 1 with an explicit H^-1.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from onnx_obs.prune.layerwise import LayerResult, layer_error, prune_layer
+
+
+def activations(rng, n, cols, mix=0.05):
+    """Calibration inputs (n, cols) with correlated features of unequal scale."""
+    A = np.eye(cols) + mix * rng.standard_normal((cols, cols))
+    return (rng.standard_normal((n, cols)) @ A) * np.exp(0.3 * rng.standard_normal(cols))
+
+
+def hessian(X):
+    return 2.0 / len(X) * X.T @ X
+
+
+def measured_error(W, W_new, X):
+    """mean_k ||(W - W') x_k||^2 from the activations."""
+    return float(np.sum(((W - W_new) @ X.T) ** 2) / len(X))
+
+
+def best_error_for_mask(w, X, removed):
+    """Least-squares optimum of one row given the removed set: min ||X w - X_F v||^2 / n."""
+    free = ~removed
+    v, *_ = np.linalg.lstsq(X[:, free], X @ w, rcond=None)
+    w_new = np.zeros_like(w)
+    w_new[free] = v
+    return float(np.sum((X @ (w - w_new)) ** 2) / len(X)), w_new
+
+
+# ---------------------------------------------------------------- exact solver (OBC)
+
+
+def test_single_removal_matches_closed_form_eq5_eq6():
+    rng = np.random.default_rng(0)
+    X = activations(rng, 64, 8)
+    H = hessian(X)
+    w = rng.standard_normal(8)
+    r = prune_layer(w[None, :], H, sparsity=1 / 8, solver="exact", damp=0.0)
+    Hinv = np.linalg.inv(H)
+    q = np.argmin(w**2 / np.diag(Hinv))  # Eq. 6
+    expected = w - w[q] / Hinv[q, q] * Hinv[:, q]  # Eq. 5
+    expected[q] = 0.0
+    np.testing.assert_allclose(r.weight[0], expected, rtol=1e-10, atol=1e-12)
+    assert r.predicted_error == pytest.approx(w[q] ** 2 / (2 * Hinv[q, q]), rel=1e-10)
+    assert np.flatnonzero(~r.mask[0]).tolist() == [q]
+
+
+def test_exact_greedy_sequence_matches_brute_force():
+    rng = np.random.default_rng(1)
+    X = activations(rng, 40, 8, mix=0.3)
+    H = hessian(X)
+    w = rng.standard_normal(8)
+    # Brute-force greedy: at each step try every remaining weight, re-solve least squares.
+    removed = np.zeros(8, dtype=bool)
+    total = 0.0
+    for k in range(1, 4):
+        trials = []
+        for q in np.flatnonzero(~removed):
+            trial = removed.copy()
+            trial[q] = True
+            trials.append((best_error_for_mask(w, X, trial)[0], q))
+        err, q = min(trials)
+        removed[q] = True
+        total = err
+        r = prune_layer(w[None, :], H, sparsity=k / 8, solver="exact", damp=0.0)
+        assert (~r.mask[0] == removed).all(), f"step {k}"
+        _, w_best = best_error_for_mask(w, X, removed)
+        np.testing.assert_allclose(r.weight[0], w_best, rtol=1e-8, atol=1e-10)
+        assert r.predicted_error == pytest.approx(total, rel=1e-8)
+
+
+@pytest.mark.parametrize("solver", ["exact", "fast"])
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_predicted_error_equals_measured_error(solver, pattern):
+    rng = np.random.default_rng(2)
+    X = activations(rng, 300, 24)
+    W = rng.standard_normal((10, 24))
+    r = prune_layer(W, hessian(X), sparsity=0.6, pattern=pattern, solver=solver, damp=0.0, block_size=8)
+    assert r.solver == solver and r.damping == 0.0
+    measured = measured_error(W, r.weight, X)
+    assert r.predicted_error == pytest.approx(measured, rel=1e-8)
+    assert layer_error(W, r.weight, hessian(X)) == pytest.approx(measured, rel=1e-10)
+
+
+def test_exact_kept_weights_are_least_squares_optimal_per_row():
+    rng = np.random.default_rng(3)
+    X = activations(rng, 200, 16)
+    W = rng.standard_normal((6, 16)) * np.array([[0.1], [1], [3], [1], [0.5], [2]])
+    r = prune_layer(W, hessian(X), sparsity=0.5, solver="exact", damp=0.0)
+    for row in range(6):
+        _, w_best = best_error_for_mask(W[row], X, ~r.mask[row])
+        np.testing.assert_allclose(r.weight[row], w_best, rtol=1e-8, atol=1e-10)
+    # The global allocation moves removals to the rows where they are cheap.
+    counts = (~r.mask).sum(axis=1)
+    assert counts.sum() == 48 and counts[0] > counts[2]
+
+
+# ---------------------------------------------------------------- fast solver (SparseGPT)
+
+
+def sparsegpt_reference(W, H, sparsity, block, pattern=None):
+    """SparseGPT Alg. 1 transcribed literally: left to right, U = chol(H^-1)^T (upper)."""
+    W = W.copy()
+    cols = W.shape[1]
+    U = np.linalg.cholesky(np.linalg.inv(H)).T
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, U1, Err = W[:, i1:i2].copy(), U[i1:i2, i1:i2], np.zeros((W.shape[0], i2 - i1))
+        if pattern is None:
+            scores = (W1 / np.diag(U1)) ** 2
+            k = round(scores.size * sparsity)
+            drop = scores <= np.sort(scores.ravel())[k - 1]
+        else:
+            drop = np.zeros(W1.shape, dtype=bool)
+        for i in range(i2 - i1):
+            if pattern is not None and i % pattern[1] == 0:
+                g = (W1[:, i : i + pattern[1]] / np.diag(U1)[i : i + pattern[1]]) ** 2
+                order = np.argsort(g, axis=1)[:, : pattern[1] - pattern[0]]
+                np.put_along_axis(drop[:, i : i + pattern[1]], order, True, axis=1)
+            q = np.where(drop[:, i], 0.0, W1[:, i])
+            Err[:, i] = (W1[:, i] - q) / U1[i, i]
+            W1[:, i:] -= np.outer(Err[:, i], U1[i, i:])
+            W1[:, i] = q
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err @ U[i1:i2, i2:]
+    return W
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_fast_equals_sparsegpt_algorithm_on_reversed_columns(pattern):
+    rng = np.random.default_rng(4)
+    X = activations(rng, 400, 48)
+    H = hessian(X)
+    W = rng.standard_normal((20, 48))
+    r = prune_layer(W, H, sparsity=0.5, pattern=pattern, solver="fast", damp=0.0, block_size=16)
+    expected = sparsegpt_reference(W[:, ::-1], H[::-1, ::-1], 0.5, 16, pattern)[:, ::-1]
+    np.testing.assert_allclose(r.weight, expected, rtol=1e-9, atol=1e-10)
+
+
+def test_fast_close_to_exact_and_both_beat_baselines():
+    rng = np.random.default_rng(5)
+    X = activations(rng, 512, 64, mix=0.02)
+    H = hessian(X)
+    W = rng.standard_normal((64, 64))
+    err = {s: layer_error(W, prune_layer(W, H, solver=s).weight, H) for s in ("exact", "fast")}
+    base = {m: layer_error(W, prune_layer(W, H, method=m).weight, H) for m in ("magnitude", "obd", "wanda")}
+    # SparseGPT's fixed column order costs it against OBC's free greedy order: measured 1.1-1.3x
+    # on mildly correlated inputs, 2.5-5x on strongly correlated ones (see the module report).
+    assert err["exact"] <= err["fast"] <= 1.35 * err["exact"]
+    assert max(err.values()) < min(base.values())
+
+
+# ---------------------------------------------------------------- masks and targets
+
+
+@pytest.mark.parametrize("method,solver", [("obs", "exact"), ("obs", "fast"), ("obd", "auto"), ("wanda", "auto"), ("magnitude", "auto")])
+@pytest.mark.parametrize("cols", [12, 14])
+def test_nm_pattern_keeps_n_in_every_group(method, solver, cols):
+    rng = np.random.default_rng(6)
+    X = activations(rng, 100, cols)
+    W = rng.standard_normal((7, cols))
+    r = prune_layer(W, hessian(X), method=method, pattern=(2, 4), solver=solver)
+    nonzero = r.weight != 0
+    assert (nonzero == r.mask).all()
+    for g in range(0, cols, 4):
+        expected = min(2, cols - g)  # a tail group of r < 4 columns keeps min(2, r)
+        assert (nonzero[:, g : g + 4].sum(axis=1) == expected).all()
+
+
+@pytest.mark.parametrize("method,solver", [("obs", "exact"), ("obs", "fast"), ("obd", "auto"), ("wanda", "auto"), ("magnitude", "auto")])
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.77, 1.0])
+def test_sparsity_target_met_exactly(method, solver, sparsity):
+    rng = np.random.default_rng(7)
+    X = activations(rng, 80, 20)
+    W = rng.standard_normal((9, 20))
+    r = prune_layer(W, hessian(X), method=method, sparsity=sparsity, solver=solver, block_size=8)
+    assert (r.weight == 0).sum() == round(sparsity * W.size)
+    assert ((r.weight != 0) == r.mask).all()
+    assert np.isfinite(r.weight).all() and np.isfinite(r.predicted_error)
+
+
+@pytest.mark.parametrize("method,solver", [("obs", "exact"), ("obs", "fast"), ("obd", "auto"), ("wanda", "auto"), ("magnitude", "auto")])
+def test_prezeroed_weights_stay_zero_and_count(method, solver):
+    rng = np.random.default_rng(8)
+    X = activations(rng, 80, 16)
+    H = hessian(X)
+    W = rng.standard_normal((8, 16))
+    W[rng.random(W.shape) < 0.3] = 0.0
+    zero = W == 0
+    r = prune_layer(W, H, method=method, sparsity=0.5, solver=solver, block_size=8)
+    assert (r.weight[zero] == 0).all() and (~r.mask[zero]).all()
+    assert (r.weight == 0).sum() == 64
+    # A target below the current sparsity removes nothing and corrects nothing.
+    r = prune_layer(W, H, method=method, sparsity=0.1, solver=solver, block_size=8)
+    np.testing.assert_array_equal(r.weight, W)
+    assert r.predicted_error == 0.0
+
+
+def test_baseline_masks_match_their_definitions():
+    rng = np.random.default_rng(9)
+    X = activations(rng, 60, 10)
+    H = hessian(X)
+    W = rng.standard_normal((6, 10))
+    k = 30
+    r = prune_layer(W, None, method="magnitude", sparsity=0.5)
+    assert set(np.flatnonzero(~r.mask)) == set(np.argsort(np.abs(W), axis=None)[:k])
+    assert np.isnan(r.predicted_error)  # no H, no prediction
+    r = prune_layer(W, H, method="obd", sparsity=0.5)
+    assert set(np.flatnonzero(~r.mask)) == set(np.argsort(np.diag(H) * W**2, axis=None)[:k])
+    r = prune_layer(W, H, method="wanda", sparsity=0.5)
+    per_row = np.argsort(np.abs(W) * np.linalg.norm(X, axis=0), axis=1)[:, :5]
+    for row in range(6):
+        assert set(np.flatnonzero(~r.mask[row])) == set(per_row[row])
+    # Predicted error of a no-correction method: 1/2 dW^T (H + damping I) dW.
+    dW = W - r.weight
+    assert r.predicted_error == pytest.approx(layer_error(W, r.weight, H) + 0.5 * r.damping * np.sum(dW**2))
+    assert r.damping == pytest.approx(0.01 * np.mean(np.diag(H)))
+
+
+# ---------------------------------------------------------------- degenerate Hessians
+
+
+@pytest.mark.parametrize("method,solver", [("obs", "exact"), ("obs", "fast"), ("obd", "auto"), ("wanda", "auto"), ("magnitude", "auto")])
+def test_dead_inputs_give_zero_weights_and_no_nan(method, solver):
+    rng = np.random.default_rng(10)
+    X = activations(rng, 100, 12)
+    X[:, [2, 7]] = 0.0
+    H = hessian(X)
+    W = rng.standard_normal((5, 12))
+    r = prune_layer(W, H, method=method, sparsity=0.5, solver=solver, block_size=4)
+    assert (r.weight[:, [2, 7]] == 0).all()
+    assert np.isfinite(r.weight).all() and np.isfinite(r.predicted_error)
+    assert (r.weight == 0).sum() == 30
+    live = np.ones(12, dtype=bool)
+    live[[2, 7]] = False
+    assert r.damping == pytest.approx(0.01 * np.mean(np.diag(H)[live]))
+    W_prepared = np.where(live, W, 0.0)  # dead inputs contribute nothing to E
+    assert r.predicted_error == pytest.approx(damped_error(W_prepared, r, X), rel=1e-8)
+
+
+def damped_error(W, r, X):
+    """E(W') - E(W) + damping/2 ||W - W'||^2: what every method predicts (OBS exactly so)."""
+    return measured_error(W, r.weight, X) + 0.5 * r.damping * float(np.sum((W - r.weight) ** 2))
+
+
+@pytest.mark.parametrize("solver", ["exact", "fast"])
+@pytest.mark.parametrize("case", ["few_samples", "duplicated_columns", "all_zero"])
+def test_singular_hessians_give_no_nan(solver, case):
+    rng = np.random.default_rng(11)
+    X = activations(rng, 6 if case == "few_samples" else 100, 16)
+    if case == "duplicated_columns":
+        X[:, 8:] = X[:, :8]
+    if case == "all_zero":
+        X[:] = 0.0
+    W = rng.standard_normal((5, 16))
+    for damp in (0.0, 0.01):
+        r = prune_layer(W, hessian(X), sparsity=0.5, solver=solver, damp=damp, block_size=8)
+        assert np.isfinite(r.weight).all() and np.isfinite(r.predicted_error)
+        assert (r.weight == 0).sum() == 40
+        if case == "all_zero":  # no information: magnitude pruning, and E cannot change
+            assert r.solver == "magnitude" and r.predicted_error == 0.0
+            assert set(np.flatnonzero(~r.mask)) == set(np.argsort(np.abs(W), axis=None)[:40])
+        else:
+            assert r.damping > 0  # grown from 0 until the factorisation succeeded
+            assert r.predicted_error == pytest.approx(damped_error(W, r, X), rel=1e-6, abs=1e-9)
+
+
+def test_invalid_arguments_raise():
+    W, H = np.ones((2, 3)), np.eye(3)
+    for kwargs in (
+        {"method": "optimal"},
+        {"solver": "slow"},
+        {"sparsity": 1.5},
+        {"pattern": (3, 2)},
+        {"pattern": (2.0, 4)},
+        {"block_size": 0},
+        {"damp": -1.0},
+    ):
+        with pytest.raises(ValueError):
+            prune_layer(W, H, **kwargs)
+    with pytest.raises(ValueError):
+        prune_layer(W, np.eye(2))
+    with pytest.raises(ValueError):
+        prune_layer(W, None, method="obs")
+    with pytest.raises(ValueError):
+        prune_layer(np.array([[np.nan, 1.0, 2.0]]), H)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    cols=st.integers(1, 12),
+    sparsity=st.floats(0.0, 1.0),
+    method=st.sampled_from(["obs-exact", "obs-fast", "obd", "wanda", "magnitude"]),
+    zero_frac=st.sampled_from([0.0, 0.4]),
+    seed=st.integers(0, 2**16),
+)
+def test_invariants_on_random_layers(rows, cols, sparsity, method, zero_frac, seed):
+    rng = np.random.default_rng(seed)
+    X = activations(rng, rng.integers(1, 3 * cols + 2), cols)
+    W = rng.standard_normal((rows, cols))
+    W[rng.random(W.shape) < zero_frac] = 0.0
+    name, _, solver = method.partition("-")
+    r = prune_layer(W, hessian(X), method=name, sparsity=sparsity, solver=solver or "auto", block_size=4)
+    assert isinstance(r, LayerResult) and r.weight.shape == W.shape and r.weight.dtype == np.float64
+    assert np.isfinite(r.weight).all() and np.isfinite(r.predicted_error) and r.predicted_error >= 0
+    assert ((r.weight != 0) == r.mask).all()
+    assert (r.weight[W == 0] == 0).all()
+    live = np.sum(X * X, axis=0) > 0
+    W_prepared = np.where(live, W, 0.0) if live.any() else W  # all dead: magnitude, nothing zeroed
+    assert (r.weight == 0).sum() == max(round(sparsity * W.size), int((W_prepared == 0).sum()))
+    if live.any():
+        assert r.predicted_error == pytest.approx(damped_error(W_prepared, r, X), rel=1e-6, abs=1e-12)

@@ -126,7 +126,7 @@ def prune(model, calib=None, *, method: str = "obs", sparsity: float = 0.5,
     compact.check_settings(structure, method, pattern, scope, target_params, target_flops, storage,
                            hessian)
     full = full or FullOptions()
-    bound = check_full_settings(hessian, method, pattern, full, labels, force) if hessian != "layerwise" else None
+    bound = check_full_settings(hessian, method, pattern, full, labels, force)
     loaded = _load(model)
     if output is not None:
         check_output_path(output, loaded.path, force, loaded.model, loaded.base_dir)

@@ -300,28 +300,36 @@ def test_invalid_arguments_raise():
         prune_layer(np.array([[np.nan, 1.0, 2.0]]), H)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     rows=st.integers(1, 6),
     cols=st.integers(1, 12),
     sparsity=st.floats(0.0, 1.0),
+    pattern=st.sampled_from([None, None, (1, 2), (2, 4), (3, 4)]),
     method=st.sampled_from(["obs-exact", "obs-fast", "obd", "wanda", "magnitude"]),
     zero_frac=st.sampled_from([0.0, 0.4]),
     seed=st.integers(0, 2**16),
 )
-def test_invariants_on_random_layers(rows, cols, sparsity, method, zero_frac, seed):
+def test_invariants_on_random_layers(rows, cols, sparsity, pattern, method, zero_frac, seed):
     rng = np.random.default_rng(seed)
     X = activations(rng, rng.integers(1, 3 * cols + 2), cols)
     W = rng.standard_normal((rows, cols))
     W[rng.random(W.shape) < zero_frac] = 0.0
     name, _, solver = method.partition("-")
-    r = prune_layer(W, hessian(X), method=name, sparsity=sparsity, solver=solver or "auto", block_size=4)
+    r = prune_layer(W, hessian(X), method=name, sparsity=sparsity, pattern=pattern, solver=solver or "auto", block_size=4)
     assert isinstance(r, LayerResult) and r.weight.shape == W.shape and r.weight.dtype == np.float64
     assert np.isfinite(r.weight).all() and np.isfinite(r.predicted_error) and r.predicted_error >= 0
     assert ((r.weight != 0) == r.mask).all()
     assert (r.weight[W == 0] == 0).all()
     live = np.sum(X * X, axis=0) > 0
     W_prepared = np.where(live, W, 0.0) if live.any() else W  # all dead: magnitude, nothing zeroed
-    assert (r.weight == 0).sum() == max(round(sparsity * W.size), int((W_prepared == 0).sum()))
+    if pattern is None:
+        assert (r.weight == 0).sum() == max(round(sparsity * W.size), int((W_prepared == 0).sum()))
+    else:
+        n, m = pattern
+        for g in range(0, cols, m):
+            kept = r.mask[:, g : g + m].sum(axis=1)
+            could_keep = (W_prepared[:, g : g + m] != 0).sum(axis=1)
+            assert (kept == np.minimum(min(n, cols - g), could_keep)).all()
     if live.any():
         assert r.predicted_error == pytest.approx(damped_error(W_prepared, r, X), rel=1e-6, abs=1e-12)

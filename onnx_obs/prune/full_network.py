@@ -12,7 +12,7 @@ result is written back into the graph. OBD and magnitude rank the same pool with
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +70,12 @@ def check_full_settings(hessian: str, method: str, pattern, options: FullOptions
     """Refuse bad settings before any work; return the parsed error bound (kind, value)."""
     if hessian not in HESSIANS:
         raise OnnxObsError(f"unknown --hessian '{hessian}': use one of {', '.join(HESSIANS)}")
+    if hessian == "layerwise":
+        changed = [f.name for f in fields(FullOptions) if getattr(options, f.name) != getattr(FullOptions(), f.name)]
+        if changed:
+            raise OnnxObsError(f"--{changed[0].replace('_', '-')} applies to full-network pruning: "
+                               "add --hessian full, or drop it")
+        return None
     if method not in FULL_METHODS:
         raise OnnxObsError(f"--hessian {hessian} supports --method {', '.join(FULL_METHODS)}, not {method}")
     if pattern is not None:
@@ -381,13 +387,15 @@ class FullNetwork:
 
     def _source(self) -> _Deltas:
         deltas = _Deltas(self.loaded.model, self.loaded.base_dir, self.wrt, self.outputs, self._mode(), self.device)
-        if self.mode == "graph" and not self.gradient_graphs:
-            self.gradient_graphs = deltas.models  # at the original weights, for --save-gradient-graph
+        if self.mode == "graph" and self.options.save_gradient_graph is not None and not self.gradient_graphs:
+            self.gradient_graphs = deltas.models  # at the original weights
         return deltas
 
     def save_gradient_graphs(self, path: str | Path) -> None:
         """Write the gradient graph (one file per output: PATH, then PATH with the output name)."""
         path = Path(path)
+        if not self.gradient_graphs:
+            self.notes.append(f"no gradient graph written to {path}: the gradients came from finite differences")
         for k, (out, m) in enumerate(self.gradient_graphs.items()):
             target = path if k == 0 else check_output_path(path.with_name(f"{path.stem}.{out}{path.suffix}"),
                                                             None, self.force)
@@ -448,10 +456,10 @@ class FullNetwork:
 
     def hessian_diag(self, keep: np.ndarray | None = None, bar=None) -> np.ndarray:
         """diag(H) = (1/P) sum X_k^2, without forming H."""
-        diag = 0.0
+        diag = np.zeros(self.params.n if keep is None else keep.size)
         for X in self.derivative_blocks(keep, bar):
-            diag = diag + np.einsum("ij,ij->j", X, X)
-        diag = np.asarray(diag) / self.P
+            diag += np.einsum("ij,ij->j", X, X)
+        diag /= self.P
         self.mean_diag = float(diag.mean())
         return diag
 
@@ -531,7 +539,7 @@ def prune_full(loaded: LoadedModel, sites: list[Site], cal: Calibration | None, 
         if limit is not None and res.error_increase > limit:
             keep = int(np.searchsorted(res.cumulative, limit, side="right"))
             res = global_baseline(w0, "obd", target_zeros=keep, hessian_diag=diag)
-            res = SurgeryResult(**{**res.__dict__, "stop_reason": "error"})
+            res = replace(res, stop_reason="error")
         t_surgery = time.perf_counter() - t0
     else:
         Hinv = net.inverse(bar=bar)
@@ -582,7 +590,7 @@ def _report(report: Report, params: Parameters, w0: np.ndarray, res: SurgeryResu
     summary = {
         "hessian": "empirical Fisher" if hessian == "fisher" else "Gauss-Newton (Eqs. 12-14)",
         "weights": params.n, "biases": sum(s.size for s in params.segments if s.bias is not None),
-        "removed": int(res.order.size), "target_zeros": target,
+        "zeros": int(res.order.size), "removed": int(res.order.size - np.sum(w0 == 0)), "target_zeros": target,
         "predicted_error_increase": float(res.error_increase), "error_bound": limit,
         "stop_reason": res.stop_reason, "seconds": {"gradients": 0.0, "inverse": 0.0, "surgery": t_surgery},
     }
@@ -591,16 +599,16 @@ def _report(report: Report, params: Parameters, w0: np.ndarray, res: SurgeryResu
         summary.update(
             gradients=net.mode, samples=net.P, vectors_per_sample=net.rows_per_sample or None,
             targets="labels" if net.cal.labels is not None else "original outputs",
-            alpha=options.alpha, mean_diag_h=net.mean_diag,
-            alpha_over_mean_diag=options.alpha / net.mean_diag if net.mean_diag else None,
-            error_before=net.E0, error_after=after, measured_error_increase=after - net.E0,
+            mean_diag_h=net.mean_diag, error_before=net.E0, error_after=after, measured_error_increase=after - net.E0,
             recomputes=net.recomputes,
         )
         summary["seconds"].update(gradients=net.seconds["gradients"], inverse=net.seconds["inverse"])
+        if method == "obs":
+            summary.update(alpha=options.alpha, alpha_over_mean_diag=options.alpha / net.mean_diag if net.mean_diag else None)
     report.full_network = summary
     sec = summary["seconds"]
-    text = (f"full-network {method}: removed {summary['removed']} of {params.n} weights "
-            f"(stop: {res.stop_reason}), predicted error increase {res.error_increase:.4g}")
+    text = (f"full-network {method}: {summary['zeros']} of {params.n} weights zero ({summary['removed']} removed "
+            f"now; stop: {res.stop_reason}), predicted error increase {res.error_increase:.4g}")
     if net is not None:
         text += f", measured {summary['measured_error_increase']:.4g} (E {net.E0:.4g} -> {summary['error_after']:.4g})"
     text += f"; {sec['gradients']:.2f} s gradients, {sec['inverse']:.2f} s inverse, {sec['surgery']:.2f} s surgery"

@@ -25,6 +25,7 @@ import numpy as np
 from scipy.linalg import lapack
 
 from onnx_obs.prune.baselines import magnitude_scores, obd_scores, wanda_scores
+from onnx_obs.prune.blas_threads import blas_threads_for
 from onnx_obs.prune.masks import nm_mask, smallest_in_groups, smallest_overall, spread_zeros
 from onnx_obs.prune.obc import obc_prune
 from onnx_obs.prune.sparsegpt import sparsegpt_prune
@@ -32,9 +33,12 @@ from onnx_obs.prune.sparsegpt import sparsegpt_prune
 METHODS = ("obs", "obd", "wanda", "magnitude")
 SOLVERS = ("auto", "exact", "fast")
 
-# solver="auto" uses the exact solver up to this many columns. Measured (2-core AMD EPYC,
-# OpenBLAS, square layers, 50% unstructured): see scripts/bench_layerwise.py --auto.
-EXACT_MAX_COLS = 128
+# solver="auto" uses the exact solver up to this many columns. Measured with
+# `scripts/bench_layerwise.py --auto` (square layers, 50%, 2-core AMD EPYC shared with other jobs,
+# load 3.9): exact 0.24 s at 128 columns, 0.71 s at 192, 1.05 s at 256, 3.9 s at 384 (fast: 2-15 ms);
+# exact gave 2.5-2.8x lower layer error than fast on those correlated inputs. Exact time grows
+# with rows * cols^2 * (steps per row), so about 16x per doubling of a square layer.
+EXACT_MAX_COLS = 256
 
 
 @dataclass
@@ -86,11 +90,13 @@ def prune_layer(
     lam = damp * float(h_diag[~dead].mean())
     if method != "obs":
         return _baseline(work, h_diag, lam, method, n_zeros, pattern, H)
-    L, lam = _damped_cholesky(H, dead, lam, float(h_diag.max()))
-    if solver == "fast" or (solver == "auto" and W.shape[1] > EXACT_MAX_COLS):
-        weight, removed, predicted = sparsegpt_prune(work, L, n_zeros=n_zeros, pattern=pattern, block_size=block_size)
-        return LayerResult(weight, ~removed, predicted, lam, "fast")
-    Hinv, _ = lapack.dpotri(L, lower=1, overwrite_c=1)
+    rows, cols = W.shape
+    with blas_threads_for(cols**3 / 3 + rows * cols**2):  # Cholesky + SparseGPT's products
+        L, lam = _damped_cholesky(H, dead, lam, float(h_diag.max()))
+        if solver == "fast" or (solver == "auto" and cols > EXACT_MAX_COLS):
+            weight, removed, predicted = sparsegpt_prune(work, L, n_zeros=n_zeros, pattern=pattern, block_size=block_size)
+            return LayerResult(weight, ~removed, predicted, lam, "fast")
+        Hinv, _ = lapack.dpotri(L, lower=1, overwrite_c=1)
     Hinv = np.tril(Hinv) + np.tril(Hinv, -1).T
     weight, removed, predicted = obc_prune(work, Hinv, work == 0.0, n_zeros=n_zeros, pattern=pattern)
     return LayerResult(weight, ~removed, predicted, lam, "exact")
@@ -144,7 +150,9 @@ def _damped_cholesky(H: np.ndarray, dead: np.ndarray, lam: float, scale: float) 
     with no squared pivot below 1e-12 * scale (a numerically singular H can pass dpotrf with
     rounding-level pivots, whose inverse would be noise)."""
     while True:
-        A = np.array(H.T, dtype=np.float64, order="F")  # H is symmetric: a plain copy
+        A = np.array(H, dtype=np.float64, order="K")  # a plain copy in H's own memory order
+        if not A.flags.f_contiguous:
+            A = A.T  # H is symmetric: its transpose view is the same matrix in Fortran order
         if dead.any():
             A[dead, :] = 0.0
             A[:, dead] = 0.0

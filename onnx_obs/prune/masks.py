@@ -14,8 +14,8 @@ def spread_zeros(total: int, forced: np.ndarray, sizes: np.ndarray) -> np.ndarra
     """Split `total` zeros over consecutive parts in proportion to their sizes.
 
     Each part gets at least its forced zeros and at most its size; the counts add up to `total`
-    exactly whenever sum(forced) <= total <= sum(sizes) (otherwise every part keeps just its
-    forced zeros). Proportional shares differ from part to part by at most one.
+    exactly whenever sum(forced) <= total <= sum(sizes) (below, every part gets just its forced
+    zeros). Parts of equal size and few forced zeros get counts that differ by at most one.
     """
     forced = np.asarray(forced, dtype=np.int64)
     sizes = np.asarray(sizes, dtype=np.int64)

@@ -1,7 +1,7 @@
 """Exact layer-wise OBS: OBC (Frantar & Alistarh 2022), greedy per row with the full H^-1.
 
 Every row is its own OBS problem over the columns, all with the same H. Per row and step:
-    q = argmin_q w_q^2 / [H^-1]_qq                       (Hassibi & Stork Eq. 6; saliency / 2)
+    q = argmin_q w_q^2 / [H^-1]_qq                       (twice the saliency, H&S Eq. 6)
     w <- w - (w_q / [H^-1]_qq) H^-1[:, q]                (Eq. 5)
     H^-1 <- H^-1 - H^-1[:, q] H^-1[q, :] / [H^-1]_qq     (inverse over the remaining weights)
 The downdates are kept lazily: with v_s = H^-1_s[:, q_s] / sqrt([H^-1_s]_qq) for the steps s
@@ -19,7 +19,6 @@ from scipy.linalg.blas import dgemm
 from scipy.optimize import isotonic_regression
 
 from onnx_obs.prune.blas_threads import one_blas_thread
-
 from onnx_obs.prune.masks import nm_keep_counts, spread_zeros
 
 # Bytes of per-row copies of H^-1 (rows x cols x cols float64) held at once.
@@ -137,7 +136,7 @@ def _greedy_chunk(w, Hinv, forced, stop, groups, n_losses):
                 dgemm(-1.0, V[r].T, V[r].T, beta=1.0, c=Hc[r].T, trans_b=1, overwrite_c=1)
             k = 0
         active = t < stop
-        score = w * w / np.maximum(d, floor) + penalty  # Eq. 6 (saliency up to the factor 1/2)
+        score = w * w / np.maximum(d, floor) + penalty  # twice the saliency (Eq. 6)
         if groups is not None:
             score[(live <= keep)[:, group] & (penalty == 0.0)] = np.inf
         q = score.argmin(axis=1)

@@ -1,8 +1,8 @@
 """Fast layer-wise OBS: SparseGPT (Frantar & Alistarh 2023, Algorithm 1), one factor for all rows.
 
 Alg. 1 visits the columns left to right with U, the upper Cholesky factor of H^-1. We visit them
-right to left, which needs only L, the lower Cholesky factor of H (H = L L^T): no inverse of H and
-no triangular inverse. When column i is reached, the columns not yet visited are F = {0..i},
+right to left, which needs only L, the lower Cholesky factor of H (H = L L^T): no inverse of H or
+of L (only of L's diagonal blocks, block_size wide). When column i is reached, the columns not yet visited are F = {0..i},
 H_FF = L_FF L_FF^T, and with Li = L^-1
     [H_FF^-1][:, i] = Li_ii * Li[i, :i+1],        [H_FF^-1]_ii = Li_ii^2 = 1 / L_ii^2,
 so removing weight i among F (Hassibi & Stork Eq. 5/6) costs (w_i L_ii)^2 / 2 and changes the
@@ -33,7 +33,7 @@ from onnx_obs.prune.blas_threads import one_blas_thread
 from onnx_obs.prune.masks import nm_mask, smallest_overall, spread_zeros
 
 # Columns handled by rank-1 steps before a matrix product takes over (a sub-block of the output
-# stays in L2 cache); 16 was fastest of 8/16/32/64 on the 4096x4096 benchmark.
+# stays in L2 cache); 16 and 32 were fastest of 8/16/32/64/128 on the 4096x4096 benchmark.
 SUB_BLOCK = 16
 
 

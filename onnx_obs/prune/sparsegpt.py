@@ -60,6 +60,7 @@ def sparsegpt_prune(
     block = max(m, block_size - block_size % m)
     sub = min(block, max(m, SUB_BLOCK - SUB_BLOCK % m))
     diag = L.diagonal().copy()
+    inv_diag = 1.0 / diag
     starts = list(reversed(range(0, cols, block)))
     if pattern is None:
         forced_cols = np.count_nonzero(W0 == 0.0, axis=0)
@@ -79,7 +80,7 @@ def sparsegpt_prune(
         with one_blas_thread():
             if pattern is None:  # Alg. 1 line 9: adaptive mask over the whole block
                 drop[:] = smallest_overall(_saliency(w0, S, L, slice(i1, i2)), forced, quotas[b])
-            _visit_block(w0, forced, S, L, diag, drop, Z, current, i1, i2, sub, pattern)
+            _visit_block(w0, forced, S, L, inv_diag, drop, Z, current, i1, i2, sub, pattern)
         if i1 > 0:  # the block's changes reach every column still to visit
             dgemm(1.0, Z[:, : i2 - i1], L[i1:i2, :i1], beta=1.0, c=S[:, :i1], overwrite_c=True)
         pruned = np.where(drop, current[:, : i2 - i1], 0.0)  # w_i of the removed weights
@@ -87,10 +88,9 @@ def sparsegpt_prune(
     return S, removed, predicted
 
 
-def _visit_block(w0, forced, S, L, diag, drop, Z, current, i1, i2, sub, pattern) -> None:
+def _visit_block(w0, forced, S, L, inv_diag, drop, Z, current, i1, i2, sub, pattern) -> None:
     """Visit columns i2-1 .. i1 (Alg. 1 lines 10-15): final weights into S, changes into Z."""
     keep = (~drop).astype(np.float64)
-    inv_diag = 1.0 / diag
     for j1 in reversed(range(i1, i2, sub)):
         j2 = min(j1 + sub, i2)
         for i in range(j2 - 1, j1 - 1, -1):

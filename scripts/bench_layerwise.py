@@ -90,7 +90,7 @@ def bench_fast(rng, cols: int, samples: int) -> None:
             f"{t_fast / floor:.2f}x wall, {c_fast / c_floor:.2f}x cpu   (target <= 1.5x)"
         )
     _, t_24, c_24 = timed(prune_layer, W, H, pattern=(2, 4), solver="fast")
-    print(f"fast 2:4:               {t_24:6.3f} s wall {c_24:8.3f} s cpu   ratio to floor {t_24 / floor:.2f}x wall")
+    print(f"fast 2:4:               {t_24:6.3f} s wall {c_24:8.3f} s cpu   ratio to floor {t_24 / floor:.2f}x")
     print(f"fast 50% predicted error {result.predicted_error:.6g}, zeros {np.mean(result.weight == 0):.4f}")
 
 
@@ -103,7 +103,8 @@ def bench_exact(rng, cols: int) -> None:
     result, t_exact, c_exact = timed(prune_layer, W, H, sparsity=0.5, solver="exact")
     print(f"exact 50% (global allocation): {t_exact:8.3f} s wall {c_exact:8.3f} s cpu   (target < 20 s)")
     Hd = H + 0.01 * H.diagonal().mean() * np.eye(cols)
-    (w_row, _, _), t_row, c_row = timed(obc_prune, W, np.linalg.inv(Hd), W == 0, n_zeros=W.size // 2, allocation="row")
+    row_alloc = timed(obc_prune, W, np.linalg.inv(Hd), W == 0, n_zeros=W.size // 2, allocation="row")
+    (w_row, _, _), t_row, c_row = row_alloc
     print(f"exact 50% (row allocation):    {t_row:8.3f} s wall {c_row:8.3f} s cpu")
     errors = {
         "exact global": layer_error(W, result.weight, H),
@@ -113,7 +114,8 @@ def bench_exact(rng, cols: int) -> None:
     for method in ("obd", "wanda", "magnitude"):
         errors[method] = layer_error(W, prune_layer(W, H, method=method).weight, H)
     base = errors["exact global"]
-    print("layer error (x exact global): " + ", ".join(f"{k} {v:.4g} ({v / base:.2f})" for k, v in errors.items()))
+    summary = ", ".join(f"{k} {v:.4g} ({v / base:.2f})" for k, v in errors.items())
+    print(f"layer error (x exact global): {summary}")
 
 
 def bench_auto(rng) -> None:
@@ -142,8 +144,9 @@ def main() -> None:
     if args.quick:
         args.cols, args.samples, args.exact_cols = 512, 1024, 96
     rng = np.random.default_rng(0)
-    blas = ", ".join(f"{i['internal_api']} {i['num_threads']} threads" for i in threadpool_info() if i["user_api"] == "blas")
-    print(f"machine: {os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; BLAS: {blas}")
+    blas = [f"{i['internal_api']} {i['num_threads']} threads" for i in threadpool_info() if i["user_api"] == "blas"]
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"machine: {os.cpu_count()} CPUs, load average {load}; BLAS: {', '.join(blas)}")
     bench_fast(rng, args.cols, args.samples)
     bench_exact(rng, args.exact_cols)
     if args.auto:

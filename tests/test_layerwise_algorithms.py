@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onnx_obs.prune.layerwise import LayerResult, layer_error, prune_layer
+from onnx_obs.prune.masks import smallest_in_groups
 
 
 def activations(rng, n, cols, mix=0.05):
@@ -39,6 +40,9 @@ def best_error_for_mask(w, X, removed):
     w_new = np.zeros_like(w)
     w_new[free] = v
     return float(np.sum((X @ (w - w_new)) ** 2) / len(X)), w_new
+
+
+ALL_METHODS = [("obs", "exact"), ("obs", "fast"), ("obd", "auto"), ("wanda", "auto"), ("magnitude", "auto")]
 
 
 # ---------------------------------------------------------------- exact solver (OBC)
@@ -158,8 +162,10 @@ def test_fast_close_to_exact_and_both_beat_baselines():
     W = rng.standard_normal((64, 64))
     err = {s: layer_error(W, prune_layer(W, H, solver=s).weight, H) for s in ("exact", "fast")}
     base = {m: layer_error(W, prune_layer(W, H, method=m).weight, H) for m in ("magnitude", "obd", "wanda")}
-    # SparseGPT's fixed column order costs it against OBC's free greedy order: measured 1.1-1.3x
-    # on mildly correlated inputs, 2.5-5x on strongly correlated ones (see the module report).
+    # SparseGPT's fixed column order costs it against OBC's free greedy order. Fast/exact error
+    # measured at 128x128, 50%: 1.15-1.2 (block 16-128) for independent inputs, 1.2-1.3 at this
+    # mild correlation, 1.5-1.9 at mix=0.05, 2.5-5 for strongly correlated inputs (and 2.5-3 in
+    # scripts/bench_layerwise.py). Here it is 1.12.
     assert err["exact"] <= err["fast"] <= 1.35 * err["exact"]
     assert max(err.values()) < min(base.values())
 
@@ -167,7 +173,7 @@ def test_fast_close_to_exact_and_both_beat_baselines():
 # ---------------------------------------------------------------- masks and targets
 
 
-@pytest.mark.parametrize("method,solver", [("obs", "exact"), ("obs", "fast"), ("obd", "auto"), ("wanda", "auto"), ("magnitude", "auto")])
+@pytest.mark.parametrize("method,solver", ALL_METHODS)
 @pytest.mark.parametrize("cols", [12, 14])
 def test_nm_pattern_keeps_n_in_every_group(method, solver, cols):
     rng = np.random.default_rng(6)
@@ -181,7 +187,7 @@ def test_nm_pattern_keeps_n_in_every_group(method, solver, cols):
         assert (nonzero[:, g : g + 4].sum(axis=1) == expected).all()
 
 
-@pytest.mark.parametrize("method,solver", [("obs", "exact"), ("obs", "fast"), ("obd", "auto"), ("wanda", "auto"), ("magnitude", "auto")])
+@pytest.mark.parametrize("method,solver", ALL_METHODS)
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.77, 1.0])
 def test_sparsity_target_met_exactly(method, solver, sparsity):
     rng = np.random.default_rng(7)
@@ -193,7 +199,7 @@ def test_sparsity_target_met_exactly(method, solver, sparsity):
     assert np.isfinite(r.weight).all() and np.isfinite(r.predicted_error)
 
 
-@pytest.mark.parametrize("method,solver", [("obs", "exact"), ("obs", "fast"), ("obd", "auto"), ("wanda", "auto"), ("magnitude", "auto")])
+@pytest.mark.parametrize("method,solver", ALL_METHODS)
 def test_prezeroed_weights_stay_zero_and_count(method, solver):
     rng = np.random.default_rng(8)
     X = activations(rng, 80, 16)
@@ -234,7 +240,7 @@ def test_baseline_masks_match_their_definitions():
 # ---------------------------------------------------------------- degenerate Hessians
 
 
-@pytest.mark.parametrize("method,solver", [("obs", "exact"), ("obs", "fast"), ("obd", "auto"), ("wanda", "auto"), ("magnitude", "auto")])
+@pytest.mark.parametrize("method,solver", ALL_METHODS)
 def test_dead_inputs_give_zero_weights_and_no_nan(method, solver):
     rng = np.random.default_rng(10)
     X = activations(rng, 100, 12)
@@ -316,7 +322,8 @@ def test_invariants_on_random_layers(rows, cols, sparsity, pattern, method, zero
     W = rng.standard_normal((rows, cols))
     W[rng.random(W.shape) < zero_frac] = 0.0
     name, _, solver = method.partition("-")
-    r = prune_layer(W, hessian(X), method=name, sparsity=sparsity, pattern=pattern, solver=solver or "auto", block_size=4)
+    solver = solver or "auto"
+    r = prune_layer(W, hessian(X), method=name, sparsity=sparsity, pattern=pattern, solver=solver, block_size=4)
     assert isinstance(r, LayerResult) and r.weight.shape == W.shape and r.weight.dtype == np.float64
     assert np.isfinite(r.weight).all() and np.isfinite(r.predicted_error) and r.predicted_error >= 0
     assert ((r.weight != 0) == r.mask).all()
@@ -333,3 +340,18 @@ def test_invariants_on_random_layers(rows, cols, sparsity, pattern, method, zero
             assert (kept == np.minimum(min(n, cols - g), could_keep)).all()
     if live.any():
         assert r.predicted_error == pytest.approx(damped_error(W_prepared, r, X), rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("m", [4, 8, 9, 16])
+def test_group_selection_matches_stable_sort(m):
+    rng = np.random.default_rng(12)
+    scores = rng.integers(0, 4, size=(50, 3, m)).astype(float)  # many ties
+    forced = rng.random(scores.shape) < 0.2
+    n_remove = rng.integers(0, m + 1, size=(50, 3))
+    got = smallest_in_groups(scores, forced, n_remove)
+    for idx in itertools.product(range(50), range(3)):
+        s = np.where(forced[idx], -np.inf, scores[idx])
+        count = max(n_remove[idx], forced[idx].sum())
+        expected = np.zeros(m, dtype=bool)
+        expected[np.argsort(s, kind="stable")[:count]] = True
+        assert (got[idx] == expected).all()

@@ -34,10 +34,10 @@ METHODS = ("obs", "obd", "wanda", "magnitude")
 SOLVERS = ("auto", "exact", "fast")
 
 # solver="auto" uses the exact solver up to this many columns. Measured with
-# `scripts/bench_layerwise.py --auto` (square layers, 50%, 2-core AMD EPYC shared with other jobs,
-# load 3.9): exact 0.24 s at 128 columns, 0.71 s at 192, 1.05 s at 256, 3.9 s at 384 (fast: 2-15 ms);
-# exact gave 2.5-2.8x lower layer error than fast on those correlated inputs. Exact time grows
-# with rows * cols^2 * (steps per row), so about 16x per doubling of a square layer.
+# `scripts/bench_layerwise.py --auto` (square layers, 50%, 2-core AMD EPYC, load 0.8): exact took
+# 0.07 s at 128 columns, 0.37 s at 192, 0.73 s at 256, 2.9 s at 384 (fast: 2-14 ms), and gave
+# 2.5-3x lower layer error than fast on those correlated inputs. Exact time grows with
+# rows * cols^2 * steps per row: about 16x per doubling of a square layer, 2x per doubling of rows.
 EXACT_MAX_COLS = 256
 
 
@@ -76,7 +76,8 @@ def prune_layer(
     n_zeros = round(sparsity * W.size)
     work = _float_copy(W)
     if work.size == 0:
-        return LayerResult(work, np.ones(work.shape, dtype=bool), 0.0, 0.0, "exact" if method == "obs" else method)
+        solver_name = "exact" if method == "obs" else method
+        return LayerResult(work, np.ones(work.shape, dtype=bool), 0.0, 0.0, solver_name)
     if H is None:
         return _baseline(work, None, 0.0, "magnitude", n_zeros, pattern)
     h_diag = H.diagonal().astype(np.float64)
@@ -94,7 +95,9 @@ def prune_layer(
     with blas_threads_for(cols**3 / 3 + rows * cols**2):  # Cholesky + SparseGPT's products
         L, lam = _damped_cholesky(H, dead, lam, float(h_diag.max()))
         if solver == "fast" or (solver == "auto" and cols > EXACT_MAX_COLS):
-            weight, removed, predicted = sparsegpt_prune(work, L, n_zeros=n_zeros, pattern=pattern, block_size=block_size)
+            weight, removed, predicted = sparsegpt_prune(
+                work, L, n_zeros=n_zeros, pattern=pattern, block_size=block_size
+            )
             return LayerResult(weight, ~removed, predicted, lam, "fast")
         Hinv, _ = lapack.dpotri(L, lower=1, overwrite_c=1)
     Hinv = np.tril(Hinv) + np.tril(Hinv, -1).T
@@ -181,7 +184,8 @@ def _check(W, H, method, sparsity, pattern, solver, block_size, damp):
     else:
         H = np.asarray(H)
         if H.shape != (W.shape[1], W.shape[1]):
-            raise ValueError(f"H must be ({W.shape[1]}, {W.shape[1]}) for W of shape {W.shape}, got {H.shape}")
+            cols = W.shape[1]
+            raise ValueError(f"H must be ({cols}, {cols}) for W of shape {W.shape}, got {H.shape}")
         if not np.isfinite(H).all():
             raise ValueError("H contains NaN or infinity")
     if pattern is None:

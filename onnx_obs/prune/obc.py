@@ -103,7 +103,8 @@ def _greedy(
     with one_blas_thread():
         for r0 in range(0, rows, chunk):
             r = by_steps[r0 : r0 + chunk]
-            w[r], removed[r], losses[r] = _greedy_chunk(w[r], Hinv, forced[r], stop[r], groups, losses.shape[1])
+            chunk_result = _greedy_chunk(w[r], Hinv, forced[r], stop[r], groups, losses.shape[1])
+            w[r], removed[r], losses[r] = chunk_result
     w[removed] = 0.0  # removed columns of later steps carry rounding-level values
     return w, removed, losses
 

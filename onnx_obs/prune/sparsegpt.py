@@ -2,7 +2,8 @@
 
 Alg. 1 visits the columns left to right with U, the upper Cholesky factor of H^-1. We visit them
 right to left, which needs only L, the lower Cholesky factor of H (H = L L^T): no inverse of H or
-of L (only of L's diagonal blocks, block_size wide). When column i is reached, the columns not yet visited are F = {0..i},
+of L (only of L's diagonal blocks, block_size wide). When column i is reached, the columns not
+yet visited are F = {0..i},
 H_FF = L_FF L_FF^T, and with Li = L^-1
     [H_FF^-1][:, i] = Li_ii * Li[i, :i+1],        [H_FF^-1]_ii = Li_ii^2 = 1 / L_ii^2,
 so removing weight i among F (Hassibi & Stork Eq. 5/6) costs (w_i L_ii)^2 / 2 and changes the
@@ -77,9 +78,9 @@ def sparsegpt_prune(
         w0 = W0[:, i1:i2]
         forced = w0 == 0.0
         drop = removed[:, i1:i2]
+        if pattern is None:  # Alg. 1 line 9: adaptive mask over the whole block
+            drop[:] = smallest_overall(_saliency(w0, S, L, slice(i1, i2)), forced, quotas[b])
         with one_blas_thread():
-            if pattern is None:  # Alg. 1 line 9: adaptive mask over the whole block
-                drop[:] = smallest_overall(_saliency(w0, S, L, slice(i1, i2)), forced, quotas[b])
             _visit_block(w0, forced, S, L, inv_diag, drop, Z, current, i1, i2, sub, pattern)
         if i1 > 0:  # the block's changes reach every column still to visit
             dgemm(1.0, Z[:, : i2 - i1], L[i1:i2, :i1], beta=1.0, c=S[:, :i1], overwrite_c=True)

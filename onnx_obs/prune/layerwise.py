@@ -106,7 +106,8 @@ def prune_layer(
 
 
 def layer_error(W_old: np.ndarray, W_new: np.ndarray, H: np.ndarray) -> float:
-    """E(W_new) - E(W_old) = 1/2 sum_r dW_r^T H dW_r with the undamped H."""
+    """Layer-wise error of W_new against W_old: 1/2 sum_r dW_r^T H dW_r with the undamped H,
+    which equals mean_k ||(W_old - W_new) x_k||^2 for H = (2/n) sum_k x_k x_k^T."""
     dW = np.asarray(W_old, dtype=np.float64) - np.asarray(W_new, dtype=np.float64)
     return _half_quadratic(dW, np.asarray(H, dtype=np.float64))
 

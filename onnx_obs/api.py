@@ -16,7 +16,7 @@ from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.capture import site_depths, with_outputs
 from onnx_obs.graph.model_io import (LoadedModel, check_output_path, check_proto, from_proto, iter_tensors,
                                      load_model, save_model)
-from onnx_obs.graph.sites import FLOAT_TYPES, Site, Skipped, find_sites, site_matrix, write_matrix
+from onnx_obs.graph.sites import FLOAT_TYPES, Site, find_sites, site_matrix, write_matrix
 from onnx_obs.hessian.layerwise import ConvGeometry, HessianSum, input_vectors
 from onnx_obs.metrics import compare_runs
 from onnx_obs.progress import Progress

@@ -138,7 +138,7 @@ def prune(model, calib=None, *, method: str = "obs", sparsity: float = 0.5,
     # A weight that is also a graph input can be replaced by the caller at run time: prune it
     # only when --include names it.
     overridable = [s for s in sites if s.graph_input and not selection.names(s)]
-    sites = [s for s in sites if not (s.graph_input and not selection.names(s))]
+    sites = [s for s in sites if s not in overridable]
     if not sites:
         raise OnnxObsError("no prunable weights selected: check --include/--exclude/--op-types "
                            "(run `onnx-obs inspect MODEL` to list the sites)" + (
@@ -160,29 +160,28 @@ def prune(model, calib=None, *, method: str = "obs", sparsity: float = 0.5,
         cal = load_calibration(calib, loaded.model, batch_size=batch_size,
                                max_samples=max_samples, labels_key=labels)
         report.calibration_samples = cal.num_samples
-    runner_device = device
     with Progress(enabled=progress) as bar:
         if structure is not None:
             sites = compact.prune_structured(
                 loaded, cal, selection, method=method, sparsity=sparsity,
                 target_params=target_params, target_flops=target_flops, damp=damp,
-                device=runner_device, report=report, bar=bar, capture=capture_hessians)
+                device=device, report=report, bar=bar, capture=capture_hessians)
         elif hessian != "layerwise":
             sites = _drop_uncaptureable(sites, report)
             prune_full(loaded, sites, cal, method=method, sparsity=sparsity, hessian=hessian, options=full,
-                       bound=bound, device=runner_device, report=report, bar=bar, force=force)
+                       bound=bound, device=device, report=report, bar=bar, force=force)
         elif method == "magnitude":
             _prune_magnitude(sites, loaded, sparsity, pattern, scope, report)
         else:
             sites = _drop_uncaptureable(sites, report)
             _prune_layerwise(sites, loaded, cal, method, sparsity, pattern, solver, block_size,
-                             damp, sequential, runner_device, report, bar,
+                             damp, sequential, device, report, bar,
                              None if sequential else hessians)
         _refuse_non_finite(sites, loaded.base_dir)
-        report.device = _validate(original, loaded, cal, runner_device, report, bar)
-        compact.apply_storage(loaded, storage, runner_device, cal, report)
+        report.device = _validate(original, loaded, cal, device, report, bar)
+        compact.apply_storage(loaded, storage, device, cal, report)
         if structure is not None or storage != "dense":
-            report.costs = compact.measure_costs(original, loaded, cal, runner_device)
+            report.costs = compact.measure_costs(original, loaded, cal, device)
     report.notes += [f"{r.name}: already {r.zeros_before / r.params:.1%} zeros, at or above the "
                      f"{sparsity:.1%} target: nothing removed" for r in report.sites
                      if pattern is None and scope == "layer" and hessian == "layerwise" and r.zeros_before
@@ -298,20 +297,21 @@ def capture_hessians(loaded: LoadedModel, sites: list[Site], cal: Calibration, d
     """
     acts = sorted({u.activation for s in sites for u in s.uses})
     runner = Runner(with_outputs(loaded.model, acts), loaded.base_dir, device)
-    sums: dict[tuple, tuple[HessianSum, Site]] = {}
+    sums: dict[tuple, tuple[HessianSum, Site, list]] = {}
     keys = {}
     for s in sites:
-        key = tuple((u.activation, u.samples, repr(_geometry(s, u))) for u in s.uses)
+        geometries = [_geometry(s, u) for u in s.uses]
+        key = tuple((u.activation, u.samples, repr(g)) for u, g in zip(s.uses, geometries))
         keys[s.name] = key
         if key not in sums:
-            sums[key] = HessianSum(len(s.row_groups()), s.matrix_shape[1] + with_bias), s
+            sums[key] = HessianSum(len(s.row_groups()), s.matrix_shape[1] + with_bias), s, geometries
     task = bar.add("capturing activations", total=len(cal.batches))
     for feeds in cal:
         values = dict(zip(acts, runner.run(feeds, acts)))
-        for acc, s in sums.values():
-            for u in s.uses:
+        for acc, s, geometries in sums.values():
+            for u, geometry in zip(s.uses, geometries):
                 for vectors in input_vectors(values[u.activation], u.samples, s.matrix_shape[1],
-                                             _geometry(s, u)):
+                                             geometry):
                     if with_bias:
                         vectors = np.concatenate([vectors, np.ones(vectors.shape[:2] + (1,), vectors.dtype)],
                                                  axis=2)

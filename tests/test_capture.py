@@ -42,16 +42,11 @@ def hessian(vectors: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- independent unfolds (loops)
 
-def conv_vectors(x, kernel, group, strides=None, pads=None, dilations=None):
-    """Conv input vectors, one per (sample, output position) and group; columns (channel, taps)."""
+def _loop_vectors(x, kernel, group, out, tap_index):
+    """One vector per (sample, output position) and group, columns (channel, taps); tap_index(p, k)
+    gives the input position output p reads through tap k, or None where it reads zero."""
     n, c = x.shape[:2]
-    r = len(kernel)
-    strides = strides or [1] * r
-    dilations = dilations or [1] * r
-    pads = pads or [0] * 2 * r
     spatial = x.shape[2:]
-    out = [(spatial[i] + pads[i] + pads[r + i] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1
-           for i in range(r)]
     cg = c // group
     vecs = [[] for _ in range(group)]
     for s in range(n):
@@ -60,17 +55,29 @@ def conv_vectors(x, kernel, group, strides=None, pads=None, dilations=None):
                 v = []
                 for ch in range(g * cg, (g + 1) * cg):
                     for k in itertools.product(*[range(kk) for kk in kernel]):
-                        idx = [p[i] * strides[i] + k[i] * dilations[i] - pads[i] for i in range(r)]
-                        inside = all(0 <= idx[i] < spatial[i] for i in range(r))
+                        idx = tap_index(p, k)
+                        inside = idx is not None and all(0 <= i < n_ for i, n_ in zip(idx, spatial))
                         v.append(x[(s, ch, *idx)] if inside else 0.0)
                 vecs[g].append(v)
     return np.array(vecs, np.float64), out
 
 
+def conv_vectors(x, kernel, group, strides=None, pads=None, dilations=None):
+    """Conv: output p reads x[p*s + k*d - pad] through tap k."""
+    r = len(kernel)
+    strides = strides or [1] * r
+    dilations = dilations or [1] * r
+    pads = pads or [0] * 2 * r
+    spatial = x.shape[2:]
+    out = [(spatial[i] + pads[i] + pads[r + i] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1
+           for i in range(r)]
+    return _loop_vectors(x, kernel, group, out, lambda p, k: [
+        p[i] * strides[i] + k[i] * dilations[i] - pads[i] for i in range(r)])
+
+
 def conv_transpose_vectors(x, kernel, group, strides=None, pads=None, dilations=None,
                            output_padding=None):
     """ConvTranspose input vectors: output p sees x[c, i] through tap k where p = i*s + k*d - pad."""
-    n, c = x.shape[:2]
     r = len(kernel)
     strides = strides or [1] * r
     dilations = dilations or [1] * r
@@ -79,23 +86,14 @@ def conv_transpose_vectors(x, kernel, group, strides=None, pads=None, dilations=
     spatial = x.shape[2:]
     out = [strides[i] * (spatial[i] - 1) + output_padding[i] + (kernel[i] - 1) * dilations[i] + 1
            - pads[i] - pads[r + i] for i in range(r)]
-    cg = c // group
-    vecs = [[] for _ in range(group)]
-    for s in range(n):
-        for p in itertools.product(*[range(o) for o in out]):
-            for g in range(group):
-                v = []
-                for ch in range(g * cg, (g + 1) * cg):
-                    for k in itertools.product(*[range(kk) for kk in kernel]):
-                        val = 0.0
-                        num = [p[i] + pads[i] - k[i] * dilations[i] for i in range(r)]
-                        if all(num[i] % strides[i] == 0 for i in range(r)):
-                            idx = [num[i] // strides[i] for i in range(r)]
-                            if all(0 <= idx[i] < spatial[i] for i in range(r)):
-                                val = x[(s, ch, *idx)]
-                        v.append(val)
-                vecs[g].append(v)
-    return np.array(vecs, np.float64), out
+
+    def tap_index(p, k):
+        num = [p[i] + pads[i] - k[i] * dilations[i] for i in range(r)]
+        if any(num[i] % strides[i] for i in range(r)):
+            return None
+        return [num[i] // strides[i] for i in range(r)]
+
+    return _loop_vectors(x, kernel, group, out, tap_index)
 
 
 def check_vectors_reproduce(site, vecs, y):

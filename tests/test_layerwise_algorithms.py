@@ -258,6 +258,22 @@ def test_dead_inputs_give_zero_weights_and_no_nan(method, solver):
     assert r.predicted_error == pytest.approx(damped_error(W_prepared, r, X), rel=1e-8)
 
 
+@pytest.mark.parametrize("method,solver", ALL_METHODS)
+def test_dead_inputs_keep_their_weights_unless_the_target_needs_them(method, solver):
+    rng = np.random.default_rng(12)
+    X = activations(rng, 100, 12)
+    X[:, [2, 7]] = 0.0
+    W = rng.standard_normal((5, 12))
+    H = hessian(X)
+    unchanged = prune_layer(W, H, method=method, sparsity=0.0, solver=solver, block_size=4)
+    assert np.array_equal(unchanged.weight, W)
+    r = prune_layer(W, H, method=method, sparsity=4 / 60, solver=solver, block_size=4)
+    dead = np.abs(W[:, [2, 7]])
+    expected = np.isin(np.abs(W), np.sort(dead, axis=None)[:4])  # the 4 smallest dead weights
+    assert np.array_equal(r.weight == 0, expected)
+    assert np.array_equal(r.weight[~expected], W[~expected])  # nothing else moves
+
+
 def damped_error(W, r, X):
     """E(W') - E(W) + damping/2 ||W - W'||^2: what every method predicts (OBS exactly so)."""
     return measured_error(W, r.weight, X) + 0.5 * r.damping * float(np.sum((W - r.weight) ** 2))
@@ -329,14 +345,15 @@ def test_invariants_on_random_layers(rows, cols, sparsity, pattern, method, zero
     assert ((r.weight != 0) == r.mask).all()
     assert (r.weight[W == 0] == 0).all()
     live = np.sum(X * X, axis=0) > 0
-    W_prepared = np.where(live, W, 0.0) if live.any() else W  # all dead: magnitude, nothing zeroed
+    # Dead inputs: weights the target removed cost nothing on the data (excluded from E).
+    W_prepared = np.where(~live & (r.weight == 0), 0.0, W)
     if pattern is None:
-        assert (r.weight == 0).sum() == max(round(sparsity * W.size), int((W_prepared == 0).sum()))
+        assert (r.weight == 0).sum() == max(round(sparsity * W.size), int((W == 0).sum()))
     else:
         n, m = pattern
         for g in range(0, cols, m):
             kept = r.mask[:, g : g + m].sum(axis=1)
-            could_keep = (W_prepared[:, g : g + m] != 0).sum(axis=1)
+            could_keep = (W[:, g : g + m] != 0).sum(axis=1)
             assert (kept == np.minimum(min(n, cols - g), could_keep)).all()
     if live.any():
         assert r.predicted_error == pytest.approx(damped_error(W_prepared, r, X), rel=1e-6, abs=1e-12)

@@ -4,8 +4,10 @@ A layer is W (rows = output units, cols = inputs) and H = (2/n) sum_k x_k x_k^T 
 calibration inputs, so E(W') = 1/2 sum_r (W - W')_r^T H (W - W')_r = mean_k ||(W - W') x_k||^2.
 
 Shared preparation for every method that has an H:
-- dead inputs (H_jj == 0) contribute nothing: their weights are set to zero and their row and
-  column of H become the unit vector (as SparseGPT does);
+- dead inputs (H_jj == 0) contribute nothing to E: their row and column of H become the unit
+  vector (as SparseGPT does) and their weights are removed first, smallest first, but only as
+  many as the target needs: an input that is dead on the calibration data may be live in
+  production, so the model must not change beyond the target;
 - damping adds damp * mean(diag H over live inputs) to the diagonal; should the Cholesky
   factorisation still fail (singular H with damp=0), the damping grows tenfold until it succeeds,
   and the value actually used is reported;
@@ -86,7 +88,7 @@ def prune_layer(
         result = _baseline(work, None, 0.0, "magnitude", n_zeros, pattern)
         result.predicted_error = 0.0
         return result
-    work[:, dead] = 0.0
+    _remove_needed_dead(work, dead, n_zeros, pattern)
     h_diag[dead] = 0.0
     lam = damp * float(h_diag[~dead].mean())
     if method != "obs":
@@ -103,6 +105,16 @@ def prune_layer(
     Hinv = np.tril(Hinv) + np.tril(Hinv, -1).T
     weight, removed, predicted = obc_prune(work, Hinv, work == 0.0, n_zeros=n_zeros, pattern=pattern)
     return LayerResult(weight, ~removed, predicted, lam, "exact")
+
+
+def _remove_needed_dead(work: np.ndarray, dead: np.ndarray, n_zeros: int, pattern) -> None:
+    """Zero the weights on dead inputs that the target removes anyway (they cost nothing on the
+    calibration data), smallest first; once they are gone the solvers face a live-only problem,
+    and where dead weights remain the target is already met, so they stay untouched."""
+    scores = np.where(dead, np.abs(work), np.inf)
+    forced = work == 0.0
+    removed = nm_mask(scores, forced, *pattern) if pattern else smallest_overall(scores, forced, n_zeros)
+    work[removed & dead] = 0.0
 
 
 def layer_error(W_old: np.ndarray, W_new: np.ndarray, H: np.ndarray) -> float:

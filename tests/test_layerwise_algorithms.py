@@ -155,6 +155,23 @@ def test_fast_equals_sparsegpt_algorithm_on_reversed_columns(pattern):
     np.testing.assert_allclose(r.weight, expected, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_fast_on_float32_weights_runs_in_float32_and_matches_float64(pattern):
+    rng = np.random.default_rng(6)
+    X = activations(rng, 600, 96)
+    H = hessian(X)
+    W = rng.standard_normal((40, 96))
+    r64 = prune_layer(W, H, sparsity=0.5, pattern=pattern, solver="fast", block_size=32)
+    r32 = prune_layer(W.astype(np.float32), H, sparsity=0.5, pattern=pattern, solver="fast", block_size=32)
+    assert r64.weight.dtype == np.float64 and r32.weight.dtype == np.float32
+    assert np.mean(r32.mask == r64.mask) > 0.99  # near-ties may flip a few choices
+    same = (r32.mask == r64.mask).all(axis=1)
+    np.testing.assert_allclose(r32.weight[same], r64.weight[same], rtol=1e-4, atol=1e-4)
+    e32, e64 = (layer_error(W, r.weight, H) for r in (r32, r64))
+    assert e32 == pytest.approx(e64, rel=1e-3)
+    assert r32.predicted_error == pytest.approx(damped_error(W, r32, X), rel=1e-4)
+
+
 def test_fast_close_to_exact_and_both_beat_baselines():
     rng = np.random.default_rng(5)
     X = activations(rng, 512, 64, mix=0.02)

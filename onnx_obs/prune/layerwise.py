@@ -45,7 +45,8 @@ EXACT_MAX_COLS = 256
 
 @dataclass
 class LayerResult:
-    weight: np.ndarray  # float64 (rows, cols): pruned and corrected weights, exact zeros where pruned
+    weight: np.ndarray  # (rows, cols) pruned and corrected, exact zeros where pruned: float64, or
+                        # float32 from the fast solver on float32/16 weights
     mask: np.ndarray  # bool (rows, cols): True = kept
     predicted_error: float  # predicted increase of E (see prune_layer)
     damping: float  # absolute value added to diag(H)
@@ -76,7 +77,10 @@ def prune_layer(
     """
     W, H, pattern = _check(W, H, method, sparsity, pattern, solver, block_size, damp)
     n_zeros = round(sparsity * W.size)
-    work = _float_copy(W)
+    rows, cols = W.shape
+    fast = method == "obs" and (solver == "fast" or (solver == "auto" and cols > EXACT_MAX_COLS))
+    # The fast solver works in the weights' own precision (float32 for float32/16 models).
+    work = _float_copy(W, np.float32 if fast and W.dtype.itemsize <= 4 else np.float64)
     if work.size == 0:
         solver_name = "exact" if method == "obs" else method
         return LayerResult(work, np.ones(work.shape, dtype=bool), 0.0, 0.0, solver_name)
@@ -88,15 +92,15 @@ def prune_layer(
         result = _baseline(work, None, 0.0, "magnitude", n_zeros, pattern)
         result.predicted_error = 0.0
         return result
-    _remove_needed_dead(work, dead, n_zeros, pattern)
-    h_diag[dead] = 0.0
+    if dead.any():
+        _remove_needed_dead(work, dead, n_zeros, pattern)
+        h_diag[dead] = 0.0
     lam = damp * float(h_diag[~dead].mean())
     if method != "obs":
         return _baseline(work, h_diag, lam, method, n_zeros, pattern, H)
-    rows, cols = W.shape
     with blas_threads_for(cols**3 / 3 + rows * cols**2):  # Cholesky + SparseGPT's products
         L, lam = _damped_cholesky(H, dead, lam, float(h_diag.max()))
-        if solver == "fast" or (solver == "auto" and cols > EXACT_MAX_COLS):
+        if fast:
             weight, removed, predicted = sparsegpt_prune(
                 work, L, n_zeros=n_zeros, pattern=pattern, block_size=block_size
             )
@@ -146,10 +150,10 @@ def _baseline(work, h_diag, lam, method, n_zeros, pattern, H=None) -> LayerResul
     return LayerResult(work, ~removed, predicted, lam, method)
 
 
-def _float_copy(W: np.ndarray) -> np.ndarray:
-    """A float64 copy of W in Fortran order (columns contiguous), copied in bands of rows (a
-    whole-array transposing copy of a 4096x4096 matrix took 3x longer)."""
-    work = np.empty(W.shape, order="F")
+def _float_copy(W: np.ndarray, dtype) -> np.ndarray:
+    """A copy of W in Fortran order (columns contiguous), copied in bands of rows (a whole-array
+    transposing copy of a 4096x4096 matrix took 3x longer)."""
+    work = np.empty(W.shape, dtype=dtype, order="F")
     for r in range(0, W.shape[0], 256):
         work[r : r + 256] = W[r : r + 256]
     return work

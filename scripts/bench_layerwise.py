@@ -6,7 +6,8 @@ Prints, in one run:
   Cholesky factorisation plus inverse of the same H, timed in the same run;
 - the seconds of exact-mode (OBC) 50% pruning of a smaller layer, with both row allocations,
   and the layer errors of every method on it;
-- with --auto, exact vs fast seconds over a range of square layer sizes (for EXACT_MAX_COLS);
+- with --auto, exact vs fast seconds and errors over a range of layer shapes (for
+  EXACT_MAX_WORK), and every method's error on the real layers of the repository's samples;
 - peak resident memory.
 
 The floor and fast mode run with the same BLAS threads (prune_layer keeps layers under
@@ -24,14 +25,19 @@ import argparse
 import os
 import resource
 import time
+from pathlib import Path
 
 import numpy as np
 from scipy.linalg import lapack
 from scipy.linalg.blas import dsyrk
 from threadpoolctl import ThreadpoolController, threadpool_info
 
+from onnx_obs import api
+from onnx_obs.calib import load_calibration
+from onnx_obs.graph.sites import find_sites, site_matrix
+from onnx_obs.progress import Progress
 from onnx_obs.prune.blas_threads import blas_threads_for
-from onnx_obs.prune.layerwise import layer_error, prune_layer
+from onnx_obs.prune.layerwise import EXACT_MAX_WORK, layer_error, prune_layer
 from onnx_obs.prune.obc import obc_prune
 
 
@@ -119,15 +125,37 @@ def bench_exact(rng, cols: int) -> None:
 
 
 def bench_auto(rng) -> None:
-    print("== exact vs fast, square layers, 50%, for EXACT_MAX_COLS")
-    for cols in (64, 96, 128, 192, 256, 384):
+    print("== exact vs fast, 50%, for EXACT_MAX_WORK (auto: exact while rows * cols^3 fits)")
+    for rows, cols in ((128, 128), (256, 256), (64, 576), (128, 512), (384, 384), (512, 512)):
         X = correlated_inputs(rng, 2 * cols, cols).astype(np.float64)
-        W = rng.standard_normal((cols, cols))
+        W = rng.standard_normal((rows, cols))
         H = 2.0 / len(X) * X.T @ X
         exact, t_exact, _ = timed(prune_layer, W, H, solver="exact")
         fast, t_fast, _ = timed(prune_layer, W, H, solver="fast")
         ratio = layer_error(W, fast.weight, H) / layer_error(W, exact.weight, H)
-        print(f"cols {cols:4d}: exact {t_exact:7.3f} s   fast {t_fast:7.4f} s   fast/exact error {ratio:.2f}")
+        auto = "exact" if rows * cols**3 <= EXACT_MAX_WORK else "fast"
+        print(f"{rows:4d}x{cols:<4d} work 2^{np.log2(rows * cols**3):4.1f}: exact {t_exact:7.3f} s   "
+              f"fast {t_fast:7.4f} s   fast/exact error {ratio:.2f}   auto: {auto}")
+
+
+def bench_sample_layers() -> None:
+    """Layer errors of every method on the layers of the repository's samples, with Hessians
+    captured through onnxruntime from their calibration data (real activations)."""
+    print("== real layers: samples/digits_*.onnx, 50%, layer error relative to exact")
+    samples = Path(__file__).resolve().parent.parent / "samples"
+    for name in ("digits_mlp", "digits_cnn"):
+        loaded = api._load(samples / f"{name}.onnx")
+        sites, _ = find_sites(loaded.model)
+        cal = load_calibration(samples / f"{name}_calib.npz", loaded.model)
+        with Progress(False) as bar:
+            hessians = api.capture_hessians(loaded, sites, cal, "cpu", bar)
+        for site in sites:
+            W, H = site_matrix(site), hessians[site.name][0]
+            runs = {"exact": {"solver": "exact"}, "fast": {"solver": "fast"}}
+            runs |= {m: {"method": m} for m in ("obd", "wanda", "magnitude")}
+            errors = {k: layer_error(W, prune_layer(W, H, **kw).weight, H) for k, kw in runs.items()}
+            summary = ", ".join(f"{k} {v / errors['exact']:.2f}" for k, v in errors.items() if k != "exact")
+            print(f"{name} {site.name} {W.shape[0]}x{W.shape[1]}: {summary}")
 
 
 def main() -> None:
@@ -151,6 +179,7 @@ def main() -> None:
     bench_exact(rng, args.exact_cols)
     if args.auto:
         bench_auto(rng)
+        bench_sample_layers()
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory (max RSS): {peak_mib:.0f} MiB")
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

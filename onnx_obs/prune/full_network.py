@@ -321,7 +321,7 @@ class FullNetwork:
         self.outputs = _float_outputs(loaded.model)
         self.wrt = list(dict.fromkeys(t.use.output for t in params.terms))
         self.acts = list(dict.fromkeys(t.use.activation for t in params.terms))
-        self.P = cal.num_samples
+        self.P = 0  # samples: the rows of the outputs, whatever the inputs' layout
         self.mode: str | None = None
         self.seconds = {"gradients": 0.0, "inverse": 0.0}
         self.mean_diag: float | None = None
@@ -339,11 +339,12 @@ class FullNetwork:
         self.targets, start = [], 0
         for feeds in self.cal:
             outs = runner.run(feeds, self.outputs)
-            b = _batch_size(feeds)
+            b = outs[0].shape[0] if outs[0].ndim else 0
             for name, f in zip(self.outputs, outs):
                 if f.ndim == 0 or f.shape[0] != b:
                     raise OnnxObsError(f"output '{name}' of shape {list(f.shape)} does not have the batch of {b} "
                                        "on axis 0: full-network OBS needs per-sample outputs")
+            self.P += b
             if labels is None:
                 self.targets.append([o.astype(np.float64) for o in outs])
                 continue
@@ -484,11 +485,6 @@ class FullNetwork:
         self.params.write(w)
         self.recomputes += 1
         return self.inverse(np.flatnonzero(mask))
-
-
-def _batch_size(feeds: dict) -> int:
-    first = next(iter(feeds.values()))
-    return first.shape[0] if first.ndim else 1
 
 
 def _check_batch_axis(t: Term, x: np.ndarray, z_shape: tuple, batch: int, mode: str) -> None:

@@ -35,12 +35,12 @@ from onnx_obs.prune.sparsegpt import sparsegpt_prune
 METHODS = ("obs", "obd", "wanda", "magnitude")
 SOLVERS = ("auto", "exact", "fast")
 
-# solver="auto" uses the exact solver up to this many columns. Measured with
-# `scripts/bench_layerwise.py --auto` (square layers, 50%, 2-core AMD EPYC, load 0.8): exact took
-# 0.07 s at 128 columns, 0.37 s at 192, 0.73 s at 256, 2.9 s at 384 (fast: 2-14 ms), and gave
-# 2.5-3x lower layer error than fast on those correlated inputs. Exact time grows with
-# rows * cols^2 * steps per row: about 16x per doubling of a square layer, 2x per doubling of rows.
-EXACT_MAX_COLS = 256
+# solver="auto" uses the exact solver while rows * cols^3 (its full greedy trace: every row, every
+# step, an H^-1 column of cols^2) stays within this budget, the fast solver beyond. Exact gives
+# far lower error on real layers (2-30x lower than fast on the digits samples' layers, see
+# scripts/bench_layerwise.py --auto); measured on a 2-core AMD EPYC: 0.7 s for 256x256 (2^32),
+# 1.6 s for a 64x576 conv (2^33.5); the budget allows about 3-4 s per layer.
+EXACT_MAX_WORK = 2**34
 
 
 @dataclass
@@ -78,7 +78,7 @@ def prune_layer(
     W, H, pattern = _check(W, H, method, sparsity, pattern, solver, block_size, damp)
     n_zeros = round(sparsity * W.size)
     rows, cols = W.shape
-    fast = method == "obs" and (solver == "fast" or (solver == "auto" and cols > EXACT_MAX_COLS))
+    fast = method == "obs" and (solver == "fast" or (solver == "auto" and rows * cols**3 > EXACT_MAX_WORK))
     # The fast solver works in the weights' own precision (float32 for float32/16 models).
     work = _float_copy(W, np.float32 if fast and W.dtype.itemsize <= 4 else np.float64)
     if work.size == 0:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.linalg.blas import get_blas_funcs
-from scipy.linalg.lapack import dtrtri
 
 from onnx_obs.prune.blas_threads import one_blas_thread
 from onnx_obs.prune.masks import nm_mask, smallest_overall, spread_zeros
@@ -71,7 +70,7 @@ def sparsegpt_prune(
     diag = L.diagonal().copy()
     inv_diag = (1.0 / diag).astype(dtype)
     Lw = L if dtype == L.dtype else L.astype(dtype, order="F")
-    gemm, ger = get_blas_funcs(("gemm", "ger"), dtype=dtype)
+    gemm, ger, trsm = get_blas_funcs(("gemm", "ger", "trsm"), dtype=dtype)
     starts = list(reversed(range(0, cols, block)))
     if pattern is None:
         forced_cols = np.count_nonzero(W0 == 0.0, axis=0)
@@ -89,9 +88,9 @@ def sparsegpt_prune(
         forced = w0 == 0.0
         drop = removed[:, i1:i2]
         if pattern is None:  # Alg. 1 line 9: adaptive mask over the whole block
-            drop[:] = smallest_overall(_saliency(w0, S, L, slice(i1, i2), gemm), forced, quotas[b])
+            drop[:] = smallest_overall(_saliency(w0, S, Lw, slice(i1, i2), trsm), forced, quotas[b])
         with one_blas_thread():
-            _visit_block(w0, forced, S, Lw, inv_diag, drop, Z, current, i1, i2, sub, pattern, gemm, ger)
+            _visit_block(w0, forced, S, Lw, inv_diag, drop, Z, current, i1, i2, sub, pattern, gemm, ger, trsm)
         if i1 > 0:  # the block's changes reach every column still to visit
             gemm(1.0, Z[:, : i2 - i1], Lw[i1:i2, :i1], beta=1.0, c=S[:, :i1], overwrite_c=True)
         pruned = np.where(drop, current[:, : i2 - i1], 0.0)  # w_i of the removed weights
@@ -99,7 +98,7 @@ def sparsegpt_prune(
     return S, removed, predicted
 
 
-def _visit_block(w0, forced, S, L, inv_diag, drop, Z, current, i1, i2, sub, pattern, gemm, ger) -> None:
+def _visit_block(w0, forced, S, L, inv_diag, drop, Z, current, i1, i2, sub, pattern, gemm, ger, trsm) -> None:
     """Visit columns i2-1 .. i1 (Alg. 1 lines 10-15): final weights into S, changes into Z."""
     keep = (~drop).astype(S.dtype)
     for j1 in reversed(range(i1, i2, sub)):
@@ -109,7 +108,7 @@ def _visit_block(w0, forced, S, L, inv_diag, drop, Z, current, i1, i2, sub, patt
             if pattern and ((i + 1) % pattern[1] == 0 or i == S.shape[1] - 1):
                 g = slice(i - i % pattern[1], i + 1)  # i ends group g: choose its mask now
                 local = slice(g.start - i1, k + 1)
-                drop[:, local] = nm_mask(_saliency(w0[:, local], S, L, g, gemm), forced[:, local], *pattern)
+                drop[:, local] = nm_mask(_saliency(w0[:, local], S, L, g, trsm), forced[:, local], *pattern)
                 keep[:, local] = ~drop[:, local]
             w = current[:, k]
             np.multiply(S[:, i], inv_diag[i], out=w)
@@ -122,10 +121,10 @@ def _visit_block(w0, forced, S, L, inv_diag, drop, Z, current, i1, i2, sub, patt
             gemm(1.0, Z[:, j1 - i1 : j2 - i1], L[j1:j2, i1:j1], beta=1.0, c=S[:, i1:j1], overwrite_c=True)
 
 
-def _saliency(w0: np.ndarray, S: np.ndarray, L: np.ndarray, b: slice, gemm) -> np.ndarray:
+def _saliency(w0: np.ndarray, S: np.ndarray, L: np.ndarray, b: slice, trsm) -> np.ndarray:
     """(w_i L_ii)^2 = w_i^2 / [H_FF^-1]_ii for the unvisited trailing columns b, whose current
-    weights are w_b = w0_b + S_b L_bb^-1 (module doc); one product with L_bb^-1 diag(L_bb)."""
-    d = L.diagonal()[b]
-    scale = (np.tril(dtrtri(L[b, b], lower=1)[0]) * d).astype(S.dtype)
-    w_scaled = gemm(1.0, S[:, b], scale, beta=1.0, c=w0 * d.astype(S.dtype), overwrite_c=True)
-    return np.square(w_scaled, out=w_scaled)
+    weights are w_b = w0_b + S_b L_bb^-1 (module doc): one triangular solve."""
+    w = trsm(1.0, L[b, b], S[:, b], side=1, lower=1)  # S_b L_bb^-1, a new array
+    w += w0
+    w *= L.diagonal()[b]
+    return np.square(w, out=w)

@@ -69,8 +69,7 @@ def sparsegpt_prune(
     sub = min(block, max(m, SUB_BLOCK - SUB_BLOCK % m))
     diag = L.diagonal().copy()
     inv_diag = (1.0 / diag).astype(dtype)
-    Lw = L if dtype == L.dtype else L.astype(dtype, order="F")
-    gemm, ger, trsm = get_blas_funcs(("gemm", "ger", "trsm"), dtype=dtype)
+    blas = get_blas_funcs(("gemm", "ger", "trsm"), dtype=dtype)
     starts = list(reversed(range(0, cols, block)))
     if pattern is None:
         forced_cols = np.count_nonzero(W0 == 0.0, axis=0)
@@ -84,47 +83,50 @@ def sparsegpt_prune(
     predicted = 0.0
     for b, i1 in enumerate(starts):
         i2 = min(i1 + block, cols)
-        w0 = W0[:, i1:i2]
+        w0, S_b, drop = W0[:, i1:i2], S[:, i1:i2], removed[:, i1:i2]
+        L_rows = L[i1:i2, :i2].astype(dtype, order="F")  # the block's rows of L: all it needs
+        L_bb = L_rows[:, i1:]
         forced = w0 == 0.0
-        drop = removed[:, i1:i2]
         if pattern is None:  # Alg. 1 line 9: adaptive mask over the whole block
-            drop[:] = smallest_overall(_saliency(w0, S, Lw, slice(i1, i2), trsm), forced, quotas[b])
+            drop[:] = smallest_overall(_saliency(w0, S_b, L_bb, blas), forced, quotas[b])
         with one_blas_thread():
-            _visit_block(w0, forced, S, Lw, inv_diag, drop, Z, current, i1, i2, sub, pattern, gemm, ger, trsm)
+            _visit_block(w0, forced, S_b, L_bb, inv_diag[i1:i2], drop, Z, current, sub, pattern, blas)
         if i1 > 0:  # the block's changes reach every column still to visit
-            gemm(1.0, Z[:, : i2 - i1], Lw[i1:i2, :i1], beta=1.0, c=S[:, :i1], overwrite_c=True)
+            blas[0](1.0, Z[:, : i2 - i1], L_rows[:, :i1], beta=1.0, c=S[:, :i1], overwrite_c=True)
         pruned = np.where(drop, current[:, : i2 - i1], 0.0)  # w_i of the removed weights
-        predicted += 0.5 * float(np.einsum("ij,ij->j", pruned, pruned, dtype=np.float64) @ diag[i1:i2] ** 2)  # Eq. 6
+        norms = np.einsum("ij,ij->j", pruned, pruned, dtype=np.float64)
+        predicted += 0.5 * float(norms @ diag[i1:i2] ** 2)  # Eq. 6
     return S, removed, predicted
 
 
-def _visit_block(w0, forced, S, L, inv_diag, drop, Z, current, i1, i2, sub, pattern, gemm, ger, trsm) -> None:
-    """Visit columns i2-1 .. i1 (Alg. 1 lines 10-15): final weights into S, changes into Z."""
+def _visit_block(w0, forced, S, L, inv_diag, drop, Z, current, sub, pattern, blas) -> None:
+    """Visit a block's columns right to left (Alg. 1 lines 10-15): final weights into S, changes
+    into Z. Every argument but Z and current is the block's own part (L: its diagonal block)."""
+    gemm, ger, _ = blas
+    width = S.shape[1]
     keep = (~drop).astype(S.dtype)
-    for j1 in reversed(range(i1, i2, sub)):
-        j2 = min(j1 + sub, i2)
-        for i in range(j2 - 1, j1 - 1, -1):
-            k = i - i1
-            if pattern and ((i + 1) % pattern[1] == 0 or i == S.shape[1] - 1):
-                g = slice(i - i % pattern[1], i + 1)  # i ends group g: choose its mask now
-                local = slice(g.start - i1, k + 1)
-                drop[:, local] = nm_mask(_saliency(w0[:, local], S, L, g, trsm), forced[:, local], *pattern)
-                keep[:, local] = ~drop[:, local]
+    for j1 in reversed(range(0, width, sub)):
+        j2 = min(j1 + sub, width)
+        for k in range(j2 - 1, j1 - 1, -1):
+            if pattern and ((k + 1) % pattern[1] == 0 or k == width - 1):
+                g = slice(k - k % pattern[1], k + 1)  # k ends group g: choose its mask now
+                drop[:, g] = nm_mask(_saliency(w0[:, g], S[:, g], L[g, g], blas), forced[:, g], *pattern)
+                keep[:, g] = ~drop[:, g]
             w = current[:, k]
-            np.multiply(S[:, i], inv_diag[i], out=w)
-            w += w0[:, k]  # current w_i = w0_i + s_i / L_ii
-            np.multiply(w, keep[:, k], out=S[:, i])  # final w'_i
-            np.subtract(w0[:, k], S[:, i], out=Z[:, k])  # z_i = w0_i - w'_i
-            if i > j1:
-                ger(1.0, Z[:, k], L[i, j1:i], a=S[:, j1:i], overwrite_a=True)
-        if j1 > i1:
-            gemm(1.0, Z[:, j1 - i1 : j2 - i1], L[j1:j2, i1:j1], beta=1.0, c=S[:, i1:j1], overwrite_c=True)
+            np.multiply(S[:, k], inv_diag[k], out=w)
+            w += w0[:, k]  # current w_k = w0_k + s_k / L_kk
+            np.multiply(w, keep[:, k], out=S[:, k])  # final w'_k
+            np.subtract(w0[:, k], S[:, k], out=Z[:, k])  # z_k = w0_k - w'_k
+            if k > j1:
+                ger(1.0, Z[:, k], L[k, j1:k], a=S[:, j1:k], overwrite_a=True)
+        if j1 > 0:
+            gemm(1.0, Z[:, j1:j2], L[j1:j2, :j1], beta=1.0, c=S[:, :j1], overwrite_c=True)
 
 
-def _saliency(w0: np.ndarray, S: np.ndarray, L: np.ndarray, b: slice, trsm) -> np.ndarray:
+def _saliency(w0: np.ndarray, S_b: np.ndarray, L_bb: np.ndarray, blas) -> np.ndarray:
     """(w_i L_ii)^2 = w_i^2 / [H_FF^-1]_ii for the unvisited trailing columns b, whose current
     weights are w_b = w0_b + S_b L_bb^-1 (module doc): one triangular solve."""
-    w = trsm(1.0, L[b, b], S[:, b], side=1, lower=1)  # S_b L_bb^-1, a new array
+    w = blas[2](1.0, L_bb, S_b, side=1, lower=1)  # S_b L_bb^-1, a new array
     w += w0
-    w *= L.diagonal()[b]
+    w *= L_bb.diagonal()
     return np.square(w, out=w)

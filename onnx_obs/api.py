@@ -15,13 +15,14 @@ from onnx_obs.calib import Calibration, load_calibration
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.capture import site_depths, with_outputs
 from onnx_obs.graph.model_io import (LoadedModel, check_output_path, check_proto, from_proto, iter_tensors,
-                                     load_model, save_model)
-from onnx_obs.graph.sites import FLOAT_TYPES, Site, find_sites, site_matrix, write_matrix
+                                     load_model, save_model, spilling)
+from onnx_obs.graph.sites import FLOAT_TYPES, Site, find_sites, read_array, site_matrix, write_matrix
 from onnx_obs.hessian.layerwise import ConvGeometry, HessianSum, input_vectors
 from onnx_obs.metrics import compare_runs
 from onnx_obs.progress import Progress
 from onnx_obs.prune.full_network import FullOptions, check_full_settings, prune_full
 from onnx_obs.prune.layerwise import layer_error, prune_layer
+from onnx_obs.prune.masks import spread_zeros
 from onnx_obs.report import Report, SiteReport
 from onnx_obs.runtime import Runner
 
@@ -80,10 +81,10 @@ def inspect(model, selection: Selection | None = None) -> dict:
     for s in sites:
         if not selection.picks(s):
             continue
-        w = site_matrix(s, loaded.base_dir)
+        w = read_array(s, loaded.base_dir)  # as stored: no float64 copy
         rows.append({
             "name": s.name, "op": s.op_type, "nodes": [u.node for u in s.uses],
-            "onnx_shape": list(s.shape), "matrix_shape": list(w.shape), "params": s.size,
+            "onnx_shape": list(s.shape), "matrix_shape": list(s.matrix_shape), "params": s.size,
             "sparsity": float(np.mean(w == 0)), "dtype": s.dtype,
             "location": s.storage + (f" in {s.scope}" if s.scope else ""),
             "graph_input": s.graph_input,
@@ -103,7 +104,8 @@ def prune(model, calib=None, *, method: str = "obs", sparsity: float = 0.5,
           pattern: tuple[int, int] | None = None, scope: str = "layer",
           selection: Selection | None = None, solver: str = "auto", block_size: int = 128,
           damp: float = 0.01, sequential: bool = True, batch_size: int = 32,
-          max_samples: int | None = None, labels: str | None = None, device: str = "auto",
+          max_samples: int | None = None, labels: str | None = None, batching: bool = True,
+          device: str = "auto",
           output: str | Path | None = None, force: bool = False, progress: bool = False,
           command: str = "", hessians: dict[str, np.ndarray] | None = None,
           hessian: str = "layerwise", full: FullOptions | None = None,
@@ -120,6 +122,8 @@ def prune(model, calib=None, *, method: str = "obs", sparsity: float = 0.5,
     structure: "neurons" / "channels" removes whole units and shrinks the graph (compact.py), to
     `sparsity` of each layer's units or to target_params / target_flops for the whole model.
     storage: "sparse" / "auto" writes pruned weights as sparse initializers (auto: where smaller).
+    batching: False feeds each run of `calib` whole instead of slicing axis 0 (calib.py); the
+    report's calibration_samples then counts runs.
     """
     start = time.perf_counter()
     _check_settings(method, sparsity, pattern, scope, calib)
@@ -147,7 +151,7 @@ def prune(model, calib=None, *, method: str = "obs", sparsity: float = 0.5,
     report = Report(command=command, method=method, settings=dict(
         sparsity=sparsity, pattern=f"{pattern[0]}:{pattern[1]}" if pattern else None, scope=scope,
         solver=solver, block_size=block_size, damp=damp, sequential=sequential,
-        batch_size=batch_size, max_samples=max_samples))
+        batch_size=batch_size, max_samples=max_samples, batching=batching))
     if structure is not None or storage != "dense":
         report.settings.update(structure=structure, target_params=target_params,
                                target_flops=target_flops, storage=storage)
@@ -158,9 +162,9 @@ def prune(model, calib=None, *, method: str = "obs", sparsity: float = 0.5,
     cal = None
     if calib is not None:
         cal = load_calibration(calib, loaded.model, batch_size=batch_size,
-                               max_samples=max_samples, labels_key=labels)
+                               max_samples=max_samples, labels_key=labels, batching=batching)
         report.calibration_samples = cal.num_samples
-    with Progress(enabled=progress) as bar:
+    with Progress(enabled=progress) as bar, spilling(loaded, output, original):
         if structure is not None:
             sites = compact.prune_structured(
                 loaded, cal, selection, method=method, sparsity=sparsity,
@@ -182,12 +186,12 @@ def prune(model, calib=None, *, method: str = "obs", sparsity: float = 0.5,
         compact.apply_storage(loaded, storage, device, cal, report)
         if structure is not None or storage != "dense":
             report.costs = compact.measure_costs(original, loaded, cal, device)
+        if output is not None:
+            report.file_size_after = save_model(loaded.model, output, loaded.base_dir)
     report.notes += [f"{r.name}: already {r.zeros_before / r.params:.1%} zeros, at or above the "
                      f"{sparsity:.1%} target: nothing removed" for r in report.sites
                      if pattern is None and scope == "layer" and hessian == "layerwise" and r.zeros_before
                      and r.zeros_before >= round(sparsity * r.params)]
-    if output is not None:
-        report.file_size_after = save_model(loaded.model, output, loaded.base_dir)
     report.wall_seconds = time.perf_counter() - start
     return PruneResult(loaded.model, report)
 
@@ -219,20 +223,20 @@ def _site_report(site: Site, before: np.ndarray, after: np.ndarray, method: str)
 
 
 def _prune_magnitude(sites, loaded, sparsity, pattern, scope, report) -> None:
-    mats = {s.name: site_matrix(s, loaded.base_dir) for s in sites}
     threshold = None
     if scope == "global":
-        allw = np.concatenate([np.abs(m).ravel() for m in mats.values()])
+        allw = np.concatenate([np.abs(site_matrix(s, loaded.base_dir)).ravel() for s in sites])
         k = int(round(sparsity * allw.size))
         threshold = np.partition(allw, k - 1)[k - 1] if k else -1.0
-    for s in sites:
+        del allw
+    for s in sites:  # one weight in memory at a time
         t0 = time.perf_counter()
-        w = mats[s.name]
+        w = site_matrix(s, loaded.base_dir)
         if threshold is not None:
             new = np.where(np.abs(w) <= threshold, 0.0, w)
         else:
             new = prune_layer(w, None, method="magnitude", sparsity=sparsity, pattern=pattern).weight
-        write_matrix(s, new)
+        write_matrix(s, new, loaded.store)
         r = _site_report(s, w, new, "magnitude")
         r.seconds = time.perf_counter() - t0
         report.sites.append(r)
@@ -274,18 +278,27 @@ def _prune_layerwise(sites, loaded, cal: Calibration, method, sparsity, pattern,
             new = np.empty_like(w)
             r = _site_report(s, w, w, method)
             r.predicted_error = r.measured_error = 0.0
-            for rows, Hg in zip(s.row_groups(), H):
-                res = prune_layer(w[rows], Hg, method=method, sparsity=sparsity, pattern=pattern,
+            groups = s.row_groups()
+            for rows, Hg, share in zip(groups, H, _group_sparsities(w, groups, sparsity)):
+                res = prune_layer(w[rows], Hg, method=method, sparsity=share, pattern=pattern,
                                   solver=solver, block_size=block_size, damp=damp)
                 new[rows] = res.weight
                 r.predicted_error += res.predicted_error
                 r.measured_error += layer_error(w[rows], res.weight, Hg)
                 r.solver, r.damping = res.solver, res.damping
-            write_matrix(s, new)
+            write_matrix(s, new, loaded.store)
             r.zeros_after = int(np.sum(new == 0))
             r.seconds = time.perf_counter() - t0
             report.sites.append(r)
             bar.advance(task)
+
+
+def _group_sparsities(w: np.ndarray, groups: list[slice], sparsity: float) -> list[float]:
+    """Each row group's sparsity, so that their zeros add up to the site's round(sparsity * size)
+    (rounding every group's share on its own can fall short: two groups of 1 weight at 30% -> 0)."""
+    sizes = np.array([w[g].size for g in groups])
+    forced = [int(np.sum(w[g] == 0)) for g in groups]
+    return (spread_zeros(round(sparsity * w.size), forced, sizes) / sizes).tolist()
 
 
 def capture_hessians(loaded: LoadedModel, sites: list[Site], cal: Calibration, device: str,
@@ -296,7 +309,7 @@ def capture_hessians(loaded: LoadedModel, sites: list[Site], cal: Calibration, d
     input vector gets a trailing constant 1 (H is (groups, cols+1, cols+1)), the input of a bias.
     """
     acts = sorted({u.activation for s in sites for u in s.uses})
-    runner = Runner(with_outputs(loaded.model, acts), loaded.base_dir, device)
+    runner = Runner(with_outputs(loaded.model, acts), loaded.base_dir, device, prepack=False)
     sums: dict[tuple, tuple[HessianSum, Site, list]] = {}
     keys = {}
     for s in sites:
@@ -339,9 +352,10 @@ def _validate(original, loaded, cal, device, report, bar) -> str:
     except onnx.checker.ValidationError as e:
         raise OnnxObsError(f"the pruned model fails onnx.checker ({str(e).splitlines()[0]}): "
                            "nothing written; please report this") from e
-    pruned = Runner(loaded.model, loaded.base_dir, device)
+    # each model runs the calibration data once, if at all: packed weight copies would not pay
+    pruned = Runner(loaded.model, loaded.base_dir, device, prepack=False)
     if cal is not None:
-        ref = Runner(original, loaded.base_dir, device)
+        ref = Runner(original, loaded.base_dir, device, prepack=False)
         bar.add("measuring output deviation", total=None)
         report.deviation = compare_runs(ref, pruned, cal.batches)
     return pruned.provider

@@ -2,13 +2,19 @@
 
 Everything is validated against the model's declared inputs before any work starts, and turned
 into a list of feed dicts (batches) that can be replayed as often as a method needs.
+
+With batching (the default) arrays are sliced on axis 0 into batches. Without it every run's
+arrays are fed whole: one run per .npz of a directory, per KEY__k group of an .npz, or per feed.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import zipfile
+from collections import Counter
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,12 +38,18 @@ class InputSpec:
 @dataclass
 class Calibration:
     batches: list[dict[str, np.ndarray]]
-    num_samples: int
+    num_samples: int  # samples on axis 0 with batching; runs (= len(batches)) without
     labels: np.ndarray | None = None
     source: str = "arrays"
+    batched: bool = True
 
     def __iter__(self):
         return iter(self.batches)
+
+    @property
+    def sliceable(self) -> bool:
+        """Whether samples can be cut from and joined across batches (axis 0 of every input)."""
+        return self.batched and all(np.ndim(v) for v in self.batches[0].values())
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -59,12 +71,20 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+NO_BATCHING = "feed whole runs with --no-batching (batching=False in Python)"
+RUN_KEY = re.compile(r"(.+)__(\d+)")
+
+
 def load_calibration(source, model: onnx.ModelProto, *, batch_size: int = 32,
-                     max_samples: int | None = None, labels_key: str | None = None) -> Calibration:
+                     max_samples: int | None = None, labels_key: str | None = None,
+                     batching: bool = True) -> Calibration:
     """Validate `source` against the model's inputs and split it into batches.
 
-    source: a path to .npz / .npy, a mapping of input name -> array (batched on axis 0), an
-    onnxruntime.quantization CalibrationDataReader, or an iterable of feed dicts (one run each).
+    source: a path to .npz / .npy or to a directory of .npz files, a mapping of input name ->
+    array, an onnxruntime.quantization CalibrationDataReader, or an iterable of feed dicts (one
+    run each). Keys KEY__0, KEY__1, ... of an .npz or mapping are runs 0, 1, ...
+    batching: slice the arrays on axis 0 into batches of `batch_size` (files and runs apart);
+    False feeds every run whole, checks every axis, and counts runs as samples (max_samples too).
     """
     specs = model_inputs(model)
     if batch_size < 1:
@@ -72,17 +92,53 @@ def load_calibration(source, model: onnx.ModelProto, *, batch_size: int = 32,
     if max_samples is not None and max_samples < 1:
         raise OnnxObsError(f"--max-samples must be at least 1, got {max_samples}")
     if isinstance(source, (str, os.PathLike)):
-        arrays, name = _read_file(Path(source), specs), str(source)
-        return _from_arrays(arrays, specs, batch_size, max_samples, labels_key, name)
-    if isinstance(source, Mapping):
-        return _from_arrays(dict(source), specs, batch_size, max_samples, labels_key, "arrays")
-    if hasattr(source, "get_next"):
-        feeds = iter(source.get_next, None)
-        return _from_feeds(feeds, specs, max_samples, "CalibrationDataReader")
-    if isinstance(source, Iterable):
-        return _from_feeds(iter(source), specs, max_samples, "feeds")
-    raise OnnxObsError(f"unsupported calibration source of type {type(source).__name__}: "
-                       "pass an .npz/.npy path, a dict of arrays or a CalibrationDataReader")
+        parts, name = _read_path(Path(source), specs, labels_key), str(source)
+    elif isinstance(source, Mapping):
+        parts, name = _runs(dict(source), "", specs, labels_key), "arrays"
+    elif hasattr(source, "get_next"):
+        return _from_feeds(iter(source.get_next, None), specs, max_samples, "CalibrationDataReader", batching)
+    elif isinstance(source, Iterable):
+        return _from_feeds(iter(source), specs, max_samples, "feeds", batching)
+    else:
+        raise OnnxObsError(f"unsupported calibration source of type {type(source).__name__}: "
+                           "pass an .npz/.npy path, a dict of arrays or a CalibrationDataReader")
+    return _from_parts(parts, specs, batch_size, max_samples, labels_key, name, batching)
+
+
+def _read_path(path: Path, specs, labels_key) -> list[tuple[str, dict]]:
+    """(where, arrays) per run group: one per .npz of a directory (by name), or of the file."""
+    if not path.is_dir():
+        return _runs(_read_file(path, specs), "", specs, labels_key)
+    files = sorted(path.glob("*.npz"))
+    if not files:
+        raise OnnxObsError(f"calibration directory {path} holds no .npz files: put one .npz per "
+                           "run in it, keyed by input name")
+    return [run for f in files for run in _runs(_read_file(f, specs), f.name, specs, labels_key)]
+
+
+def _runs(arrays: dict, where: str, specs, labels_key) -> list[tuple[str, dict]]:
+    """Split KEY__k arrays into one dict per run k (in numeric order); no suffixes: one run."""
+    literal = {s.name for s in specs} | {labels_key}
+    runs, plain = {}, []
+    for key, a in arrays.items():
+        m = RUN_KEY.fullmatch(key)
+        if m is None or key in literal:
+            plain.append(key)
+        else:
+            runs.setdefault(int(m[2]), {})[m[1]] = a
+    if not runs:
+        return [(where, arrays)]
+    src = where or "the calibration data"
+    if plain:
+        raise OnnxObsError(f"{src}: key '{plain[0]}' has no run suffix while others have one: "
+                           "name every array KEY__0, KEY__1, ... (one suffix per run)")
+    keys = set().union(*runs.values())
+    for k, run in sorted(runs.items()):
+        if keys - run.keys():
+            key = sorted(keys - run.keys())[0]
+            raise OnnxObsError(f"{src}: '{key}' has no array for run {k} ('{key}__{k}' is missing): "
+                               "every key needs the same run indices")
+    return [(f"{where} run {k}".strip(), run) for k, run in sorted(runs.items())]
 
 
 def _read_file(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
@@ -108,20 +164,55 @@ def _read_file(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _from_arrays(arrays, specs, batch_size, max_samples, labels_key, name) -> Calibration:
-    labels = None
-    if labels_key is not None:
-        if labels_key not in arrays:
-            raise OnnxObsError(f"labels key '{labels_key}' is not in the calibration data "
-                               f"(keys: {', '.join(sorted(arrays))})")
-        labels = np.asarray(arrays.pop(labels_key))
-    _check_keys(arrays, specs)
-    arrays = {s.name: _check_array(s, np.asarray(arrays[s.name])) for s in specs}
-    counts = {k: len(v) for k, v in arrays.items()}
-    if len(set(counts.values())) > 1:
-        raise OnnxObsError("calibration arrays disagree on the number of samples (axis 0): "
-                           + ", ".join(f"{k}={v}" for k, v in counts.items()))
-    n = next(iter(counts.values()))
+@contextmanager
+def _where(prefix: str):
+    """Prefix user errors with the file or run they come from."""
+    try:
+        yield
+    except OnnxObsError as e:
+        if not prefix:
+            raise
+        raise OnnxObsError(f"{prefix}: {e}") from e
+
+
+def _from_parts(parts, specs, batch_size, max_samples, labels_key, name, batching) -> Calibration:
+    """Batches of every run group in turn (each batched on its own, or fed whole)."""
+    batches, labels, n = [], [], 0
+    for where, arrays in parts:
+        if max_samples is not None and n >= max_samples:
+            break
+        with _where(where):
+            arrays = dict(arrays)
+            lab = _pop_labels(arrays, labels_key)
+            if batching:
+                left = None if max_samples is None else max_samples - n
+                part = _from_arrays(arrays, lab, labels_key, specs, batch_size, left)
+            else:
+                part = Calibration([_check_feed(arrays, specs, batched=False)], 1,
+                                   None if lab is None else np.atleast_1d(lab))
+        batches += part.batches
+        n += part.num_samples
+        if part.labels is not None:
+            labels.append(part.labels)
+    return Calibration(batches, n, np.concatenate(labels) if labels else None, name, batching)
+
+
+def _pop_labels(arrays: dict, labels_key: str | None) -> np.ndarray | None:
+    if labels_key is None:
+        return None
+    if labels_key not in arrays:
+        raise OnnxObsError(f"labels key '{labels_key}' is not in the calibration data "
+                           f"(keys: {', '.join(sorted(arrays))})")
+    return np.asarray(arrays.pop(labels_key))
+
+
+def _from_arrays(arrays, labels, labels_key, specs, batch_size, max_samples) -> Calibration:
+    arrays = _check_feed(arrays, specs, batched=True)
+    scalar = next((k for k, v in arrays.items() if v.ndim == 0), None)
+    if scalar is not None:
+        raise OnnxObsError(f"input '{scalar}' is a scalar (rank 0), so the data cannot be split "
+                           f"into batches on axis 0: {NO_BATCHING}")
+    n = _batch_length(arrays, specs)
     if labels is not None and len(labels) != n:
         raise OnnxObsError(f"labels '{labels_key}' have {len(labels)} rows but the inputs have {n} samples")
     if max_samples is not None:
@@ -134,20 +225,30 @@ def _from_arrays(arrays, specs, batch_size, max_samples, labels_key, name) -> Ca
             raise OnnxObsError(f"the model's batch dimension is fixed at {batch_size} but the "
                                f"calibration data has {n} samples: use a multiple of {batch_size}")
     batches = [{k: v[i:min(i + batch_size, n)] for k, v in arrays.items()} for i in range(0, n, batch_size)]
-    return Calibration(batches, n, None if labels is None else labels[:n], name)
+    return Calibration(batches, n, None if labels is None else labels[:n])
 
 
-def _from_feeds(feeds, specs, max_samples, name) -> Calibration:
+def _batch_length(arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> int:
+    """The common axis-0 length of `arrays` (1 when empty); an input that differs from the
+    batch (the length most inputs with a dynamic axis 0 share) is named in the error."""
+    counts = {k: len(v) for k, v in arrays.items()}
+    if len(set(counts.values())) <= 1:
+        return next(iter(counts.values()), 1)
+    dynamic = [counts[s.name] for s in specs if s.name in counts and s.shape and s.shape[0] is None]
+    batch = Counter(dynamic or counts.values()).most_common(1)[0][0]
+    odd = next(k for k, v in counts.items() if v != batch)
+    raise OnnxObsError(f"calibration arrays disagree on the number of samples on axis 0 ("
+                       + ", ".join(f"{k}={v}" for k, v in counts.items())
+                       + f"): if input '{odd}' is not batched on axis 0, {NO_BATCHING}")
+
+
+def _from_feeds(feeds, specs, max_samples, name, batching) -> Calibration:
     batches, n = [], 0
     for feed in feeds:
-        if not isinstance(feed, Mapping):
-            raise OnnxObsError(f"each calibration feed must be a dict of input name -> array, "
-                               f"got {type(feed).__name__}")
-        _check_keys(feed, specs)
-        batch = {s.name: _check_array(s, np.asarray(feed[s.name])) for s in specs}
-        first = next(iter(batch.values()))
-        size = first.shape[0] if first.ndim else 1
-        if max_samples is not None and n + size > max_samples and _dynamic_batch(specs):
+        batch = _check_feed(feed, specs, batching)
+        # Scalars hold one value per run: the batch is the other arrays' axis 0.
+        size = _batch_length({k: v for k, v in batch.items() if v.ndim}, specs) if batching else 1
+        if batching and max_samples is not None and n + size > max_samples and _dynamic_batch(specs):
             size = max_samples - n  # keep exactly max_samples: cut the last feed short
             batch = {k: v[:size] for k, v in batch.items()}
         batches.append(batch)
@@ -156,7 +257,15 @@ def _from_feeds(feeds, specs, max_samples, name) -> Calibration:
             break
     if not batches:
         raise OnnxObsError(f"the calibration {name} yielded no data")
-    return Calibration(batches, n, None, name)
+    return Calibration(batches, n, None, name, batching)
+
+
+def _check_feed(feed, specs: list[InputSpec], batched: bool) -> dict[str, np.ndarray]:
+    if not isinstance(feed, Mapping):
+        raise OnnxObsError(f"each calibration feed must be a dict of input name -> array, "
+                           f"got {type(feed).__name__}")
+    _check_keys(feed, specs)
+    return {s.name: _check_array(s, np.asarray(feed[s.name]), batched) for s in specs}
 
 
 def _dynamic_batch(specs: list[InputSpec]) -> bool:
@@ -176,7 +285,8 @@ def _check_keys(arrays: Mapping, specs: list[InputSpec]) -> None:
                            f"{', '.join(names)}): remove it, or name it with --labels if it holds targets")
 
 
-def _check_array(spec: InputSpec, a: np.ndarray) -> np.ndarray:
+def _check_array(spec: InputSpec, a: np.ndarray, batched: bool) -> np.ndarray:
+    """Dtype (lossless casts only), emptiness, shape (axis 0 too without batching), NaN/Inf."""
     if a.dtype == object or a.dtype.kind not in "biufc":
         raise OnnxObsError(f"input '{spec.name}': calibration array has dtype {a.dtype}, "
                            f"expected {spec.dtype.name}")
@@ -193,10 +303,11 @@ def _check_array(spec: InputSpec, a: np.ndarray) -> np.ndarray:
         a = cast
     if spec.shape is not None:
         if a.ndim != len(spec.shape):
+            hint = f": a scalar takes one value per run, {NO_BATCHING}" if batched and not spec.shape else ""
             raise OnnxObsError(f"input '{spec.name}' expects rank {len(spec.shape)} "
-                               f"{spec.describe()}, got an array of shape {list(a.shape)}")
+                               f"{spec.describe()}, got an array of shape {list(a.shape)}{hint}")
         for axis, (want, got) in enumerate(zip(spec.shape, a.shape)):
-            if axis and want is not None and want != got:
+            if (axis or not batched) and want is not None and want != got:
                 raise OnnxObsError(f"input '{spec.name}' expects {spec.describe()}, got shape "
                                    f"{list(a.shape)} (axis {axis} must be {want})")
     if a.dtype.kind in "fc" and not np.isfinite(a).all():

@@ -55,6 +55,7 @@ def handled(fn):
 IncludeOpt = typer.Option(None, "--include", help="Only sites whose tensor or node name matches this regex.")
 ExcludeOpt = typer.Option(None, "--exclude", help="Skip sites whose tensor or node name matches this regex.")
 OpTypesOpt = typer.Option(None, "--op-types", help="Comma-separated op types to prune, e.g. Conv,Gemm.")
+NoBatchingOpt = typer.Option(False, "--no-batching", help="Feed the arrays whole instead of slicing axis 0 into batches, for inputs not batched on axis 0 (scalars, recurrent states): one onnxruntime run per .npz of a directory (by name), per KEY__0, KEY__1, ... group of an .npz, or per plain file. Shapes are checked on every axis; samples count runs.")
 
 
 def _selection(include, exclude, op_types) -> api.Selection:
@@ -77,7 +78,7 @@ def _pattern(text: str | None) -> tuple[int, int] | None:
 def prune(
     model: Path = typer.Argument(..., help="The ONNX model to prune (never modified)."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the pruned model."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help=".npz keyed by input name (or .npy for one input), batched on axis 0."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help=".npz keyed by input name (or .npy for one input), batched on axis 0; or a directory of .npz (see --no-batching)."),
     method: str = typer.Option("obs", "--method", help="obs (layer-wise OBS with weight correction), obd, wanda or magnitude."),
     sparsity: float = typer.Option(0.5, "--sparsity", help="Fraction of each site's weights to remove."),
     pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M semi-structured sparsity, e.g. 2:4 (overrides --sparsity)."),
@@ -89,6 +90,7 @@ def prune(
     batch_size: int = typer.Option(32, "--batch-size", help="Calibration samples per onnxruntime run."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Use at most this many calibration samples."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Key of the calibration file that holds targets (not a model input)."),
+    no_batching: bool = NoBatchingOpt,
     include: Optional[str] = IncludeOpt, exclude: Optional[str] = ExcludeOpt, op_types: Optional[str] = OpTypesOpt,
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (onnxruntime-gpu)."),
     structure: Optional[str] = typer.Option(None, "--structure", help="neurons or channels (the same): remove whole output units with group OBS (--method obs) or by L1 norm (magnitude), shrinking the graph; --sparsity is then the fraction of units per layer."),
@@ -117,7 +119,7 @@ def prune(
         str(model), str(calib) if calib else None, method=method, sparsity=sparsity,
         pattern=_pattern(pattern), scope=scope, selection=_selection(include, exclude, op_types),
         solver=solver, block_size=block_size, damp=damp, sequential=sequential,
-        batch_size=batch_size, max_samples=max_samples, labels=labels, device=device,
+        batch_size=batch_size, max_samples=max_samples, labels=labels, batching=not no_batching, device=device,
         output=output, force=force, progress=not quiet,
         structure=structure, target_params=target_params, target_flops=target_flops, storage=storage,
         command="onnx-obs " + shlex.join(sys.argv[1:]), hessian=hessian,
@@ -153,7 +155,8 @@ def _print_prune(d: dict, output: Path) -> None:
     for name, dev in d["deviation"].items():
         extra = f", top-1 agreement {dev['top1_agreement']:.2%}" if "top1_agreement" in dev else ""
         out.print(f"output   {name}: relative MSE {dev['relative_mse']:.3g}, max abs error "
-                  f"{dev['max_abs_error']:.3g}{extra} (on {d['calibration_samples']} calibration samples)")
+                  f"{dev['max_abs_error']:.3g}{extra} (on {d['calibration_samples']} calibration "
+                  f"{_unit(d['settings'])})")
     for k in d["skipped"]:
         out.print(f"skipped  {k['name']} ({k['op_type']}): {k['reason']}", highlight=False)
     for n in d["notes"]:
@@ -180,8 +183,9 @@ def _print_costs(d: dict) -> None:
             out.print(f"{label:<8} {c[key]['before']:,} -> {c[key]['after']:,} "
                       f"({c[key]['after'] / max(c[key]['before'], 1):.1%})")
     for key, v in c.items():
-        if key.startswith("latency_ms_batch_"):
-            out.print(f"latency  batch {key.rsplit('_', 1)[1]}: {v['before']:.3f} -> {v['after']:.3f} ms "
+        if key.startswith("latency_ms_"):
+            what = "first run" if key == "latency_ms_first_run" else f"batch {key.rsplit('_', 1)[1]}"
+            out.print(f"latency  {what}: {v['before']:.3f} -> {v['after']:.3f} ms "
                       f"({v['speedup']:.2f}x, onnxruntime, median of repeated runs)")
     sparse = [s for s in d.get("storage", []) if s["stored"] == "sparse"]
     if d.get("storage"):
@@ -220,7 +224,8 @@ def inspect(
 def evaluate(
     original: Path = typer.Argument(..., help="The original ONNX model."),
     pruned: Path = typer.Argument(..., help="The pruned model to compare with it."),
-    data: Path = typer.Option(..., "--data", help=".npz keyed by input name (or .npy for one input), batched on axis 0."),
+    data: Path = typer.Option(..., "--data", help=".npz keyed by input name (or .npy for one input), batched on axis 0; or a directory of .npz (see --no-batching)."),
+    no_batching: bool = NoBatchingOpt,
     labels: Optional[str] = typer.Option(None, "--labels", help="Key of the data file holding class labels (default: a key 'label' or 'labels' that is not an input)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Samples per onnxruntime run."),
     repeats: int = typer.Option(5, "--repeats", help="Timed passes per model after a warm-up; the median is reported (0: no timing)."),
@@ -238,6 +243,7 @@ def evaluate(
     over = evaluation.parse_thresholds(fail_over, "--fail-over")
     result = evaluation.evaluate(str(original), str(pruned), str(data), labels=labels,
                                  batch_size=batch_size, repeats=repeats, device=device,
+                                 batching=not no_batching,
                                  progress=not as_json)
     checks = evaluation.check_thresholds(result, under, over)
     if as_json:
@@ -252,7 +258,7 @@ def evaluate(
 
 
 def _print_evaluate(r: dict, checks: list[dict]) -> None:
-    t = Table(title=f"pruned vs original on {r['samples']} samples of {r['data']}", title_justify="left")
+    t = Table(title=f"pruned vs original on {r['samples']} {_unit(r)} of {r['data']}", title_justify="left")
     for col in ("output", "relative MSE", "max abs error", "cosine", "top-1 agreement", "top-5 agreement"):
         t.add_column(col, justify="left" if col == "output" else "right")
     for name, d in r["outputs"].items():
@@ -270,7 +276,8 @@ def _print_evaluate(r: dict, checks: list[dict]) -> None:
     t.add_row("file size", _size(o["file_size"]), _size(p["file_size"]),
               f"x{p['file_size'] / o['file_size']:.2f}")
     if o["latency_ms"] is not None:
-        for key, label in (("pass_ms", f"full pass, batch {r['batch_size']}"), ("batch1_ms", "one sample")):
+        full = f"batch {r['batch_size']}" if r["batch_size"] else f"{r['samples']} runs"
+        for key, label in (("pass_ms", f"full pass, {full}"), ("batch1_ms", "one sample")):
             a, b = o["latency_ms"][key], p["latency_ms"][key]
             if a is not None:
                 t.add_row(f"{label} (median of {r['repeats']})", f"{a:.3f} ms", f"{b:.3f} ms",
@@ -288,7 +295,7 @@ def _print_evaluate(r: dict, checks: list[dict]) -> None:
 @handled
 def compare(
     model: Path = typer.Argument(..., help="The ONNX model to prune (never modified)."),
-    calib: Path = typer.Option(..., "--calib", help="Calibration .npz keyed by input name (or .npy), batched on axis 0."),
+    calib: Path = typer.Option(..., "--calib", help="Calibration .npz keyed by input name (or .npy for one input), batched on axis 0; or a directory of .npz (see --no-batching)."),
     eval_data: Optional[Path] = typer.Option(None, "--eval", help="Held-out data to score on (default: the calibration data, with a warning)."),
     methods: str = typer.Option("magnitude,wanda,obd,obs", "--methods", help="Comma list of methods to compare."),
     sparsities: Optional[str] = typer.Option(None, "--sparsities", help=f"start:stop:step (stop included when on the grid) or a comma list (default {sweep.DEFAULT_SPARSITIES})."),
@@ -297,6 +304,7 @@ def compare(
     sequential: bool = typer.Option(False, "--sequential/--no-sequential", help="Recapture Hessians after earlier layers are pruned (as prune does by default); off: capture the original model's Hessians once and share them across all runs."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Use at most this many calibration samples."),
     batch_size: int = typer.Option(32, "--batch-size", help="Samples per onnxruntime run."),
+    no_batching: bool = NoBatchingOpt,
     solver: str = typer.Option("auto", "--solver", help="OBS solver: exact (OBC), fast (SparseGPT) or auto."),
     damp: float = typer.Option(0.01, "--damp", help="Hessian damping, as a fraction of mean diag(H)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (onnxruntime-gpu)."),
@@ -324,6 +332,7 @@ def compare(
     result = sweep.compare(str(model), str(calib), methods=sweep.parse_methods(methods), sparsities=grid,
                            eval_data=str(eval_data) if eval_data else None, labels=labels, pattern=pat,
                            sequential=sequential, max_samples=max_samples, batch_size=batch_size,
+                           batching=not no_batching,
                            solver=solver, damp=damp, device=device, max_loss=max_loss,
                            progress=not quiet)
     if json_out is not None:
@@ -345,8 +354,9 @@ def compare(
 def _print_compare(r: dict) -> None:
     metric, rows, ev = r["metric"], r["rows"], r["eval"]
     where = "the calibration data (not held out)" if ev["is_calibration"] else ev["source"]
-    out.print(f"{r['model']}: {r['calibration']['samples']} calibration samples, scored on "
-              f"{ev['samples']} samples of {where}", highlight=False)
+    unit = _unit(r["settings"])
+    out.print(f"{r['model']}: {r['calibration']['samples']} calibration {unit}, scored on "
+              f"{ev['samples']} {unit} of {where}", highlight=False)
     t = Table()
     cols = ["method", "sparsity", "zeros", "top-1 agreement"] + (["accuracy"] if metric == "accuracy" else []) + ["relative MSE", "s"]
     for col in cols:
@@ -372,6 +382,12 @@ def _print_compare(r: dict) -> None:
 
 def _pct(x, digits: int = 2) -> str:
     return "-" if x is None else f"{100 * x:.{digits}f}%" if digits else f"{100 * x:g}%"
+
+
+def _unit(settings: dict) -> str:
+    """What the sample counts count: runs without batching."""
+    return "samples" if settings.get("batching", True) else "runs"
+
 
 def _num(x) -> str:
     return "-" if x is None else f"{x:.3g}"

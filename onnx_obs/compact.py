@@ -246,8 +246,10 @@ def measure_costs(original, loaded, cal, device: str) -> dict:
     sizes = [fixed[0]] if fixed else [1, 32]
     before = Runner(original, loaded.base_dir, device).session
     after = Runner(loaded.model, loaded.base_dir, device).session
-    for size in sizes:
-        feeds = batch_feeds(cal.batches, size)
+    # Runs that cannot be cut into samples (no batching, scalar inputs) are timed as they are.
+    runs = ({f"batch_{size}": batch_feeds(cal.batches, size) for size in sizes} if cal.sliceable
+            else {"first_run": cal.batches[0]})
+    for key, feeds in runs.items():
         b, a = latency_ms(before, feeds), latency_ms(after, feeds)
-        costs[f"latency_ms_batch_{size}"] = {"before": b, "after": a, "speedup": b / a if a else None}
+        costs[f"latency_ms_{key}"] = {"before": b, "after": a, "speedup": b / a if a else None}
     return costs

@@ -49,7 +49,8 @@ def compare(model, calib, *, methods: list[str], sparsities: list[float] | None,
             eval_data=None, labels: str | None = None, pattern: tuple[int, int] | None = None,
             sequential: bool = False, max_samples: int | None = None, batch_size: int = 32,
             solver: str = "auto", block_size: int = 128, damp: float = 0.01,
-            device: str = "auto", max_loss: float | None = None, progress: bool = False) -> dict:
+            device: str = "auto", max_loss: float | None = None, progress: bool = False,
+            batching: bool = True) -> dict:
     """Prune `model` with every method at every sparsity and score each result on `eval_data`
     (the calibration data when None) against the original model.
 
@@ -57,7 +58,8 @@ def compare(model, calib, *, methods: list[str], sparsities: list[float] | None,
     run; sequential=True recaptures them per run. With `pattern`, `sparsities` must be None (the
     pattern fixes it). max_loss: per method, the highest sparsity up to which every tested
     sparsity loses at most this much of the quality metric (accuracy with labels, else top-1
-    agreement, else relative MSE, which counts as a loss by itself).
+    agreement, else relative MSE, which counts as a loss by itself). batching: False feeds each
+    run of the calibration and evaluation data whole (calib.py); samples then count runs.
     """
     if pattern is not None and sparsities is not None:
         raise OnnxObsError("--pattern fixes the sparsity at N/M: drop --sparsities")
@@ -69,7 +71,7 @@ def compare(model, calib, *, methods: list[str], sparsities: list[float] | None,
     loaded = open_model(model)
     notes = []
     cal = load_calibration(calib, loaded.model, batch_size=batch_size, max_samples=max_samples,
-                           labels_key=_own_labels(calib, loaded.model, labels))
+                           labels_key=_own_labels(calib, loaded.model, labels), batching=batching)
     eval_src = calib if eval_data is None else eval_data
     eval_labels = labels if labels is not None else detect_labels(eval_src, loaded.model)
     if labels is None and eval_labels is not None:
@@ -80,7 +82,8 @@ def compare(model, calib, *, methods: list[str], sparsities: list[float] | None,
     if not sequential and any(m != "magnitude" for m in methods):
         notes.append("Hessians of the original model were captured once and shared by every run "
                      "(the seconds of the first Hessian-based run include the capture)")
-    ecal = load_calibration(eval_src, loaded.model, batch_size=batch_size, labels_key=eval_labels)
+    ecal = load_calibration(eval_src, loaded.model, batch_size=batch_size, labels_key=eval_labels,
+                            batching=batching)
     ref = Runner(loaded.model, loaded.base_dir, device)
     cache = None if sequential else {}
     rows, baseline = [], None
@@ -91,7 +94,7 @@ def compare(model, calib, *, methods: list[str], sparsities: list[float] | None,
                 result = api.prune(model, cal.batches, method=method, sparsity=sparsity,
                                    pattern=pattern, solver=solver, block_size=block_size,
                                    damp=damp, sequential=sequential, device=device,
-                                   hessians=cache)
+                                   hessians=cache, batching=batching)
                 quality = measure(ref, Runner(result.model, loaded.base_dir, device), ecal)
                 baseline = quality["accuracy"][0]
                 rows.append(_row(method, sparsity, pattern, result, quality))
@@ -112,7 +115,7 @@ def compare(model, calib, *, methods: list[str], sparsities: list[float] | None,
         "settings": {"pattern": f"{pattern[0]}:{pattern[1]}" if pattern else None,
                      "sequential": sequential, "hessians_shared": not sequential,
                      "solver": solver, "block_size": block_size, "damp": damp,
-                     "batch_size": batch_size, "max_samples": max_samples},
+                     "batch_size": batch_size, "max_samples": max_samples, "batching": batching},
         "device": ref.provider,
         "rows": rows,
         "max_loss": None if max_loss is None else highest_within(rows, methods, max_loss),

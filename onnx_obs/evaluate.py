@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from onnx_obs import api
-from onnx_obs.calib import Calibration, load_calibration, model_inputs
+from onnx_obs.calib import RUN_KEY, Calibration, load_calibration, model_inputs
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.model_io import LoadedModel, from_proto, load_model
 from onnx_obs.metrics import compare_runs, is_classifier_like, top1_correct
@@ -30,13 +30,15 @@ ALIASES = {"agreement": "top1_agreement", "top1": "top1_agreement", "top5": "top
 
 
 def evaluate(original, pruned, data, *, labels: str | None = None, batch_size: int = 32,
-             repeats: int = 5, device: str = "auto", progress: bool = False) -> dict:
+             repeats: int = 5, device: str = "auto", progress: bool = False,
+             batching: bool = True) -> dict:
     """Run `original` and `pruned` (paths or ModelProtos) on `data` and compare them.
 
     data: anything load_calibration accepts (an .npz/.npy path, a dict of arrays, ...).
     labels: the key of `data` that holds class labels; when None, a key "label" or "labels" that
     is not a model input is used (and a note says so). repeats: timed passes per model (after a
-    warm-up); 0 skips the timing.
+    warm-up); 0 skips the timing. batching: False feeds each run of `data` whole (calib.py);
+    "samples" then counts runs and "batch_size" is None.
     """
     if repeats < 0:
         raise OnnxObsError(f"--repeats must be at least 0, got {repeats}")
@@ -47,7 +49,8 @@ def evaluate(original, pruned, data, *, labels: str | None = None, batch_size: i
         labels = detect_labels(data, ref_model.model)
         if labels is not None:
             notes.append(f"using key '{labels}' of the data as labels (choose another with --labels)")
-    cal = load_calibration(data, ref_model.model, batch_size=batch_size, labels_key=labels)
+    cal = load_calibration(data, ref_model.model, batch_size=batch_size, labels_key=labels,
+                           batching=batching)
     ref = Runner(ref_model.model, ref_model.base_dir, device)
     cand = Runner(cand_model.model, cand_model.base_dir, device)
     with Progress(enabled=progress) as bar:
@@ -66,7 +69,8 @@ def evaluate(original, pruned, data, *, labels: str | None = None, batch_size: i
         "data": cal.source,
         "samples": cal.num_samples,
         "labels": labels,
-        "batch_size": len(next(iter(cal.batches[0].values()))),
+        "batching": cal.batched,
+        "batch_size": len(next(iter(cal.batches[0].values()))) if cal.sliceable else None,
         "repeats": repeats,
         "device": ref.provider,
         "notes": notes,
@@ -85,13 +89,22 @@ def detect_labels(data, model: onnx.ModelProto) -> str | None:
 
 
 def data_keys(data) -> set[str]:
-    """The keys of a dict of arrays or an .npz file (empty for other sources)."""
+    """The keys of a dict of arrays, an .npz file or a directory of them (empty for other
+    sources); a run key KEY__k also counts as KEY."""
     if isinstance(data, Mapping):
-        return set(data)
-    if not isinstance(data, (str, os.PathLike)) or Path(data).suffix != ".npz":
+        keys = set(data)
+    elif not isinstance(data, (str, os.PathLike)):
         return set()
+    else:
+        path = Path(data)
+        files = sorted(path.glob("*.npz")) if path.is_dir() else [path] if path.suffix == ".npz" else []
+        keys = set().union(*map(_npz_keys, files))
+    return keys | {m[1] for m in map(RUN_KEY.fullmatch, keys) if m}
+
+
+def _npz_keys(path: Path) -> set[str]:
     try:
-        with np.load(data, allow_pickle=False) as z:
+        with np.load(path, allow_pickle=False) as z:
             return set(z.files)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError):
         return set()  # load_calibration reports the unreadable file
@@ -157,10 +170,12 @@ def measure_latency(runners: list[Runner], cal: Calibration, repeats: int, bar=N
     """Per runner, the median wall time of a full pass over `cal` and of a one-sample run.
 
     Each runner gets a warm-up first; the timed runs alternate between runners so that load from
-    elsewhere on the machine hits them alike. batch1_ms is None when the batch size is fixed.
+    elsewhere on the machine hits them alike. batch1_ms is None when the batch size is fixed or
+    the runs cannot be cut into samples.
     """
-    one = {k: v[:1] for k, v in cal.batches[0].items()}
-    single = len(next(iter(cal.batches[0].values()))) == 1 or _batch_is_free(runners[0])
+    first = cal.batches[0]
+    single = cal.sliceable and (len(next(iter(first.values()))) == 1 or _batch_is_free(runners[0]))
+    one = {k: v[:1] for k, v in first.items()} if single else {}
     task = bar.add("timing", total=repeats * len(runners)) if bar is not None else None
     for r in runners:
         _full_pass(r, cal)

@@ -31,9 +31,14 @@ def providers_for(device: str) -> list[str]:
 class Runner:
     """One onnxruntime session over a model proto whose external data lives in `base_dir`."""
 
-    def __init__(self, model: onnx.ModelProto, base_dir: str = "", device: str = "cpu"):
+    def __init__(self, model: onnx.ModelProto, base_dir: str = "", device: str = "cpu",
+                 prepack: bool = True):
+        """prepack=False: weights are not copied into packed buffers at load time (onnxruntime
+        then memory-maps aligned external data), for a session that runs little or not at all."""
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        if not prepack:
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+        opts.log_severity_level = 4  # fatal only: errors reach the user as one OnnxObsError line
         self.providers = providers_for(device)
         try:
             self.session = _session(model, base_dir, opts, self.providers)
@@ -53,7 +58,13 @@ class Runner:
         try:
             return self.session.run(outputs, feeds)
         except Exception as e:
-            raise OnnxObsError(f"onnxruntime failed to run the model: {_first_line(e)}") from e
+            raise OnnxObsError(f"onnxruntime failed to run the model on {_describe_feeds(feeds)}: "
+                               f"{_first_line(e)}") from e
+
+
+def _describe_feeds(feeds: dict) -> str:
+    """'x float32[8, 4], scale float32[]': the inputs of a run and their shapes."""
+    return ", ".join(f"{k} {np.asarray(v).dtype}{list(np.shape(v))}" for k, v in feeds.items())
 
 
 def _session(model, base_dir, opts, providers):

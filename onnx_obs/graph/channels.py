@@ -595,18 +595,27 @@ def _regroup(dims_in: list, dims_out: list, axis: int):
         suf += 1
     if suf >= n_in - axis:
         return n_out - (n_in - axis), 1, 1
-    mid_in, mid_out = dims_in[pre:n_in - suf], dims_out[pre:n_out - suf]
-    if not all(isinstance(d, int) for d in mid_in + mid_out):
-        return None, 0, 0
-    if int(np.prod(mid_in, dtype=np.int64)) != int(np.prod(mid_out, dtype=np.int64)):
-        return None, 0, 0
-    big = [i for i, d in enumerate(mid_out) if d != 1]
-    if len(big) != 1:
-        return None, 0, 0
     k = axis - pre
-    outer = int(np.prod(mid_in[:k], dtype=np.int64))
-    inner = int(np.prod(mid_in[k + 1:], dtype=np.int64))
-    return pre + big[0], outer, inner
+    # The longest equal suffix may hold the output axis the channel merges into ([N, 1, 1, 2] ->
+    # [N, 2]): then a shorter one is right.
+    for s in range(suf, -1, -1):
+        mid_in, mid_out = dims_in[pre:n_in - s], dims_out[pre:n_out - s]
+        merged = _merged_axis(mid_in, mid_out)
+        if merged is not None:
+            outer = int(np.prod(mid_in[:k], dtype=np.int64))
+            inner = int(np.prod(mid_in[k + 1:], dtype=np.int64))
+            return pre + merged, outer, inner
+    return None, 0, 0
+
+
+def _merged_axis(mid_in: list, mid_out: list) -> int | None:
+    """The one axis of mid_out (the others of size 1) that all of mid_in merges into, or None."""
+    if not all(isinstance(d, int) for d in mid_in + mid_out):
+        return None
+    if int(np.prod(mid_in, dtype=np.int64)) != int(np.prod(mid_out, dtype=np.int64)):
+        return None
+    big = [i for i, d in enumerate(mid_out) if d != 1]
+    return big[0] if len(big) == 1 else None
 
 
 # ---------------------------------------------------------------- surgery

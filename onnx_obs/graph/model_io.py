@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -24,10 +26,22 @@ class LoadedModel:
     path: Path | None
     base_dir: str            # where external data files are found
     file_size: int           # bytes of the model file plus its external data files
+    spill_file: BinaryIO | None = None  # open while pruning towards an output: see `spilling`
+    spill_location: str = ""
 
     @property
     def has_external_data(self) -> bool:
         return any(_is_external(t) for t in iter_tensors(self.model.graph))
+
+    def store(self, tensor: onnx.TensorProto, raw: bytes) -> None:
+        """Give a tensor new raw bytes: in the spill file if one is open and they are large, else
+        inline (bytes set on a proto stay in its memory arena until the whole model is freed)."""
+        if self.spill_file is None or len(raw) < _EXTERNAL_MIN_BYTES:
+            set_raw(tensor, raw)
+            return
+        offset = _append_aligned(self.spill_file, raw)
+        self.spill_file.flush()  # onnx and onnxruntime read it through their own handles
+        _point_external(tensor, self.spill_location, offset, len(raw))
 
 
 def iter_tensors(graph: onnx.GraphProto):
@@ -42,6 +56,14 @@ def iter_tensors(graph: onnx.GraphProto):
             elif a.type == onnx.AttributeProto.GRAPHS:
                 for g in a.graphs:
                     yield from iter_tensors(g)
+
+
+def set_raw(t: onnx.TensorProto, raw: bytes) -> None:
+    """Store raw little-endian bytes inline in t, in place of its external or typed data."""
+    for f in ("external_data", "raw_data", "float_data", "int32_data", "double_data"):
+        t.ClearField(f)
+    t.data_location = onnx.TensorProto.DEFAULT
+    t.raw_data = raw
 
 
 def _is_external(t: onnx.TensorProto) -> bool:
@@ -137,6 +159,41 @@ def check_output_path(out: str | os.PathLike, src: Path | None, force: bool,
     return o
 
 
+@contextmanager
+def spilling(loaded: LoadedModel, out: str | os.PathLike | None, *others: onnx.ModelProto):
+    """While pruning an external-data model into `out`, `loaded.store` writes pruned weights to a
+    temp file beside `out` (removed on exit, however it happens), so memory holds one at a time.
+
+    onnx and onnxruntime read all external data from one folder: `loaded.model` and `others`
+    (copies sharing its data) get locations relative to the deepest folder holding both the
+    input's data files and the temp file, which becomes `loaded.base_dir`.
+    """
+    if out is None or not loaded.has_external_data:
+        yield
+        return
+    fd, name = tempfile.mkstemp(prefix=".onnx-obs-", dir=Path(out).parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            src = os.path.realpath(loaded.base_dir or ".")
+            root = os.path.commonpath([src, os.path.dirname(os.path.realpath(name))])
+            for m in (loaded.model, *others):
+                _rebase(m, src, root)
+            loaded.base_dir = root
+            loaded.spill_file, loaded.spill_location = f, os.path.relpath(os.path.realpath(name), root)
+            yield
+    finally:
+        loaded.spill_file = None
+        Path(name).unlink(missing_ok=True)
+
+
+def _rebase(model: onnx.ModelProto, src: str, root: str) -> None:
+    for t in iter_tensors(model.graph):
+        if _is_external(t):
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = os.path.relpath(os.path.join(src, e.value), root)
+
+
 def save_model(model: onnx.ModelProto, out: str | os.PathLike, base_dir: str = "",
                external: bool | None = None) -> int:
     """Write atomically (temp files, then rename) and return the bytes written.
@@ -189,7 +246,6 @@ def _new_file_mode() -> int:
 
 def _stream_external(model: onnx.ModelProto, f, data_name: str, base_dir: str) -> None:
     """Copy each large tensor's bytes into the open data file and point the tensor at it."""
-    offset = 0
     for t in iter_tensors(model.graph):
         if _is_external(t):
             info = {e.key: e.value for e in t.external_data}
@@ -200,14 +256,22 @@ def _stream_external(model: onnx.ModelProto, f, data_name: str, base_dir: str) -
             payload = t.raw_data
         else:
             continue
-        pad = (-offset) % 4096  # aligned offsets let runtimes memory-map tensors
-        f.write(b"\0" * pad)
-        offset += pad
-        f.write(payload)
-        t.ClearField("raw_data")
-        del t.external_data[:]
-        t.data_location = onnx.TensorProto.EXTERNAL
-        for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(payload)))):
-            e = t.external_data.add()
-            e.key, e.value = k, v
-        offset += len(payload)
+        _point_external(t, data_name, _append_aligned(f, payload), len(payload))
+
+
+def _append_aligned(f: BinaryIO, payload: bytes) -> int:
+    """Write payload at the next 4096-byte boundary of f (aligned offsets let runtimes memory-map
+    tensors) and return its offset."""
+    pad = -f.tell() % 4096
+    f.write(b"\0" * pad)
+    f.write(payload)
+    return f.tell() - len(payload)
+
+
+def _point_external(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    t.ClearField("raw_data")
+    del t.external_data[:]
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = k, v

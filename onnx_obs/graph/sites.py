@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnx_obs.graph.model_io import set_raw
+
 LINEAR_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose")
 PASS_THROUGH = ("Identity", "Cast", "Transpose")
 QUANTIZED_OPS = {
@@ -282,16 +284,11 @@ def site_matrix(site: Site, base_dir: str = "") -> np.ndarray:
     return site.to_matrix(read_array(site, base_dir)).astype(np.float64)
 
 
-def write_matrix(site: Site, matrix: np.ndarray) -> None:
-    """Store a 2-D matrix back into the site's tensor, in its own dtype and location."""
+def write_matrix(site: Site, matrix: np.ndarray, store=set_raw) -> None:
+    """Store a 2-D matrix back into the site's tensor, in its own dtype, through
+    `store(tensor, raw_bytes)` (default: inline; `LoadedModel.store` may spill it to disk)."""
     array = site.from_matrix(matrix).astype(site.dtype if site.dtype != "bfloat16" else _bf16())
-    new = numpy_helper.from_array(array, site.tensor.name)
-    site.tensor.ClearField("external_data")
-    site.tensor.data_location = onnx.TensorProto.DEFAULT
-    site.tensor.ClearField("raw_data")
-    for f in ("float_data", "int32_data", "double_data"):
-        site.tensor.ClearField(f)
-    site.tensor.raw_data = new.raw_data
+    store(site.tensor, numpy_helper.from_array(array, site.tensor.name).raw_data)
 
 
 def _bf16():

@@ -21,6 +21,7 @@ from graphs import (NEWEST_OPSET, calib_for, cnn_model, init, make_model, mlp_mo
                     save, vi)
 from onnx_obs import api
 from onnx_obs.api import GRAPH_INPUT_REASON
+from onnx_obs.graph import model_io
 
 
 def assert_fails(result, *words, out=None):
@@ -190,15 +191,18 @@ def _enospc(*_):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-@pytest.mark.parametrize("external", [False, True])
-def test_disk_full_while_writing(external, cli, tmp_path, monkeypatch):
+@pytest.mark.parametrize("external,failing", [(False, "fsync"), (True, "fsync"), (True, "spill")])
+def test_disk_full_while_writing(external, failing, cli, tmp_path, monkeypatch):
     (tmp_path / "in").mkdir()
     src = save(mlp_model(sizes=(32, 16, 4)), tmp_path / "in" / "m.onnx", external=external)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "o.onnx"
     out.write_bytes(b"previous model")
-    monkeypatch.setattr(os, "fsync", _enospc)
+    if failing == "fsync":
+        monkeypatch.setattr(os, "fsync", _enospc)
+    else:  # the first write is a pruned weight's, to the temp file beside the output
+        monkeypatch.setattr(model_io, "_append_aligned", _enospc)
     r = prune(cli, src, out, "--method", "magnitude", "--force")
     monkeypatch.undo()
     assert_fails(r, "could not write", "No space left on device")

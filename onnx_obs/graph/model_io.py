@@ -39,8 +39,13 @@ class LoadedModel:
         if self.spill_file is None or len(raw) < _EXTERNAL_MIN_BYTES:
             set_raw(tensor, raw)
             return
-        offset = _append_aligned(self.spill_file, raw)
-        self.spill_file.flush()  # onnx and onnxruntime read it through their own handles
+        try:
+            offset = _append_aligned(self.spill_file, raw)
+            self.spill_file.flush()  # onnx and onnxruntime read it through their own handles
+        except OSError as e:
+            folder = os.path.join(self.base_dir, os.path.dirname(self.spill_location))
+            raise OnnxObsError(f"could not write pruned weights into {folder}: "
+                               f"{e.strerror or e}") from e
         _point_external(tensor, self.spill_location, offset, len(raw))
 
 

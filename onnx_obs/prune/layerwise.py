@@ -37,9 +37,10 @@ SOLVERS = ("auto", "exact", "fast")
 
 # solver="auto" uses the exact solver while rows * cols^3 (its full greedy trace: every row, every
 # step, an H^-1 column of cols^2) stays within this budget, the fast solver beyond. Exact gives
-# far lower error on real layers (2-30x lower than fast on the digits samples' layers, see
-# scripts/bench_layerwise.py --auto); measured on a 2-core AMD EPYC: 0.7 s for 256x256 (2^32),
-# 1.6 s for a 64x576 conv (2^33.5); the budget allows about 3-4 s per layer.
+# far lower error (2.3-2.7x lower than fast on correlated inputs, 2.3-30x on the digits samples'
+# real layers). `scripts/bench_layerwise.py --auto` on a 2-core AMD EPYC: exact 0.47 s for
+# 256x256 (2^32), 0.96 s for 64x576 (2^33.5), 1.4 s for 128x512 (2^34), 1.9 s for 384x384
+# (2^34.3), 5.5 s for 512x512 (2^36); fast 3-11 ms. The budget keeps exact layers under ~2 s.
 EXACT_MAX_WORK = 2**34
 
 

@@ -6,8 +6,9 @@ Prints, in one run:
   Cholesky factorisation plus inverse of the same H, timed in the same run;
 - the seconds of exact-mode (OBC) 50% pruning of a smaller layer, with both row allocations,
   and the layer errors of every method on it;
-- with --auto, exact vs fast seconds and errors over a range of layer shapes (for
-  EXACT_MAX_WORK), and every method's error on the real layers of the repository's samples;
+- with --auto, exact, fast and auto seconds and errors over a range of layer shapes (for
+  EXACT_MAX_WORK and REFIT_MAX_FLOPS), and every method's error on the real layers of the
+  repository's samples;
 - peak resident memory.
 
 The floor and fast mode run with the same BLAS threads (prune_layer keeps layers under
@@ -37,7 +38,8 @@ from onnx_obs.calib import load_calibration
 from onnx_obs.graph.sites import find_sites, site_matrix
 from onnx_obs.progress import Progress
 from onnx_obs.prune.blas_threads import blas_threads_for
-from onnx_obs.prune.layerwise import EXACT_MAX_WORK, layer_error, prune_layer
+from onnx_obs.prune import layerwise
+from onnx_obs.prune.layerwise import layer_error, prune_layer
 from onnx_obs.prune.obc import obc_prune
 
 
@@ -125,17 +127,26 @@ def bench_exact(rng, cols: int) -> None:
 
 
 def bench_auto(rng) -> None:
-    print("== exact vs fast, 50%, for EXACT_MAX_WORK (auto: exact while rows * cols^3 fits)")
+    print("== exact, fast and auto, 50% (auto: exact within EXACT_MAX_WORK, else fast + refit within REFIT_MAX_FLOPS)")
     for rows, cols in ((128, 128), (256, 256), (64, 576), (128, 512), (384, 384), (512, 512)):
         X = correlated_inputs(rng, 2 * cols, cols).astype(np.float64)
         W = rng.standard_normal((rows, cols))
         H = 2.0 / len(X) * X.T @ X
-        exact, t_exact, _ = timed(prune_layer, W, H, solver="exact")
-        fast, t_fast, _ = timed(prune_layer, W, H, solver="fast")
-        ratio = layer_error(W, fast.weight, H) / layer_error(W, exact.weight, H)
-        auto = "exact" if rows * cols**3 <= EXACT_MAX_WORK else "fast"
-        print(f"{rows:4d}x{cols:<4d} work 2^{np.log2(rows * cols**3):4.1f}: exact {t_exact:7.3f} s   "
-              f"fast {t_fast:7.4f} s   fast/exact error {ratio:.2f}   auto: {auto}")
+        runs = {s: timed(prune_layer, W, H, solver=s) for s in ("exact", "fast", "auto")}
+        base = layer_error(W, runs["exact"][0].weight, H)
+        summary = "   ".join(f"{s} {t:6.3f} s error {layer_error(W, r.weight, H) / base:.2f}"
+                             for s, (r, t, _) in runs.items() if s != "exact")
+        print(f"{rows:4d}x{cols:<4d} work 2^{np.log2(rows * cols**3):4.1f}: exact {runs['exact'][1]:6.3f} s   "
+              f"{summary} ({runs['auto'][0].solver})")
+
+
+def refitted(W: np.ndarray, H: np.ndarray):
+    """What solver="auto" gives a layer beyond the exact budget: fast, then the refit."""
+    saved, layerwise.EXACT_MAX_WORK = layerwise.EXACT_MAX_WORK, -1
+    try:
+        return prune_layer(W, H, solver="auto")
+    finally:
+        layerwise.EXACT_MAX_WORK = saved
 
 
 def bench_sample_layers() -> None:
@@ -151,9 +162,10 @@ def bench_sample_layers() -> None:
             hessians = api.capture_hessians(loaded, sites, cal, "cpu", bar)
         for site in sites:
             W, H = site_matrix(site), hessians[site.name][0]
-            runs = {"exact": {"solver": "exact"}, "fast": {"solver": "fast"}}
+            runs = {s: {"solver": s} for s in ("exact", "fast")}
             runs |= {m: {"method": m} for m in ("obd", "wanda", "magnitude")}
             errors = {k: layer_error(W, prune_layer(W, H, **kw).weight, H) for k, kw in runs.items()}
+            errors["fast+refit"] = layer_error(W, refitted(W, H).weight, H)
             summary = ", ".join(f"{k} {v / errors['exact']:.2f}" for k, v in errors.items() if k != "exact")
             print(f"{name} {site.name} {W.shape[0]}x{W.shape[1]}: {summary}")
 

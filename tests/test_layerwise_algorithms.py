@@ -14,8 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from onnx_obs.prune import layerwise
 from onnx_obs.prune.layerwise import LayerResult, layer_error, prune_layer
 from onnx_obs.prune.masks import smallest_in_groups
+from onnx_obs.prune.refit import refit_flops, refit_kept
 
 
 def activations(rng, n, cols, mix=0.05):
@@ -185,6 +187,43 @@ def test_fast_close_to_exact_and_both_beat_baselines():
     # scripts/bench_layerwise.py). Here it is 1.12.
     assert err["exact"] <= err["fast"] <= 1.35 * err["exact"]
     assert max(err.values()) < min(base.values())
+
+
+# ---------------------------------------------------------------- least-squares refit
+
+
+def test_refit_gives_the_least_squares_optimum_of_every_row():
+    rng = np.random.default_rng(7)
+    X = activations(rng, 200, 12)
+    W = rng.standard_normal((5, 12))
+    removed = rng.random(W.shape) < 0.5
+    removed[0] = False  # nothing removed: the row stays as it is
+    removed[1] = True  # everything removed
+    weight, predicted = refit_kept(W, hessian(X), removed)
+    total = 0.0
+    for r in range(5):
+        err, w_best = best_error_for_mask(W[r], X, removed[r])
+        np.testing.assert_allclose(weight[r], w_best, rtol=1e-8, atol=1e-10)
+        total += err
+    assert predicted == pytest.approx(total, rel=1e-8)
+    assert refit_flops(removed) == pytest.approx(sum((12 - k) ** 3 / 3 for k in removed.sum(axis=1)))
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_auto_refits_the_fast_solver_beyond_the_exact_budget(monkeypatch, pattern):
+    rng = np.random.default_rng(8)
+    X = activations(rng, 400, 48)
+    H = hessian(X)
+    W = rng.standard_normal((20, 48))
+    monkeypatch.setattr(layerwise, "EXACT_MAX_WORK", 0)
+    fast = prune_layer(W, H, sparsity=0.5, pattern=pattern, solver="fast", block_size=16)
+    auto = prune_layer(W, H, sparsity=0.5, pattern=pattern, solver="auto", block_size=16)
+    assert (fast.solver, auto.solver) == ("fast", "fast+refit")
+    assert np.array_equal(auto.mask, fast.mask)  # same mask, better kept weights
+    assert layer_error(W, auto.weight, H) < layer_error(W, fast.weight, H)
+    assert auto.predicted_error == pytest.approx(damped_error(W, auto, X), rel=1e-8)
+    monkeypatch.setattr(layerwise, "REFIT_MAX_FLOPS", 0)
+    assert prune_layer(W, H, sparsity=0.5, pattern=pattern, block_size=16).solver == "fast"
 
 
 # ---------------------------------------------------------------- masks and targets

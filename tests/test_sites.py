@@ -372,6 +372,27 @@ def test_lstm_weights_are_skipped():
     assert all("LSTM" in k.reason for k in skipped)
 
 
+def test_skipped_entries_name_the_op_and_leave_out_integer_inputs():
+    # Exporters write x.shape[0] as Shape -> Gather(constant int64 index) and embeddings as
+    # Gather(float table, ids): only the table is a weight left alone, listed under its op.
+    hidden, inp = 3, 4
+    inits = [init("Wl", randn([1, 4 * hidden, inp])), init("Rl", randn([1, 4 * hidden, hidden], 1)),
+             init("seq", np.array([5, 5], np.int32)), init("table", randn([10, 4], 2)),
+             init("idx0", np.array(0, np.int64))]
+    nodes = [helper.make_node("LSTM", ["x", "Wl", "Rl", "", "seq"], ["y"], name="lstm", hidden_size=hidden),
+             helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Gather", ["shape", "idx0"], ["steps"], name="g_index"),
+             helper.make_node("Gather", ["table", "ids"], ["emb"], name="g_emb")]
+    model = make_model(nodes, [vi("x", np.float32, [5, 2, inp]), vi("ids", np.int64, [3])],
+                       [vi("y", np.float32, None), vi("steps", np.int64, None), vi("emb", np.float32, None)],
+                       inits)
+    sites, skipped = find_sites(model)
+    assert not sites
+    ops = {k.name: k.op_type for k in skipped}
+    assert ops == {"Wl": "LSTM", "Rl": "LSTM", "table": "Gather"}
+    assert all("recurrent" in k.reason for k in skipped if k.op_type == "LSTM")
+
+
 def test_weight_also_used_elsewhere_is_skipped():
     nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"),
              helper.make_node("ReduceSum", ["W"], ["s"], name="sum")]

@@ -203,6 +203,97 @@ def test_conv_flatten_gemm(flatten):
     assert_same_outputs(res.model, with_weights(model, ref), {"x": randn([16, 2, 4, 4], 6)})
 
 
+@pytest.mark.parametrize("opset", [13, 18])
+def test_conv_reducemean_gemm(opset):
+    # x.mean((2, 3)) as exporters write a global pool: ReduceMean over the spatial axes, axes an
+    # attribute (keepdims=0, opset 13) or an input (keepdims=1 then Flatten, opset 18).
+    a = {"W1": randn([6, 2, 3, 3], 1), "b1": randn([6], 2), "W2": randn([3, 6], 3), "b2": randn([3], 4)}
+    inits = [init(k, v) for k, v in a.items()]
+    if opset == 13:
+        pool = [helper.make_node("ReduceMean", ["r"], ["f"], name="mean", axes=[2, 3], keepdims=0)]
+    else:
+        inits.append(init("axes", np.array([-2, -1], np.int64)))
+        pool = [helper.make_node("ReduceMean", ["r", "axes"], ["m"], name="mean"),
+                helper.make_node("Flatten", ["m"], ["f"], name="flat")]
+    model = make_model([conv("x", "W1", "b1", "c"), relu("c", "r"), *pool, gemm("f", "W2", "b2", "y")],
+                       [vi("x", shape=["batch", 2, 4, 4])], [vi("y", shape=["batch", 3])], inits,
+                       opset=opset)
+    X = randn([200, 2, 4, 4], 5)
+    res = structured(model, {"x": X}, sparsity=0.5)
+    gone = removed_units(res, "W1")
+    keep = keep_of(6, gone)
+    w = weights(res.model)
+    assert w["W1"].shape == (3, 2, 3, 3) and w["W2"].shape == (3, 3)
+    onnx.checker.check_model(res.model, full_check=True)
+
+    F = run_tensors(model, {"x": X}, ["r"])["r"].mean(axis=(2, 3)).astype(np.float64)
+    Wk, bk = lstsq_with_bias(F[:, keep], F @ a["W2"].T.astype(np.float64) + a["b2"])
+    ref = zeroed(a, {"W1": gone, "b1": gone})
+    ref["W2"] = np.zeros((3, 6))
+    ref["W2"][:, keep] = Wk
+    ref["b2"] = bk
+    assert_same_outputs(res.model, with_weights(model, ref), {"x": randn([16, 2, 4, 4], 6)})
+
+
+def _view_flatten(index: int) -> tuple[list, list]:
+    """x.view(x.size(index), -1) as the TorchScript exporter writes it."""
+    nodes = [helper.make_node("Shape", ["r"], ["shp"], name="shape"),
+             helper.make_node("Gather", ["shp", "i"], ["n"], name="size", axis=0),
+             helper.make_node("Unsqueeze", ["n", "zero"], ["n1"], name="unsq"),
+             helper.make_node("Concat", ["n1", "minus1"], ["target"], name="target", axis=0),
+             helper.make_node("Reshape", ["r", "target"], ["f"], name="view")]
+    inits = [init("i", np.array(index, np.int64)), init("zero", np.array([0], np.int64)),
+             init("minus1", np.array([-1], np.int64))]
+    return nodes, inits
+
+
+def test_conv_view_batch_gemm():
+    a = {"W1": randn([6, 2, 3, 3], 1), "b1": randn([6], 2), "W2": randn([3, 96], 3), "b2": randn([3], 4)}
+    view, extra = _view_flatten(0)
+    model = make_model([conv("x", "W1", "b1", "c"), relu("c", "r"), *view, gemm("f", "W2", "b2", "y")],
+                       [vi("x", shape=["batch", 2, 4, 4])], [vi("y", shape=["batch", 3])],
+                       [init(k, v) for k, v in a.items()] + extra, opset=13)
+    X = randn([600, 2, 4, 4], 5)
+    res = structured(model, {"x": X}, sparsity=0.5)
+    gone = removed_units(res, "W1")
+    keep = keep_of(6, gone)
+    w = weights(res.model)
+    assert w["W1"].shape == (3, 2, 3, 3) and w["W2"].shape == (3, 48)
+    onnx.checker.check_model(res.model, full_check=True)
+
+    F = run_tensors(model, {"x": X}, ["r"])["r"].reshape(len(X), 96).astype(np.float64)
+    cols = np.concatenate([np.arange(16) + 16 * c for c in keep])
+    Wk, bk = lstsq_with_bias(F[:, cols], F @ a["W2"].T.astype(np.float64) + a["b2"])
+    ref = zeroed(a, {"W1": gone, "b1": gone})
+    ref["W2"] = np.zeros((3, 96))
+    ref["W2"][:, cols] = Wk
+    ref["b2"] = bk
+    assert_same_outputs(res.model, with_weights(model, ref), {"x": randn([16, 2, 4, 4], 6)})
+
+
+def test_shape_read_of_the_channel_count_blocks():
+    # x.view(x.size(1), -1) would keep the old channel count in the computed target
+    a = {"W1": randn([6, 2, 3, 3], 1), "b1": randn([6], 2), "W2": randn([16, 3], 3)}
+    view, extra = _view_flatten(1)
+    model = make_model([conv("x", "W1", "b1", "c"), relu("c", "r"), *view,
+                        helper.make_node("MatMul", ["f", "W2"], ["y"], name="mm")],
+                       [vi("x", shape=[1, 2, 4, 4])], [vi("y", shape=[6, 3])],
+                       [init(k, v) for k, v in a.items()] + extra, opset=13)
+    with pytest.raises(OnnxObsError, match="Shape 'shape' reads its channel count"):
+        structured(model, {"x": randn([1, 2, 4, 4], 5)}, sparsity=0.5)
+
+
+def test_reduction_over_the_channels_blocks():
+    a = {"W1": randn([6, 2, 3, 3], 1), "b1": randn([6], 2), "W2": randn([3, 16], 3), "b2": randn([3], 4)}
+    nodes = [conv("x", "W1", "b1", "c"), relu("c", "r"),
+             helper.make_node("ReduceMax", ["r"], ["m"], name="cmax", axes=[1], keepdims=0),
+             helper.make_node("Flatten", ["m"], ["f"], name="flat"), gemm("f", "W2", "b2", "y")]
+    model = make_model(nodes, [vi("x", shape=["batch", 2, 4, 4])], [vi("y", shape=["batch", 3])],
+                       [init(k, v) for k, v in a.items()], opset=13)
+    with pytest.raises(OnnxObsError, match="reduces over its channel axis"):
+        structured(model, {"x": randn([32, 2, 4, 4], 5)}, sparsity=0.5)
+
+
 def test_concat_offsets():
     a = {"WA": randn([4, 3, 3, 3], 1), "bA": randn([4], 2), "WB": randn([6, 3, 3, 3], 3),
          "bB": randn([6], 4), "WC": randn([3, 10, 3, 3], 5), "bC": randn([3], 6)}

@@ -39,6 +39,9 @@ ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean"}
 POOLS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
 NORMS = {"BatchNormalization": 5, "InstanceNormalization": 3}  # op -> inputs (all per channel)
 REGROUP = {"Flatten", "Reshape", "Squeeze", "Unsqueeze"}
+# Reductions: fine over other axes (x.mean((2, 3)) as a global pool), never over the channels.
+REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
+          "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"}
 LINEAR = {"Gemm", "MatMul", "Conv", "ConvTranspose"}
 
 
@@ -145,6 +148,7 @@ class _Graph:
         self.graph_inputs = {i.name for i in model.graph.input}
         self.shapes = _shapes(model)
         self.labels = {node_label(n, i, ""): i for i, n in enumerate(self.nodes)}
+        self.producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
         self.site_of_node: dict[int, list[tuple[Site, object]]] = {}
         for s in sites:
             for u in s.uses:
@@ -248,6 +252,11 @@ class _Graph:
             return [_State(node.output[0], 1, st.positions, st.size)]
         if op in REGROUP and where == [0]:
             return [self._regroup(group, ni, st)]
+        if op in REDUCE and where == [0]:
+            return [self._reduce(ni, st, a)]
+        if op == "Shape" and where == [0]:
+            self._shape_read(ni, st, a)
+            return []
         if op == "Transpose" and where == [0]:
             perm = a.get("perm", list(range(self._rank(node.input[0])))[::-1])
             return [_State(node.output[0], list(perm).index(st.axis), st.positions, st.size)]
@@ -350,22 +359,108 @@ class _Graph:
             dims_out = [_product(dims_in[:k]), _product(dims_in[k:])]
         elif node.op_type == "Reshape":
             target = self._const_ints(node.input[1])
-            if target is None:
-                raise _Blocked(f"Reshape '{self._label(ni)}' has a computed shape")
+            if target is None:   # x.view(x.size(0), -1): dims read with Shape, then constants
+                target = self._computed_target(ni)
             dims_out = _reshape_dims(dims_in, target)
         else:
             dims_out = self._dims(node.output[0])
+        if self.shapes.get(node.output[0]) is None:   # a computed target defeats inference
+            self.shapes[node.output[0]] = dims_out
         out_axis, outer, inner = _regroup(dims_in, dims_out, st.axis)
         if out_axis is None:
             raise _Blocked(f"{node.op_type} '{self._label(ni)}' splits or mixes its channel axis")
         block = np.arange(outer)[:, None, None] * st.size * inner + np.arange(inner)
         positions = [(block + p[None, :, None] * inner).ravel() for p in st.positions]
         positions = [np.sort(p) for p in positions]
-        if node.op_type == "Reshape" and target[out_axis] > 0:
+        if node.op_type == "Reshape" and target[out_axis] != 0 and target[out_axis] != -1:
+            if node.input[1] not in self.consts:
+                raise _Blocked(f"Reshape '{self._label(ni)}' has a computed size on its channel axis")
             if self.refs.get(node.input[1], 0) != 1:
                 raise _Blocked(f"the shape of Reshape '{self._label(ni)}' is shared")
             group.edits.append(Edit("reshape", ni, out_axis, int(target[out_axis]), positions))
         return _State(node.output[0], out_axis, positions, st.size * outer * inner)
+
+    def _reduce(self, ni: int, st: _State, a: dict) -> _State:
+        """A reduction over axes other than the channel axis: where the channel axis lands."""
+        node = self.nodes[ni]
+        rank = self._rank(node.input[0])
+        if len(node.input) > 1 and node.input[1]:   # axes as an input (ReduceSum 13+, all 18+)
+            axes = self._const_ints(node.input[1])
+            if axes is None:
+                raise _Blocked(f"{node.op_type} '{self._label(ni)}' has computed axes")
+        else:
+            axes = a.get("axes")
+        if not axes:   # all axes, or none with noop_with_empty_axes
+            if a.get("noop_with_empty_axes", 0):
+                return _State(node.output[0], st.axis, st.positions, st.size)
+            raise _Blocked(f"{node.op_type} '{self._label(ni)}' reduces over its channel axis")
+        axes = {int(x) % rank for x in axes}
+        if st.axis in axes:
+            raise _Blocked(f"{node.op_type} '{self._label(ni)}' reduces over its channel axis")
+        axis = st.axis if a.get("keepdims", 1) else st.axis - sum(1 for x in axes if x < st.axis)
+        return _State(node.output[0], axis, st.positions, st.size)
+
+    def _shape_read(self, ni: int, st: _State, a: dict) -> None:
+        """Shape of a tensor that carries units: fine when only other dimensions are used (the
+        batch size of x.view(x.size(0), -1)), read from it by Gathers of constant indices."""
+        node = self.nodes[ni]
+        rank = self._rank(node.input[0])
+        start, end = (min(max(v + rank if v < 0 else v, 0), rank)
+                      for v in (a.get("start", 0), a.get("end", rank)))
+        if not start <= st.axis < end:
+            return
+        out = node.output[0]
+        if out in self.outputs or out in self.inner_refs:
+            raise _Blocked(f"Shape '{self._label(ni)}' reads its channel count")
+        for ri, pos in self.readers.get(out, []):
+            reader = self.nodes[ri]
+            idx = self._const_ints(reader.input[1]) if len(reader.input) > 1 else None
+            if (reader.op_type != "Gather" or pos != 0 or _attrs(reader).get("axis", 0) != 0
+                    or idx is None or st.axis - start in [i % (end - start) for i in idx]):
+                raise _Blocked(f"Shape '{self._label(ni)}' reads its channel count")
+
+    def _computed_target(self, ni: int) -> list:
+        """A Reshape target computed from dimensions read with Shape and constants, with each
+        read dimension replaced by its value (an int or a dim_param)."""
+        entries = self._shape_entries(self.nodes[ni].input[1], 0)
+        if entries is None:
+            raise _Blocked(f"Reshape '{self._label(ni)}' has a computed shape")
+        target = []
+        for e in entries:
+            if isinstance(e, tuple):
+                dims = self.shapes.get(e[0])
+                e = dims[e[1]] if dims is not None and -len(dims) <= e[1] < len(dims) else None
+                if e is None:
+                    raise _Blocked(f"Reshape '{self._label(ni)}' has a computed shape")
+            target.append(e)
+        return target
+
+    def _shape_entries(self, name: str, depth: int) -> list | None:
+        """The value of a small 1-D integer tensor: per entry an int, or (tensor, axis) for a
+        dimension read with Shape; None where it cannot be followed."""
+        if name in self.consts:
+            return self._const_ints(name)
+        ni = self.producer.get(name)
+        if ni is None or depth > 32:
+            return None
+        node, a = self.nodes[ni], _attrs(self.nodes[ni])
+        op = node.op_type
+        if op == "Shape":
+            dims = self.shapes.get(node.input[0])
+            if dims is None:
+                return None
+            return [(node.input[0], k) for k in range(len(dims))][a.get("start", 0):a.get("end")]
+        if op in ("Identity", "Cast", "Squeeze", "Unsqueeze"):   # scalar <-> [1]: same entries
+            return self._shape_entries(node.input[0], depth + 1)
+        if op == "Gather" and a.get("axis", 0) == 0:
+            data, idx = self._shape_entries(node.input[0], depth + 1), self._const_ints(node.input[1])
+            if data is None or idx is None or any(not -len(data) <= i < len(data) for i in idx):
+                return None
+            return [data[i] for i in idx]
+        if op == "Concat":
+            parts = [self._shape_entries(x, depth + 1) for x in node.input]
+            return None if any(p is None for p in parts) else [e for p in parts for e in p]
+        return None
 
     def _concat(self, ni: int, where: list[int], ins: list[_State], a: dict) -> _State:
         node = self.nodes[ni]

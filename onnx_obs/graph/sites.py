@@ -220,9 +220,12 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], list[Skipped]]:
                               attrs, in_subgraph=bool(scope))
                     uses.setdefault(c.key, []).append((use, role[1], c.perm))
                 elif node.op_type in QUANTIZED_OPS:
-                    uses.setdefault(c.key, []).append((None, "quantized op " + node.op_type, None))
-                elif node.op_type in NO_RULE_OPS:
-                    uses.setdefault(c.key, []).append((None, f"{node.op_type} has no site rule", None))
+                    uses.setdefault(c.key, []).append(
+                        (None, (node.op_type, "quantized op " + node.op_type), None))
+                elif node.op_type in NO_RULE_OPS and c.tensor.data_type in FLOAT_TYPES:
+                    # float weights only: integer inputs (Gather indices, sequence lengths) are not
+                    uses.setdefault(c.key, []).append(
+                        (None, (node.op_type, _no_rule_reason(node.op_type)), None))
                 elif not (node.op_type in LINEAR_OPS and pos == 2):  # a bias is not a weight
                     uses.setdefault(c.key, []).append((None, None, None))
             for a in node.attribute:
@@ -239,8 +242,8 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], list[Skipped]]:
         other = [e for e in entries if e[0] is None and not e[1]]
         if not weight_uses and not blockers:
             continue
-        op = weight_uses[0][0].op_type if weight_uses else blockers[0].split()[-1]
-        reason = _skip_reason(c.tensor, weight_uses, blockers, other)
+        op = weight_uses[0][0].op_type if weight_uses else blockers[0][0]
+        reason = _skip_reason(c.tensor, weight_uses, [b[1] for b in blockers], other)
         if reason:
             skipped.append(Skipped(key, op, reason))
             continue
@@ -254,6 +257,14 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], list[Skipped]]:
             tensor=c.tensor, graph_input=not c.scope and c.tensor.name in graph_inputs,
         ))
     return sites, skipped
+
+
+def _no_rule_reason(op_type: str) -> str:
+    if op_type in ("LSTM", "GRU", "RNN"):
+        return f"recurrent {op_type} weights are not pruned (no 2-D view for them)"
+    if op_type == "Gather":
+        return "read by Gather as a lookup table (an embedding): not pruned"
+    return f"{op_type} weights are not pruned (no 2-D view for them)"
 
 
 def _skip_reason(tensor, weight_uses, blockers, other) -> str | None:

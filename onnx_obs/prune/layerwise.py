@@ -43,11 +43,13 @@ SOLVERS = ("auto", "exact", "fast")
 # 256x256 (2^32), 0.96 s for 64x576 (2^33.5), 1.4 s for 128x512 (2^34), 1.9 s for 384x384
 # (2^34.3), 5.5 s for 512x512 (2^36); fast 3-11 ms. The budget keeps exact layers under ~2 s.
 EXACT_MAX_WORK = 2**34
-# Beyond it, solver="auto" refits the fast solver's kept weights by least squares (prune.refit)
-# while that costs at most this many flops (about 2 s): measured at 50% on the same machine, 0.3 s
-# for 512x512 (2^31.4 flops), 1.1 s for 768x768 (2^33.8), 2.8 s for 1024x1024 (2^35.4); the
-# refit halves fast's error (0.55x) on the benchmark's correlated inputs.
-REFIT_MAX_FLOPS = 2**35
+# Beyond it, solver="auto" refits the fast solver's kept weights by least squares (prune.refit):
+# up to REFIT_ITERATIONS conjugate-gradient iterations, as many as REFIT_MAX_FLOPS allows (about
+# 2 s; none below 3). `bench_layerwise.py --auto`, same machine: fast + refit at 50% takes 0.21 s
+# for 512x512 (1.29x exact's error; fast alone 2.52x), 1.4 s for 1024x1024 and 1.0 s for a
+# 256x2304 conv (0.56x fast's error, where exact would take minutes).
+REFIT_ITERATIONS = 20
+REFIT_MAX_FLOPS = 2**36
 
 
 @dataclass
@@ -81,7 +83,7 @@ def prune_layer(
     hits round(sparsity * W.size) zeros exactly unless pre-existing zeros already exceed it.
     solver (for "obs"): "exact" (OBC), "fast" (SparseGPT), or "auto": exact while
     rows * cols^3 <= EXACT_MAX_WORK, else fast followed by the least-squares refit of the kept
-    weights (prune.refit) while that costs at most REFIT_MAX_FLOPS, else fast alone.
+    weights (prune.refit) where REFIT_MAX_FLOPS allows 3 or more iterations, else fast alone.
     predicted_error: for "obs" the sum of the OBS saliencies (Hassibi & Stork Eq. 6), after a
     refit 1/2 sum_r dW_r^T H dW_r as for the baselines; all with the damped H (NaN for magnitude
     without H).
@@ -115,8 +117,10 @@ def prune_layer(
             weight, removed, predicted = sparsegpt_prune(
                 work, L, n_zeros=n_zeros, pattern=pattern, block_size=block_size
             )
-            if solver == "auto" and refit_flops(removed) <= REFIT_MAX_FLOPS:
-                weight, predicted = refit_kept(work, _damped(H, dead, lam), removed)
+            iterations = min(REFIT_ITERATIONS, int(REFIT_MAX_FLOPS // refit_flops(rows, cols)))
+            if solver == "auto" and iterations >= 3:
+                A = _damped(H, dead, lam)
+                weight, predicted = refit_kept(work, weight, A, removed, iterations)
                 return LayerResult(weight, ~removed, predicted, lam, "fast+refit")
             return LayerResult(weight, ~removed, predicted, lam, "fast")
         Hinv, _ = lapack.dpotri(L, lower=1, overwrite_c=1)

@@ -158,9 +158,9 @@ def _print_prune(d: dict, output: Path) -> None:
                   f"{dev['max_abs_error']:.3g}{extra} (on {d['calibration_samples']} calibration "
                   f"{_unit(d['settings'])})")
     for k in d["skipped"]:
-        out.print(f"skipped  {k['name']} ({k['op_type']}): {k['reason']}", highlight=False)
+        out.print(escape(f"skipped  {k['name']} ({k['op_type']}): {k['reason']}"), highlight=False)
     for n in d["notes"]:
-        out.print(f"note     {n}", highlight=False)
+        out.print(escape(f"note     {n}"), highlight=False)
     out.print(f"wrote    {output} in {tot['wall_seconds']:.1f} s on {d['device']}, "
               f"peak memory {tot['peak_memory_mb']:.0f} MB")
 
@@ -210,13 +210,18 @@ def inspect(
         t.add_column(col, justify="right" if col in ("params", "sparsity") else "left")
     for s in info["sites"]:
         t.add_row(s["name"], s["op"], str(s["onnx_shape"]), "x".join(map(str, s["matrix_shape"])),
-                  f"{s['params']:,}", f"{s['sparsity']:.1%}", s["dtype"], s["location"])
+                  f"{s['params']:,}", f"{s['sparsity']:.1%}", s["dtype"],
+                  s["location"] + (", graph input" if s["graph_input"] else ""))
     out.print(t)
     tot = info["totals"]
     out.print(f"{tot['sites']} sites, {tot['site_params']:,} prunable of {tot['model_params']:,} "
               f"parameters, file {_size(tot['file_size'])}")
+    inputs = sum(s["graph_input"] for s in info["sites"])
+    if inputs:
+        out.print(f"note     sites that are also graph inputs (a caller may override them): {inputs}; "
+                  "prune skips them unless --include names them", highlight=False)
     for k in info["skipped"]:
-        out.print(f"skipped  {k['name']} ({k['op_type']}): {k['reason']}", highlight=False)
+        out.print(escape(f"skipped  {k['name']} ({k['op_type']}): {k['reason']}"), highlight=False)
 
 
 @app.command()
@@ -284,7 +289,7 @@ def _print_evaluate(r: dict, checks: list[dict]) -> None:
                           f"speedup {a / b:.2f}x" if b else "")
     out.print(t)
     for n in r["notes"]:
-        out.print(f"note     {n}", highlight=False)
+        out.print(escape(f"note     {n}"), highlight=False)
     for c in checks:
         if c["passed"]:
             sign = ">=" if c["fails_when"] == "under" else "<="
@@ -377,7 +382,7 @@ def _print_compare(r: dict) -> None:
         out.print(f"highest sparsity losing at most {r['max_loss']['max_loss']:g} of {metric}: {found}",
                   highlight=False)
     for n in r["notes"]:
-        out.print(f"note     {n}", highlight=False)
+        out.print(escape(f"note     {n}"), highlight=False)
 
 
 def _pct(x, digits: int = 2) -> str:

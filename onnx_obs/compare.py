@@ -9,7 +9,7 @@ from pathlib import Path
 from onnx_obs import api
 from onnx_obs.calib import load_calibration
 from onnx_obs.errors import OnnxObsError
-from onnx_obs.evaluate import data_keys, detect_labels, measure, open_model
+from onnx_obs.evaluate import data_keys, detect_labels, label_note, measure, open_model
 from onnx_obs.progress import Progress
 from onnx_obs.runtime import Runner
 
@@ -74,8 +74,6 @@ def compare(model, calib, *, methods: list[str], sparsities: list[float] | None,
                            labels_key=_own_labels(calib, loaded.model, labels), batching=batching)
     eval_src = calib if eval_data is None else eval_data
     eval_labels = labels if labels is not None else detect_labels(eval_src, loaded.model)
-    if labels is None and eval_labels is not None:
-        notes.append(f"using key '{eval_labels}' of the evaluation data as labels")
     if eval_data is None:
         notes.append("no held-out data given: scores are measured on the calibration data, which "
                      "flatters the methods that use it (pass --eval HELD_OUT.npz)")
@@ -95,10 +93,14 @@ def compare(model, calib, *, methods: list[str], sparsities: list[float] | None,
                                    pattern=pattern, solver=solver, block_size=block_size,
                                    damp=damp, sequential=sequential, device=device,
                                    hessians=cache, batching=batching)
-                quality = measure(ref, Runner(result.model, loaded.base_dir, device), ecal)
+                quality = measure(ref, Runner(result.model, loaded.base_dir, device), ecal,
+                                  labels_required=labels is not None)
                 baseline = quality["accuracy"][0]
                 rows.append(_row(method, sparsity, pattern, result, quality))
                 bar.advance(task)
+    if labels is None and eval_labels is not None:
+        notes.insert(0, label_note(eval_labels, quality, "evaluation data"))
+        eval_labels = eval_labels if quality["label_output"] else None
     metric = "accuracy" if eval_labels else "top1_agreement" if "top1_agreement" in rows[0] else "relative_mse"
     best = {"accuracy": baseline, "top1_agreement": 1.0, "relative_mse": 0.0}[metric]
     for r in rows:

@@ -45,17 +45,19 @@ def evaluate(original, pruned, data, *, labels: str | None = None, batch_size: i
     ref_model, cand_model = open_model(original), open_model(pruned)
     _check_same_interface(ref_model.model, cand_model.model)
     notes = []
-    if labels is None:
+    detected = labels is None
+    if detected:
         labels = detect_labels(data, ref_model.model)
-        if labels is not None:
-            notes.append(f"using key '{labels}' of the data as labels (choose another with --labels)")
     cal = load_calibration(data, ref_model.model, batch_size=batch_size, labels_key=labels,
                            batching=batching)
     ref = Runner(ref_model.model, ref_model.base_dir, device)
     cand = Runner(cand_model.model, cand_model.base_dir, device)
     with Progress(enabled=progress) as bar:
-        quality = measure(ref, cand, cal, bar)
+        quality = measure(ref, cand, cal, bar, labels_required=not detected)
         latency = measure_latency([ref, cand], cal, repeats, bar) if repeats else [None, None]
+    if detected and labels is not None:
+        notes.append(label_note(labels, quality, "data"))
+        labels = labels if quality["label_output"] else None
     models = {}
     for key, source, loaded, acc, lat in zip(("original", "pruned"), (original, pruned),
                                               (ref_model, cand_model), quality["accuracy"], latency):
@@ -126,14 +128,27 @@ def _names(specs) -> str:
     return ", ".join(f"{n} {d}" for n, d in specs)
 
 
-def measure(ref: Runner, cand: Runner, cal: Calibration, bar=None) -> dict:
+def label_note(key: str, quality: dict, where: str) -> str:
+    """The note on a labels key found by its name, used or not."""
+    if quality["label_output"]:
+        return f"using key '{key}' of the {where} as labels (choose another with --labels)"
+    return (f"key '{key}' of the {where} is not used as labels: no model output looks like "
+            "class scores (a 2-D float [batch, classes] array)")
+
+
+def measure(ref: Runner, cand: Runner, cal: Calibration, bar=None,
+            labels_required: bool = True) -> dict:
     """Per-output deviation of `cand` from `ref` over every batch, and with cal.labels the
-    accuracy of each model on the first classifier-like output ([batch, classes] floats)."""
-    seen = {"rows": 0, "correct": [0, 0], "output": None}
+    accuracy of each model on the first classifier-like output ([batch, classes] floats).
+    labels_required=False: without such an output, no accuracy instead of an error (for labels
+    found by their key's name rather than given)."""
+    seen = {"rows": 0, "correct": [0, 0], "output": None, "required": labels_required}
 
     def observe(ref_out, cand_out):
-        if cal.labels is not None:
+        if cal.labels is not None and seen["output"] != "":
             i = _label_output(ref_out, ref.output_names, seen)
+            if i is None:
+                return
             labels = cal.labels[seen["rows"]:seen["rows"] + len(ref_out[i])]
             _check_labels(labels, ref_out[i])
             for k, out in enumerate((ref_out, cand_out)):
@@ -145,13 +160,16 @@ def measure(ref: Runner, cand: Runner, cal: Calibration, bar=None) -> dict:
     task = bar.add("comparing outputs", total=len(cal.batches)) if bar is not None else None
     outputs = compare_runs(ref, cand, cal.batches, observe)
     accuracy = [c / seen["rows"] for c in seen["correct"]] if seen["rows"] else [None, None]
-    return {"outputs": outputs, "accuracy": accuracy, "label_output": seen["output"]}
+    return {"outputs": outputs, "accuracy": accuracy, "label_output": seen["output"] or None}
 
 
-def _label_output(outs, names, seen) -> int:
+def _label_output(outs, names, seen) -> int | None:
     if seen["output"] is None:
         i = next((i for i, y in enumerate(outs) if is_classifier_like(np.asarray(y))), None)
         if i is None:
+            if not seen["required"]:
+                seen["output"] = ""   # none: accuracy is not measured
+                return None
             raise OnnxObsError("labels were given but no model output looks like class scores "
                                "(a 2-D float [batch, classes] array): drop --labels")
         seen["output"] = names[i]

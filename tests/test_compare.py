@@ -131,6 +131,14 @@ def test_calibration_scoring_warns_and_missing_matplotlib_still_writes_json(tmp_
     assert not (tmp_path / "p.png").exists()
 
 
+def test_found_label_key_without_class_scores_is_not_an_error(tmp_path):
+    from test_evaluate import regression_data
+    path, data = regression_data(tmp_path)
+    d = compare(str(path), str(data), methods=["magnitude"], sparsities=[0.5], eval_data=str(data))
+    assert d["labels"] is None and d["metric"] == "relative_mse" and "accuracy" not in d["rows"][0]
+    assert "not used as labels" in d["notes"][0]
+
+
 def test_pattern_sets_the_sparsity():
     d = compare(str(MLP), str(CALIB), methods=["magnitude"], sparsities=None, pattern=(2, 4),
                 eval_data=str(EVAL))

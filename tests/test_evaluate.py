@@ -91,6 +91,37 @@ def test_no_labels_without_a_label_key():
     assert r["labels"] is None and r["original"]["accuracy"] is None and r["notes"] == []
 
 
+def regression_data(tmp_path):
+    """A model with one output per sample ([batch, 1], a regressor) and data holding a 'label'
+    array of targets, as a user's held-out file often does."""
+    from graphs import init, make_model, randn, vi
+    from onnx import helper
+    model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")],
+                       [vi("x", shape=["batch", 6])], [vi("y", shape=["batch", 1])],
+                       [init("W", randn([6, 1]))])
+    path, data = tmp_path / "reg.onnx", tmp_path / "reg.npz"
+    onnx.save(model, str(path))
+    np.savez(data, x=randn([40, 6], 1), label=randn([40], 2))
+    return path, data
+
+
+def test_found_label_key_without_class_scores_is_not_an_error(tmp_path):
+    path, data = regression_data(tmp_path)
+    r = evaluate(str(path), str(path), str(data), repeats=0)
+    assert r["labels"] is None and r["original"]["accuracy"] is None
+    assert "not used as labels" in r["notes"][0] and r["outputs"]["y"]["relative_mse"] == 0
+    with pytest.raises(OnnxObsError, match="drop --labels"):   # named: still an error
+        evaluate(str(path), str(path), str(data), labels="label", repeats=0)
+
+
+def test_cli_notes_are_printed_verbatim(tmp_path):
+    path, data = regression_data(tmp_path)   # the note holds "[batch, classes]", not markup
+    res = CliRunner().invoke(app, ["evaluate", str(path), str(path), "--data", str(data),
+                                   "--repeats", "0"])
+    assert res.exit_code == 0, res.output
+    assert "a 2-D float [batch, classes] array" in " ".join(res.stdout.split())
+
+
 def run(*args):
     return CliRunner().invoke(app, ["evaluate", str(MLP), *map(str, args), "--repeats", "1"])
 

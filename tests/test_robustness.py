@@ -400,6 +400,10 @@ def test_graph_input_weight_needs_include(cli, tmp_path):
     report = json.loads(rep.read_text())
     assert [s["name"] for s in report["sites"]] == ["fc0.weight"]
     assert int(np.sum(weights(out)["fc0.weight"] == 0)) == 24
+    # inspect says which sites are graph inputs, and that prune leaves them alone
+    r = cli("inspect", src)
+    assert r.exit_code == 0 and "initializer, graph input" in r.stdout
+    assert "also graph inputs (a caller may override them): 1;" in " ".join(r.stdout.split())
     # selected only through its node's name: still skipped, and nothing else is left to prune
     r = prune(cli, src, out, "--method", "magnitude", "--include", "^fc0$", "--force")
     assert_fails(r, "graph inputs", "--include")

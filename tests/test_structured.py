@@ -271,6 +271,39 @@ def test_conv_view_batch_gemm():
     assert_same_outputs(res.model, with_weights(model, ref), {"x": randn([16, 2, 4, 4], 6)})
 
 
+def test_shapes_after_a_computed_reshape_are_recovered():
+    # x.flatten(2).transpose(1, 2) as older exports write it: Reshape(c, Concat(Slice(Shape(c),
+    # 0, 2), [-1])). onnx's shape inference knows nothing after it; the MLP behind it is prunable.
+    nodes = [helper.make_node("Conv", ["x", "Wc"], ["c"], name="conv"),
+             helper.make_node("Shape", ["c"], ["s"], name="shape"),
+             helper.make_node("Slice", ["s", "start", "end"], ["s2"], name="slice"),
+             helper.make_node("Concat", ["s2", "minus1"], ["t"], name="cat", axis=0),
+             helper.make_node("Reshape", ["c", "t"], ["f"], name="flat"),
+             helper.make_node("Transpose", ["f"], ["ft"], name="tr", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["ft", "W1"], ["h"], name="mm1"), relu("h", "r"),
+             helper.make_node("MatMul", ["r", "W2"], ["y"], name="mm2")]
+    a = {"Wc": randn([8, 4, 1, 1]), "W1": randn([8, 16], 1), "W2": randn([16, 5], 2)}
+    inits = [init(k, v) for k, v in a.items()] + [
+        init("start", np.array([0], np.int64)), init("end", np.array([2], np.int64)),
+        init("minus1", np.array([-1], np.int64))]
+    model = make_model(nodes, [vi("x", shape=["batch", 4, 3, 3])], [vi("y", shape=["batch", 9, 5])],
+                       inits, opset=13)
+    assert not any(v.name == "h" and v.type.tensor_type.HasField("shape")
+                   for v in onnx.shape_inference.infer_shapes(model).graph.value_info)
+    X = randn([100, 4, 3, 3], 3)
+    res = structured(model, {"x": X}, sparsity=0.5)
+    gone = removed_units(res, "W1")
+    keep = keep_of(16, gone)
+    w = weights(res.model)
+    assert w["W1"].shape == (8, 8) and w["W2"].shape == (8, 5) and w["Wc"].shape == (8, 4, 1, 1)
+
+    R = run_tensors(model, {"x": X}, ["r"])["r"].reshape(-1, 16).astype(np.float64)
+    ref = {"W1": a["W1"].astype(np.float64).copy(), "W2": np.zeros((16, 5))}
+    ref["W1"][:, gone] = 0.0
+    ref["W2"][keep] = np.linalg.lstsq(R[:, keep], R @ a["W2"], rcond=None)[0]
+    assert_same_outputs(res.model, with_weights(model, ref), {"x": randn([8, 4, 3, 3], 4)})
+
+
 def test_shape_read_of_the_channel_count_blocks():
     # x.view(x.size(1), -1) would keep the old channel count in the computed target
     a = {"W1": randn([6, 2, 3, 3], 1), "b1": randn([6], 2), "W2": randn([16, 3], 3)}
@@ -340,6 +373,20 @@ def test_depthwise_conv_follows_its_input_channels():
     ref = zeroed(a, {"W1": gone, "b1": gone, "bd": gone})
     ref["W3"], ref["b3"] = conv_fit(R, a["W3"], a["b3"], keep)
     assert_same_outputs(res.model, with_weights(model, ref), {"x": randn([8, 3, 5, 5], 8)})
+
+
+def test_squeeze_excitation_gate_is_named():
+    a = {"W0": randn([6, 3, 3, 3], 1), "b0": randn([6], 2), "Ws": randn([6, 6, 1, 1], 3),
+         "bs": randn([6], 4), "W2": randn([3, 6, 3, 3], 5), "b2": randn([3], 6)}
+    nodes = [conv("x", "W0", "b0", "c0"), relu("c0", "r0"),
+             helper.make_node("GlobalAveragePool", ["r0"], ["p"], name="pool"),
+             helper.make_node("Conv", ["p", "Ws", "bs"], ["e"], name="excite"),
+             helper.make_node("Sigmoid", ["e"], ["g"], name="gate"),
+             helper.make_node("Mul", ["r0", "g"], ["s"], name="scale"), conv("s", "W2", "b2", "y")]
+    model = make_model(nodes, [vi("x", shape=["batch", 3, 5, 5])], [vi("y", shape=["batch", 3, 5, 5])],
+                       [init(k, v) for k, v in a.items()])
+    with pytest.raises(OnnxObsError, match=r"W0: .* by Mul 'scale' \(a gate such as squeeze-and-exc"):
+        structured(model, {"x": randn([16, 3, 5, 5], 9)}, sparsity=0.5)
 
 
 def test_residual_channels_are_left_alone():

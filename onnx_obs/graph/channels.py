@@ -39,6 +39,8 @@ ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean"}
 POOLS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
 NORMS = {"BatchNormalization": 5, "InstanceNormalization": 3}  # op -> inputs (all per channel)
 REGROUP = {"Flatten", "Reshape", "Squeeze", "Unsqueeze"}
+# What coupling through an elementwise op with another computed tensor usually is.
+_COUPLING = {"Mul": "a gate such as squeeze-and-excitation?", "Div": "a normalisation?"}
 # Reductions: fine over other axes (x.mean((2, 3)) as a global pool), never over the channels.
 REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
           "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"}
@@ -148,7 +150,7 @@ class _Graph:
         self.graph_inputs = {i.name for i in model.graph.input}
         self.shapes = _shapes(model)
         self.labels = {node_label(n, i, ""): i for i, n in enumerate(self.nodes)}
-        self.producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
+        self.math = _ShapeMath(self.nodes, self.consts, self.shapes)
         self.site_of_node: dict[int, list[tuple[Site, object]]] = {}
         for s in sites:
             for u in s.uses:
@@ -344,8 +346,9 @@ class _Graph:
             dims = self.shapes.get(name)
             k = None if dims is None else axis - (rank_out - len(dims))
             if dims is None or (k >= 0 and dims[k] != 1):
+                why = _COUPLING.get(node.op_type, "a residual connection?")
                 raise _Blocked(f"its channels are coupled with '{name}' by {node.op_type} "
-                               f"'{self._label(ni)}' (a residual connection?)")
+                               f"'{self._label(ni)}' ({why})")
         return _State(out, axis, st.positions, st.size)
 
     def _regroup(self, group: UnitGroup, ni: int, st: _State) -> _State:
@@ -366,6 +369,7 @@ class _Graph:
             dims_out = self._dims(node.output[0])
         if self.shapes.get(node.output[0]) is None:   # a computed target defeats inference
             self.shapes[node.output[0]] = dims_out
+            self.math.memo.clear()
         out_axis, outer, inner = _regroup(dims_in, dims_out, st.axis)
         if out_axis is None:
             raise _Blocked(f"{node.op_type} '{self._label(ni)}' splits or mixes its channel axis")
@@ -422,45 +426,10 @@ class _Graph:
     def _computed_target(self, ni: int) -> list:
         """A Reshape target computed from dimensions read with Shape and constants, with each
         read dimension replaced by its value (an int or a dim_param)."""
-        entries = self._shape_entries(self.nodes[ni].input[1], 0)
-        if entries is None:
+        target = self.math.target(self.nodes[ni].input[1])
+        if target is None:
             raise _Blocked(f"Reshape '{self._label(ni)}' has a computed shape")
-        target = []
-        for e in entries:
-            if isinstance(e, tuple):
-                dims = self.shapes.get(e[0])
-                e = dims[e[1]] if dims is not None and -len(dims) <= e[1] < len(dims) else None
-                if e is None:
-                    raise _Blocked(f"Reshape '{self._label(ni)}' has a computed shape")
-            target.append(e)
         return target
-
-    def _shape_entries(self, name: str, depth: int) -> list | None:
-        """The value of a small 1-D integer tensor: per entry an int, or (tensor, axis) for a
-        dimension read with Shape; None where it cannot be followed."""
-        if name in self.consts:
-            return self._const_ints(name)
-        ni = self.producer.get(name)
-        if ni is None or depth > 32:
-            return None
-        node, a = self.nodes[ni], _attrs(self.nodes[ni])
-        op = node.op_type
-        if op == "Shape":
-            dims = self.shapes.get(node.input[0])
-            if dims is None:
-                return None
-            return [(node.input[0], k) for k in range(len(dims))][a.get("start", 0):a.get("end")]
-        if op in ("Identity", "Cast", "Squeeze", "Unsqueeze"):   # scalar <-> [1]: same entries
-            return self._shape_entries(node.input[0], depth + 1)
-        if op == "Gather" and a.get("axis", 0) == 0:
-            data, idx = self._shape_entries(node.input[0], depth + 1), self._const_ints(node.input[1])
-            if data is None or idx is None or any(not -len(data) <= i < len(data) for i in idx):
-                return None
-            return [data[i] for i in idx]
-        if op == "Concat":
-            parts = [self._shape_entries(x, depth + 1) for x in node.input]
-            return None if any(p is None for p in parts) else [e for p in parts for e in p]
-        return None
 
     def _concat(self, ni: int, where: list[int], ins: list[_State], a: dict) -> _State:
         node = self.nodes[ni]
@@ -575,9 +544,7 @@ class _Graph:
         return len(self._dims(name))
 
     def _const_ints(self, name: str) -> list[int] | None:
-        if name not in self.consts:
-            return None
-        return [int(x) for x in numpy_helper.to_array(self.consts[name]).ravel()]
+        return self.math.ints(name)
 
     def _only_first_output(self, ni: int) -> None:
         node = self.nodes[ni]
@@ -612,8 +579,135 @@ def _subgraph_refs(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
+class _ShapeMath:
+    """The values of the small integer tensors exporters compute shapes with (Shape, Gather,
+    Unsqueeze, Concat of constants: x.view(x.size(0), -1)), as far as they can be followed."""
+
+    def __init__(self, nodes: list, consts: dict[str, onnx.TensorProto], shapes: dict[str, list]):
+        self.nodes, self.consts, self.shapes = nodes, consts, shapes
+        self.producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+        self.memo: dict[str, list | None] = {}
+
+    def ints(self, name: str) -> list[int] | None:
+        if name not in self.consts:
+            return None
+        return [int(x) for x in numpy_helper.to_array(self.consts[name]).ravel()]
+
+    def target(self, name: str) -> list | None:
+        """The value of a computed 1-D shape: per entry an int or a dim_param (a dimension
+        read with Shape); None where it cannot be followed."""
+        entries = self.entries(name, 0)
+        return None if entries is None or any(e is None for e in entries) else entries
+
+    def entries(self, name: str, depth: int) -> list | None:
+        """Per entry an int, a dim_param or None (unknown); None when not followed at all."""
+        if name not in self.memo:
+            self.memo[name] = self._entries(name, depth)
+        return self.memo[name]
+
+    def _entries(self, name: str, depth: int) -> list | None:
+        if name in self.consts:
+            return self.ints(name)
+        ni = self.producer.get(name)
+        if ni is None or depth > 32 or self.nodes[ni].op_type not in _SHAPE_OPS:
+            return None
+        node, a = self.nodes[ni], _attrs(self.nodes[ni])
+        op = node.op_type
+        ins = [self.entries(x, depth + 1) if x and op != "Shape" else None for x in node.input]
+        if op == "Shape":
+            dims = self.shapes.get(node.input[0])
+            return None if dims is None else list(dims)[a.get("start", 0):a.get("end")]
+        if op in ("Identity", "Cast", "Squeeze", "Unsqueeze"):   # scalar <-> [1]: same entries
+            return ins[0]
+        if op == "Gather" and a.get("axis", 0) == 0:
+            data, idx = ins[0], self.ints(node.input[1])
+            if data is None or idx is None or any(not -len(data) <= i < len(data) for i in idx):
+                return None
+            return [data[i] for i in idx]
+        if op == "Slice" and ins[0] is not None and len(node.input) >= 3 and all(
+                not x or self.ints(x) is not None for x in node.input[1:]):   # opset 10+
+            starts, ends = self.ints(node.input[1]), self.ints(node.input[2])
+            axes = self.ints(node.input[3]) if len(node.input) > 3 and node.input[3] else [0]
+            steps = self.ints(node.input[4]) if len(node.input) > 4 and node.input[4] else [1]
+            if len(starts) != 1 or axes[0] not in (0, -1) or steps[0] == 0:
+                return None
+            return ins[0][slice(starts[0], ends[0], steps[0])]
+        if op == "Concat" and all(p is not None for p in ins):
+            return [e for p in ins for e in p]
+        if op in ("Mul", "Div", "Add", "Sub") and all(p is not None for p in ins[:2]):
+            x, y = ins[:2]
+            if len(x) != len(y) and 1 not in (len(x), len(y)):
+                return None
+            n = max(len(x), len(y))
+            x, y = (x * n if len(x) == 1 else x), (y * n if len(y) == 1 else y)
+            return [_arith(op, u, v) for u, v in zip(x, y)]
+        return None
+
+
+_SHAPE_OPS = {"Shape", "Identity", "Cast", "Squeeze", "Unsqueeze", "Gather", "Slice", "Concat",
+              "Mul", "Div", "Add", "Sub"}
+
+
+def _arith(op: str, u, v) -> int | None:
+    if not (isinstance(u, int) and isinstance(v, int)):
+        return None
+    if op == "Div":
+        return u // v if v > 0 and u >= 0 else None
+    return u * v if op == "Mul" else u + v if op == "Add" else u - v
+
+
+_FOLD_ROUNDS = 8
+
+
 def _shapes(model: onnx.ModelProto) -> dict[str, list]:
-    """Inferred dims of every main-graph tensor: int, dim_param string, or None if unknown."""
+    """Inferred dims of every main-graph tensor: int, dim_param string, or None if unknown.
+
+    onnx's inference gives up on a Reshape whose target is computed from Shape (older exports of
+    x.view(x.size(0), -1), x.flatten(2)) and on everything after it: such targets are folded into
+    constants where they resolve (0 where they copy a symbolic dimension of the same position),
+    on a copy, and inferred again, until no more resolve.
+    """
+    shapes = _inferred_shapes(model)
+    nodes, consts = list(model.graph.node), _const_protos(model)
+    folds: dict[int, list[int]] = {}
+    for _ in range(_FOLD_ROUNDS):
+        math = _ShapeMath(nodes, consts, shapes)
+        new = {}
+        for i, n in enumerate(nodes):
+            if (n.op_type == "Reshape" and i not in folds and n.input[1] not in consts
+                    and shapes.get(n.output[0]) is None and not _attrs(n).get("allowzero", 0)):
+                target = _constant_target(math.target(n.input[1]), shapes.get(n.input[0]))
+                if target is not None:
+                    new[i] = target
+        if not new:
+            break
+        folds.update(new)
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        for i, target in folds.items():
+            name = _unique_name(copy, f"{nodes[i].output[0]}_target")
+            copy.graph.initializer.append(numpy_helper.from_array(np.array(target, np.int64), name))
+            copy.graph.node[i].input[1] = name
+        shapes = _inferred_shapes(copy)
+    return shapes
+
+
+def _constant_target(target: list | None, dims_in: list | None) -> list[int] | None:
+    """A Reshape target as constants: a symbolic entry becomes 0 where it copies the input's
+    dimension at the same position; None if another one is left."""
+    if target is None:
+        return None
+    out = []
+    for pos, t in enumerate(target):
+        if not isinstance(t, int):
+            if dims_in is None or pos >= len(dims_in) or dims_in[pos] != t:
+                return None
+            t = 0
+        out.append(t)
+    return out
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list]:
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # custom ops or inconsistent declarations: use what the file declares

@@ -168,7 +168,7 @@ def _obs_step(loaded, group, n, cal, damp, device, bar, capture, entry) -> np.nd
     for c, con, W in zip(group.consumers, consumers, result.weights):
         entry["measured_error"] += layer_error(con.weight, W, con.hessian)
         if c.bias is not None:
-            write_bias(loaded.model, c.bias, W[:, -1], c.site.dtype)
+            write_bias(loaded.model, c.bias, W[:, -1])
             W = W[:, :-1]
         write_matrix(c.site, W)
     entry["predicted_error"] = float(result.costs.sum())

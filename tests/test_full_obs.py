@@ -64,6 +64,22 @@ def test_blocked_recursion_equals_direct_inverse(block):
     assert np.array_equal(Hinv, Hinv.T)
 
 
+def test_blocked_recursion_in_panels_equals_direct_inverse(monkeypatch):
+    # Large orders update H^-1 in column panels (OpenBLAS's threaded dsyrk crashes on them):
+    # forced here on a small matrix with panels of uneven last width.
+    import onnx_obs.hessian.inverse as inverse
+    monkeypatch.setattr(inverse, "_SYRK_ORDER", 16)
+    monkeypatch.setattr(inverse, "_PANEL_ELEMENTS", 40 * 7)
+    monkeypatch.setattr(inverse, "_MIN_PANEL", 1)
+    rng = np.random.default_rng(2)
+    P, units, n, alpha = 30, 2, 40, 1e-3
+    X = derivative_vectors(rng, P, units, n)
+    Hinv = inverse_hessian(iter([X]), n, alpha, P, block=16)
+    expected = np.linalg.inv(alpha * np.eye(n) + X.T @ X / P)
+    assert rel_err(Hinv, expected) < 1e-9
+    assert np.array_equal(Hinv, Hinv.T)
+
+
 def test_check_fits_names_the_layerwise_method():
     check_fits(100)
     with pytest.raises(OnnxObsError, match=r"--hessian layerwise") as info:
@@ -127,6 +143,20 @@ def test_long_run_through_flushes_and_compaction(step):
     np.testing.assert_allclose(res.w, w + dw, rtol=0, atol=1e-9)
     assert res.error_increase == pytest.approx(0.5 * dw @ H @ dw, rel=1e-9)
     assert np.all(res.mask[~prunable]) and not np.allclose(res.w[~prunable], w[~prunable])
+
+
+def test_flushes_in_panels_match_the_closed_form(monkeypatch):
+    # The lazy downdates are folded in column panels on large orders (forced here on a small one).
+    import onnx_obs.hessian.inverse as inverse
+    monkeypatch.setattr(inverse, "_SYRK_ORDER", 64)
+    monkeypatch.setattr(inverse, "_PANEL_ELEMENTS", 400 * 50)
+    monkeypatch.setattr(inverse, "_MIN_PANEL", 1)
+    rng = np.random.default_rng(3)
+    n = 400
+    H, Hinv, w = quadratic(rng, n)
+    res = obs_surgery(w, Hinv, target_zeros=340, step=5)
+    dw = kkt_correction(H, w, res.order)
+    np.testing.assert_allclose(res.w, w + dw, rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("K", [2, 7])

@@ -393,6 +393,19 @@ def test_skipped_entries_name_the_op_and_leave_out_integer_inputs():
     assert all("recurrent" in k.reason for k in skipped if k.op_type == "LSTM")
 
 
+def test_weight_whose_shape_is_read_is_a_site():
+    # The dynamo exporter (optimize=False) sizes a zero bias from the weight's shape:
+    # Conv(x, W, Expand(CastLike(0, x), Shape(W, end=1))). Shape does not read the values.
+    nodes = [helper.make_node("Shape", ["W"], ["wshape"], name="wshape", start=0, end=1),
+             helper.make_node("CastLike", ["zero", "x"], ["z"], name="castlike"),
+             helper.make_node("Expand", ["z", "wshape"], ["b"], name="expand"),
+             helper.make_node("Conv", ["x", "W", "b"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [vi("x", np.float32, [2, 3, 5, 5])], [vi("y", np.float32, None)],
+                       [init("W", randn([4, 3, 3, 3])), init("zero", np.array(0.0, np.float32))], opset=18)
+    (site,), skipped = find_sites(model)
+    assert site.name == "W" and site.op_type == "Conv" and not skipped
+
+
 def test_weight_also_used_elsewhere_is_skipped():
     nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"),
              helper.make_node("ReduceSum", ["W"], ["s"], name="sum")]

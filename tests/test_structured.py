@@ -142,6 +142,28 @@ def test_gemm_relu_gemm(form):
     assert entry["predicted_error"] == pytest.approx(entry["measured_error"], rel=1e-6)
 
 
+def test_fp16_weights_behind_a_cast_keep_float_biases():
+    # Weights stored in float16 and cast to float where used: the corrected consumer bias (the
+    # existing one, or one added to a Gemm without bias) is float like the computation.
+    a = {"W1": randn([12, 8], 1, np.float16), "b1": randn([12], 2), "W2": randn([5, 12], 3, np.float16),
+         "W3": randn([4, 5], 4, np.float16), "b3": randn([4], 5)}
+    cast = [helper.make_node("Cast", [w], [w + "f"], name="cast_" + w, to=onnx.TensorProto.FLOAT)
+            for w in ("W1", "W2", "W3")]
+    nodes = cast + [gemm("x", "W1f", "b1", "h"), relu("h", "r"),
+                    helper.make_node("Gemm", ["r", "W2f"], ["h2"], name="h2", transB=1), relu("h2", "r2"),
+                    gemm("r2", "W3f", "b3", "y")]
+    model = make_model(nodes, [vi("x", shape=["batch", 8])], [vi("y", shape=["batch", 4])],
+                       [init(k, v) for k, v in a.items()])
+    res = structured(model, {"x": randn([300, 8], 6)}, sparsity=0.4)
+    w = weights(res.model)
+    assert w["W1"].dtype == w["W2"].dtype == w["W3"].dtype == np.float16
+    assert w["W1"].shape == (7, 8) and w["W2"].shape == (3, 7) and w["W3"].shape == (4, 3)
+    added = [k for k in w if k not in a]
+    assert len(added) == 1 and w[added[0]].dtype == w["b1"].dtype == w["b3"].dtype == np.float32
+    out = run(res.model, {"x": randn([4, 8], 7)})["y"]
+    assert out.shape == (4, 4) and np.isfinite(out).all()
+
+
 @pytest.mark.parametrize("act", ["relu", "silu"])
 def test_conv_batchnorm_act_conv(act):
     a = {"W1": randn([8, 3, 3, 3], 1), "b1": randn([8], 2), "s": randn([8], 3), "B": randn([8], 4),
@@ -302,6 +324,35 @@ def test_shapes_after_a_computed_reshape_are_recovered():
     ref["W1"][:, gone] = 0.0
     ref["W2"][keep] = np.linalg.lstsq(R[:, keep], R @ a["W2"], rcond=None)[0]
     assert_same_outputs(res.model, with_weights(model, ref), {"x": randn([8, 4, 3, 3], 4)})
+
+
+def test_dynamo_unoptimized_zero_bias_and_view():
+    # torch.onnx.export(dynamo=True, optimize=False): a bias-free Conv gets a zero bias sized
+    # by Shape(W, end=1), and x.view(x.size(0), -1) is built from value_ints Constants.
+    ints = lambda out, v: helper.make_node("Constant", [], [out], value_ints=v)
+    nodes = [helper.make_node("Shape", ["W2"], ["W2_n"], name="W2_shape", start=0, end=1),
+             helper.make_node("Expand", ["zero", "W2_n"], ["W2_b"], name="W2_expand"),
+             conv("x", "W1", "b1", "c1"), relu("c1", "r1"),
+             helper.make_node("Conv", ["r1", "W2", "W2_b"], ["c2"], name="c2", pads=[1, 1, 1, 1]),
+             relu("c2", "r2"), conv("r2", "W3", "b3", "c3"), relu("c3", "r3"),
+             helper.make_node("Shape", ["r3"], ["s"], name="size0", start=0, end=1),
+             helper.make_node("Squeeze", ["s"], ["n"], name="squeeze"), ints("m1", [-1]),
+             helper.make_node("Reshape", ["n", "m1"], ["n1"], name="as_vector"), ints("m1b", [-1]),
+             helper.make_node("Concat", ["n1", "m1b"], ["target"], name="target", axis=0),
+             helper.make_node("Reshape", ["r3", "target"], ["f"], name="view"), gemm("f", "W4", "b4", "y")]
+    a = {"W1": randn([6, 2, 3, 3], 1), "b1": randn([6], 2), "W2": randn([4, 6, 3, 3], 3),
+         "W3": randn([4, 4, 3, 3], 4), "b3": randn([4], 5), "W4": randn([3, 64], 6), "b4": randn([3], 7)}
+    model = make_model(nodes, [vi("x", shape=["batch", 2, 4, 4])], [vi("y", shape=["batch", 3])],
+                       [init(k, v) for k, v in a.items()] + [init("zero", np.array([0.0], np.float32))],
+                       opset=18)
+    res = structured(model, {"x": randn([300, 2, 4, 4], 8)}, sparsity=0.5)
+    w = weights(res.model)
+    assert w["W1"].shape == (3, 2, 3, 3) and w["W2"].shape == (4, 3, 3, 3)   # W1's units go
+    assert w["W3"].shape == (2, 4, 3, 3) and w["W4"].shape == (3, 32)         # through the view
+    reasons = {s["name"]: s["reason"] for s in res.report.skipped}
+    assert "Shape 'W2_shape' reads the size of 'W2'" in reasons["W2"]          # W2's units stay
+    out = run(res.model, {"x": randn([5, 2, 4, 4], 9)})["y"]
+    assert out.shape == (5, 3) and np.isfinite(out).all()
 
 
 def test_shape_read_of_the_channel_count_blocks():

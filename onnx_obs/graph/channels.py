@@ -150,7 +150,7 @@ class _Graph:
         self.graph_inputs = {i.name for i in model.graph.input}
         self.shapes = _shapes(model)
         self.labels = {node_label(n, i, ""): i for i, n in enumerate(self.nodes)}
-        self.math = _ShapeMath(self.nodes, self.consts, self.shapes)
+        self.math = _ShapeMath(self.nodes, {**self.consts, **_int_constants(model)}, self.shapes)
         self.site_of_node: dict[int, list[tuple[Site, object]]] = {}
         for s in sites:
             for u in s.uses:
@@ -185,8 +185,7 @@ class _Graph:
             axis = 1 if node.input[0] == use.activation else 0
         else:
             axis = rank - 1 if node.input[0] == use.activation else rank - 2
-        group = UnitGroup(site, ni, units, [Cut(site.name, _weight_axis(site, "out"), positions)],
-                          [], [])
+        group = UnitGroup(site, ni, units, [self._weight_cut(site, "out", positions)], [], [])
         if node.op_type != "MatMul" and len(node.input) > 2 and node.input[2]:
             bias = node.input[2]
             if bias not in self.consts:
@@ -302,7 +301,7 @@ class _Graph:
                            f"'{self._label(ni)}'")
         taps = int(np.prod(site.op_shape[2:], dtype=np.int64)) if site.layout in ("conv", "convT") else 1
         columns = [(p[:, None] * taps + np.arange(taps)).ravel() for p in st.positions]
-        group.cuts.append(Cut(site.name, _weight_axis(site, "in"), st.positions))
+        group.cuts.append(self._weight_cut(site, "in", st.positions))
         group.consumers.append(ConsumerUse(site, columns, self._bias_slot(ni, site, use)))
 
     def _depthwise(self, group: UnitGroup, ni: int, st: _State, groups: int) -> _State:
@@ -485,6 +484,21 @@ class _Graph:
             raise _Blocked(f"constant '{name}' does not broadcast per channel")
         return self._own_cut(name, k, positions)
 
+    def _weight_cut(self, site: Site, which: str, positions: list[np.ndarray]) -> Cut:
+        """The cut of a site's weight along its output ("out") or input ("in") axis; refused
+        where the graph reads the size of that axis with Shape or Size."""
+        axis = _weight_axis(site, which)
+        for ri, _ in self.readers.get(site.tensor_name, []) if not site.scope else []:
+            reader = self.nodes[ri]
+            if reader.op_type in ("Shape", "Size"):
+                a, rank = _attrs(reader), len(site.shape)
+                start, end = (min(max(v + rank if v < 0 else v, 0), rank)
+                              for v in (a.get("start", 0), a.get("end", rank)))
+                if reader.op_type == "Size" or start <= axis < end:
+                    raise _Blocked(f"{reader.op_type} '{self._label(ri)}' reads the size of "
+                                   f"'{site.name}' that removing units changes")
+        return Cut(site.name, axis, positions)
+
     def _own_cut(self, name: str, axis: int, positions: list[np.ndarray]) -> Cut:
         if self.refs.get(name, 0) != 1 or name in self.graph_inputs:
             raise _Blocked(f"per-channel constant '{name}' is shared with other nodes")
@@ -619,6 +633,9 @@ class _ShapeMath:
             return None if dims is None else list(dims)[a.get("start", 0):a.get("end")]
         if op in ("Identity", "Cast", "Squeeze", "Unsqueeze"):   # scalar <-> [1]: same entries
             return ins[0]
+        if op == "Reshape":   # to one axis: [-1] or [n]
+            target = self.ints(node.input[1])
+            return ins[0] if ins[0] is not None and target in ([-1], [len(ins[0])]) else None
         if op == "Gather" and a.get("axis", 0) == 0:
             data, idx = ins[0], self.ints(node.input[1])
             if data is None or idx is None or any(not -len(data) <= i < len(data) for i in idx):
@@ -644,8 +661,8 @@ class _ShapeMath:
         return None
 
 
-_SHAPE_OPS = {"Shape", "Identity", "Cast", "Squeeze", "Unsqueeze", "Gather", "Slice", "Concat",
-              "Mul", "Div", "Add", "Sub"}
+_SHAPE_OPS = {"Shape", "Identity", "Cast", "Squeeze", "Unsqueeze", "Reshape", "Gather", "Slice",
+              "Concat", "Mul", "Div", "Add", "Sub"}
 
 
 def _arith(op: str, u, v) -> int | None:
@@ -668,7 +685,7 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list]:
     on a copy, and inferred again, until no more resolve.
     """
     shapes = _inferred_shapes(model)
-    nodes, consts = list(model.graph.node), _const_protos(model)
+    nodes, consts = list(model.graph.node), {**_const_protos(model), **_int_constants(model)}
     folds: dict[int, list[int]] = {}
     for _ in range(_FOLD_ROUNDS):
         math = _ShapeMath(nodes, consts, shapes)
@@ -690,6 +707,19 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list]:
             copy.graph.node[i].input[1] = name
         shapes = _inferred_shapes(copy)
     return shapes
+
+
+def _int_constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Constant nodes holding integers as value_int / value_ints (the dynamo exporter writes
+    shape constants so), as tensors: read-only copies for shape arithmetic."""
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output:
+            for a in node.attribute:
+                if a.name in ("value_int", "value_ints"):
+                    value = a.i if a.name == "value_int" else list(a.ints)
+                    out[node.output[0]] = numpy_helper.from_array(np.array(value, np.int64))
+    return out
 
 
 def _constant_target(target: list | None, dims_in: list | None) -> list[int] | None:
@@ -912,16 +942,33 @@ def read_bias(model: onnx.ModelProto, slot: BiasSlot, base_dir: str = "") -> np.
     return slot.scale * np.broadcast_to(array.ravel(), (rows,)).copy()
 
 
-def write_bias(model: onnx.ModelProto, slot: BiasSlot, values: np.ndarray, dtype) -> None:
-    """Store a per-unit bias (2-D view units) into the consumer, adding the input if absent."""
-    array = (np.asarray(values, dtype=np.float64) / slot.scale).reshape(slot.shape).astype(dtype)
+def write_bias(model: onnx.ModelProto, slot: BiasSlot, values: np.ndarray) -> None:
+    """Store a per-unit bias (2-D view units) into the consumer, adding the input if absent, in
+    the type the consumer computes in (an fp16 weight behind a Cast to float computes in float)."""
+    array = (np.asarray(values, dtype=np.float64) / slot.scale).reshape(slot.shape)
+    consts = _const_protos(model)
     if slot.tensor is not None:
-        _store(_const_protos(model)[slot.tensor], array)
+        t = consts[slot.tensor]
+        _store(t, array.astype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)))
         return
     node = model.graph.node[slot.node]
+    array = array.astype(onnx.helper.tensor_dtype_to_np_dtype(_weight_type(model, node, consts)))
     name = _unique_name(model, (node.name or node.output[0]) + "_bias")
     model.graph.initializer.append(numpy_helper.from_array(array, name))
     while len(node.input) < 3:
         node.input.append("")
     node.input[2] = name
     slot.tensor = name
+
+
+def _weight_type(model: onnx.ModelProto, node: onnx.NodeProto, consts: dict) -> int:
+    """The element type a Gemm / Conv reads its weight input in: the stored tensor's, or the
+    target of a Cast on the way (Identity and Transpose keep it)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    name = node.input[1]
+    while name not in consts and name in producer:
+        p = producer[name]
+        if p.op_type == "Cast":
+            return next(a.i for a in p.attribute if a.name == "to")
+        name = p.input[0]
+    return consts[name].data_type if name in consts else onnx.TensorProto.FLOAT

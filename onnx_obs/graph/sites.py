@@ -18,6 +18,7 @@ from onnx_obs.graph.model_io import set_raw
 
 LINEAR_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose")
 PASS_THROUGH = ("Identity", "Cast", "Transpose")
+SHAPE_READERS = ("Shape", "Size")   # read a tensor's shape only: pruning its values is no change
 QUANTIZED_OPS = {
     "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearGemm",
     "DequantizeLinear", "QuantizeLinear", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
@@ -226,6 +227,8 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], list[Skipped]]:
                     # float weights only: integer inputs (Gather indices, sequence lengths) are not
                     uses.setdefault(c.key, []).append(
                         (None, (node.op_type, _no_rule_reason(node.op_type)), None))
+                elif node.op_type in SHAPE_READERS:
+                    continue   # reads the shape, not the values (a zero bias sized from it)
                 elif not (node.op_type in LINEAR_OPS and pos == 2):  # a bias is not a weight
                     uses.setdefault(c.key, []).append((None, None, None))
             for a in node.attribute:

@@ -18,6 +18,13 @@ from scipy.linalg import blas, cholesky, solve_triangular
 from onnx_obs.errors import OnnxObsError
 
 _SYMMETRIZE_TILE = 256
+# Order up to which the rank-b update is one dsyrk call. Above it the lower triangle is updated in
+# column panels (a dsyrk per diagonal block, a matrix product below it): OpenBLAS's threaded dsyrk
+# crashes (SIGSEGV) on large orders, e.g. from n = 22,500 with b = 512 on 2 threads
+# (scipy-openblas 0.3.31), well inside what check_fits allows.
+_SYRK_ORDER = 8192
+_PANEL_ELEMENTS = 2**25   # the product below a diagonal block: at most 256 MB at a time
+_MIN_PANEL = 256
 
 
 def inverse_hessian_rank1(X: np.ndarray, alpha: float, P: int) -> np.ndarray:
@@ -73,7 +80,23 @@ def _woodbury_update(Hinv: np.ndarray, B: np.ndarray, P: int) -> None:
     S.flat[:: S.shape[0] + 1] += P  # P I_b + B H^-1 B^T
     L = cholesky(S, lower=True)
     Z = solve_triangular(L, Ut.T, lower=True)  # Z^T Z = H^-1 B^T S^-1 B H^-1
-    blas.dsyrk(-1.0, Z, beta=1.0, c=Hinv, trans=1, lower=1, overwrite_c=1)
+    subtract_outer_lower(Hinv, Z.T)
+
+
+def subtract_outer_lower(A: np.ndarray, V: np.ndarray) -> None:
+    """A -= V V^T on the lower triangle of A (n x n, Fortran order), V (n, k), in place: one
+    dsyrk, or column panels above _SYRK_ORDER."""
+    n = A.shape[0]
+    if n <= _SYRK_ORDER:
+        blas.dsyrk(-1.0, V, beta=1.0, c=A, lower=1, overwrite_c=1)
+        return
+    width = max(_MIN_PANEL, min(_SYRK_ORDER, _PANEL_ELEMENTS // n))
+    for s in range(0, n, width):
+        e = min(s + width, n)
+        Vs = V[s:e]
+        A[s:e, s:e] = blas.dsyrk(-1.0, Vs, beta=1.0, c=A[s:e, s:e], lower=1)
+        if e < n:
+            A[e:, s:e] -= V[e:] @ Vs.T
 
 
 def symmetrize_from_lower(A: np.ndarray) -> None:

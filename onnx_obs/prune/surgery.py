@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.linalg import blas, cho_solve, cholesky, solve_triangular
+from scipy.linalg import cho_solve, cholesky, solve_triangular
 
-from onnx_obs.hessian.inverse import symmetrize_from_lower
+from onnx_obs.hessian.inverse import subtract_outer_lower, symmetrize_from_lower
 from onnx_obs.prune.baselines import magnitude_scores, obd_scores
 
 _TINY = np.finfo(np.float64).tiny
@@ -86,7 +86,7 @@ class _ActiveInverse:
             self._flush()
 
     def _flush(self) -> None:
-        blas.dsyrk(-1.0, self.vt[:, : self.r], beta=1.0, c=self.hinv, lower=1, overwrite_c=1)
+        subtract_outer_lower(self.hinv, self.vt[:, : self.r])
         self.r = 0
         symmetrize_from_lower(self.hinv)
         dead = self.alive.size - np.count_nonzero(self.alive)

@@ -92,6 +92,14 @@ def test_prune_with_auto_storage(tmp_path, mlp_path, mlp_calib, sparsity, smalle
     np.testing.assert_array_equal(run(str(auto_out), x)["logits"], run(str(dense_out), x)["logits"])
 
 
+def test_sparse_storage_that_grows_the_file_says_so(tmp_path, mlp_path, mlp_calib):
+    out = tmp_path / "s.onnx"
+    res = api.prune(str(mlp_path), str(mlp_calib), output=out, method="magnitude", sparsity=0.5,
+                    storage="sparse")
+    assert out.stat().st_size > mlp_path.stat().st_size
+    assert any("more bytes sparse than dense" in n and "--storage auto" in n for n in res.report.notes)
+
+
 def test_sparse_output_can_be_pruned_again(tmp_path, mlp_path, mlp_calib):
     first, second = tmp_path / "a.onnx", tmp_path / "b.onnx"
     api.prune(str(mlp_path), str(mlp_calib), output=first, sparsity=0.8, storage="sparse")

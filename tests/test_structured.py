@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 from graphs import init, make_model, randn, run, run_tensors, vi
 from onnx_obs import api
 from onnx_obs.errors import OnnxObsError
-from onnx_obs.prune.structured import Consumer, group_obs
+from onnx_obs.prune.structured import Consumer, group_obs, plan_counts
 
 
 # ---------------------------------------------------------------- helpers
@@ -438,6 +438,30 @@ def test_squeeze_excitation_gate_is_named():
                        [init(k, v) for k, v in a.items()])
     with pytest.raises(OnnxObsError, match=r"W0: .* by Mul 'scale' \(a gate such as squeeze-and-exc"):
         structured(model, {"x": randn([16, 3, 5, 5], 9)}, sparsity=0.5)
+
+
+def test_conv_channels_stay_in_blocks_of_8():
+    # 16 channels at 30%: 11 kept would drop onnxruntime's blocked (NCHWc) convolutions and run
+    # slower than the original; the nearest multiple of 8 is kept instead, and a note says so.
+    a = {"W1": randn([16, 3, 3, 3], 1), "b1": randn([16], 2), "W2": randn([4, 16, 3, 3], 3),
+         "b2": randn([4], 4)}
+    nodes = [conv("x", "W1", "b1", "c1"), relu("c1", "r1"), conv("r1", "W2", "b2", "y")]
+    model = make_model(nodes, [vi("x", shape=["batch", 3, 5, 5])], [vi("y", shape=["batch", 4, 5, 5])],
+                       [init(k, v) for k, v in a.items()])
+    res = structured(model, {"x": randn([64, 3, 5, 5], 5)}, sparsity=0.3)
+    w = weights(res.model)
+    assert w["W1"].shape == (8, 3, 3, 3) and w["W2"].shape == (4, 8, 3, 3)
+    assert any("multiples of 8 or 16" in n and "W1 16 -> 8" in n for n in res.report.notes)
+
+
+def test_plan_counts_in_steps_gives_back_the_overshoot():
+    # Layer 0 goes in steps of 8 units (cost 1 and saving 1 each), layer 1 one unit at a time (cost
+    # 0.5, saving 1, 3 units at most). From 40 to 30: layer 1's 3 units, then one step of layer 0
+    # overshoots to 29; giving back one unit of layer 1 still meets the target.
+    curves = [np.full(31, 1.0), np.full(3, 0.5)]
+    resource = lambda counts: 40.0 - counts[0] - counts[1]
+    assert plan_counts(curves, resource, 30.0, steps=[8, 1]).tolist() == [8, 2]
+    assert plan_counts(curves, resource, 30.0).tolist() == [7, 3]   # unit steps: no overshoot
 
 
 def test_residual_channels_are_left_alone():

@@ -136,32 +136,50 @@ def l1_order(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plan_counts(curves: list[np.ndarray], resource: Callable[[np.ndarray], float],
-                target: float) -> np.ndarray:
+                target: float, steps: list[int] | None = None) -> np.ndarray:
     """How many units to remove per layer to bring `resource(counts)` down to `target`.
 
     curves[l][k] is the (normalised) cost of removing the (k+1)-th unit of layer l, its length
-    the most units that may go. Greedy: each step removes the next unit of the layer with the
-    smallest cost per unit of resource saved, saving measured exactly on the current counts.
+    the most units that may go. Greedy: each step removes the next steps[l] units (default 1) of
+    the layer with the smallest cost per unit of resource saved, saving measured exactly on the
+    current counts; a layer's count stays a multiple of its step.
     """
+    steps = steps or [1] * len(curves)
     counts = np.zeros(len(curves), dtype=np.int64)
     current = resource(counts)
     while current > target:
         best, best_score, best_value = -1, np.inf, current
         for layer, curve in enumerate(curves):
-            if counts[layer] >= len(curve):
+            k, step = counts[layer], steps[layer]
+            if k + step > len(curve):
                 continue
-            counts[layer] += 1
+            counts[layer] += step
             value = resource(counts)
-            counts[layer] -= 1
+            counts[layer] -= step
             saved = current - value
             if saved <= 0:
                 continue
-            score = max(float(curve[counts[layer]]), 0.0) / saved
+            score = max(float(np.sum(curve[k:k + step])), 0.0) / saved
             if score < best_score:
                 best, best_score, best_value = layer, score, value
         if best < 0:
             raise OnnxObsError(f"the target cannot be reached by removing units: the smallest "
                                f"model they leave still has {current:,.0f}; raise the target")
-        counts[best] += 1
+        counts[best] += steps[best]
         current = best_value
-    return counts
+    # Steps of several units overshoot: give back the costliest steps that keep the target met.
+    while True:
+        best, best_cost = -1, -np.inf
+        for layer, curve in enumerate(curves):
+            k, step = counts[layer], steps[layer]
+            if k < step:
+                continue
+            counts[layer] -= step
+            value = resource(counts)
+            counts[layer] += step
+            cost = float(np.sum(curve[k - step:k]))
+            if value <= target and cost > best_cost:
+                best, best_cost = layer, cost
+        if best < 0:
+            return counts
+        counts[best] -= steps[best]

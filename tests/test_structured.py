@@ -88,6 +88,14 @@ def keep_of(units: int, gone: list[int]) -> list[int]:
     return [u for u in range(units) if u not in gone]
 
 
+def halve_units(model, X, producer: str, units: int):
+    """Remove half the units of every layer; return the result and `producer`'s removed and
+    kept units."""
+    res = structured(model, {"x": X}, sparsity=0.5)
+    gone = removed_units(res, producer)
+    return res, gone, keep_of(units, gone)
+
+
 def gemm(a, w, b, y, **kw):
     return helper.make_node("Gemm", [a, w, b], [y], name=y, transB=1, **kw)
 
@@ -120,9 +128,7 @@ def test_gemm_relu_gemm(form):
     inits = [init(k, v) for k, v in a.items() if not (form == "gemm_alpha_no_bias" and k == "b2")]
     model = make_model(nodes, [vi("x", shape=["batch", 8])], [vi("y", shape=["batch", 5])], inits)
     X = randn([400, 8], 5)
-    res = structured(model, {"x": X}, sparsity=0.5)
-    gone = removed_units(res, "W1")
-    keep = keep_of(12, gone)
+    res, gone, keep = halve_units(model, X, "W1", 12)
     assert len(gone) == 6
     w = weights(res.model)
     assert w["W1"].shape == (6, 8) and w["b1"].shape == (6,) and w["W2"].shape == (5, 6)
@@ -180,9 +186,7 @@ def test_conv_batchnorm_act_conv(act):
     model = make_model(nodes, [vi("x", shape=["batch", 3, 6, 6])], [vi("y", shape=["batch", 4, 6, 6])],
                        [init(k, v) for k, v in a.items()])
     X = randn([64, 3, 6, 6], 9)
-    res = structured(model, {"x": X}, sparsity=0.5)
-    gone = removed_units(res, "W1")
-    keep = keep_of(8, gone)
+    res, gone, keep = halve_units(model, X, "W1", 8)
     w = weights(res.model)
     assert w["W1"].shape == (4, 3, 3, 3) and w["W2"].shape == (4, 4, 3, 3)
     assert all(w[k].shape == (4,) for k in ("b1", "s", "B", "m", "v"))
@@ -206,9 +210,7 @@ def test_conv_flatten_gemm(flatten):
     model = make_model([conv("x", "W1", "b1", "c"), relu("c", "r"), flat, gemm("f", "W2", "b2", "y")],
                        [vi("x", shape=["batch", 2, 4, 4])], [vi("y", shape=["batch", 3])], inits)
     X = randn([600, 2, 4, 4], 5)
-    res = structured(model, {"x": X}, sparsity=0.5)
-    gone = removed_units(res, "W1")
-    keep = keep_of(6, gone)
+    res, gone, keep = halve_units(model, X, "W1", 6)
     w = weights(res.model)
     assert w["W1"].shape == (3, 2, 3, 3) and w["W2"].shape == (3, 48)
     if flatten == "Reshape":
@@ -241,9 +243,7 @@ def test_conv_reducemean_gemm(opset):
                        [vi("x", shape=["batch", 2, 4, 4])], [vi("y", shape=["batch", 3])], inits,
                        opset=opset)
     X = randn([200, 2, 4, 4], 5)
-    res = structured(model, {"x": X}, sparsity=0.5)
-    gone = removed_units(res, "W1")
-    keep = keep_of(6, gone)
+    res, gone, keep = halve_units(model, X, "W1", 6)
     w = weights(res.model)
     assert w["W1"].shape == (3, 2, 3, 3) and w["W2"].shape == (3, 3)
     onnx.checker.check_model(res.model, full_check=True)
@@ -276,9 +276,7 @@ def test_conv_view_batch_gemm():
                        [vi("x", shape=["batch", 2, 4, 4])], [vi("y", shape=["batch", 3])],
                        [init(k, v) for k, v in a.items()] + extra, opset=13)
     X = randn([600, 2, 4, 4], 5)
-    res = structured(model, {"x": X}, sparsity=0.5)
-    gone = removed_units(res, "W1")
-    keep = keep_of(6, gone)
+    res, gone, keep = halve_units(model, X, "W1", 6)
     w = weights(res.model)
     assert w["W1"].shape == (3, 2, 3, 3) and w["W2"].shape == (3, 48)
     onnx.checker.check_model(res.model, full_check=True)
@@ -313,9 +311,7 @@ def test_shapes_after_a_computed_reshape_are_recovered():
     assert not any(v.name == "h" and v.type.tensor_type.HasField("shape")
                    for v in onnx.shape_inference.infer_shapes(model).graph.value_info)
     X = randn([100, 4, 3, 3], 3)
-    res = structured(model, {"x": X}, sparsity=0.5)
-    gone = removed_units(res, "W1")
-    keep = keep_of(16, gone)
+    res, gone, keep = halve_units(model, X, "W1", 16)
     w = weights(res.model)
     assert w["W1"].shape == (8, 8) and w["W2"].shape == (8, 5) and w["Wc"].shape == (8, 4, 1, 1)
 
@@ -411,9 +407,7 @@ def test_depthwise_conv_follows_its_input_channels():
     model = make_model(nodes, [vi("x", shape=["batch", 3, 5, 5])], [vi("y", shape=["batch", 2, 5, 5])],
                        [init(k, v) for k, v in a.items()])
     X = randn([64, 3, 5, 5], 7)
-    res = structured(model, {"x": X}, sparsity=0.5)
-    gone = removed_units(res, "W1")
-    keep = keep_of(6, gone)
+    res, gone, keep = halve_units(model, X, "W1", 6)
     w = weights(res.model)
     assert w["W1"].shape == (3, 3, 3, 3) and w["Wd"].shape == (3, 1, 3, 3) and w["W3"].shape == (2, 3, 3, 3)
     dw = next(n for n in res.model.graph.node if n.name == "cd")

@@ -20,9 +20,9 @@ from onnx_obs.graph.sites import FLOAT_TYPES, Site, find_sites, read_array, site
 from onnx_obs.hessian.layerwise import ConvGeometry, HessianSum, input_vectors
 from onnx_obs.metrics import compare_runs
 from onnx_obs.progress import Progress
-from onnx_obs.prune.full_network import FullOptions, check_full_settings, prune_full
-from onnx_obs.prune.layerwise import layer_error, prune_layer
-from onnx_obs.prune.masks import spread_zeros
+from onnx_obs.full_network import FullOptions, check_full_settings, prune_full
+from onnx_obs.algorithms.layerwise import layer_error, prune_layer
+from onnx_obs.algorithms.masks import spread_zeros
 from onnx_obs.report import Report, SiteReport
 from onnx_obs.runtime import Runner
 
@@ -118,7 +118,7 @@ def prune(model, calib=None, *, method: str = "obs", sparsity: float = 0.5,
     sequential=False (their Hessians are the original model's): read where present, else
     captured and stored in it. Ignored in sequential mode, whose Hessians depend on the pruning.
     hessian: "layerwise" (per site), or "full" / "fisher": full-network OBS, OBD or magnitude over
-    all selected weights as one pool (prune/full_network.py), with its settings in `full`.
+    all selected weights as one pool (full_network.py), with its settings in `full`.
     structure: "neurons" / "channels" removes whole units and shrinks the graph (compact.py), to
     `sparsity` of each layer's units or to target_params / target_flops for the whole model.
     storage: "sparse" / "auto" writes pruned weights as sparse initializers (auto: where smaller).

@@ -6,7 +6,7 @@ pipeline: each layer's consumers are captured on the model as already shrunk):
   1. trace which columns of which consumer layers each unit feeds (graph.channels);
   2. method "obs": capture the consumers' Hessians with a constant-1 input appended (so a bias
      can absorb what a removed unit contributed on average) and remove units by group OBS
-     (prune.structured), writing the corrected consumer weights and biases;
+     (algorithms.structured), writing the corrected consumer weights and biases;
      method "magnitude": remove the units whose producer rows have the smallest L1 norm, no
      correction;
   3. cut the units out of every tensor they own and re-run shape inference (graph.channels).
@@ -34,8 +34,8 @@ from onnx_obs.graph.model_io import iter_tensors
 from onnx_obs.graph.sites import find_sites, site_matrix, write_matrix
 from onnx_obs.graph.sparse_storage import MODES as STORAGES
 from onnx_obs.graph.sparse_storage import store_sparse
-from onnx_obs.prune.layerwise import layer_error
-from onnx_obs.prune.structured import Consumer, group_obs, l1_order, output_energy, plan_counts
+from onnx_obs.algorithms.layerwise import layer_error
+from onnx_obs.algorithms.structured import Consumer, group_obs, l1_order, output_energy, plan_counts
 from onnx_obs.runtime import Runner
 
 STRUCTURES = ("neurons", "channels")   # the same thing: "channels" is the Conv spelling

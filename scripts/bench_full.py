@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_obs import api
 from onnx_obs.hessian.inverse import inverse_hessian
-from onnx_obs.prune.surgery import obs_surgery
+from onnx_obs.algorithms.surgery import obs_surgery
 
 ALPHA = 1e-4  # the paper's range is 1e-8 <= alpha <= 1e-4
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"

@@ -1,4 +1,4 @@
-"""Speed and memory of the layer-wise pruning algorithms (onnx_obs.prune.layerwise).
+"""Speed and memory of the layer-wise pruning algorithms (onnx_obs.algorithms.layerwise).
 
 Prints, in one run:
 - the seconds to build H = (2/n) sum_k x_k x_k^T from the calibration vectors (float64, in chunks);
@@ -37,10 +37,10 @@ from onnx_obs import api
 from onnx_obs.calib import load_calibration
 from onnx_obs.graph.sites import find_sites, site_matrix
 from onnx_obs.progress import Progress
-from onnx_obs.prune.blas_threads import blas_threads_for
-from onnx_obs.prune import layerwise
-from onnx_obs.prune.layerwise import layer_error, prune_layer
-from onnx_obs.prune.obc import obc_prune
+from onnx_obs.algorithms.blas_threads import blas_threads_for
+from onnx_obs.algorithms import layerwise
+from onnx_obs.algorithms.layerwise import layer_error, prune_layer
+from onnx_obs.algorithms.obc import obc_prune
 
 
 def correlated_inputs(rng: np.random.Generator, n: int, cols: int) -> np.ndarray:

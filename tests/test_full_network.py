@@ -1,4 +1,4 @@
-"""Full-network OBS on ONNX graphs (prune/full_network.py, hessian/full.py), checked against an
+"""Full-network OBS on ONNX graphs (full_network.py, hessian/full.py), checked against an
 independent numpy backprop: per-sample derivatives, the Eq. 17 inverse, one deletion's error,
 and the pipeline end to end."""
 
@@ -19,7 +19,7 @@ from onnx_obs.calib import load_calibration
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.model_io import from_proto
 from onnx_obs.graph.sites import find_sites
-from onnx_obs.prune.full_network import FullNetwork, FullOptions, parameters
+from onnx_obs.full_network import FullNetwork, FullOptions, parameters
 
 ALPHA = 1e-3
 
@@ -334,7 +334,7 @@ def test_recompute_every_and_baselines_reach_the_target():
 
 def test_memory_guard_refuses_before_any_gradient_work(monkeypatch):
     import onnx_obs.hessian.inverse as inverse
-    import onnx_obs.prune.full_network as fn
+    import onnx_obs.full_network as fn
 
     monkeypatch.setattr(inverse, "available_memory", lambda: 10_000)
     monkeypatch.setattr(fn, "FullNetwork", None)  # reaching it would fail differently

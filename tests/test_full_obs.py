@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.hessian.inverse import check_fits, inverse_hessian, inverse_hessian_rank1
-from onnx_obs.prune.surgery import global_baseline, obs_surgery
+from onnx_obs.algorithms.surgery import global_baseline, obs_surgery
 
 
 def rel_err(a, b):

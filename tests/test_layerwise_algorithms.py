@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnx_obs.prune import layerwise
-from onnx_obs.prune.layerwise import LayerResult, layer_error, prune_layer
-from onnx_obs.prune.masks import smallest_in_groups
-from onnx_obs.prune.refit import refit_kept
+from onnx_obs.algorithms import layerwise
+from onnx_obs.algorithms.layerwise import LayerResult, layer_error, prune_layer
+from onnx_obs.algorithms.masks import smallest_in_groups
+from onnx_obs.algorithms.refit import refit_kept
 
 
 def activations(rng, n, cols, mix=0.05):

@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 from graphs import init, make_model, randn, run, run_tensors, vi
 from onnx_obs import api
 from onnx_obs.errors import OnnxObsError
-from onnx_obs.prune.structured import Consumer, group_obs, plan_counts
+from onnx_obs.algorithms.structured import Consumer, group_obs, plan_counts
 
 
 # ---------------------------------------------------------------- helpers

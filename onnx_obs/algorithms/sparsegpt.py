@@ -35,8 +35,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.linalg.blas import get_blas_funcs
 
-from onnx_obs.prune.blas_threads import one_blas_thread
-from onnx_obs.prune.masks import nm_mask, smallest_overall, spread_zeros
+from onnx_obs.algorithms.blas_threads import one_blas_thread
+from onnx_obs.algorithms.masks import nm_mask, smallest_overall, spread_zeros
 
 # Columns handled by rank-1 steps before a matrix product takes over (a sub-block of the output
 # stays in L2 cache); 16 and 32 were fastest of 8/16/32/64/128 on the 4096x4096 benchmark.

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import lapack
 
-from onnx_obs.prune.baselines import magnitude_scores, obd_scores, wanda_scores
-from onnx_obs.prune.blas_threads import blas_threads_for
-from onnx_obs.prune.masks import nm_mask, smallest_in_groups, smallest_overall, spread_zeros
-from onnx_obs.prune.obc import obc_prune
-from onnx_obs.prune.refit import refit_flops, refit_kept
-from onnx_obs.prune.sparsegpt import sparsegpt_prune
+from onnx_obs.algorithms.baselines import magnitude_scores, obd_scores, wanda_scores
+from onnx_obs.algorithms.blas_threads import blas_threads_for
+from onnx_obs.algorithms.masks import nm_mask, smallest_in_groups, smallest_overall, spread_zeros
+from onnx_obs.algorithms.obc import obc_prune
+from onnx_obs.algorithms.refit import refit_flops, refit_kept
+from onnx_obs.algorithms.sparsegpt import sparsegpt_prune
 
 METHODS = ("obs", "obd", "wanda", "magnitude")
 SOLVERS = ("auto", "exact", "fast")
@@ -43,7 +43,7 @@ SOLVERS = ("auto", "exact", "fast")
 # 256x256 (2^32), 0.96 s for 64x576 (2^33.5), 1.4 s for 128x512 (2^34), 1.9 s for 384x384
 # (2^34.3), 5.5 s for 512x512 (2^36); fast 3-11 ms. The budget keeps exact layers under ~2 s.
 EXACT_MAX_WORK = 2**34
-# Beyond it, solver="auto" refits the fast solver's kept weights by least squares (prune.refit):
+# Beyond it, solver="auto" refits the fast solver's kept weights by least squares (algorithms.refit):
 # up to REFIT_ITERATIONS conjugate-gradient iterations, as many as REFIT_MAX_FLOPS allows (about
 # 2 s; none below 3). `bench_layerwise.py --auto`, same machine: fast + refit at 50% takes 0.21 s
 # for 512x512 (1.29x exact's error; fast alone 2.52x), 1.4 s for 1024x1024 and 1.0 s for a
@@ -83,7 +83,7 @@ def prune_layer(
     hits round(sparsity * W.size) zeros exactly unless pre-existing zeros already exceed it.
     solver (for "obs"): "exact" (OBC), "fast" (SparseGPT), or "auto": exact while
     rows * cols^3 <= EXACT_MAX_WORK, else fast followed by the least-squares refit of the kept
-    weights (prune.refit) where REFIT_MAX_FLOPS allows 3 or more iterations, else fast alone.
+    weights (algorithms.refit) where REFIT_MAX_FLOPS allows 3 or more iterations, else fast alone.
     predicted_error: for "obs" the sum of the OBS saliencies (Hassibi & Stork Eq. 6), after a
     refit 1/2 sum_r dW_r^T H dW_r as for the baselines; all with the damped H (NaN for magnitude
     without H).

@@ -29,7 +29,7 @@ from onnx_obs.graph.sites import Site, Use, site_matrix, write_matrix
 from onnx_obs.hessian import full as fullh
 from onnx_obs.hessian.inverse import check_fits, inverse_hessian
 from onnx_obs.hessian.layerwise import ConvGeometry, input_vectors
-from onnx_obs.prune.surgery import SurgeryResult, global_baseline, obs_surgery
+from onnx_obs.algorithms.surgery import SurgeryResult, global_baseline, obs_surgery
 from onnx_obs.report import Report, SiteReport
 from onnx_obs.runtime import Runner
 

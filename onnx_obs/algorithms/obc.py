@@ -18,8 +18,8 @@ import numpy as np
 from scipy.linalg.blas import dgemm
 from scipy.optimize import isotonic_regression
 
-from onnx_obs.prune.blas_threads import one_blas_thread
-from onnx_obs.prune.masks import nm_keep_counts, spread_zeros
+from onnx_obs.algorithms.blas_threads import one_blas_thread
+from onnx_obs.algorithms.masks import nm_keep_counts, spread_zeros
 
 # Bytes of per-row copies of H^-1 (rows x cols x cols float64) held at once.
 CHUNK_BYTES = 64 << 20

@@ -1,76 +1,26 @@
-"""The `onnx-obs` command line: parse, call the API, print. Nothing else lives here."""
+"""The `onnx-obs` commands: parse, call the API, print. Nothing else lives here."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shlex
 import sys
-import traceback
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from onnx_obs import api
 from onnx_obs import compare as sweep
 from onnx_obs import evaluate as evaluation
 from onnx_obs import plot as plotting
+from onnx_obs.cli.app import app, err, handled, out
+from onnx_obs.cli.options import (ExcludeOpt, IncludeOpt, NoBatchingOpt, OpTypesOpt, _pattern,
+                                  _selection)
+from onnx_obs.cli.show import _print_compare, _print_evaluate, _print_inspect, _print_prune
 from onnx_obs.errors import OnnxObsError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Prune ONNX models with Optimal Brain Surgeon: remove weights, correct the "
-                       "rest, write a standard ONNX file.")
-out = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True)
-_state = {"debug": False}
-
-
-@app.callback()
-def _options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")):
-    _state["debug"] = debug
-
-
-def handled(fn):
-    """Turn user errors into one line on stderr and exit code 2 (tracebacks only with --debug)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except OnnxObsError as e:
-            if _state["debug"]:
-                traceback.print_exc()
-            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
-        except KeyboardInterrupt:
-            err.print("interrupted: nothing was written")
-            raise typer.Exit(130)
-    return wrapper
-
-
-IncludeOpt = typer.Option(None, "--include", help="Only sites whose tensor or node name matches this regex.")
-ExcludeOpt = typer.Option(None, "--exclude", help="Skip sites whose tensor or node name matches this regex.")
-OpTypesOpt = typer.Option(None, "--op-types", help="Comma-separated op types to prune, e.g. Conv,Gemm.")
-NoBatchingOpt = typer.Option(False, "--no-batching", help="Feed the arrays whole instead of slicing axis 0 into batches, for inputs not batched on axis 0 (scalars, recurrent states): one onnxruntime run per .npz of a directory (by name), per KEY__0, KEY__1, ... group of an .npz, or per plain file. Shapes are checked on every axis; samples count runs.")
-
-
-def _selection(include, exclude, op_types) -> api.Selection:
-    ops = [o.strip() for o in op_types.split(",") if o.strip()] if op_types else None
-    return api.Selection(include, exclude, ops)
-
-
-def _pattern(text: str | None) -> tuple[int, int] | None:
-    if not text:
-        return None
-    try:
-        n, m = (int(x) for x in text.split(":"))
-    except ValueError:
-        raise OnnxObsError(f"--pattern must look like N:M (e.g. 2:4), got '{text}'") from None
-    return n, m
 
 
 @app.command()
@@ -135,64 +85,6 @@ def prune(
     if not quiet:
         _print_prune(data, output)
 
-
-def _print_prune(d: dict, output: Path) -> None:
-    t = Table(title=f"{d['method']} pruning", title_justify="left")
-    for col in ("site", "op", "2-D shape", "sparsity", "pred. error", "meas. error", "s"):
-        t.add_column(col, justify="left" if col in ("site", "op") else "right")
-    for s in d["sites"]:
-        t.add_row(s["name"], s["op"], "x".join(map(str, s["matrix_shape"])), f"{s['sparsity']:.1%}",
-                  _num(s["predicted_error"]), _num(s["measured_error"]), f"{s['seconds']:.2f}")
-    tot = d["totals"]
-    if "structure" in d:
-        _print_structure(d)
-    else:
-        out.print(t)
-        out.print(f"weights  {tot['nonzero_params_before']:,} -> {tot['nonzero_params_after']:,} non-zero "
-                  f"in {tot['sites']} sites ({tot['sparsity']:.1%} sparse); model has {tot['model_params']:,} parameters")
-    _print_costs(d)
-    out.print(f"file     {_size(tot['file_size_before'])} -> {_size(tot['file_size_after'])}")
-    for name, dev in d["deviation"].items():
-        extra = f", top-1 agreement {dev['top1_agreement']:.2%}" if "top1_agreement" in dev else ""
-        out.print(f"output   {name}: relative MSE {dev['relative_mse']:.3g}, max abs error "
-                  f"{dev['max_abs_error']:.3g}{extra} (on {d['calibration_samples']} calibration "
-                  f"{_unit(d['settings'])})")
-    for k in d["skipped"]:
-        out.print(escape(f"skipped  {k['name']} ({k['op_type']}): {k['reason']}"), highlight=False)
-    for n in d["notes"]:
-        out.print(escape(f"note     {n}"), highlight=False)
-    out.print(f"wrote    {output} in {tot['wall_seconds']:.1f} s on {d['device']}, "
-              f"peak memory {tot['peak_memory_mb']:.0f} MB")
-
-
-def _print_structure(d: dict) -> None:
-    t = Table(title=f"structured {d['method']} pruning", title_justify="left")
-    for col in ("layer", "op", "units", "consumers", "pred. error", "meas. error", "rel. error", "s"):
-        t.add_column(col, justify="left" if col in ("layer", "op", "consumers") else "right")
-    for e in d["structure"]:
-        t.add_row(e["name"], e["op"], f"{e['units_before']} -> {e['units_after']}", ", ".join(e["consumers"]),
-                  _num(e["predicted_error"]), _num(e["measured_error"]), _num(e["relative_error"]),
-                  f"{e['seconds']:.2f}")
-    out.print(t)
-
-
-def _print_costs(d: dict) -> None:
-    c = d.get("costs", {})
-    for key, label in (("params", "params"), ("nonzero_params", "non-zero"), ("macs", "MACs")):
-        if key in c:
-            out.print(f"{label:<8} {c[key]['before']:,} -> {c[key]['after']:,} "
-                      f"({c[key]['after'] / max(c[key]['before'], 1):.1%})")
-    for key, v in c.items():
-        if key.startswith("latency_ms_"):
-            what = "first run" if key == "latency_ms_first_run" else f"batch {key.rsplit('_', 1)[1]}"
-            out.print(f"latency  {what}: {v['before']:.3f} -> {v['after']:.3f} ms "
-                      f"({v['speedup']:.2f}x, onnxruntime, median of repeated runs)")
-    sparse = [s for s in d.get("storage", []) if s["stored"] == "sparse"]
-    if d.get("storage"):
-        out.print(f"storage  {len(sparse)} of {len(d['storage'])} pruned weights stored sparse "
-                  f"({sum(s['dense_bytes'] for s in sparse):,} -> {sum(s['sparse_bytes'] for s in sparse):,} bytes)")
-
-
 @app.command()
 @handled
 def inspect(
@@ -205,23 +97,7 @@ def inspect(
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
-    t = Table(title=f"{info['model']}  (opset {info['opset']})", title_justify="left")
-    for col in ("site", "op", "ONNX shape", "2-D shape", "params", "sparsity", "dtype", "location"):
-        t.add_column(col, justify="right" if col in ("params", "sparsity") else "left")
-    for s in info["sites"]:
-        t.add_row(s["name"], s["op"], str(s["onnx_shape"]), "x".join(map(str, s["matrix_shape"])),
-                  f"{s['params']:,}", f"{s['sparsity']:.1%}", s["dtype"],
-                  s["location"] + (", graph input" if s["graph_input"] else ""))
-    out.print(t)
-    tot = info["totals"]
-    out.print(f"{tot['sites']} sites, {tot['site_params']:,} prunable of {tot['model_params']:,} "
-              f"parameters, file {_size(tot['file_size'])}")
-    inputs = sum(s["graph_input"] for s in info["sites"])
-    if inputs:
-        out.print(f"note     sites that are also graph inputs (a caller may override them): {inputs}; "
-                  "prune skips them unless --include names them", highlight=False)
-    for k in info["skipped"]:
-        out.print(escape(f"skipped  {k['name']} ({k['op_type']}): {k['reason']}"), highlight=False)
+    _print_inspect(info)
 
 
 @app.command()
@@ -260,41 +136,6 @@ def evaluate(
         err.print(f"[bold red]threshold missed:[/] {escape(evaluation.failure_message(c))}", highlight=False, soft_wrap=True)
     if missed:
         raise typer.Exit(1)
-
-
-def _print_evaluate(r: dict, checks: list[dict]) -> None:
-    t = Table(title=f"pruned vs original on {r['samples']} {_unit(r)} of {r['data']}", title_justify="left")
-    for col in ("output", "relative MSE", "max abs error", "cosine", "top-1 agreement", "top-5 agreement"):
-        t.add_column(col, justify="left" if col == "output" else "right")
-    for name, d in r["outputs"].items():
-        t.add_row(name, _num(d["relative_mse"]), _num(d["max_abs_error"]), f"{d['cosine']:.6f}",
-                  _pct(d.get("top1_agreement")), _pct(d.get("top5_agreement")))
-    out.print(t)
-    o, p = r["original"], r["pruned"]
-    t = Table(title=f"models ({r['device']})", title_justify="left")
-    for col in ("", "original", "pruned", "change"):
-        t.add_column(col, justify="left" if not col else "right")
-    if o["accuracy"] is not None:
-        t.add_row(f"accuracy ('{r['labels']}')", _pct(o["accuracy"]), _pct(p["accuracy"]),
-                  f"{100 * (p['accuracy'] - o['accuracy']):+.2f} pts")
-    t.add_row("weight sparsity", _pct(o["weight_sparsity"]), _pct(p["weight_sparsity"]), "")
-    t.add_row("file size", _size(o["file_size"]), _size(p["file_size"]),
-              f"x{p['file_size'] / o['file_size']:.2f}")
-    if o["latency_ms"] is not None:
-        full = f"batch {r['batch_size']}" if r["batch_size"] else f"{r['samples']} runs"
-        for key, label in (("pass_ms", f"full pass, {full}"), ("batch1_ms", "one sample")):
-            a, b = o["latency_ms"][key], p["latency_ms"][key]
-            if a is not None:
-                t.add_row(f"{label} (median of {r['repeats']})", f"{a:.3f} ms", f"{b:.3f} ms",
-                          f"speedup {a / b:.2f}x" if b else "")
-    out.print(t)
-    for n in r["notes"]:
-        out.print(escape(f"note     {n}"), highlight=False)
-    for c in checks:
-        if c["passed"]:
-            sign = ">=" if c["fails_when"] == "under" else "<="
-            out.print(f"ok       {c['metric']} of {c['of']} is {c['value']:.6g} {sign} {c['limit']:.6g}", highlight=False)
-
 
 @app.command()
 @handled
@@ -354,58 +195,3 @@ def compare(
         paths = plotting.plot_compare(result, plot)
         if not quiet:
             out.print(f"wrote    {' and '.join(map(str, paths))}", highlight=False)
-
-
-def _print_compare(r: dict) -> None:
-    metric, rows, ev = r["metric"], r["rows"], r["eval"]
-    where = "the calibration data (not held out)" if ev["is_calibration"] else ev["source"]
-    unit = _unit(r["settings"])
-    out.print(f"{r['model']}: {r['calibration']['samples']} calibration {unit}, scored on "
-              f"{ev['samples']} {unit} of {where}", highlight=False)
-    t = Table()
-    cols = ["method", "sparsity", "zeros", "top-1 agreement"] + (["accuracy"] if metric == "accuracy" else []) + ["relative MSE", "s"]
-    for col in cols:
-        t.add_column(col, justify="left" if col == "method" else "right")
-    for i, row in enumerate(rows):
-        cells = [row["method"], row["pattern"] or _pct(row["sparsity"], 0), _pct(row["weight_sparsity"], 1),
-                 _pct(row.get("top1_agreement"))]
-        if metric == "accuracy":
-            cells.append(_pct(row["accuracy"]))
-        cells += [_num(row["relative_mse"]), f"{row['seconds']:.2f}"]
-        last = i + 1 == len(rows) or rows[i + 1]["method"] != row["method"]
-        t.add_row(*cells, end_section=last)
-    out.print(t)
-    if metric == "accuracy":
-        out.print(f"original accuracy {_pct(r['baseline'])} on the same samples", highlight=False)
-    if r["max_loss"] is not None:
-        found = ", ".join(f"{m} {_pct(v['sparsity'], 0)}" for m, v in r["max_loss"]["per_method"].items())
-        out.print(f"highest sparsity losing at most {r['max_loss']['max_loss']:g} of {metric}: {found}",
-                  highlight=False)
-    for n in r["notes"]:
-        out.print(escape(f"note     {n}"), highlight=False)
-
-
-def _pct(x, digits: int = 2) -> str:
-    return "-" if x is None else f"{100 * x:.{digits}f}%" if digits else f"{100 * x:g}%"
-
-
-def _unit(settings: dict) -> str:
-    """What the sample counts count: runs without batching."""
-    return "samples" if settings.get("batching", True) else "runs"
-
-
-def _num(x) -> str:
-    return "-" if x is None else f"{x:.3g}"
-
-
-def _size(n) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-
-
-def main() -> None:
-    app()

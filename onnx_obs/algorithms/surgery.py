@@ -20,7 +20,7 @@ import numpy as np
 from scipy.linalg import cho_solve, cholesky, solve_triangular
 
 from onnx_obs.hessian.inverse import subtract_outer_lower, symmetrize_from_lower
-from onnx_obs.prune.baselines import magnitude_scores, obd_scores
+from onnx_obs.algorithms.baselines import magnitude_scores, obd_scores
 
 _TINY = np.finfo(np.float64).tiny
 _MIN_FLUSH = 128  # downdates folded into H^-1 together: at least this many deletions

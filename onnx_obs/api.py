@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +13,10 @@ from onnx_obs import compact
 from onnx_obs.calib import Calibration, load_calibration
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.capture import site_depths, with_outputs
-from onnx_obs.graph.model_io import (LoadedModel, check_output_path, check_proto, from_proto, iter_tensors,
-                                     load_model, save_model, spilling)
-from onnx_obs.graph.sites import FLOAT_TYPES, Site, find_sites, read_array, site_matrix, write_matrix
+from onnx_obs.config import Selection
+from onnx_obs.graph.model_io import LoadedModel, check_output_path, check_proto, load_any, save_model, spilling
+from onnx_obs.graph.sites import Site, find_sites, site_matrix, write_matrix
+from onnx_obs.inspection import float_params, inspect  # noqa: F401  (public: api.inspect)
 from onnx_obs.hessian.layerwise import ConvGeometry, HessianSum, input_vectors
 from onnx_obs.metrics import compare_runs
 from onnx_obs.progress import Progress
@@ -36,68 +36,6 @@ GRAPH_INPUT_REASON = ("also a graph input: a caller may override it at run time;
 class PruneResult:
     model: onnx.ModelProto
     report: Report
-
-
-@dataclass
-class Selection:
-    include: str | None = None
-    exclude: str | None = None
-    op_types: list[str] | None = None
-
-    def picks(self, site: Site) -> bool:
-        names = [site.name] + [u.node for u in site.uses]
-        if self.include and not any(self._re(self.include).search(n) for n in names):
-            return False
-        if self.exclude and any(self._re(self.exclude).search(n) for n in names):
-            return False
-        return not self.op_types or any(u.op_type in self.op_types for u in site.uses)
-
-    def names(self, site: Site) -> bool:
-        """Whether --include names the site's tensor itself (not only its node)."""
-        return bool(self.include) and bool(self._re(self.include).search(site.name))
-
-    @staticmethod
-    def _re(pattern: str) -> re.Pattern:
-        try:
-            return re.compile(pattern)
-        except re.error as e:
-            raise OnnxObsError(f"invalid regular expression '{pattern}': {e}") from e
-
-
-def _load(model) -> LoadedModel:
-    if isinstance(model, onnx.ModelProto):
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return from_proto(copy)
-    return load_model(model)
-
-
-def inspect(model, selection: Selection | None = None) -> dict:
-    """Sites, their shapes and sparsity, and the tensors left alone."""
-    loaded = _load(model)
-    sites, skipped = find_sites(loaded.model)
-    selection = selection or Selection()
-    rows = []
-    for s in sites:
-        if not selection.picks(s):
-            continue
-        w = read_array(s, loaded.base_dir)  # as stored: no float64 copy
-        rows.append({
-            "name": s.name, "op": s.op_type, "nodes": [u.node for u in s.uses],
-            "onnx_shape": list(s.shape), "matrix_shape": list(s.matrix_shape), "params": s.size,
-            "sparsity": float(np.mean(w == 0)), "dtype": s.dtype,
-            "location": s.storage + (f" in {s.scope}" if s.scope else ""),
-            "graph_input": s.graph_input,
-        })
-    return {
-        "model": str(loaded.path) if loaded.path else "<proto>",
-        "opset": {o.domain or "ai.onnx": o.version for o in loaded.model.opset_import},
-        "sites": rows,
-        "skipped": [vars(k) for k in skipped],
-        "totals": {"sites": len(rows), "site_params": sum(r["params"] for r in rows),
-                   "model_params": _float_params(loaded.model),
-                   "file_size": loaded.file_size},
-    }
 
 
 def prune(model, calib=None, *, method: str = "obs", sparsity: float = 0.5,
@@ -131,7 +69,7 @@ def prune(model, calib=None, *, method: str = "obs", sparsity: float = 0.5,
                            hessian)
     full = full or FullOptions()
     bound = check_full_settings(hessian, method, pattern, full, labels, force)
-    loaded = _load(model)
+    loaded = load_any(model)
     if output is not None:
         check_output_path(output, loaded.path, force, loaded.model, loaded.base_dir)
     original = onnx.ModelProto()
@@ -157,7 +95,7 @@ def prune(model, calib=None, *, method: str = "obs", sparsity: float = 0.5,
                                target_flops=target_flops, storage=storage)
     report.skipped = [vars(k) for k in skipped] + [
         {"name": s.name, "op_type": s.op_type, "reason": GRAPH_INPUT_REASON} for s in overridable]
-    report.model_params = _float_params(loaded.model)
+    report.model_params = float_params(loaded.model)
     report.file_size_before = loaded.file_size
     cal = None
     if calib is not None:
@@ -359,8 +297,3 @@ def _validate(original, loaded, cal, device, report, bar) -> str:
         bar.add("measuring output deviation", total=None)
         report.deviation = compare_runs(ref, pruned, cal.batches)
     return pruned.provider
-
-
-def _float_params(model: onnx.ModelProto) -> int:
-    return sum(int(np.prod(t.dims, dtype=np.int64)) for t in iter_tensors(model.graph)
-               if t.data_type in FLOAT_TYPES)

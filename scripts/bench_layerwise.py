@@ -34,6 +34,7 @@ from scipy.linalg.blas import dsyrk
 from threadpoolctl import ThreadpoolController, threadpool_info
 
 from onnx_obs import api
+from onnx_obs.graph.model_io import load_any
 from onnx_obs.calib import load_calibration
 from onnx_obs.graph.sites import find_sites, site_matrix
 from onnx_obs.progress import Progress
@@ -157,7 +158,7 @@ def bench_sample_layers() -> None:
     print("== real layers: samples/digits_*.onnx, 50%, layer error relative to exact")
     samples = Path(__file__).resolve().parent.parent / "samples"
     for name in ("digits_mlp", "digits_cnn"):
-        loaded = api._load(samples / f"{name}.onnx")
+        loaded = load_any(samples / f"{name}.onnx")
         sites, _ = find_sites(loaded.model)
         cal = load_calibration(samples / f"{name}_calib.npz", loaded.model)
         with Progress(False) as bar:

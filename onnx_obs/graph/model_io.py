@@ -132,6 +132,15 @@ def check_proto(model: onnx.ModelProto) -> None:
     onnx.checker.check_model(model)
 
 
+def load_any(model: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
+    """A path is read as load_model does; a ModelProto is copied first, never changed."""
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return from_proto(copy)
+    return load_model(model)
+
+
 def from_proto(model: onnx.ModelProto) -> LoadedModel:
     size = model.ByteSize()
     densify(model.graph)  # as load_model: sparse initializers become dense ones, in place

@@ -1,16 +1,39 @@
-"""Pruning settings."""
+"""Every setting of a prune in one object, `PruneConfig`: defined, validated and reported here.
+
+The Python API takes a PruneConfig (or keyword overrides of one), the CLI builds one from its
+options, and `--config FILE.toml` loads one from a file: top-level keys for the top-level settings,
+a table per group (`[selection]`, `[data]`, `[layerwise]`, `[full]`, `[structured]`) for the rest;
+any setting may also be given by its plain name at the top level (`damp = 0.02`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from dataclasses import dataclass
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.sites import Site
+from onnx_obs.graph.sparse_storage import MODES as STORAGES
+
+METHODS = ("obs", "obd", "wanda", "magnitude")
+SCOPES = ("layer", "global")
+SOLVERS = ("auto", "exact", "fast")
+HESSIANS = ("layerwise", "full", "fisher")
+FULL_METHODS = ("obs", "obd", "magnitude")
+GRADIENTS = ("auto", "graph", "fd")
+STRUCTURES = ("neurons", "channels")   # the same thing: "channels" is the Conv spelling
+STRUCTURED_METHODS = ("obs", "magnitude")
 
 
 @dataclass
 class Selection:
+    """Which sites to prune: tensor or node names by regex, and op types."""
+
     include: str | None = None
     exclude: str | None = None
     op_types: list[str] | None = None
@@ -33,3 +56,299 @@ class Selection:
             return re.compile(pattern)
         except re.error as e:
             raise OnnxObsError(f"invalid regular expression '{pattern}': {e}") from e
+
+
+@dataclass
+class DataOptions:
+    """How calibration data is read (calib.py)."""
+
+    batch_size: int = 32           # samples per onnxruntime run
+    max_samples: int | None = None
+    labels: str | None = None      # key of the file holding targets (not a model input)
+    batching: bool = True          # False: feed each run whole instead of slicing axis 0
+
+
+@dataclass
+class LayerwiseOptions:
+    """Layer-wise OBS (algorithms/layerwise.py): solver, its block, damping, sequential capture."""
+
+    solver: str = "auto"           # exact (OBC), fast (SparseGPT) or auto
+    block_size: int = 128
+    damp: float = 0.01             # fraction of mean diag(H) added to the diagonal
+    sequential: bool = True        # capture each site's inputs after the sites before it are pruned
+
+
+@dataclass
+class FullOptions:
+    """Full-network pruning (`hessian="full"` or `"fisher"`).
+
+    alpha: H^-1_0 = alpha^-1 I of Eq. 17 (the paper: 1e-8 <= alpha <= 1e-4).
+    max_error_increase: stop before the predicted error increase passes this: a number (absolute,
+        in units of E = 1/(2P) sum ||F - t||^2, or of the mean loss for fisher) or "N%" of the
+        current error E0 (needs labels: with the model's own outputs as targets E0 is 0).
+    recompute_every: rebuild H^-1 at the corrected weights after this many deletions.
+    step: weights deleted together per OBS step (1 = the paper's one at a time).
+    prune_biases: the biases of the selected nodes join w (the paper counts them as weights).
+    gradients: "graph" (a gradient graph), "fd" (finite differences) or "auto" (graph where
+        every op on the way has a rule, else fd with a note naming the op).
+    save_gradient_graph: write the gradient graph (the model plus its reverse pass) here.
+    """
+
+    alpha: float = 1e-6
+    max_error_increase: float | str | None = None
+    recompute_every: int | None = None
+    step: int = 1
+    prune_biases: bool = False
+    gradients: str = "auto"
+    save_gradient_graph: str | Path | None = None
+
+    @property
+    def error_bound(self) -> tuple[str, float] | None:
+        """max_error_increase parsed: ("absolute" | "relative", value), relative as a fraction."""
+        spec = self.max_error_increase
+        if spec is None:
+            return None
+        text = str(spec).strip()
+        relative = text.endswith("%")
+        try:
+            value = float(text[:-1] if relative else text)
+        except ValueError:
+            raise OnnxObsError(f"--max-error-increase must be a number or a percentage like 5%, "
+                               f"got '{spec}'") from None
+        if not value >= 0:
+            raise OnnxObsError(f"--max-error-increase must be non-negative, got '{spec}'")
+        return ("relative", value / 100) if relative else ("absolute", value)
+
+
+@dataclass
+class StructureOptions:
+    """Structured removal of whole units (strategies/structured.py)."""
+
+    structure: str | None = None   # "neurons" or "channels"; None: unstructured
+    target_params: int | None = None
+    target_flops: float | None = None
+
+
+GROUPS = {"selection": Selection, "data": DataOptions, "layerwise": LayerwiseOptions,
+          "full": FullOptions, "structured": StructureOptions}
+
+
+@dataclass
+class PruneConfig:
+    """What to prune, how, and how to write it. See the CLI's `prune --help` for each setting."""
+
+    method: str = "obs"
+    sparsity: float = 0.5
+    pattern: tuple[int, int] | None = None   # N:M, overrides sparsity
+    scope: str = "layer"                     # "global": rank all sites together (magnitude)
+    hessian: str = "layerwise"               # or "full" / "fisher": full-network OBS
+    storage: str = "dense"                   # or "sparse" / "auto"
+    device: str = "auto"
+    selection: Selection = field(default_factory=Selection)
+    data: DataOptions = field(default_factory=DataOptions)
+    layerwise: LayerwiseOptions = field(default_factory=LayerwiseOptions)
+    full: FullOptions = field(default_factory=FullOptions)
+    structured: StructureOptions = field(default_factory=StructureOptions)
+
+    @property
+    def mode(self) -> str:
+        """The strategy that carries out this config (strategies.STRATEGIES)."""
+        if self.structured.structure is not None:
+            return "structured"
+        if self.hessian != "layerwise":
+            return "full_network"
+        return "magnitude" if self.method == "magnitude" else "layerwise"
+
+    def replace(self, **overrides) -> PruneConfig:
+        """A copy with settings changed by name: a top-level setting, a group (selection=
+        Selection(...)) or any group's field by its own name (damp=0.02, alpha=1e-5)."""
+        top = {k: GROUPS[k]() if k in GROUPS and v is None else v  # a group of None: its defaults
+               for k, v in overrides.items() if k in _TOP}
+        unknown = [k for k in overrides if k not in _TOP and k not in _FIELD_GROUP]
+        if unknown:
+            raise TypeError(f"unknown setting {unknown[0]!r}")
+        new = dataclasses.replace(self, **top)
+        for name, value in overrides.items():
+            if name in _FIELD_GROUP:
+                group = _FIELD_GROUP[name]
+                setattr(new, group, dataclasses.replace(getattr(new, group), **{name: value}))
+        return new
+
+    def validate(self, has_calibration: bool) -> None:
+        """Refuse bad settings before any work, with one line naming the flag to change."""
+        self._check_method(has_calibration)
+        self._check_structured()
+        self._check_full()
+        if self.layerwise.damp < 0:
+            raise OnnxObsError(f"--damp must be at least 0, got {self.layerwise.damp}")
+        if self.layerwise.solver not in SOLVERS:
+            raise OnnxObsError(f"unknown solver '{self.layerwise.solver}': use one of {', '.join(SOLVERS)}")
+        if self.layerwise.block_size < 1:
+            raise OnnxObsError(f"--block-size must be at least 1, got {self.layerwise.block_size}")
+
+    def _check_method(self, has_calibration: bool) -> None:
+        method, pattern, scope = self.method, self.pattern, self.scope
+        if method not in METHODS:
+            raise OnnxObsError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
+        if not 0 <= self.sparsity < 1:
+            raise OnnxObsError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if pattern is not None:
+            n, m = pattern
+            if not 0 < n < m:
+                raise OnnxObsError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
+        if scope not in SCOPES:
+            raise OnnxObsError(f"unknown scope '{scope}': use one of {', '.join(SCOPES)}")
+        if scope == "global" and method != "magnitude":
+            raise OnnxObsError("--scope global ranks weights of different layers against each other, "
+                               "which only magnitude supports: use --method magnitude or --scope layer")
+        if scope == "global" and pattern is not None:
+            raise OnnxObsError("--pattern applies per layer: drop --scope global")
+        if method != "magnitude" and not has_calibration:
+            raise OnnxObsError(f"--method {method} needs calibration data: pass --calib DATA.npz")
+
+    def _check_structured(self) -> None:
+        s = self.structured
+        if self.storage not in STORAGES:
+            raise OnnxObsError(f"unknown storage '{self.storage}': use one of {', '.join(STORAGES)}")
+        targets = [t for t in (s.target_params, s.target_flops) if t is not None]
+        if targets and s.structure is None:
+            raise OnnxObsError("--target-params/--target-flops set the size of a structured prune: "
+                               "add --structure neurons (or channels)")
+        if s.structure is None:
+            return
+        if s.structure not in STRUCTURES:
+            raise OnnxObsError(f"unknown structure '{s.structure}': use neurons or channels")
+        if self.method not in STRUCTURED_METHODS:
+            raise OnnxObsError(f"--structure works with --method obs (group OBS with correction) or "
+                               f"magnitude (L1 norm of rows, no correction), not {self.method}")
+        if self.hessian != "layerwise":
+            raise OnnxObsError("--structure uses layer-wise Hessians of the consumer layers: drop "
+                               f"--hessian {self.hessian}")
+        if self.pattern is not None or self.scope != "layer":
+            raise OnnxObsError("--pattern and --scope global apply to single weights: drop them "
+                               "with --structure")
+        if len(targets) > 1:
+            raise OnnxObsError("give one of --target-params and --target-flops, not both")
+        if targets and not targets[0] > 0:
+            raise OnnxObsError(f"the target must be a positive number, got {targets[0]}")
+
+    def _check_full(self) -> None:
+        hessian, method, options = self.hessian, self.method, self.full
+        if hessian not in HESSIANS:
+            raise OnnxObsError(f"unknown --hessian '{hessian}': use one of {', '.join(HESSIANS)}")
+        if hessian == "layerwise":
+            changed = [f.name for f in dataclasses.fields(FullOptions)
+                       if getattr(options, f.name) != getattr(FullOptions(), f.name)]
+            if changed:
+                raise OnnxObsError(f"--{changed[0].replace('_', '-')} applies to full-network pruning: "
+                                   "add --hessian full, or drop it")
+            return
+        if method not in FULL_METHODS:
+            raise OnnxObsError(f"--hessian {hessian} supports --method {', '.join(FULL_METHODS)}, not {method}")
+        if self.pattern is not None:
+            raise OnnxObsError(f"--pattern is per layer: --hessian {hessian} prunes one global pool; drop --pattern")
+        if hessian == "fisher" and self.data.labels is None:
+            raise OnnxObsError("--hessian fisher needs targets for its loss gradients: pass --labels KEY "
+                               "(without labels, use --hessian full)")
+        if options.gradients not in GRADIENTS:
+            raise OnnxObsError(f"unknown --gradients '{options.gradients}': use one of {', '.join(GRADIENTS)}")
+        if not options.alpha > 0:
+            raise OnnxObsError(f"--alpha must be positive, got {options.alpha}")
+        if options.step < 1:
+            raise OnnxObsError(f"--step must be at least 1, got {options.step}")
+        if options.recompute_every is not None and options.recompute_every < 1:
+            raise OnnxObsError(f"--recompute-every must be at least 1, got {options.recompute_every}")
+        if options.recompute_every is not None and method != "obs":
+            raise OnnxObsError("--recompute-every rebuilds OBS's inverse Hessian: use it with --method obs")
+        if options.save_gradient_graph is not None and (options.gradients == "fd" or method == "magnitude"):
+            raise OnnxObsError("--save-gradient-graph needs gradients by a graph: drop --gradients fd "
+                               "and use --method obs or obd")
+        bound = options.error_bound
+        if bound is not None:
+            if method == "magnitude":
+                raise OnnxObsError("--max-error-increase needs a predicted error: use --method obs or obd")
+            if bound[0] == "relative" and self.data.labels is None:
+                raise OnnxObsError("--max-error-increase in % is relative to the current error E0, which is 0 "
+                                   "without labels (the targets are the model's own outputs): pass --labels KEY "
+                                   "or an absolute bound")
+
+    def report_settings(self) -> dict:
+        """The settings as the report's JSON shows them."""
+        lw, data, s = self.layerwise, self.data, self.structured
+        settings = dict(
+            sparsity=self.sparsity, pattern=f"{self.pattern[0]}:{self.pattern[1]}" if self.pattern else None,
+            scope=self.scope, solver=lw.solver, block_size=lw.block_size, damp=lw.damp,
+            sequential=lw.sequential, batch_size=data.batch_size, max_samples=data.max_samples,
+            batching=data.batching)
+        if s.structure is not None or self.storage != "dense":
+            settings.update(structure=s.structure, target_params=s.target_params,
+                            target_flops=s.target_flops, storage=self.storage)
+        if self.hessian != "layerwise":
+            f = self.full
+            settings.update(hessian=self.hessian, alpha=f.alpha, step=f.step,
+                            max_error_increase=f.max_error_increase, recompute_every=f.recompute_every,
+                            prune_biases=f.prune_biases, gradients=f.gradients)
+        return settings
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> PruneConfig:
+        """Settings from a TOML file (see the module docstring)."""
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as e:
+            raise OnnxObsError(f"cannot read the config file {path}: {e.strerror or e}") from e
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise OnnxObsError(f"{path} is not valid TOML: {e}") from e
+        flat = {}
+        for key, value in data.items():
+            if key in GROUPS and isinstance(value, dict):
+                fields = {f.name for f in dataclasses.fields(GROUPS[key])}
+                for k, v in value.items():
+                    if k not in fields:
+                        raise OnnxObsError(f"{path}: unknown setting '{k}' in [{key}]: use one of "
+                                           f"{', '.join(sorted(fields))}")
+                    flat[k] = v
+            elif key in _TOP or key in _FIELD_GROUP:
+                flat[key] = value
+            else:
+                raise OnnxObsError(f"{path}: unknown setting '{key}' (see onnx-obs prune --help)")
+        return cls().replace(**{k: _typed(k, v, path) for k, v in flat.items()})
+
+
+_TOP = {f.name for f in dataclasses.fields(PruneConfig)}
+_FIELD_GROUP = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+_HINTS = {name: typing.get_type_hints(cls)[name] for name, cls in
+          [(n, PruneConfig) for n in _TOP - set(GROUPS)]
+          + [(n, GROUPS[g]) for n, g in _FIELD_GROUP.items()]}
+
+
+def _typed(name: str, value, path) -> object:
+    """A TOML value as the setting's type (pattern "2:4" -> (2, 4), op_types "Conv,Gemm" -> list),
+    or a one-line error."""
+    if name == "pattern" and isinstance(value, (str, list)):
+        return parse_pattern(value) if isinstance(value, str) else tuple(value)
+    if name == "op_types" and isinstance(value, str):
+        return parse_op_types(value)
+    allowed = typing.get_args(_HINTS[name]) if isinstance(_HINTS[name], types.UnionType) else (_HINTS[name],)
+    allowed = tuple(typing.get_origin(t) or t for t in allowed)
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if value is None or (isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)):
+        return value
+    raise OnnxObsError(f"{path}: setting '{name}' must be {_HINTS[name]}, got {value!r}")
+
+
+def parse_pattern(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        n, m = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise OnnxObsError(f"--pattern must look like N:M (e.g. 2:4), got '{text}'") from None
+    return n, m
+
+
+def parse_op_types(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    return [o.strip() for o in text.split(",") if o.strip()] or None

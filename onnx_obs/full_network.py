@@ -12,7 +12,7 @@ result is written back into the graph. OBD and magnitude rank the same pool with
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnx_obs.calib import Calibration
+from onnx_obs.config import FullOptions
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.backprop import build_vjp_model, supports_gradients
 from onnx_obs.graph.capture import with_outputs
@@ -33,94 +34,8 @@ from onnx_obs.algorithms.surgery import SurgeryResult, global_baseline, obs_surg
 from onnx_obs.report import Report, SiteReport
 from onnx_obs.runtime import Runner
 
-HESSIANS = ("layerwise", "full", "fisher")
-FULL_METHODS = ("obs", "obd", "magnitude")
-GRADIENTS = ("auto", "graph", "fd")
 _BIAS_DTYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
 _ALPHA_DOMINATES = 0.1  # warn when alpha is at least this fraction of mean diag(H)
-
-
-@dataclass
-class FullOptions:
-    """Settings of full-network pruning (`hessian="full"` or `"fisher"` in api.prune).
-
-    alpha: H^-1_0 = alpha^-1 I of Eq. 17 (the paper: 1e-8 <= alpha <= 1e-4).
-    max_error_increase: stop before the predicted error increase passes this: a number (absolute,
-        in units of E = 1/(2P) sum ||F - t||^2, or of the mean loss for fisher) or "N%" of the
-        current error E0 (needs labels: with the model's own outputs as targets E0 is 0).
-    recompute_every: rebuild H^-1 at the corrected weights after this many deletions.
-    step: weights deleted together per OBS step (1 = the paper's one at a time).
-    prune_biases: the biases of the selected nodes join w (the paper counts them as weights).
-    gradients: "graph" (a gradient graph), "fd" (finite differences) or "auto" (graph where
-        every op on the way has a rule, else fd with a note naming the op).
-    save_gradient_graph: write the gradient graph (the model plus its reverse pass) here.
-    """
-
-    alpha: float = 1e-6
-    max_error_increase: float | str | None = None
-    recompute_every: int | None = None
-    step: int = 1
-    prune_biases: bool = False
-    gradients: str = "auto"
-    save_gradient_graph: str | Path | None = None
-
-
-def check_full_settings(hessian: str, method: str, pattern, options: FullOptions,
-                        labels: str | None, force: bool = False) -> tuple[str, float] | None:
-    """Refuse bad settings before any work; return the parsed error bound (kind, value)."""
-    if hessian not in HESSIANS:
-        raise OnnxObsError(f"unknown --hessian '{hessian}': use one of {', '.join(HESSIANS)}")
-    if hessian == "layerwise":
-        changed = [f.name for f in fields(FullOptions) if getattr(options, f.name) != getattr(FullOptions(), f.name)]
-        if changed:
-            raise OnnxObsError(f"--{changed[0].replace('_', '-')} applies to full-network pruning: "
-                               "add --hessian full, or drop it")
-        return None
-    if method not in FULL_METHODS:
-        raise OnnxObsError(f"--hessian {hessian} supports --method {', '.join(FULL_METHODS)}, not {method}")
-    if pattern is not None:
-        raise OnnxObsError(f"--pattern is per layer: --hessian {hessian} prunes one global pool; drop --pattern")
-    if hessian == "fisher" and labels is None:
-        raise OnnxObsError("--hessian fisher needs targets for its loss gradients: pass --labels KEY "
-                           "(without labels, use --hessian full)")
-    if options.gradients not in GRADIENTS:
-        raise OnnxObsError(f"unknown --gradients '{options.gradients}': use one of {', '.join(GRADIENTS)}")
-    if not options.alpha > 0:
-        raise OnnxObsError(f"--alpha must be positive, got {options.alpha}")
-    if options.step < 1:
-        raise OnnxObsError(f"--step must be at least 1, got {options.step}")
-    if options.recompute_every is not None and options.recompute_every < 1:
-        raise OnnxObsError(f"--recompute-every must be at least 1, got {options.recompute_every}")
-    if options.recompute_every is not None and method != "obs":
-        raise OnnxObsError("--recompute-every rebuilds OBS's inverse Hessian: use it with --method obs")
-    if options.save_gradient_graph is not None:
-        if options.gradients == "fd" or method == "magnitude":
-            raise OnnxObsError("--save-gradient-graph needs gradients by a graph: drop --gradients fd "
-                               "and use --method obs or obd")
-        check_output_path(options.save_gradient_graph, None, force)
-    bound = _parse_bound(options.max_error_increase)
-    if bound is not None:
-        if method == "magnitude":
-            raise OnnxObsError("--max-error-increase needs a predicted error: use --method obs or obd")
-        if bound[0] == "relative" and labels is None:
-            raise OnnxObsError("--max-error-increase in % is relative to the current error E0, which is 0 "
-                               "without labels (the targets are the model's own outputs): pass --labels KEY "
-                               "or an absolute bound")
-    return bound
-
-
-def _parse_bound(spec) -> tuple[str, float] | None:
-    if spec is None:
-        return None
-    text = str(spec).strip()
-    relative = text.endswith("%")
-    try:
-        value = float(text[:-1] if relative else text)
-    except ValueError:
-        raise OnnxObsError(f"--max-error-increase must be a number or a percentage like 5%, got '{spec}'") from None
-    if not value >= 0:
-        raise OnnxObsError(f"--max-error-increase must be non-negative, got '{spec}'")
-    return ("relative", value / 100) if relative else ("absolute", value)
 
 
 # ---- the weight vector -------------------------------------------------------------------------
@@ -570,10 +485,6 @@ def _report(report: Report, params: Parameters, w0: np.ndarray, res: SurgeryResu
             hessian: str, method: str, options: FullOptions, target: int, limit: float | None,
             t_surgery: float) -> None:
     report.method = f"full-network {method}"
-    report.settings.update(hessian=hessian, alpha=options.alpha, step=options.step,
-                           max_error_increase=options.max_error_increase,
-                           recompute_every=options.recompute_every, prune_biases=options.prune_biases,
-                           gradients=options.gradients)
     sal = np.zeros(params.n)
     sal[res.order] = res.saliencies
     for s in params.segments:

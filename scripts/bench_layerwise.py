@@ -33,8 +33,8 @@ from scipy.linalg import lapack
 from scipy.linalg.blas import dsyrk
 from threadpoolctl import ThreadpoolController, threadpool_info
 
-from onnx_obs import api
 from onnx_obs.graph.model_io import load_any
+from onnx_obs.hessian.capture import capture_hessians
 from onnx_obs.calib import load_calibration
 from onnx_obs.graph.sites import find_sites, site_matrix
 from onnx_obs.progress import Progress
@@ -162,7 +162,7 @@ def bench_sample_layers() -> None:
         sites, _ = find_sites(loaded.model)
         cal = load_calibration(samples / f"{name}_calib.npz", loaded.model)
         with Progress(False) as bar:
-            hessians = api.capture_hessians(loaded, sites, cal, "cpu", bar)
+            hessians = capture_hessians(loaded, sites, cal, "cpu", bar)
         for site in sites:
             W, H = site_matrix(site), hessians[site.name][0]
             runs = {s: {"solver": s} for s in ("exact", "fast")}

@@ -14,7 +14,7 @@ import pytest
 from onnx import helper
 
 from graphs import conv_model, init, make_model, randn, run_tensors, vi
-from onnx_obs.api import capture_hessians
+from onnx_obs.hessian.capture import capture_hessians
 from onnx_obs.calib import load_calibration
 from onnx_obs.graph.model_io import from_proto
 from onnx_obs.graph.sites import find_sites, site_matrix

@@ -102,8 +102,10 @@ def test_highest_within_stops_at_the_first_excess():
 
 def test_shared_hessians_are_captured_once_and_change_nothing(monkeypatch):
     calls = []
-    capture = api.capture_hessians
-    monkeypatch.setattr(api, "capture_hessians", lambda *a: calls.append(a) or capture(*a))
+    from onnx_obs.strategies import layerwise
+
+    capture = layerwise.capture_hessians
+    monkeypatch.setattr(layerwise, "capture_hessians", lambda *a: calls.append(a) or capture(*a))
     kw = dict(sparsity=0.5, sequential=False, max_samples=32)
     cache = {}
     api.prune(str(MLP), str(CALIB), method="wanda", hessians=cache, **kw)

@@ -19,7 +19,8 @@ from onnx_obs.calib import load_calibration
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.model_io import from_proto
 from onnx_obs.graph.sites import find_sites
-from onnx_obs.full_network import FullNetwork, FullOptions, parameters
+from onnx_obs.config import FullOptions
+from onnx_obs.full_network import FullNetwork, parameters
 
 ALPHA = 1e-3
 

@@ -25,6 +25,7 @@ from onnx import helper, numpy_helper
 
 from graphs import conv_model, init, make_model, run, vi
 from onnx_obs import api
+from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.channels import trace_units
 from onnx_obs.graph.sites import find_sites
 
@@ -377,7 +378,7 @@ def test_structured(method, case, sparsity, structure):
     expected = {f"w{i}" for i in case.selected if removable(net, i)}
     kw = dict(method=method, sparsity=sparsity, structure=structure)
     if not expected:
-        with pytest.raises(api.OnnxObsError, match="no selected layer has units"):
+        with pytest.raises(OnnxObsError, match="no selected layer has units"):
             prune_written(case, **kw)
         return
     out = prune_written(case, **kw)

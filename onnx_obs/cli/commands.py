@@ -17,8 +17,10 @@ from onnx_obs import compare as sweep
 from onnx_obs import evaluate as evaluation
 from onnx_obs import plot as plotting
 from onnx_obs.cli.app import app, err, handled, out
-from onnx_obs.cli.options import (ExcludeOpt, IncludeOpt, NoBatchingOpt, OpTypesOpt, _pattern,
-                                  _selection)
+from onnx_obs.cli.options import (DATA, FULL, METHOD, OUTPUT, SOLVER, STRUCT, BatchSizeOpt, ConfigOpt,
+                                  DampOpt, DeviceOpt, ExcludeOpt, IncludeOpt, MaxSamplesOpt,
+                                  NoBatchingOpt, OpTypesOpt, PatternOpt, SolverOpt, prune_config)
+from onnx_obs.config import Selection, parse_op_types, parse_pattern
 from onnx_obs.cli.show import _print_compare, _print_evaluate, _print_inspect, _print_prune
 from onnx_obs.errors import OnnxObsError
 
@@ -26,38 +28,40 @@ from onnx_obs.errors import OnnxObsError
 @app.command()
 @handled
 def prune(
+    ctx: typer.Context,
     model: Path = typer.Argument(..., help="The ONNX model to prune (never modified)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Where to write the pruned model."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help=".npz keyed by input name (or .npy for one input), batched on axis 0; or a directory of .npz (see --no-batching)."),
-    method: str = typer.Option("obs", "--method", help="obs (layer-wise OBS with weight correction), obd, wanda or magnitude."),
-    sparsity: float = typer.Option(0.5, "--sparsity", help="Fraction of each site's weights to remove."),
-    pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M semi-structured sparsity, e.g. 2:4 (overrides --sparsity)."),
-    scope: str = typer.Option("layer", "--scope", help="layer: the target holds per site; global: rank all sites together (magnitude)."),
-    solver: str = typer.Option("auto", "--solver", help="OBS solver: exact (OBC), fast (SparseGPT), or auto: exact where it costs about 2 s or less per layer, else fast with a least-squares refit of the kept weights where that costs about 2 s or less."),
-    block_size: int = typer.Option(128, "--block-size", help="Column block of the fast solver."),
-    damp: float = typer.Option(0.01, "--damp", help="Hessian damping, as a fraction of mean diag(H)."),
-    sequential: bool = typer.Option(True, "--sequential/--no-sequential", help="Capture each site's inputs after the sites before it are pruned."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Calibration samples per onnxruntime run."),
-    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Use at most this many calibration samples."),
-    labels: Optional[str] = typer.Option(None, "--labels", help="Key of the calibration file that holds targets (not a model input)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the pruned model.", rich_help_panel=OUTPUT),
+    calib: Optional[Path] = typer.Option(None, "--calib", help=".npz keyed by input name (or .npy for one input), batched on axis 0; or a directory of .npz (see --no-batching).", rich_help_panel=DATA),
+    config_file: Optional[Path] = ConfigOpt,
+    method: str = typer.Option("obs", "--method", help="obs (layer-wise OBS with weight correction), obd, wanda or magnitude.", rich_help_panel=METHOD),
+    sparsity: float = typer.Option(0.5, "--sparsity", help="Fraction of each site's weights to remove.", rich_help_panel=METHOD),
+    pattern: Optional[str] = PatternOpt,
+    scope: str = typer.Option("layer", "--scope", help="layer: the target holds per site; global: rank all sites together (magnitude).", rich_help_panel=METHOD),
+    solver: str = SolverOpt,
+    block_size: int = typer.Option(128, "--block-size", help="Column block of the fast solver.", rich_help_panel=SOLVER),
+    damp: float = DampOpt,
+    sequential: bool = typer.Option(True, "--sequential/--no-sequential", help="Capture each site's inputs after the sites before it are pruned.", rich_help_panel=SOLVER),
+    batch_size: int = BatchSizeOpt,
+    max_samples: Optional[int] = MaxSamplesOpt,
+    labels: Optional[str] = typer.Option(None, "--labels", help="Key of the calibration file that holds targets (not a model input).", rich_help_panel=DATA),
     no_batching: bool = NoBatchingOpt,
     include: Optional[str] = IncludeOpt, exclude: Optional[str] = ExcludeOpt, op_types: Optional[str] = OpTypesOpt,
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (onnxruntime-gpu)."),
-    structure: Optional[str] = typer.Option(None, "--structure", help="neurons or channels (the same): remove whole output units with group OBS (--method obs) or by L1 norm (magnitude), shrinking the graph; --sparsity is then the fraction of units per layer."),
-    target_params: Optional[int] = typer.Option(None, "--target-params", help="With --structure: remove units until the model has at most this many parameters."),
-    target_flops: Optional[float] = typer.Option(None, "--target-flops", help="With --structure: remove units until the model needs at most this many MACs per sample."),
-    storage: str = typer.Option("dense", "--storage", help="dense, sparse (pruned weights as sparse initializers) or auto (sparse where that is smaller)."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+    device: str = DeviceOpt,
+    structure: Optional[str] = typer.Option(None, "--structure", help="neurons or channels (the same): remove whole output units with group OBS (--method obs) or by L1 norm (magnitude), shrinking the graph; --sparsity is then the fraction of units per layer.", rich_help_panel=STRUCT),
+    target_params: Optional[int] = typer.Option(None, "--target-params", help="With --structure: remove units until the model has at most this many parameters.", rich_help_panel=STRUCT),
+    target_flops: Optional[float] = typer.Option(None, "--target-flops", help="With --structure: remove units until the model needs at most this many MACs per sample.", rich_help_panel=STRUCT),
+    storage: str = typer.Option("dense", "--storage", help="dense, sparse (pruned weights as sparse initializers) or auto (sparse where that is smaller).", rich_help_panel=OUTPUT),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here.", rich_help_panel=OUTPUT),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file.", rich_help_panel=OUTPUT),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
-    hessian: str = typer.Option("layerwise", "--hessian", help="layerwise (per site, default); full: one OBS over all selected weights with the network's output Hessian (Hassibi & Stork 1992); fisher: the same with the empirical Fisher of the loss (needs --labels). With full/fisher, --sparsity is a global fraction and --method is obs, obd or magnitude."),
-    alpha: float = typer.Option(1e-6, "--alpha", help="Full-network: H^-1 starts at I/alpha (Eq. 17; the paper used 1e-8..1e-4)."),
-    max_error_increase: Optional[str] = typer.Option(None, "--max-error-increase", help="Full-network: stop before the predicted error increase passes this: absolute, or N% of the current error (needs --labels)."),
-    recompute_every: Optional[int] = typer.Option(None, "--recompute-every", help="Full-network obs: rebuild H^-1 at the corrected weights every N deletions."),
-    step: int = typer.Option(1, "--step", help="Full-network obs: weights deleted together per step (1 = one at a time, as the paper)."),
-    prune_biases: bool = typer.Option(False, "--prune-biases", help="Full-network: the selected nodes' biases join the pool (the paper counts them as weights)."),
-    gradients: str = typer.Option("auto", "--gradients", help="Full-network: graph (a gradient graph), fd (finite differences) or auto (graph where every op has a rule)."),
-    save_gradient_graph: Optional[Path] = typer.Option(None, "--save-gradient-graph", help="Full-network: also write the gradient graph here."),
+    hessian: str = typer.Option("layerwise", "--hessian", help="layerwise (per site, default); full: one OBS over all selected weights with the network's output Hessian (Hassibi & Stork 1992); fisher: the same with the empirical Fisher of the loss (needs --labels). With full/fisher, --sparsity is a global fraction and --method is obs, obd or magnitude.", rich_help_panel=FULL),
+    alpha: float = typer.Option(1e-6, "--alpha", help="Full-network: H^-1 starts at I/alpha (Eq. 17; the paper used 1e-8..1e-4).", rich_help_panel=FULL),
+    max_error_increase: Optional[str] = typer.Option(None, "--max-error-increase", help="Full-network: stop before the predicted error increase passes this: absolute, or N% of the current error (needs --labels).", rich_help_panel=FULL),
+    recompute_every: Optional[int] = typer.Option(None, "--recompute-every", help="Full-network obs: rebuild H^-1 at the corrected weights every N deletions.", rich_help_panel=FULL),
+    step: int = typer.Option(1, "--step", help="Full-network obs: weights deleted together per step (1 = one at a time, as the paper).", rich_help_panel=FULL),
+    prune_biases: bool = typer.Option(False, "--prune-biases", help="Full-network: the selected nodes' biases join the pool (the paper counts them as weights).", rich_help_panel=FULL),
+    gradients: str = typer.Option("auto", "--gradients", help="Full-network: graph (a gradient graph), fd (finite differences) or auto (graph where every op has a rule).", rich_help_panel=FULL),
+    save_gradient_graph: Optional[Path] = typer.Option(None, "--save-gradient-graph", help="Full-network: also write the gradient graph here.", rich_help_panel=FULL),
 ):
     """Prune MODEL and write the pruned model to -o."""
     if report is not None and report.resolve() in (model.resolve(), output.resolve()):
@@ -65,17 +69,9 @@ def prune(
     if report is not None and not (report.parent.is_dir() and os.access(report.parent, os.W_OK)):
         raise OnnxObsError(f"cannot write the report into {report.parent}: the directory is "
                            "missing or not writable")
-    result = api.prune(
-        str(model), str(calib) if calib else None, method=method, sparsity=sparsity,
-        pattern=_pattern(pattern), scope=scope, selection=_selection(include, exclude, op_types),
-        solver=solver, block_size=block_size, damp=damp, sequential=sequential,
-        batch_size=batch_size, max_samples=max_samples, labels=labels, batching=not no_batching, device=device,
-        output=output, force=force, progress=not quiet,
-        structure=structure, target_params=target_params, target_flops=target_flops, storage=storage,
-        command="onnx-obs " + shlex.join(sys.argv[1:]), hessian=hessian,
-        full=api.FullOptions(alpha=alpha, max_error_increase=max_error_increase,
-                             recompute_every=recompute_every, step=step, prune_biases=prune_biases,
-                             gradients=gradients, save_gradient_graph=save_gradient_graph))
+    result = api.prune(str(model), str(calib) if calib else None, prune_config(ctx, config_file),
+                       output=output, force=force, progress=not quiet,
+                       command="onnx-obs " + shlex.join(sys.argv[1:]))
     data = result.report.to_dict()
     if report is not None:
         try:
@@ -85,6 +81,7 @@ def prune(
     if not quiet:
         _print_prune(data, output)
 
+
 @app.command()
 @handled
 def inspect(
@@ -93,7 +90,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """List the prunable sites of MODEL and the weights left alone."""
-    info = api.inspect(str(model), _selection(include, exclude, op_types))
+    info = api.inspect(str(model), Selection(include, exclude, parse_op_types(op_types)))
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -108,9 +105,9 @@ def evaluate(
     data: Path = typer.Option(..., "--data", help=".npz keyed by input name (or .npy for one input), batched on axis 0; or a directory of .npz (see --no-batching)."),
     no_batching: bool = NoBatchingOpt,
     labels: Optional[str] = typer.Option(None, "--labels", help="Key of the data file holding class labels (default: a key 'label' or 'labels' that is not an input)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Samples per onnxruntime run."),
+    batch_size: int = BatchSizeOpt,
     repeats: int = typer.Option(5, "--repeats", help="Timed passes per model after a warm-up; the median is reported (0: no timing)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (onnxruntime-gpu)."),
+    device: str = DeviceOpt,
     fail_under: Optional[str] = typer.Option(None, "--fail-under", help="Exit 1 when a higher-is-better metric is below its threshold: comma list of metric=value over top1_agreement (or agreement, top1), top5_agreement (top5), accuracy, cosine; e.g. agreement=0.99,accuracy=0.95."),
     fail_over: Optional[str] = typer.Option(None, "--fail-over", help="Exit 1 when a lower-is-better metric is above its threshold: relative_mse (or mse), max_abs_error (max_abs), accuracy_drop (original minus pruned accuracy); e.g. mse=0.01,accuracy_drop=0.005."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
@@ -148,12 +145,12 @@ def compare(
     pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M semi-structured sparsity instead of --sparsities, e.g. 2:4."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Key of the evaluation data holding class labels: score by accuracy (default: a key 'label' or 'labels')."),
     sequential: bool = typer.Option(False, "--sequential/--no-sequential", help="Recapture Hessians after earlier layers are pruned (as prune does by default); off: capture the original model's Hessians once and share them across all runs."),
-    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Use at most this many calibration samples."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Samples per onnxruntime run."),
+    max_samples: Optional[int] = MaxSamplesOpt,
+    batch_size: int = BatchSizeOpt,
     no_batching: bool = NoBatchingOpt,
-    solver: str = typer.Option("auto", "--solver", help="OBS solver: exact (OBC), fast (SparseGPT), or auto: exact where it costs about 2 s or less per layer, else fast with a least-squares refit of the kept weights where that costs about 2 s or less."),
-    damp: float = typer.Option(0.01, "--damp", help="Hessian damping, as a fraction of mean diag(H)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (onnxruntime-gpu)."),
+    solver: str = SolverOpt,
+    damp: float = DampOpt,
+    device: str = DeviceOpt,
     max_loss: Optional[float] = typer.Option(None, "--max-loss", help="Per method, report the highest sparsity up to which the quality loss (accuracy or top-1 agreement, absolute, e.g. 0.01 = 1 point) stays within this."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write quality vs sparsity to this PNG and an SVG beside it (needs matplotlib: pip install onnx-obs\\[plot])."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
@@ -170,7 +167,7 @@ def compare(
     if plot is not None and not plotting.available():
         err.print(f"[bold yellow]warning:[/] matplotlib is not installed, so no plot will be drawn: "
                   f"{escape(plotting.INSTALL_HINT)}", highlight=False, soft_wrap=True)
-    pat = _pattern(pattern)
+    pat = parse_pattern(pattern)
     grid = None if pat and sparsities is None else sweep.parse_sparsities(sparsities or sweep.DEFAULT_SPARSITIES)
     if eval_data is None:
         err.print("[bold yellow]warning: no --eval data: scoring on the calibration data flatters every "

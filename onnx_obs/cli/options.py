@@ -1,28 +1,62 @@
-"""Options shared by several commands, and the parsers of their values."""
+"""Options shared by several commands, each defined once, and how they become a PruneConfig.
+
+Commands list the options they take by these names (as Polygraphy's argument groups); the help
+shows them in panels. `prune_config` turns a command's parsed options into the settings object,
+starting from `--config FILE.toml` when one is given: then only the options typed on the command
+line override the file.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
-from onnx_obs import api
-from onnx_obs.errors import OnnxObsError
+from onnx_obs.config import PruneConfig, parse_op_types, parse_pattern
 
-IncludeOpt = typer.Option(None, "--include", help="Only sites whose tensor or node name matches this regex.")
-ExcludeOpt = typer.Option(None, "--exclude", help="Skip sites whose tensor or node name matches this regex.")
-OpTypesOpt = typer.Option(None, "--op-types", help="Comma-separated op types to prune, e.g. Conv,Gemm.")
-NoBatchingOpt = typer.Option(False, "--no-batching", help="Feed the arrays whole instead of slicing axis 0 into batches, for inputs not batched on axis 0 (scalars, recurrent states): one onnxruntime run per .npz of a directory (by name), per KEY__0, KEY__1, ... group of an .npz, or per plain file. Shapes are checked on every axis; samples count runs.")
+SELECT, DATA, METHOD, SOLVER = "Selection", "Calibration data", "Method", "Layer-wise OBS"
+FULL, STRUCT, OUTPUT = "Full-network OBS", "Structured removal", "Output"
+
+ConfigOpt = typer.Option(None, "--config", help="Read the settings from this TOML file (keys as the options without dashes, e.g. sparsity = 0.6, or in tables [selection], [data], [layerwise], [full], [structured]); options given on the command line override it.")
+IncludeOpt = typer.Option(None, "--include", help="Only sites whose tensor or node name matches this regex.", rich_help_panel=SELECT)
+ExcludeOpt = typer.Option(None, "--exclude", help="Skip sites whose tensor or node name matches this regex.", rich_help_panel=SELECT)
+OpTypesOpt = typer.Option(None, "--op-types", help="Comma-separated op types to prune, e.g. Conv,Gemm.", rich_help_panel=SELECT)
+NoBatchingOpt = typer.Option(False, "--no-batching", help="Feed the arrays whole instead of slicing axis 0 into batches, for inputs not batched on axis 0 (scalars, recurrent states): one onnxruntime run per .npz of a directory (by name), per KEY__0, KEY__1, ... group of an .npz, or per plain file. Shapes are checked on every axis; samples count runs.", rich_help_panel=DATA)
+BatchSizeOpt = typer.Option(32, "--batch-size", help="Samples per onnxruntime run.", rich_help_panel=DATA)
+MaxSamplesOpt = typer.Option(None, "--max-samples", help="Use at most this many calibration samples.", rich_help_panel=DATA)
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda (onnxruntime-gpu).")
+PatternOpt = typer.Option(None, "--pattern", help="N:M semi-structured sparsity, e.g. 2:4 (overrides --sparsity).", rich_help_panel=METHOD)
+SolverOpt = typer.Option("auto", "--solver", help="OBS solver: exact (OBC), fast (SparseGPT), or auto: exact where it costs about 2 s or less per layer, else fast with a least-squares refit of the kept weights where that costs about 2 s or less.", rich_help_panel=SOLVER)
+DampOpt = typer.Option(0.01, "--damp", help="Hessian damping, as a fraction of mean diag(H).", rich_help_panel=SOLVER)
+
+# A command's option (parameter name) -> (setting of PruneConfig.replace, how its value converts)
+_SETTINGS = {
+    "method": ("method", None), "sparsity": ("sparsity", None), "pattern": ("pattern", parse_pattern),
+    "scope": ("scope", None), "hessian": ("hessian", None), "storage": ("storage", None),
+    "device": ("device", None),
+    "include": ("include", None), "exclude": ("exclude", None), "op_types": ("op_types", parse_op_types),
+    "batch_size": ("batch_size", None), "max_samples": ("max_samples", None),
+    "labels": ("labels", None), "no_batching": ("batching", lambda v: not v),
+    "solver": ("solver", None), "block_size": ("block_size", None), "damp": ("damp", None),
+    "sequential": ("sequential", None),
+    "alpha": ("alpha", None), "max_error_increase": ("max_error_increase", None),
+    "recompute_every": ("recompute_every", None), "step": ("step", None),
+    "prune_biases": ("prune_biases", None), "gradients": ("gradients", None),
+    "save_gradient_graph": ("save_gradient_graph", None),
+    "structure": ("structure", None), "target_params": ("target_params", None),
+    "target_flops": ("target_flops", None),
+}
 
 
-def _selection(include, exclude, op_types) -> api.Selection:
-    ops = [o.strip() for o in op_types.split(",") if o.strip()] if op_types else None
-    return api.Selection(include, exclude, ops)
-
-
-def _pattern(text: str | None) -> tuple[int, int] | None:
-    if not text:
-        return None
-    try:
-        n, m = (int(x) for x in text.split(":"))
-    except ValueError:
-        raise OnnxObsError(f"--pattern must look like N:M (e.g. 2:4), got '{text}'") from None
-    return n, m
+def prune_config(ctx: typer.Context, config_file: Path | None, exclude: tuple[str, ...] = ()) -> PruneConfig:
+    """The settings from the command's options (and --config), leaving out `exclude`d options."""
+    base = PruneConfig.from_toml(config_file) if config_file is not None else PruneConfig()
+    overrides = {}
+    for param, value in ctx.params.items():
+        if param not in _SETTINGS or param in exclude:
+            continue
+        typed = ctx.get_parameter_source(param).name not in ("DEFAULT", "DEFAULT_MAP")
+        if config_file is None or typed:
+            name, convert = _SETTINGS[param]
+            overrides[name] = convert(value) if convert else value
+    return base.replace(**overrides)

@@ -1,7 +1,6 @@
-"""Making the written model smaller for real: structured removal of units, sparse storage at save
-time, and the cost figures (parameters, MACs, latency) that show the effect.
+"""Structured removal of whole units (neurons, channels): the model gets smaller and faster.
 
-Structured removal, one producer layer at a time in graph order (sequential, like the layer-wise
+One producer layer at a time in graph order (sequential, like the layer-wise
 pipeline: each layer's consumers are captured on the model as already shrunk):
   1. trace which columns of which consumer layers each unit feeds (graph.channels);
   2. method "obs": capture the consumers' Hessians with a constant-1 input appended (so a bias
@@ -26,66 +25,31 @@ import time
 import numpy as np
 import onnx
 
-from onnx_obs.calib import model_inputs
+from onnx_obs.algorithms.layerwise import layer_error
+from onnx_obs.algorithms.structured import Consumer, group_obs, l1_order, output_energy, plan_counts
 from onnx_obs.errors import OnnxObsError
-from onnx_obs.flops import batch_feeds, count_macs, count_params, latency_ms, resource_model
+from onnx_obs.flops import resource_model
 from onnx_obs.graph.channels import UnitGroup, read_bias, shrink, trace_units, write_bias
 from onnx_obs.graph.model_io import iter_tensors
 from onnx_obs.graph.sites import find_sites, site_matrix, write_matrix
-from onnx_obs.graph.sparse_storage import MODES as STORAGES
-from onnx_obs.graph.sparse_storage import store_sparse
-from onnx_obs.algorithms.layerwise import layer_error
-from onnx_obs.algorithms.structured import Consumer, group_obs, l1_order, output_energy, plan_counts
-from onnx_obs.runtime import Runner
+from onnx_obs.hessian.capture import capture_hessians
+from onnx_obs.strategies.context import Context
 
-STRUCTURES = ("neurons", "channels")   # the same thing: "channels" is the Conv spelling
-STRUCTURED_METHODS = ("obs", "magnitude")
 MAX_STEPS = 64   # greedy steps per layer at most: larger layers remove several units per step
 CHANNEL_BLOCKS = ((16, 128), (8, 16))   # (multiple, from how many units on): see _multiple
 
 
-def check_settings(structure, method, pattern, scope, target_params, target_flops, storage,
-                   hessian: str = "layerwise") -> None:
-    if storage not in STORAGES:
-        raise OnnxObsError(f"unknown storage '{storage}': use one of {', '.join(STORAGES)}")
-    targets = [t for t in (target_params, target_flops) if t is not None]
-    if targets and structure is None:
-        raise OnnxObsError("--target-params/--target-flops set the size of a structured prune: "
-                           "add --structure neurons (or channels)")
-    if structure is None:
-        return
-    if structure not in STRUCTURES:
-        raise OnnxObsError(f"unknown structure '{structure}': use neurons or channels")
-    if method not in STRUCTURED_METHODS:
-        raise OnnxObsError(f"--structure works with --method obs (group OBS with correction) or "
-                           f"magnitude (L1 norm of rows, no correction), not {method}")
-    if hessian != "layerwise":
-        raise OnnxObsError("--structure uses layer-wise Hessians of the consumer layers: drop "
-                           f"--hessian {hessian}")
-    if pattern is not None or scope != "layer":
-        raise OnnxObsError("--pattern and --scope global apply to single weights: drop them "
-                           "with --structure")
-    if len(targets) > 1:
-        raise OnnxObsError("give one of --target-params and --target-flops, not both")
-    if targets and not targets[0] > 0:
-        raise OnnxObsError(f"the target must be a positive number, got {targets[0]}")
-
-
-def prune_structured(loaded, cal, selection, *, method: str, sparsity: float,
-                     target_params: int | None, target_flops: float | None, damp: float,
-                     device: str, report, bar, capture) -> list:
-    """Remove units from `loaded.model` in place; fill report.structure and report.skipped.
-    Returns the sites of the shrunk model.
-
-    capture(loaded, sites, cal, device, bar, with_bias=True) -> {site name: (1, c+1, c+1) H}.
-    """
-    if damp < 0:
-        raise OnnxObsError(f"--damp must be at least 0, got {damp}")
+def run(ctx: Context) -> None:
+    """Remove units from the model in place; fill report.structure and report.skipped; leave the
+    sites of the shrunk model in ctx.sites."""
+    loaded, cal, report, bar, c = ctx.loaded, ctx.cal, ctx.report, ctx.bar, ctx.config
+    method, sparsity, damp, device = c.method, c.sparsity, c.layerwise.damp, c.device
+    target_params, target_flops = c.structured.target_params, c.structured.target_flops
     model = loaded.model
     original = onnx.ModelProto()
     original.CopyFrom(model)
     sites, _ = find_sites(model)
-    chosen = {s.name for s in sites if selection.picks(s)}
+    chosen = {s.name for s in sites if c.selection.picks(s)}
     groups, left = trace_units(model, sites, chosen)
     report.skipped += [{"name": x.name, "op_type": x.op_type, "reason": "units kept: " + x.reason}
                        for x in left]
@@ -97,7 +61,7 @@ def prune_structured(loaded, cal, selection, *, method: str, sparsity: float,
     target = target_params if target_params is not None else target_flops
     if target is not None:
         kind = "params" if target_params is not None else "macs"
-        counts = _plan(loaded, groups, cal, method, damp, device, bar, capture, target, kind, report)
+        counts = _plan(loaded, groups, cal, method, damp, device, bar, target, kind, report)
     else:
         asked = {g.producer.name: min(round(sparsity * g.units), g.units - 1) for g in groups}
         counts = {g.producer.name: _aligned(g.units, asked[g.producer.name], _multiple(g))
@@ -122,7 +86,7 @@ def prune_structured(loaded, cal, selection, *, method: str, sparsity: float,
                  "consumers": [c.site.name for c in group.consumers],
                  "predicted_error": 0.0, "measured_error": 0.0, "relative_error": 0.0}
         if method == "obs":
-            removed = _obs_step(loaded, group, n, cal, damp, device, bar, capture, entry) if n else []
+            removed = _obs_step(loaded, group, n, cal, damp, device, bar, entry) if n else []
         else:
             removed = l1_order(site_matrix(group.producer, loaded.base_dir))[0][:n]
             entry["predicted_error"] = entry["measured_error"] = entry["relative_error"] = None
@@ -132,7 +96,7 @@ def prune_structured(loaded, cal, selection, *, method: str, sparsity: float,
         report.structure.append(entry)
         bar.advance(task)
     _full_check(model, original, report)
-    return find_sites(model)[0]
+    ctx.sites = find_sites(model)[0]
 
 
 def _multiple(group: UnitGroup) -> int:
@@ -191,8 +155,8 @@ def _consumers(loaded, group: UnitGroup, hessians: dict) -> list[Consumer]:
     return out
 
 
-def _obs_step(loaded, group, n, cal, damp, device, bar, capture, entry) -> np.ndarray:
-    hessians = capture(loaded, [c.site for c in group.consumers], cal, device, bar, with_bias=True)
+def _obs_step(loaded, group, n, cal, damp, device, bar, entry) -> np.ndarray:
+    hessians = capture_hessians(loaded, [c.site for c in group.consumers], cal, device, bar, with_bias=True)
     consumers = _consumers(loaded, group, hessians)
     result = group_obs(consumers, n, damp=damp, step=math.ceil(n / MAX_STEPS))
     for c, con, W in zip(group.consumers, consumers, result.weights):
@@ -207,11 +171,11 @@ def _obs_step(loaded, group, n, cal, damp, device, bar, capture, entry) -> np.nd
     return result.order
 
 
-def _plan(loaded, groups, cal, method, damp, device, bar, capture, target, kind, report) -> dict:
+def _plan(loaded, groups, cal, method, damp, device, bar, target, kind, report) -> dict:
     """Per-layer unit counts that meet a whole-model target (see the module docstring)."""
     if method == "obs":
         consumer_sites = list({c.site.name: c.site for g in groups for c in g.consumers}.values())
-        hessians = capture(loaded, consumer_sites, cal, device, bar, with_bias=True)
+        hessians = capture_hessians(loaded, consumer_sites, cal, device, bar, with_bias=True)
     curves = []
     for g in groups:
         limit = g.units - 1
@@ -229,64 +193,3 @@ def _plan(loaded, groups, cal, method, damp, device, bar, capture, target, kind,
                             f"{target:,.0f}: nothing removed")
     counts = plan_counts(curves, resource, target, steps=[_multiple(g) for g in groups])
     return {g.producer.name: int(k) for g, k in zip(groups, counts)}
-
-
-# ---------------------------------------------------------------- storage and cost figures
-
-def apply_storage(loaded, mode: str, device: str, cal, report) -> None:
-    """Store pruned weights sparse (after validation, before writing) and check that
-    onnxruntime loads the result and computes exactly what the dense model computes."""
-    if mode == "dense":
-        return
-    sites, _ = find_sites(loaded.model)
-    names = [s.name for s in sites if s.storage == "initializer" and not s.scope]
-    dense = onnx.ModelProto()
-    dense.CopyFrom(loaded.model)
-    choices = store_sparse(loaded.model, names, mode, loaded.base_dir)
-    report.storage = [vars(c) for c in choices]
-    if not any(c.stored == "sparse" for c in choices):
-        report.notes.append(f"--storage {mode}: no weight is smaller stored sparse "
-                            "(values + int64 indices need under 1/3 density in float32)")
-        return
-    larger = [c for c in choices if c.stored == "sparse" and c.sparse_bytes >= c.dense_bytes]
-    if larger:
-        report.notes.append(
-            f"--storage sparse: {len(larger)} of the weights take more bytes sparse than dense "
-            f"({sum(c.dense_bytes for c in larger):,} -> {sum(c.sparse_bytes for c in larger):,}): "
-            "values + int64 indices are smaller only below 1/3 density in float32 (1/5 in "
-            "float16); --storage auto keeps those dense")
-    try:
-        onnx.checker.check_model(loaded.model)
-    except onnx.checker.ValidationError as e:
-        raise OnnxObsError(f"the sparse model fails onnx.checker ({str(e).splitlines()[0]}): "
-                           "use --storage dense") from e
-    runner = Runner(loaded.model, loaded.base_dir, device)
-    if cal is not None:
-        feeds = cal.batches[0]
-        same = all(np.array_equal(a, b) for a, b in
-                   zip(Runner(dense, loaded.base_dir, device).run(feeds), runner.run(feeds)))
-        if not same:
-            raise OnnxObsError("onnxruntime computes different outputs from the sparse-stored "
-                               "weights: use --storage dense")
-
-
-def measure_costs(original, loaded, cal, device: str) -> dict:
-    """Parameters, MACs and onnxruntime latency (median of repeated runs) before and after."""
-    costs = {}
-    for key, fn in (("params", lambda m: count_params(m, loaded.base_dir)["params"]),
-                    ("nonzero_params", lambda m: count_params(m, loaded.base_dir)["nonzero_params"]),
-                    ("macs", lambda m: count_macs(m)[0])):
-        costs[key] = {"before": fn(original), "after": fn(loaded.model)}
-    if cal is None:
-        return costs
-    fixed = [s.shape[0] for s in model_inputs(original) if s.shape and s.shape[0] is not None]
-    sizes = [fixed[0]] if fixed else [1, 32]
-    before = Runner(original, loaded.base_dir, device).session
-    after = Runner(loaded.model, loaded.base_dir, device).session
-    # Runs that cannot be cut into samples (no batching, scalar inputs) are timed as they are.
-    runs = ({f"batch_{size}": batch_feeds(cal.batches, size) for size in sizes} if cal.sliceable
-            else {"first_run": cal.batches[0]})
-    for key, feeds in runs.items():
-        b, a = latency_ms(before, feeds), latency_ms(after, feeds)
-        costs[f"latency_ms_{key}"] = {"before": b, "after": a, "speedup": b / a if a else None}
-    return costs

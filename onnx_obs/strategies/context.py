@@ -1,0 +1,43 @@
+"""What every strategy works on: the model being pruned, its selected sites, the data, the settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnx_obs.calib import Calibration
+from onnx_obs.config import PruneConfig
+from onnx_obs.errors import OnnxObsError
+from onnx_obs.graph.model_io import LoadedModel
+from onnx_obs.graph.sites import Site
+from onnx_obs.progress import Progress
+from onnx_obs.report import Report
+
+
+@dataclass
+class Context:
+    loaded: LoadedModel            # pruned in place
+    sites: list[Site]              # the selected sites; a strategy that reshapes the graph resets it
+    cal: Calibration | None
+    config: PruneConfig
+    report: Report
+    bar: Progress
+    force: bool = False            # overwrite existing output files (the gradient graph's too)
+    hessians: dict[str, np.ndarray] | None = None   # cache shared by non-sequential calls
+
+
+def drop_uncaptureable(ctx: Context) -> None:
+    """Keep the sites whose inputs can be captured (not inside subgraphs); list the rest as skipped."""
+    kept = []
+    for s in ctx.sites:
+        if s.captureable:
+            kept.append(s)
+        else:
+            ctx.report.skipped.append({"name": s.name, "op_type": s.op_type,
+                                       "reason": "inside a subgraph: its activations cannot be "
+                                                 "captured for a Hessian (use --method magnitude)"})
+    if not kept:
+        raise OnnxObsError("no selected site can be captured for a Hessian (all are inside "
+                           "subgraphs): use --method magnitude")
+    ctx.sites = kept

@@ -8,9 +8,8 @@ Shared preparation for every method that has an H:
   vector (as SparseGPT does) and their weights are removed first, smallest first, but only as
   many as the target needs: an input that is dead on the calibration data may be live in
   production, so the model must not change beyond the target;
-- damping adds damp * mean(diag H over live inputs) to the diagonal; should the Cholesky
-  factorisation still fail (singular H with damp=0), the damping grows tenfold until it succeeds,
-  and the value actually used is reported;
+- damping as algorithms/damping.py (damp * mean(diag H over live inputs), grown until the
+  Cholesky factorisation succeeds), the value actually used reported;
 - H with no live input at all carries no information: the layer falls back to magnitude pruning
   (solver "magnitude", predicted error 0, which is exact since E does not depend on W).
 Weights already exactly zero count as removed and stay zero. Unstructured targets count
@@ -28,6 +27,7 @@ from scipy.linalg import lapack
 
 from onnx_obs.algorithms.baselines import magnitude_scores, obd_scores, wanda_scores
 from onnx_obs.algorithms.blas_threads import blas_threads_for
+from onnx_obs.algorithms.damping import damped_cholesky, damping
 from onnx_obs.algorithms.masks import nm_mask, smallest_in_groups, smallest_overall, spread_zeros
 from onnx_obs.algorithms.obc import obc_prune
 from onnx_obs.algorithms.refit import refit_flops, refit_kept
@@ -108,21 +108,23 @@ def prune_layer(
     if dead.any():
         _remove_needed_dead(work, dead, n_zeros, pattern)
         h_diag[dead] = 0.0
-    lam = damp * float(h_diag[~dead].mean())
+    lam = damping(h_diag, damp)
     if method != "obs":
         return _baseline(work, h_diag, lam, method, n_zeros, pattern, H)
     with blas_threads_for(cols**3 / 3 + rows * cols**2):  # Cholesky + SparseGPT's products
-        L, lam = _damped_cholesky(H, dead, lam, float(h_diag.max()))
+        A = _decoupled(H, dead)
+        L, lam = damped_cholesky(A, lam, float(h_diag.max()))
         if fast:
             weight, removed, predicted = sparsegpt_prune(
                 work, L, n_zeros=n_zeros, pattern=pattern, block_size=block_size
             )
             iterations = min(REFIT_ITERATIONS, int(REFIT_MAX_FLOPS // refit_flops(rows, cols)))
             if solver == "auto" and iterations >= 3:
-                A = _damped(H, dead, lam)
+                A.flat[:: cols + 1] += lam
                 weight, predicted = refit_kept(work, weight, A, removed, iterations)
                 return LayerResult(weight, ~removed, predicted, lam, "fast+refit")
             return LayerResult(weight, ~removed, predicted, lam, "fast")
+        del A
         Hinv, _ = lapack.dpotri(L, lower=1, overwrite_c=1)
     Hinv = np.tril(Hinv) + np.tril(Hinv, -1).T
     weight, removed, predicted = obc_prune(work, Hinv, work == 0.0, n_zeros=n_zeros, pattern=pattern)
@@ -182,21 +184,9 @@ def _half_quadratic(dW: np.ndarray, H: np.ndarray) -> float:
     return 0.5 * float(np.einsum("ij,ij->", dW @ H, dW))
 
 
-def _damped_cholesky(H: np.ndarray, dead: np.ndarray, lam: float, scale: float) -> tuple[np.ndarray, float]:
-    """Lower Cholesky factor (Fortran order) of H with dead inputs decoupled and lam added to the
-    diagonal. lam grows tenfold (from at least 1e-10 * scale) until the factorisation succeeds
-    with no squared pivot below 1e-12 * scale (a numerically singular H can pass dpotrf with
-    rounding-level pivots, whose inverse would be noise)."""
-    while True:
-        L, info = lapack.dpotrf(_damped(H, dead, lam), lower=1, clean=0, overwrite_a=1)
-        if info == 0 and L.diagonal().min() ** 2 > 1e-12 * scale:
-            return L, lam
-        lam = max(10.0 * lam, 1e-10 * scale)
-
-
-def _damped(H: np.ndarray, dead: np.ndarray, lam: float) -> np.ndarray:
-    """A Fortran-order float64 copy of H with dead inputs decoupled (unit row and column) and
-    lam added to the diagonal: the matrix every OBS solver works with."""
+def _decoupled(H: np.ndarray, dead: np.ndarray) -> np.ndarray:
+    """A Fortran-order float64 copy of H with dead inputs decoupled (unit row and column): the
+    matrix every OBS solver works with, before damping."""
     A = np.array(H, dtype=np.float64, order="K")  # a plain copy in H's own memory order
     if not A.flags.f_contiguous:
         A = A.T  # H is symmetric: its transpose view is the same matrix in Fortran order
@@ -204,7 +194,6 @@ def _damped(H: np.ndarray, dead: np.ndarray, lam: float) -> np.ndarray:
         A[dead, :] = 0.0
         A[:, dead] = 0.0
         A[dead, dead] = 1.0
-    A.flat[:: A.shape[0] + 1] += lam
     return A
 
 

@@ -14,7 +14,7 @@ quadratic, the final weights are the least-squares optimum over the remaining co
 order; the order decides which units go. A consumer may carry its bias as a last column of W whose
 input is constant 1: it belongs to no unit, so it is corrected and never removed.
 
-Pure numpy: the graph side (which columns a unit feeds) lives in onnx_obs.graph.channels.
+Pure numpy: the graph side (which columns a unit feeds) lives in onnx_obs.graph.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnx_obs.errors import OnnxObsError
+from onnx_obs.algorithms.damping import damped_cholesky, damping
 
 
 @dataclass
@@ -43,22 +43,11 @@ class UnitRemoval:
 
 
 def damped_inverse(H: np.ndarray, damp: float) -> tuple[np.ndarray, float]:
-    """(H + lambda I)^-1 with lambda = damp * mean of the non-zero diag(H) (as the unstructured
-    pipeline), grown tenfold until positive definite (an all-zero H, whose layer output ignores
-    W, gets lambda = 1)."""
+    """(H + lambda I)^-1 with lambda as algorithms/damping.py (an all-zero H, whose layer output
+    ignores W, gets lambda = 1)."""
     diag = np.diag(H)
-    mean = float(diag[diag > 0].mean()) if np.any(diag > 0) else 0.0
-    lam = damp * mean if mean > 0 else 1.0
-    eye = np.eye(len(H))
-    for _ in range(12):
-        try:
-            L = np.linalg.cholesky(H + lam * eye)
-            break
-        except np.linalg.LinAlgError:
-            lam = lam * 10 if lam > 0 else 1e-8 * max(mean, 1.0)
-    else:
-        raise OnnxObsError("a consumer's Hessian stays singular after damping: raise --damp")
-    Li = np.linalg.inv(L)
+    L, lam = damped_cholesky(H, damping(diag, damp) if np.any(diag > 0) else 1.0, float(diag.max()))
+    Li = np.linalg.inv(np.tril(L))
     return Li.T @ Li, lam
 
 
@@ -163,7 +152,7 @@ def plan_counts(curves: list[np.ndarray], resource: Callable[[np.ndarray], float
             if score < best_score:
                 best, best_score, best_value = layer, score, value
         if best < 0:
-            raise OnnxObsError(f"the target cannot be reached by removing units: the smallest "
+            raise ValueError(f"the target cannot be reached by removing units: the smallest "
                                f"model they leave still has {current:,.0f}; raise the target")
         counts[best] += steps[best]
         current = best_value

@@ -191,5 +191,8 @@ def _plan(loaded, groups, cal, method, damp, device, bar, target, kind, report) 
     if start <= target:
         report.notes.append(f"the model already has {start:,.0f} {kind}, within the target "
                             f"{target:,.0f}: nothing removed")
-    counts = plan_counts(curves, resource, target, steps=[_multiple(g) for g in groups])
+    try:
+        counts = plan_counts(curves, resource, target, steps=[_multiple(g) for g in groups])
+    except ValueError as e:   # the target is out of reach
+        raise OnnxObsError(str(e)) from e
     return {g.producer.name: int(k) for g, k in zip(groups, counts)}

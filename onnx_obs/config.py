@@ -16,13 +16,12 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from onnx_obs.algorithms.layerwise import METHODS, SOLVERS
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.sites import Site
 from onnx_obs.graph.sparse_storage import MODES as STORAGES
 
-METHODS = ("obs", "obd", "wanda", "magnitude")
 SCOPES = ("layer", "global")
-SOLVERS = ("auto", "exact", "fast")
 HESSIANS = ("layerwise", "full", "fisher")
 FULL_METHODS = ("obs", "obd", "magnitude")
 GRADIENTS = ("auto", "graph", "fd")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import lapack
 
-from onnx_obs.algorithms.baselines import magnitude_scores, obd_scores, wanda_scores
+from onnx_obs.algorithms.baselines import SCORES
 from onnx_obs.algorithms.blas_threads import blas_threads_for
 from onnx_obs.algorithms.damping import damped_cholesky, damping
 from onnx_obs.algorithms.masks import nm_mask, smallest_in_groups, smallest_overall, spread_zeros
@@ -33,7 +33,7 @@ from onnx_obs.algorithms.obc import obc_prune
 from onnx_obs.algorithms.refit import refit_flops, refit_kept
 from onnx_obs.algorithms.sparsegpt import sparsegpt_prune
 
-METHODS = ("obs", "obd", "wanda", "magnitude")
+METHODS = ("obs", *SCORES)   # OBS with correction, then the no-correction baselines
 SOLVERS = ("auto", "exact", "fast")
 
 # solver="auto" uses the exact solver while rows * cols^3 (its full greedy trace: every row, every
@@ -151,12 +151,7 @@ def layer_error(W_old: np.ndarray, W_new: np.ndarray, H: np.ndarray) -> float:
 def _baseline(work, h_diag, lam, method, n_zeros, pattern, H=None) -> LayerResult:
     """Remove weights by a baseline score, without correcting the others."""
     forced = work == 0.0
-    if method == "magnitude":
-        scores = magnitude_scores(work)
-    elif method == "obd":
-        scores = obd_scores(work, h_diag)
-    else:
-        scores = wanda_scores(work, h_diag)
+    scores = SCORES[method](work, h_diag)
     if pattern is not None:
         removed = nm_mask(scores, forced, *pattern)
     elif method == "wanda":

@@ -1,3 +1,13 @@
-"""onnx-obs: prune ONNX models with Optimal Brain Surgeon."""
+"""onnx-obs: prune ONNX models with Optimal Brain Surgeon.
+
+    import onnx_obs
+    model, report = onnx_obs.prune("model.onnx", "calib.npz", sparsity=0.6)
+    model, report = onnx_obs.prune("model.onnx", "calib.npz", onnx_obs.PruneConfig(method="obd"))
+"""
 
 __version__ = "0.1.0"
+
+from onnx_obs.api import PruneResult, inspect, prune  # noqa: E402
+from onnx_obs.config import PruneConfig  # noqa: E402
+
+__all__ = ["PruneConfig", "PruneResult", "__version__", "inspect", "prune"]

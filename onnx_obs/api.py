@@ -29,6 +29,10 @@ class PruneResult:
     model: onnx.ModelProto
     report: Report
 
+    def __iter__(self):
+        """`model, report = prune(...)`."""
+        return iter((self.model, self.report))
+
 
 def prune(model, calib=None, config: PruneConfig | None = None, *, output: str | Path | None = None,
           force: bool = False, progress: bool = False, command: str = "",

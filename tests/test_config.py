@@ -103,3 +103,14 @@ def test_layerwise_settings_refused_before_work(cli, tmp_path, mlp_path, mlp_cal
     out = tmp_path / "out.onnx"
     assert_one_line_error(cli(*prune_args(mlp_path, out, "--calib", mlp_calib, *flags)), *words)
     assert not out.exists()
+
+
+def test_top_level_api(mlp_path, mlp_calib):
+    import onnx_obs
+
+    model, report = onnx_obs.prune(str(mlp_path), str(mlp_calib), onnx_obs.PruneConfig(method="obd"),
+                                   max_samples=32)
+    again = api.prune(str(mlp_path), str(mlp_calib), method="obd", max_samples=32)
+    assert model.SerializeToString() == again.model.SerializeToString()
+    assert report.method == "obd" and report.calibration_samples == 32
+    assert onnx_obs.inspect is api.inspect  # the function, not a module

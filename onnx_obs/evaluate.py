@@ -229,9 +229,9 @@ def _batch_is_free(runner: Runner) -> bool:
 
 def weight_sparsity(model) -> float:
     """Fraction of exact zeros among the prunable weights (the sites) of `model`."""
-    sites = api.inspect(model)["sites"]
-    total = sum(s["params"] for s in sites)
-    return sum(s["params"] * s["sparsity"] for s in sites) / total if total else 0.0
+    sites = api.inspect(model).sites
+    total = sum(s.params for s in sites)
+    return sum(s.params * s.sparsity for s in sites) / total if total else 0.0
 
 
 def parse_thresholds(text: str | None, flag: str) -> dict[str, float]:

@@ -95,7 +95,7 @@ def inspect(
     """List the prunable sites of MODEL and the weights left alone."""
     info = api.inspect(str(model), _selection(include, exclude, op_types))
     if as_json:
-        typer.echo(json.dumps(info, indent=2))
+        typer.echo(json.dumps(info.to_dict(), indent=2))
         return
     _print_inspect(info)
 

@@ -8,6 +8,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from onnx_obs.cli.app import out
+from onnx_obs.inspection import Inspection
 
 def _print_prune(d: dict, output: Path) -> None:
     t = Table(title=f"{d['method']} pruning", title_justify="left")
@@ -65,24 +66,23 @@ def _print_costs(d: dict) -> None:
         out.print(f"storage  {len(sparse)} of {len(d['storage'])} pruned weights stored sparse "
                   f"({sum(s['dense_bytes'] for s in sparse):,} -> {sum(s['sparse_bytes'] for s in sparse):,} bytes)")
 
-def _print_inspect(info: dict) -> None:
-    t = Table(title=f"{info['model']}  (opset {info['opset']})", title_justify="left")
+def _print_inspect(info: Inspection) -> None:
+    t = Table(title=f"{info.model}  (opset {info.opset})", title_justify="left")
     for col in ("site", "op", "ONNX shape", "2-D shape", "params", "sparsity", "dtype", "location"):
         t.add_column(col, justify="right" if col in ("params", "sparsity") else "left")
-    for s in info["sites"]:
-        t.add_row(s["name"], s["op"], str(s["onnx_shape"]), "x".join(map(str, s["matrix_shape"])),
-                  f"{s['params']:,}", f"{s['sparsity']:.1%}", s["dtype"],
-                  s["location"] + (", graph input" if s["graph_input"] else ""))
+    for s in info.sites:
+        t.add_row(s.name, s.op, str(s.onnx_shape), "x".join(map(str, s.matrix_shape)),
+                  f"{s.params:,}", f"{s.sparsity:.1%}", s.dtype,
+                  s.location + (", graph input" if s.graph_input else ""))
     out.print(t)
-    tot = info["totals"]
-    out.print(f"{tot['sites']} sites, {tot['site_params']:,} prunable of {tot['model_params']:,} "
-              f"parameters, file {_size(tot['file_size'])}")
-    inputs = sum(s["graph_input"] for s in info["sites"])
+    out.print(f"{len(info.sites)} sites, {info.site_params:,} prunable of {info.model_params:,} "
+              f"parameters, file {_size(info.file_size)}")
+    inputs = sum(s.graph_input for s in info.sites)
     if inputs:
         out.print(f"note     sites that are also graph inputs (a caller may override them): {inputs}; "
                   "prune skips them unless --include names them", highlight=False)
-    for k in info["skipped"]:
-        out.print(escape(f"skipped  {k['name']} ({k['op_type']}): {k['reason']}"), highlight=False)
+    for k in info.skipped:
+        out.print(escape(f"skipped  {k.name} ({k.op_type}): {k.reason}"), highlight=False)
 
 
 def _print_evaluate(r: dict, checks: list[dict]) -> None:

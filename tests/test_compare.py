@@ -2,6 +2,7 @@
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 
 from onnx_obs import api
 from onnx_obs.cli import app
-from onnx_obs.compare import compare, highest_within, parse_sparsities
+from onnx_obs.compare import CompareRow, compare, highest_within, parse_sparsities
 from onnx_obs.errors import OnnxObsError
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -93,10 +94,15 @@ def test_parse_sparsities_rejects(text):
         parse_sparsities(text)
 
 
+def row(method: str, sparsity: float, loss: float) -> CompareRow:
+    return CompareRow(method, sparsity, pattern=None, weight_sparsity=sparsity, output="y",
+                      relative_mse=0.0, cosine=1.0, seconds=0.0, loss=loss)
+
+
 def test_highest_within_stops_at_the_first_excess():
-    rows = [{"method": "m", "sparsity": s, "loss": l} for s, l in [(0.5, 0.02), (0.1, 0.0), (0.3, 0.01), (0.7, 0.005)]]
-    rows.append({"method": "n", "sparsity": 0.1, "loss": 0.5})
-    got = highest_within(rows, ["m", "n"], 0.01)["per_method"]
+    rows = [row("m", s, l) for s, l in [(0.5, 0.02), (0.1, 0.0), (0.3, 0.01), (0.7, 0.005)]]
+    rows.append(row("n", 0.1, 0.5))
+    got = asdict(highest_within(rows, ["m", "n"], 0.01))["per_method"]
     assert got == {"m": {"sparsity": 0.3, "loss": 0.01}, "n": {"sparsity": None, "loss": None}}
 
 
@@ -135,14 +141,14 @@ def test_found_label_key_without_class_scores_is_not_an_error(tmp_path):
     from test_evaluate import regression_data
     path, data = regression_data(tmp_path)
     d = compare(str(path), str(data), methods=["magnitude"], sparsities=[0.5], eval_data=str(data))
-    assert d["labels"] is None and d["metric"] == "relative_mse" and "accuracy" not in d["rows"][0]
-    assert "not used as labels" in d["notes"][0]
+    assert d.labels is None and d.metric == "relative_mse" and "accuracy" not in d.rows[0].to_dict()
+    assert "not used as labels" in d.notes[0]
 
 
 def test_pattern_sets_the_sparsity():
     d = compare(str(MLP), str(CALIB), methods=["magnitude"], sparsities=None, pattern=(2, 4),
                 eval_data=str(EVAL))
-    assert [(r["sparsity"], r["pattern"], r["weight_sparsity"]) for r in d["rows"]] == [(0.5, "2:4", 0.5)]
+    assert [(r.sparsity, r.pattern, r.weight_sparsity) for r in d.rows] == [(0.5, "2:4", 0.5)]
     with pytest.raises(OnnxObsError, match="drop --sparsities"):
         compare(str(MLP), str(CALIB), methods=["magnitude"], sparsities=[0.5], pattern=(2, 4))
 

@@ -60,35 +60,35 @@ def expected(changed, data):
 
 def test_identical_models_agree_exactly(data):
     r = evaluate(str(MLP), str(MLP), str(EVAL), repeats=1)
-    out = r["outputs"]["logits"]
+    out = r.outputs["logits"]
     assert out["relative_mse"] == 0 and out["max_abs_error"] == 0
     assert out["cosine"] == pytest.approx(1.0, abs=1e-12)
     assert out["top1_agreement"] == 1.0 and out["top5_agreement"] == 1.0
     x, y = data
     direct = np.mean(logits(MLP, x).argmax(1) == y)
-    assert r["original"]["accuracy"] == r["pruned"]["accuracy"] == pytest.approx(direct)
-    assert r["labels"] == "label" and "using key 'label'" in r["notes"][0]
-    assert r["samples"] == 450
-    assert r["original"]["file_size"] == MLP.stat().st_size
-    for model in ("original", "pruned"):
-        lat = r[model]["latency_ms"]
-        assert lat["pass_ms"] > 0 and lat["batch1_ms"] > 0
+    assert r.original.accuracy == r.pruned.accuracy == pytest.approx(direct)
+    assert r.labels == "label" and "using key 'label'" in r.notes[0]
+    assert r.samples == 450
+    assert r.original.file_size == MLP.stat().st_size
+    for model in (r.original, r.pruned):
+        lat = model.latency_ms
+        assert lat.pass_ms > 0 and lat.batch1_ms > 0
 
 
 def test_one_changed_weight_matches_numpy(changed, expected):
     r = evaluate(str(MLP), str(changed), str(EVAL), batch_size=50, repeats=0)
-    out = r["outputs"]["logits"]
+    out = r.outputs["logits"]
     for key in ("relative_mse", "max_abs_error", "cosine", "top1_agreement", "top5_agreement"):
         assert out[key] == pytest.approx(expected[key], rel=1e-6), key
     assert out["relative_mse"] > 0 and expected["top1_agreement"] < 1  # the change shows
-    assert r["original"]["accuracy"] == pytest.approx(expected["accuracy_original"])
-    assert r["pruned"]["accuracy"] == pytest.approx(expected["accuracy_pruned"])
-    assert r["original"]["latency_ms"] is None and r["batch_size"] == 50
+    assert r.original.accuracy == pytest.approx(expected["accuracy_original"])
+    assert r.pruned.accuracy == pytest.approx(expected["accuracy_pruned"])
+    assert r.original.latency_ms is None and r.batch_size == 50
 
 
 def test_no_labels_without_a_label_key():
     r = evaluate(str(MLP), str(MLP), str(CALIB), repeats=0)
-    assert r["labels"] is None and r["original"]["accuracy"] is None and r["notes"] == []
+    assert r.labels is None and r.original.accuracy is None and r.notes == []
 
 
 def regression_data(tmp_path):
@@ -108,8 +108,8 @@ def regression_data(tmp_path):
 def test_found_label_key_without_class_scores_is_not_an_error(tmp_path):
     path, data = regression_data(tmp_path)
     r = evaluate(str(path), str(path), str(data), repeats=0)
-    assert r["labels"] is None and r["original"]["accuracy"] is None
-    assert "not used as labels" in r["notes"][0] and r["outputs"]["y"]["relative_mse"] == 0
+    assert r.labels is None and r.original.accuracy is None
+    assert "not used as labels" in r.notes[0] and r.outputs["y"]["relative_mse"] == 0
     with pytest.raises(OnnxObsError, match="drop --labels"):   # named: still an error
         evaluate(str(path), str(path), str(data), labels="label", repeats=0)
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from onnx_obs import api
 from onnx_obs.calib import load_calibration
 from onnx_obs.errors import OnnxObsError
-from onnx_obs.evaluate import Quality, data_keys, detect_labels, label_note, measure, open_model
+from onnx_obs.evaluate import Quality, data_keys, detect_labels, label_note, measure
+from onnx_obs.graph.model_io import load_any
 from onnx_obs.progress import Progress
 from onnx_obs.runtime import Runner
 
@@ -134,7 +135,7 @@ def compare(model, calib, *, methods: list[str], sparsities: list[float] | None,
         raise OnnxObsError("no sparsities to compare: pass --sparsities")
     if max_loss is not None and max_loss < 0:
         raise OnnxObsError(f"--max-loss must be at least 0, got {max_loss}")
-    loaded = open_model(model)
+    loaded = load_any(model)
     notes = []
     cal = load_calibration(calib, loaded.model, batch_size=batch_size, max_samples=max_samples,
                            labels_key=_own_labels(calib, loaded.model, labels), batching=batching)

@@ -17,7 +17,7 @@ import onnx
 from onnx_obs import api
 from onnx_obs.calib import RUN_KEY, Calibration, load_calibration, model_inputs
 from onnx_obs.errors import OnnxObsError
-from onnx_obs.graph.model_io import LoadedModel, from_proto, load_model
+from onnx_obs.graph.model_io import load_any
 from onnx_obs.metrics import compare_runs, is_classifier_like, top1_correct
 from onnx_obs.progress import Progress
 from onnx_obs.runtime import Runner
@@ -98,7 +98,7 @@ def evaluate(original, pruned, data, *, labels: str | None = None, batch_size: i
     """
     if repeats < 0:
         raise OnnxObsError(f"--repeats must be at least 0, got {repeats}")
-    ref_model, cand_model = open_model(original), open_model(pruned)
+    ref_model, cand_model = load_any(original), load_any(pruned)
     _check_same_interface(ref_model.model, cand_model.model)
     notes = []
     detected = labels is None
@@ -126,10 +126,6 @@ def evaluate(original, pruned, data, *, labels: str | None = None, batch_size: i
         data=cal.source, samples=cal.num_samples, labels=labels, batching=cal.batched,
         batch_size=len(next(iter(cal.batches[0].values()))) if cal.sliceable else None,
         repeats=repeats, device=ref.provider, notes=notes)
-
-
-def open_model(model) -> LoadedModel:
-    return from_proto(model) if isinstance(model, onnx.ModelProto) else load_model(model)
 
 
 def detect_labels(data, model: onnx.ModelProto) -> str | None:

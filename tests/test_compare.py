@@ -163,3 +163,13 @@ def test_user_errors_are_one_line(args, message):
                                    "--sparsities", "0.5", *args])
     assert res.exit_code == 2 and message in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_a_callers_model_proto_is_not_changed():
+    from graphs import randn
+    from test_evaluate import sparse_model
+    model, sparsity = sparse_model()   # over half zeros already in each weight
+    before = model.SerializeToString()
+    d = compare(model, {"x": randn([8, 16], 5)}, methods=["magnitude"], sparsities=[0.5])
+    assert model.SerializeToString() == before
+    assert d.model == "<proto>" and d.rows[0].weight_sparsity == pytest.approx(sparsity)

@@ -178,3 +178,27 @@ def test_parse_thresholds_aliases():
     assert parse_thresholds("mse=1e-3,accuracy_drop=0.01", "--fail-over") == {
         "relative_mse": 1e-3, "accuracy_drop": 0.01}
     assert parse_thresholds(None, "--fail-over") == {}
+
+
+def sparse_model() -> tuple[onnx.ModelProto, float]:
+    """Two MatMuls whose weights are sparse initializers (as prune --storage sparse writes), and
+    the fraction of zeros among their weights."""
+    from test_sparse_storage import pruned_weight, two_layer
+
+    from onnx_obs.graph.sparse_storage import store_sparse
+    w1, w2 = pruned_weight([16, 12], 0.3), pruned_weight([12, 5], 0.5, seed=3)
+    model = two_layer(w1, w2)
+    store_sparse(model, ["W1", "W2"], "sparse")
+    assert len(model.graph.sparse_initializer) == 2
+    zeros = np.sum(w1 == 0) + np.sum(w2 == 0)
+    return model, zeros / (w1.size + w2.size)
+
+
+def test_a_callers_model_proto_is_not_changed():
+    from graphs import randn
+    model, sparsity = sparse_model()
+    before = model.SerializeToString()
+    r = evaluate(model, model, {"x": randn([8, 16], 5)}, repeats=0)
+    assert model.SerializeToString() == before
+    assert r.outputs["y"]["relative_mse"] == 0 and r.original.model == "<proto>"
+    assert r.original.weight_sparsity == pytest.approx(sparsity)

@@ -186,7 +186,7 @@ def compare(model, calib, *, methods: list[str], sparsities: list[float] | None,
         device=ref.provider,
         rows=rows,
         max_loss=None if max_loss is None else highest_within(rows, methods, max_loss),
-        notes=notes)
+        notes=notes + list(dict.fromkeys(cal.notes + ecal.notes)))
 
 
 def _own_labels(calib, model, labels: str | None) -> str | None:

@@ -125,7 +125,7 @@ def evaluate(original, pruned, data, *, labels: str | None = None, batch_size: i
         outputs=quality.outputs, label_output=quality.label_output,
         data=cal.source, samples=cal.num_samples, labels=labels, batching=cal.batched,
         batch_size=len(next(iter(cal.batches[0].values()))) if cal.sliceable else None,
-        repeats=repeats, device=ref.provider, notes=notes)
+        repeats=repeats, device=ref.provider, notes=notes + cal.notes)
 
 
 def detect_labels(data, model: onnx.ModelProto) -> str | None:

@@ -145,6 +145,16 @@ def test_found_label_key_without_class_scores_is_not_an_error(tmp_path):
     assert "not used as labels" in d.notes[0]
 
 
+def test_a_lone_array_under_another_key_is_used_with_a_note(tmp_path):
+    with np.load(CALIB) as z:
+        np.savez(tmp_path / "x.npz", z["input"][:64])   # key arr_0; the model's input is 'input'
+    d = compare(str(MLP), str(tmp_path / "x.npz"), methods=["magnitude"], sparsities=[0.5])
+    note = (f"{tmp_path / 'x.npz'}: key 'arr_0' is not an input name: its array was fed to the "
+            "model's only input 'input'")
+    assert d.notes.count(note) == 1   # once, though the file is read for calibration and scoring
+    assert d.calibration.samples == d.eval.samples == 64
+
+
 def test_pattern_sets_the_sparsity():
     d = compare(str(MLP), str(CALIB), methods=["magnitude"], sparsities=None, pattern=(2, 4),
                 eval_data=str(EVAL))

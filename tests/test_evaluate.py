@@ -114,6 +114,17 @@ def test_found_label_key_without_class_scores_is_not_an_error(tmp_path):
         evaluate(str(path), str(path), str(data), labels="label", repeats=0)
 
 
+def test_a_lone_array_under_another_key_is_used_with_a_note(tmp_path, data):
+    x, _ = data
+    np.savez(tmp_path / "x.npz", x)                     # key arr_0; the model's input is 'input'
+    note = (f"{tmp_path / 'x.npz'}: key 'arr_0' is not an input name: its array was fed to the "
+            "model's only input 'input'")
+    r = evaluate(str(MLP), str(MLP), str(tmp_path / "x.npz"), repeats=0)
+    assert r.notes == [note] and r.samples == len(x)
+    res = run(MLP, "--data", tmp_path / "x.npz")   # (a long path may be folded: the note's end)
+    assert res.exit_code == 0 and note.split(": ", 1)[1] in " ".join(res.stdout.split())
+
+
 def test_cli_notes_are_printed_verbatim(tmp_path):
     path, data = regression_data(tmp_path)   # the note holds "[batch, classes]", not markup
     res = CliRunner().invoke(app, ["evaluate", str(path), str(path), "--data", str(data),

@@ -15,7 +15,7 @@ import zipfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,7 @@ class Calibration:
     labels: np.ndarray | None = None
     source: str = "arrays"
     batched: bool = True
+    notes: list[str] = field(default_factory=list)  # what the user should know about the data
 
     def __iter__(self):
         return iter(self.batches)
@@ -87,12 +88,13 @@ def load_calibration(source, model: onnx.ModelProto, *, batch_size: int = 32,
     False feeds every run whole, checks every axis, and counts runs as samples (max_samples too).
     """
     specs = model_inputs(model)
+    notes: list[str] = []
     if batch_size < 1:
         raise OnnxObsError(f"--batch-size must be at least 1, got {batch_size}")
     if max_samples is not None and max_samples < 1:
         raise OnnxObsError(f"--max-samples must be at least 1, got {max_samples}")
     if isinstance(source, (str, os.PathLike)):
-        parts, name = _read_path(Path(source), specs, labels_key), str(source)
+        parts, name = _read_path(Path(source), specs, labels_key, notes), str(source)
     elif isinstance(source, Mapping):
         parts, name = _runs(dict(source), "", specs, labels_key), "arrays"
     elif hasattr(source, "get_next"):
@@ -102,18 +104,32 @@ def load_calibration(source, model: onnx.ModelProto, *, batch_size: int = 32,
     else:
         raise OnnxObsError(f"unsupported calibration source of type {type(source).__name__}: "
                            "pass an .npz/.npy path, a dict of arrays or a CalibrationDataReader")
-    return _from_parts(parts, specs, batch_size, max_samples, labels_key, name, batching)
+    cal = _from_parts(parts, specs, batch_size, max_samples, labels_key, name, batching)
+    cal.notes = list(dict.fromkeys(notes))  # once for all files of a directory
+    return cal
 
 
-def _read_path(path: Path, specs, labels_key) -> list[tuple[str, dict]]:
-    """(where, arrays) per run group: one per .npz of a directory (by name), or of the file."""
-    if not path.is_dir():
-        return _runs(_read_file(path, specs), "", specs, labels_key)
-    files = sorted(path.glob("*.npz"))
+def _read_path(path: Path, specs, labels_key, notes: list[str]) -> list[tuple[str, dict]]:
+    """(where, arrays) per run group: one per .npz of a directory (by name), or of the file.
+
+    A model with one input is fed the lone array of an .npz whatever its key (np.savez(f, x)
+    names it arr_0), with a note in `notes`.
+    """
+    in_dir = path.is_dir()
+    files = sorted(path.glob("*.npz")) if in_dir else [path]
     if not files:
         raise OnnxObsError(f"calibration directory {path} holds no .npz files: put one .npz per "
                            "run in it, keyed by input name")
-    return [run for f in files for run in _runs(_read_file(f, specs), f.name, specs, labels_key)]
+    parts = []
+    for f in files:
+        arrays = _read_file(f, specs)
+        if len(specs) == 1 and len(arrays) == 1 and specs[0].name not in arrays:
+            (key, array), = arrays.items()
+            notes.append(f"{path}: key '{key}' is not an input name: its array was fed to the "
+                         f"model's only input '{specs[0].name}'")
+            arrays = {specs[0].name: array}
+        parts += _runs(arrays, f.name if in_dir else "", specs, labels_key)
+    return parts
 
 
 def _runs(arrays: dict, where: str, specs, labels_key) -> list[tuple[str, dict]]:
@@ -159,8 +175,6 @@ def _read_file(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
                            "(expected an .npz of arrays keyed by input name, or an .npy)") from e
     if not isinstance(arrays, dict) or not arrays:
         raise OnnxObsError(f"calibration file {path} holds no arrays")
-    if len(specs) == 1 and len(arrays) == 1 and specs[0].name not in arrays:
-        arrays = {specs[0].name: next(iter(arrays.values()))}
     return arrays
 
 

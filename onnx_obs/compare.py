@@ -4,16 +4,83 @@ removes the most weights for the same loss of quality."""
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from onnx_obs import api
 from onnx_obs.calib import load_calibration
 from onnx_obs.errors import OnnxObsError
-from onnx_obs.evaluate import data_keys, detect_labels, label_note, measure, open_model
+from onnx_obs.evaluate import Quality, data_keys, detect_labels, label_note, measure
+from onnx_obs.graph.model_io import load_any
 from onnx_obs.progress import Progress
 from onnx_obs.runtime import Runner
 
 DEFAULT_SPARSITIES = "0.1:0.9:0.1"
+
+
+@dataclass
+class CompareRow:
+    """One method at one sparsity, scored against the original model."""
+    method: str
+    sparsity: float
+    pattern: str | None       # "N:M"
+    weight_sparsity: float    # the fraction of zeros reached among the sites' weights
+    output: str               # the output scored
+    relative_mse: float
+    cosine: float
+    seconds: float
+    top1_agreement: float | None = None  # with class scores
+    accuracy: float | None = None        # with labels
+    loss: float | None = None            # of the sweep's metric: set once its baseline is known
+
+    def to_dict(self) -> dict:
+        """As JSON: top1_agreement and accuracy only where measured."""
+        return {k: v for k, v in asdict(self).items()
+                if v is not None or k not in ("top1_agreement", "accuracy")}
+
+
+@dataclass
+class Reach:
+    """The highest sparsity within a loss, and its loss (both None when even the lowest
+    sparsity loses more)."""
+    sparsity: float | None
+    loss: float | None
+
+
+@dataclass
+class HighestWithin:
+    max_loss: float
+    per_method: dict[str, Reach]
+
+
+@dataclass
+class DataUsed:
+    source: str
+    samples: int              # runs without batching
+
+
+@dataclass
+class EvalDataUsed(DataUsed):
+    is_calibration: bool      # no held-out data: scored on the calibration data
+
+
+@dataclass
+class Comparison:
+    model: str                # the path, or "<proto>"
+    calibration: DataUsed
+    eval: EvalDataUsed
+    labels: str | None        # the key of the evaluation data holding the labels used
+    output: str               # the output scored
+    metric: str               # accuracy, top1_agreement or relative_mse: what loss is of
+    baseline: float           # the original model's value of `metric`
+    settings: dict            # the sweep's settings, as given
+    device: str
+    rows: list[CompareRow]    # by method, then sparsity
+    max_loss: HighestWithin | None
+    notes: list[str]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "rows": [r.to_dict() for r in self.rows]}
 
 
 def parse_sparsities(text: str) -> list[float]:
@@ -50,7 +117,7 @@ def compare(model, calib, *, methods: list[str], sparsities: list[float] | None,
             sequential: bool = False, max_samples: int | None = None, batch_size: int = 32,
             solver: str = "auto", block_size: int = 128, damp: float = 0.01,
             device: str = "auto", max_loss: float | None = None, progress: bool = False,
-            batching: bool = True) -> dict:
+            batching: bool = True) -> Comparison:
     """Prune `model` with every method at every sparsity and score each result on `eval_data`
     (the calibration data when None) against the original model.
 
@@ -68,7 +135,7 @@ def compare(model, calib, *, methods: list[str], sparsities: list[float] | None,
         raise OnnxObsError("no sparsities to compare: pass --sparsities")
     if max_loss is not None and max_loss < 0:
         raise OnnxObsError(f"--max-loss must be at least 0, got {max_loss}")
-    loaded = open_model(model)
+    loaded = load_any(model)
     notes = []
     cal = load_calibration(calib, loaded.model, batch_size=batch_size, max_samples=max_samples,
                            labels_key=_own_labels(calib, loaded.model, labels), batching=batching)
@@ -95,34 +162,31 @@ def compare(model, calib, *, methods: list[str], sparsities: list[float] | None,
                                    hessians=cache, batching=batching)
                 quality = measure(ref, Runner(result.model, loaded.base_dir, device), ecal,
                                   labels_required=labels is not None)
-                baseline = quality["accuracy"][0]
+                baseline = quality.accuracy[0]
                 rows.append(_row(method, sparsity, pattern, result, quality))
                 bar.advance(task)
     if labels is None and eval_labels is not None:
         notes.insert(0, label_note(eval_labels, quality, "evaluation data"))
-        eval_labels = eval_labels if quality["label_output"] else None
-    metric = "accuracy" if eval_labels else "top1_agreement" if "top1_agreement" in rows[0] else "relative_mse"
+        eval_labels = eval_labels if quality.label_output else None
+    metric = ("accuracy" if eval_labels else
+              "top1_agreement" if rows[0].top1_agreement is not None else "relative_mse")
     best = {"accuracy": baseline, "top1_agreement": 1.0, "relative_mse": 0.0}[metric]
     for r in rows:
-        r["loss"] = r[metric] - best if metric == "relative_mse" else best - r[metric]
-    return {
-        "model": str(loaded.path) if loaded.path else "<proto>",
-        "calibration": {"source": cal.source, "samples": cal.num_samples},
-        "eval": {"source": ecal.source, "samples": ecal.num_samples,
-                 "is_calibration": eval_data is None},
-        "labels": eval_labels,
-        "output": rows[0]["output"],
-        "metric": metric,
-        "baseline": best,
-        "settings": {"pattern": f"{pattern[0]}:{pattern[1]}" if pattern else None,
-                     "sequential": sequential, "hessians_shared": not sequential,
-                     "solver": solver, "block_size": block_size, "damp": damp,
-                     "batch_size": batch_size, "max_samples": max_samples, "batching": batching},
-        "device": ref.provider,
-        "rows": rows,
-        "max_loss": None if max_loss is None else highest_within(rows, methods, max_loss),
-        "notes": notes,
-    }
+        value = getattr(r, metric)
+        r.loss = value - best if metric == "relative_mse" else best - value
+    return Comparison(
+        model=str(loaded.path) if loaded.path else "<proto>",
+        calibration=DataUsed(cal.source, cal.num_samples),
+        eval=EvalDataUsed(ecal.source, ecal.num_samples, is_calibration=eval_data is None),
+        labels=eval_labels, output=rows[0].output, metric=metric, baseline=best,
+        settings={"pattern": f"{pattern[0]}:{pattern[1]}" if pattern else None,
+                  "sequential": sequential, "hessians_shared": not sequential,
+                  "solver": solver, "block_size": block_size, "damp": damp,
+                  "batch_size": batch_size, "max_samples": max_samples, "batching": batching},
+        device=ref.provider,
+        rows=rows,
+        max_loss=None if max_loss is None else highest_within(rows, methods, max_loss),
+        notes=notes + list(dict.fromkeys(cal.notes + ecal.notes)))
 
 
 def _own_labels(calib, model, labels: str | None) -> str | None:
@@ -132,37 +196,33 @@ def _own_labels(calib, model, labels: str | None) -> str | None:
     return detect_labels(calib, model)
 
 
-def _row(method: str, sparsity: float, pattern, result: api.PruneResult, quality: dict) -> dict:
-    outputs = quality["outputs"]
-    name = quality["label_output"] or next(
+def _row(method: str, sparsity: float, pattern, result: api.PruneResult,
+         quality: Quality) -> CompareRow:
+    outputs = quality.outputs
+    name = quality.label_output or next(
         (k for k, d in outputs.items() if "top1_agreement" in d), next(iter(outputs)))
     out = outputs[name]
     totals = result.report.to_dict()["totals"]
-    row = {"method": method, "sparsity": sparsity,
-           "pattern": f"{pattern[0]}:{pattern[1]}" if pattern else None,
-           "weight_sparsity": totals["sparsity"], "output": name,
-           "relative_mse": out["relative_mse"], "cosine": out["cosine"],
-           "seconds": result.report.wall_seconds}
-    if "top1_agreement" in out:
-        row["top1_agreement"] = out["top1_agreement"]
-    if quality["accuracy"][1] is not None:
-        row["accuracy"] = quality["accuracy"][1]
-    return row
+    return CompareRow(method=method, sparsity=sparsity,
+                      pattern=f"{pattern[0]}:{pattern[1]}" if pattern else None,
+                      weight_sparsity=totals["sparsity"], output=name,
+                      relative_mse=out["relative_mse"], cosine=out["cosine"],
+                      seconds=result.report.wall_seconds,
+                      top1_agreement=out.get("top1_agreement"), accuracy=quality.accuracy[1])
 
 
-def highest_within(rows: list[dict], methods: list[str], max_loss: float) -> dict:
+def highest_within(rows: list[CompareRow], methods: list[str], max_loss: float) -> HighestWithin:
     """Per method, the highest sparsity such that it and every lower tested sparsity lose at
     most `max_loss` (None when even the lowest loses more)."""
     found = {}
     for method in methods:
         best = None
-        for r in sorted((r for r in rows if r["method"] == method), key=lambda r: r["sparsity"]):
-            if r["loss"] > max_loss:
+        for r in sorted((r for r in rows if r.method == method), key=lambda r: r.sparsity):
+            if r.loss > max_loss:
                 break
             best = r
-        found[method] = {"sparsity": best["sparsity"] if best else None,
-                         "loss": best["loss"] if best else None}
-    return {"max_loss": max_loss, "per_method": found}
+        found[method] = Reach(best.sparsity, best.loss) if best else Reach(None, None)
+    return HighestWithin(max_loss, found)
 
 
 def check_writable(path: Path | None, flag: str) -> None:

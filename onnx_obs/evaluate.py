@@ -8,6 +8,7 @@ import statistics
 import time
 import zipfile
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import onnx
 from onnx_obs import api
 from onnx_obs.calib import RUN_KEY, Calibration, load_calibration, model_inputs
 from onnx_obs.errors import OnnxObsError
-from onnx_obs.graph.model_io import LoadedModel, from_proto, load_model
+from onnx_obs.graph.model_io import load_any
 from onnx_obs.metrics import compare_runs, is_classifier_like, top1_correct
 from onnx_obs.progress import Progress
 from onnx_obs.runtime import Runner
@@ -29,9 +30,64 @@ ALIASES = {"agreement": "top1_agreement", "top1": "top1_agreement", "top5": "top
            "mse": "relative_mse", "max_abs": "max_abs_error"}
 
 
+@dataclass
+class Latency:
+    pass_ms: float            # median wall time of a full pass over the data
+    batch1_ms: float | None   # of a one-sample run; None when one sample cannot run alone
+
+
+@dataclass
+class ModelSummary:
+    model: str                # the path, or "<proto>"
+    file_size: int
+    weight_sparsity: float    # fraction of exact zeros among the sites' weights
+    accuracy: float | None    # with labels
+    latency_ms: Latency | None
+
+
+@dataclass
+class Evaluation:
+    original: ModelSummary
+    pruned: ModelSummary
+    outputs: dict[str, dict[str, float]]  # per output: metrics.OutputDeviation.summary()
+    label_output: str | None  # the output scored against the labels
+    data: str
+    samples: int              # runs without batching
+    labels: str | None        # the key of the data holding the labels used
+    batching: bool
+    batch_size: int | None    # None without batching
+    repeats: int
+    device: str
+    notes: list[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Quality:
+    """What `measure` finds: per-output deviation, and accuracy of (reference, candidate)."""
+    outputs: dict[str, dict[str, float]]
+    accuracy: tuple[float | None, float | None]
+    label_output: str | None
+
+
+@dataclass
+class ThresholdCheck:
+    metric: str
+    of: str                   # "output 'NAME'" or "the pruned model"
+    value: float
+    limit: float
+    fails_when: str           # "under" or "over" the limit
+    passed: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def evaluate(original, pruned, data, *, labels: str | None = None, batch_size: int = 32,
              repeats: int = 5, device: str = "auto", progress: bool = False,
-             batching: bool = True) -> dict:
+             batching: bool = True) -> Evaluation:
     """Run `original` and `pruned` (paths or ModelProtos) on `data` and compare them.
 
     data: anything load_calibration accepts (an .npz/.npy path, a dict of arrays, ...).
@@ -42,7 +98,7 @@ def evaluate(original, pruned, data, *, labels: str | None = None, batch_size: i
     """
     if repeats < 0:
         raise OnnxObsError(f"--repeats must be at least 0, got {repeats}")
-    ref_model, cand_model = open_model(original), open_model(pruned)
+    ref_model, cand_model = load_any(original), load_any(pruned)
     _check_same_interface(ref_model.model, cand_model.model)
     notes = []
     detected = labels is None
@@ -57,30 +113,19 @@ def evaluate(original, pruned, data, *, labels: str | None = None, batch_size: i
         latency = measure_latency([ref, cand], cal, repeats, bar) if repeats else [None, None]
     if detected and labels is not None:
         notes.append(label_note(labels, quality, "data"))
-        labels = labels if quality["label_output"] else None
-    models = {}
-    for key, source, loaded, acc, lat in zip(("original", "pruned"), (original, pruned),
-                                              (ref_model, cand_model), quality["accuracy"], latency):
-        models[key] = {"model": str(loaded.path) if loaded.path else "<proto>",
-                       "file_size": loaded.file_size, "weight_sparsity": weight_sparsity(source),
-                       "accuracy": acc, "latency_ms": lat}
-    return {
-        **models,
-        "outputs": quality["outputs"],
-        "label_output": quality["label_output"],
-        "data": cal.source,
-        "samples": cal.num_samples,
-        "labels": labels,
-        "batching": cal.batched,
-        "batch_size": len(next(iter(cal.batches[0].values()))) if cal.sliceable else None,
-        "repeats": repeats,
-        "device": ref.provider,
-        "notes": notes,
-    }
-
-
-def open_model(model) -> LoadedModel:
-    return from_proto(model) if isinstance(model, onnx.ModelProto) else load_model(model)
+        labels = labels if quality.label_output else None
+    ref_summary, cand_summary = [
+        ModelSummary(model=str(loaded.path) if loaded.path else "<proto>",
+                     file_size=loaded.file_size, weight_sparsity=weight_sparsity(source),
+                     accuracy=acc, latency_ms=lat)
+        for source, loaded, acc, lat in zip((original, pruned), (ref_model, cand_model),
+                                            quality.accuracy, latency)]
+    return Evaluation(
+        original=ref_summary, pruned=cand_summary,
+        outputs=quality.outputs, label_output=quality.label_output,
+        data=cal.source, samples=cal.num_samples, labels=labels, batching=cal.batched,
+        batch_size=len(next(iter(cal.batches[0].values()))) if cal.sliceable else None,
+        repeats=repeats, device=ref.provider, notes=notes + cal.notes)
 
 
 def detect_labels(data, model: onnx.ModelProto) -> str | None:
@@ -128,16 +173,16 @@ def _names(specs) -> str:
     return ", ".join(f"{n} {d}" for n, d in specs)
 
 
-def label_note(key: str, quality: dict, where: str) -> str:
+def label_note(key: str, quality: Quality, where: str) -> str:
     """The note on a labels key found by its name, used or not."""
-    if quality["label_output"]:
+    if quality.label_output:
         return f"using key '{key}' of the {where} as labels (choose another with --labels)"
     return (f"key '{key}' of the {where} is not used as labels: no model output looks like "
             "class scores (a 2-D float [batch, classes] array)")
 
 
 def measure(ref: Runner, cand: Runner, cal: Calibration, bar=None,
-            labels_required: bool = True) -> dict:
+            labels_required: bool = True) -> Quality:
     """Per-output deviation of `cand` from `ref` over every batch, and with cal.labels the
     accuracy of each model on the first classifier-like output ([batch, classes] floats).
     labels_required=False: without such an output, no accuracy instead of an error (for labels
@@ -159,8 +204,8 @@ def measure(ref: Runner, cand: Runner, cal: Calibration, bar=None,
 
     task = bar.add("comparing outputs", total=len(cal.batches)) if bar is not None else None
     outputs = compare_runs(ref, cand, cal.batches, observe)
-    accuracy = [c / seen["rows"] for c in seen["correct"]] if seen["rows"] else [None, None]
-    return {"outputs": outputs, "accuracy": accuracy, "label_output": seen["output"] or None}
+    accuracy = tuple(c / seen["rows"] for c in seen["correct"]) if seen["rows"] else (None, None)
+    return Quality(outputs, accuracy, seen["output"] or None)
 
 
 def _label_output(outs, names, seen) -> int | None:
@@ -184,7 +229,7 @@ def _check_labels(labels: np.ndarray, scores: np.ndarray) -> None:
                            "[samples, classes]")
 
 
-def measure_latency(runners: list[Runner], cal: Calibration, repeats: int, bar=None) -> list[dict]:
+def measure_latency(runners: list[Runner], cal: Calibration, repeats: int, bar=None) -> list[Latency]:
     """Per runner, the median wall time of a full pass over `cal` and of a one-sample run.
 
     Each runner gets a warm-up first; the timed runs alternate between runners so that load from
@@ -210,8 +255,9 @@ def measure_latency(runners: list[Runner], cal: Calibration, repeats: int, bar=N
                 singles[k].append(time.perf_counter() - t0)
             if bar is not None:
                 bar.advance(task)
-    return [{"pass_ms": 1e3 * statistics.median(p),
-             "batch1_ms": 1e3 * statistics.median(s) if single else None} for p, s in zip(passes, singles)]
+    return [Latency(pass_ms=1e3 * statistics.median(p),
+                    batch1_ms=1e3 * statistics.median(s) if single else None)
+            for p, s in zip(passes, singles)]
 
 
 def _full_pass(runner: Runner, cal: Calibration) -> float:
@@ -229,9 +275,9 @@ def _batch_is_free(runner: Runner) -> bool:
 
 def weight_sparsity(model) -> float:
     """Fraction of exact zeros among the prunable weights (the sites) of `model`."""
-    sites = api.inspect(model)["sites"]
-    total = sum(s["params"] for s in sites)
-    return sum(s["params"] * s["sparsity"] for s in sites) / total if total else 0.0
+    sites = api.inspect(model).sites
+    total = sum(s.params for s in sites)
+    return sum(s.params * s.sparsity for s in sites) / total if total else 0.0
 
 
 def parse_thresholds(text: str | None, flag: str) -> dict[str, float]:
@@ -256,7 +302,8 @@ def parse_thresholds(text: str | None, flag: str) -> dict[str, float]:
     return limits
 
 
-def check_thresholds(result: dict, under: dict[str, float], over: dict[str, float]) -> list[dict]:
+def check_thresholds(result: Evaluation, under: dict[str, float],
+                     over: dict[str, float]) -> list[ThresholdCheck]:
     """Each threshold against `result` of evaluate(): one check per output that has the metric.
 
     A check fails when the value is below an `under` limit or above an `over` limit.
@@ -266,24 +313,24 @@ def check_thresholds(result: dict, under: dict[str, float], over: dict[str, floa
         for metric, limit in limits.items():
             for where, value in _values(result, metric):
                 passed = value >= limit if direction == "under" else value <= limit
-                checks.append({"metric": metric, "of": where, "value": value, "limit": limit,
-                               "fails_when": direction, "passed": passed})
+                checks.append(ThresholdCheck(metric=metric, of=where, value=value, limit=limit,
+                                             fails_when=direction, passed=passed))
     return checks
 
 
-def _values(result: dict, metric: str) -> list[tuple[str, float]]:
+def _values(result: Evaluation, metric: str) -> list[tuple[str, float]]:
     if metric in ("accuracy", "accuracy_drop"):
-        acc, ref = result["pruned"]["accuracy"], result["original"]["accuracy"]
+        acc, ref = result.pruned.accuracy, result.original.accuracy
         if acc is None:
             raise OnnxObsError(f"{metric} needs labels: pass --labels KEY (a key of the data file)")
         return [("the pruned model", acc if metric == "accuracy" else ref - acc)]
-    found = [(f"output '{name}'", d[metric]) for name, d in result["outputs"].items() if metric in d]
+    found = [(f"output '{name}'", d[metric]) for name, d in result.outputs.items() if metric in d]
     if not found:
         raise OnnxObsError(f"no output has {metric} (top-k agreement needs [batch, classes] scores, "
                            "top-5 more than 5 classes): drop that threshold")
     return found
 
 
-def failure_message(check: dict) -> str:
-    return (f"{check['metric']} of {check['of']} is {check['value']:.6g}, {check['fails_when']} "
-            f"the threshold {check['limit']:.6g}")
+def failure_message(check: ThresholdCheck) -> str:
+    return (f"{check.metric} of {check.of} is {check.value:.6g}, {check.fails_when} "
+            f"the threshold {check.limit:.6g}")

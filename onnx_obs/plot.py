@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from onnx_obs.compare import Comparison
 from onnx_obs.errors import OnnxObsError
 
 INSTALL_HINT = "pip install 'onnx-obs[plot]'"
@@ -19,33 +20,33 @@ def available() -> bool:
     return True
 
 
-def plot_compare(result: dict, path: str | Path) -> list[Path]:
+def plot_compare(result: Comparison, path: str | Path) -> list[Path]:
     """Draw one line per method and write PATH.png and PATH.svg; return both paths."""
     try:
         from matplotlib.figure import Figure
         from matplotlib.ticker import PercentFormatter
     except ImportError:
         raise OnnxObsError(f"--plot needs matplotlib, which is not installed: {INSTALL_HINT}") from None
-    metric = result["metric"]
+    metric = result.metric
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    for method in dict.fromkeys(r["method"] for r in result["rows"]):
-        rows = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["sparsity"])
-        ax.plot([r["sparsity"] for r in rows], [r[metric] for r in rows], marker="o", label=method)
+    for method in dict.fromkeys(r.method for r in result.rows):
+        rows = sorted((r for r in result.rows if r.method == method), key=lambda r: r.sparsity)
+        ax.plot([r.sparsity for r in rows], [getattr(r, metric) for r in rows], marker="o", label=method)
     if metric == "relative_mse":
         ax.set_yscale("log")
     else:
-        ax.axhline(result["baseline"], color="grey", linestyle="--", linewidth=1,
-                   label=f"original ({result['baseline']:.1%})")
+        ax.axhline(result.baseline, color="grey", linestyle="--", linewidth=1,
+                   label=f"original ({result.baseline:.1%})")
         ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_xlabel("sparsity of the pruned weights")
-    ev = result["eval"]
-    where = "calibration" if ev["is_calibration"] else "held-out"
+    ev = result.eval
+    where = "calibration" if ev.is_calibration else "held-out"
     ax.set_ylabel(f"{LABELS[metric]} ({where} data)")
-    ax.set_title(f"{Path(result['model']).name}: {LABELS[metric]} vs sparsity\n"
-                 f"{result['calibration']['samples']} calibration samples, scored on "
-                 f"{ev['samples']} {where} samples", fontsize=10)
+    ax.set_title(f"{Path(result.model).name}: {LABELS[metric]} vs sparsity\n"
+                 f"{result.calibration.samples} calibration samples, scored on "
+                 f"{ev.samples} {where} samples", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend()
     paths = [Path(path).with_suffix(".png"), Path(path).with_suffix(".svg")]

@@ -48,7 +48,7 @@ def build(sample: str, out: Path) -> dict[str, Path]:
     kept = s.report.costs["params"]["after"]
     total = s.report.costs["params"]["before"]
     info = api.inspect(str(model))
-    site_params = info["totals"]["site_params"]
+    site_params = info.site_params
     sparsity = (total - kept) / site_params     # uniform per site: same non-zero count in all
     for storage in ("dense", "auto"):
         name = "unstructured OBS" + (" (sparse file)" if storage == "auto" else "")
@@ -57,12 +57,12 @@ def build(sample: str, out: Path) -> dict[str, Path]:
                   output=paths[name])
     # Uniform sparsity is hard on a first layer with few inputs per unit (9 taps for the CNN):
     # also compare sparing the first site, the others sparser to keep the same non-zero count.
-    first = info["sites"][0]
-    spared = (total - kept) / (site_params - first["params"])
+    first = info.sites[0]
+    spared = (total - kept) / (site_params - first.params)
     if spared < 1:   # impossible when the first layer holds most weights (the MLP)
         paths["unstructured OBS, 1st layer kept"] = out / "unstructured_first_kept.onnx"
         api.prune(str(model), str(calib), method="obs", sparsity=spared,
-                  selection=api.Selection(exclude=f"^{re.escape(first['name'])}$"),
+                  selection=api.Selection(exclude=f"^{re.escape(first.name)}$"),
                   output=paths["unstructured OBS, 1st layer kept"])
     paths["L1 channels"] = out / "l1_channels.onnx"
     api.prune(str(model), str(calib), method="magnitude", structure="neurons", sparsity=0.5,

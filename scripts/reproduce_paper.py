@@ -223,7 +223,7 @@ def digits(grid: list[float], max_loss: float, work: Path) -> dict:
         return float(np.mean(run(m, x).argmax(1) == labels))
 
     base = acc(model)
-    n = sum(s["params"] for s in api.inspect(str(model))["sites"])
+    n = api.inspect(str(model)).site_params
     runs = {
         "magnitude (global)": dict(method="magnitude", hessian="full"),
         "OBD (global, diag of full H)": dict(method="obd", hessian="full"),
@@ -252,7 +252,7 @@ def sweep(model: str, calib: str, kw: dict, grid: list[float], good, acc) -> dic
         if not good(pruned):
             break
         best = (s, acc(pruned))
-    n = sum(r["params"] for r in api.inspect(model)["sites"])
+    n = api.inspect(model).site_params
     return {"sparsity": best[0], "kept": int(round(n * (1 - best[0]))), "accuracy": best[1],
             "seconds": time.perf_counter() - t0}
 

@@ -161,6 +161,26 @@ def test_npz_and_npy_accepted(tmp_path):
         assert cal.num_samples == 10 and [len(b["x"]) for b in cal.batches] == [4, 4, 2]
 
 
+def test_a_lone_array_under_another_key_is_fed_with_a_note(tmp_path):
+    x = randn([10, 4])
+    np.savez(tmp_path / "d.npz", x)                     # np.savez names it arr_0
+    cal = load_calibration(tmp_path / "d.npz", one_input())
+    np.testing.assert_array_equal(_samples(cal, "x"), x)
+    assert cal.notes == [f"{tmp_path / 'd.npz'}: key 'arr_0' is not an input name: its array was "
+                         "fed to the model's only input 'x'"]
+    np.savez(tmp_path / "x.npz", x=x)
+    np.save(tmp_path / "x.npy", x)
+    for f in ("x.npz", "x.npy"):                        # named by the input, or keyless: no note
+        assert load_calibration(tmp_path / f, one_input()).notes == []
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for k in range(3):
+        np.savez(runs / f"{k}.npz", randn([2, 4], k))
+    cal = load_calibration(runs, one_input())            # one note for the whole directory
+    assert cal.num_samples == 6 and cal.notes == [
+        f"{runs}: key 'arr_0' is not an input name: its array was fed to the model's only input 'x'"]
+
+
 def test_other_key_not_renamed_for_two_inputs(tmp_path):
     np.savez(tmp_path / "d.npz", pixels=randn([4, 4]))
     expect_error(tmp_path / "d.npz", two_inputs(), "'a'")

@@ -2,6 +2,7 @@
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 
 from onnx_obs import api
 from onnx_obs.cli import app
-from onnx_obs.compare import compare, highest_within, parse_sparsities
+from onnx_obs.compare import CompareRow, compare, highest_within, parse_sparsities
 from onnx_obs.errors import OnnxObsError
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -93,10 +94,15 @@ def test_parse_sparsities_rejects(text):
         parse_sparsities(text)
 
 
+def row(method: str, sparsity: float, loss: float) -> CompareRow:
+    return CompareRow(method, sparsity, pattern=None, weight_sparsity=sparsity, output="y",
+                      relative_mse=0.0, cosine=1.0, seconds=0.0, loss=loss)
+
+
 def test_highest_within_stops_at_the_first_excess():
-    rows = [{"method": "m", "sparsity": s, "loss": l} for s, l in [(0.5, 0.02), (0.1, 0.0), (0.3, 0.01), (0.7, 0.005)]]
-    rows.append({"method": "n", "sparsity": 0.1, "loss": 0.5})
-    got = highest_within(rows, ["m", "n"], 0.01)["per_method"]
+    rows = [row("m", s, l) for s, l in [(0.5, 0.02), (0.1, 0.0), (0.3, 0.01), (0.7, 0.005)]]
+    rows.append(row("n", 0.1, 0.5))
+    got = asdict(highest_within(rows, ["m", "n"], 0.01))["per_method"]
     assert got == {"m": {"sparsity": 0.3, "loss": 0.01}, "n": {"sparsity": None, "loss": None}}
 
 
@@ -137,14 +143,24 @@ def test_found_label_key_without_class_scores_is_not_an_error(tmp_path):
     from test_evaluate import regression_data
     path, data = regression_data(tmp_path)
     d = compare(str(path), str(data), methods=["magnitude"], sparsities=[0.5], eval_data=str(data))
-    assert d["labels"] is None and d["metric"] == "relative_mse" and "accuracy" not in d["rows"][0]
-    assert "not used as labels" in d["notes"][0]
+    assert d.labels is None and d.metric == "relative_mse" and "accuracy" not in d.rows[0].to_dict()
+    assert "not used as labels" in d.notes[0]
+
+
+def test_a_lone_array_under_another_key_is_used_with_a_note(tmp_path):
+    with np.load(CALIB) as z:
+        np.savez(tmp_path / "x.npz", z["input"][:64])   # key arr_0; the model's input is 'input'
+    d = compare(str(MLP), str(tmp_path / "x.npz"), methods=["magnitude"], sparsities=[0.5])
+    note = (f"{tmp_path / 'x.npz'}: key 'arr_0' is not an input name: its array was fed to the "
+            "model's only input 'input'")
+    assert d.notes.count(note) == 1   # once, though the file is read for calibration and scoring
+    assert d.calibration.samples == d.eval.samples == 64
 
 
 def test_pattern_sets_the_sparsity():
     d = compare(str(MLP), str(CALIB), methods=["magnitude"], sparsities=None, pattern=(2, 4),
                 eval_data=str(EVAL))
-    assert [(r["sparsity"], r["pattern"], r["weight_sparsity"]) for r in d["rows"]] == [(0.5, "2:4", 0.5)]
+    assert [(r.sparsity, r.pattern, r.weight_sparsity) for r in d.rows] == [(0.5, "2:4", 0.5)]
     with pytest.raises(OnnxObsError, match="drop --sparsities"):
         compare(str(MLP), str(CALIB), methods=["magnitude"], sparsities=[0.5], pattern=(2, 4))
 
@@ -159,3 +175,13 @@ def test_user_errors_are_one_line(args, message):
                                    "--sparsities", "0.5", *args])
     assert res.exit_code == 2 and message in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_a_callers_model_proto_is_not_changed():
+    from graphs import randn
+    from test_evaluate import sparse_model
+    model, sparsity = sparse_model()   # over half zeros already in each weight
+    before = model.SerializeToString()
+    d = compare(model, {"x": randn([8, 16], 5)}, methods=["magnitude"], sparsities=[0.5])
+    assert model.SerializeToString() == before
+    assert d.model == "<proto>" and d.rows[0].weight_sparsity == pytest.approx(sparsity)

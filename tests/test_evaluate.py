@@ -60,35 +60,35 @@ def expected(changed, data):
 
 def test_identical_models_agree_exactly(data):
     r = evaluate(str(MLP), str(MLP), str(EVAL), repeats=1)
-    out = r["outputs"]["logits"]
+    out = r.outputs["logits"]
     assert out["relative_mse"] == 0 and out["max_abs_error"] == 0
     assert out["cosine"] == pytest.approx(1.0, abs=1e-12)
     assert out["top1_agreement"] == 1.0 and out["top5_agreement"] == 1.0
     x, y = data
     direct = np.mean(logits(MLP, x).argmax(1) == y)
-    assert r["original"]["accuracy"] == r["pruned"]["accuracy"] == pytest.approx(direct)
-    assert r["labels"] == "label" and "using key 'label'" in r["notes"][0]
-    assert r["samples"] == 450
-    assert r["original"]["file_size"] == MLP.stat().st_size
-    for model in ("original", "pruned"):
-        lat = r[model]["latency_ms"]
-        assert lat["pass_ms"] > 0 and lat["batch1_ms"] > 0
+    assert r.original.accuracy == r.pruned.accuracy == pytest.approx(direct)
+    assert r.labels == "label" and "using key 'label'" in r.notes[0]
+    assert r.samples == 450
+    assert r.original.file_size == MLP.stat().st_size
+    for model in (r.original, r.pruned):
+        lat = model.latency_ms
+        assert lat.pass_ms > 0 and lat.batch1_ms > 0
 
 
 def test_one_changed_weight_matches_numpy(changed, expected):
     r = evaluate(str(MLP), str(changed), str(EVAL), batch_size=50, repeats=0)
-    out = r["outputs"]["logits"]
+    out = r.outputs["logits"]
     for key in ("relative_mse", "max_abs_error", "cosine", "top1_agreement", "top5_agreement"):
         assert out[key] == pytest.approx(expected[key], rel=1e-6), key
     assert out["relative_mse"] > 0 and expected["top1_agreement"] < 1  # the change shows
-    assert r["original"]["accuracy"] == pytest.approx(expected["accuracy_original"])
-    assert r["pruned"]["accuracy"] == pytest.approx(expected["accuracy_pruned"])
-    assert r["original"]["latency_ms"] is None and r["batch_size"] == 50
+    assert r.original.accuracy == pytest.approx(expected["accuracy_original"])
+    assert r.pruned.accuracy == pytest.approx(expected["accuracy_pruned"])
+    assert r.original.latency_ms is None and r.batch_size == 50
 
 
 def test_no_labels_without_a_label_key():
     r = evaluate(str(MLP), str(MLP), str(CALIB), repeats=0)
-    assert r["labels"] is None and r["original"]["accuracy"] is None and r["notes"] == []
+    assert r.labels is None and r.original.accuracy is None and r.notes == []
 
 
 def regression_data(tmp_path):
@@ -108,10 +108,21 @@ def regression_data(tmp_path):
 def test_found_label_key_without_class_scores_is_not_an_error(tmp_path):
     path, data = regression_data(tmp_path)
     r = evaluate(str(path), str(path), str(data), repeats=0)
-    assert r["labels"] is None and r["original"]["accuracy"] is None
-    assert "not used as labels" in r["notes"][0] and r["outputs"]["y"]["relative_mse"] == 0
+    assert r.labels is None and r.original.accuracy is None
+    assert "not used as labels" in r.notes[0] and r.outputs["y"]["relative_mse"] == 0
     with pytest.raises(OnnxObsError, match="drop --labels"):   # named: still an error
         evaluate(str(path), str(path), str(data), labels="label", repeats=0)
+
+
+def test_a_lone_array_under_another_key_is_used_with_a_note(tmp_path, data):
+    x, _ = data
+    np.savez(tmp_path / "x.npz", x)                     # key arr_0; the model's input is 'input'
+    note = (f"{tmp_path / 'x.npz'}: key 'arr_0' is not an input name: its array was fed to the "
+            "model's only input 'input'")
+    r = evaluate(str(MLP), str(MLP), str(tmp_path / "x.npz"), repeats=0)
+    assert r.notes == [note] and r.samples == len(x)
+    res = run(MLP, "--data", tmp_path / "x.npz")   # (a long path may be folded: the note's end)
+    assert res.exit_code == 0 and note.split(": ", 1)[1] in " ".join(res.stdout.split())
 
 
 def test_cli_notes_are_printed_verbatim(tmp_path):
@@ -178,3 +189,27 @@ def test_parse_thresholds_aliases():
     assert parse_thresholds("mse=1e-3,accuracy_drop=0.01", "--fail-over") == {
         "relative_mse": 1e-3, "accuracy_drop": 0.01}
     assert parse_thresholds(None, "--fail-over") == {}
+
+
+def sparse_model() -> tuple[onnx.ModelProto, float]:
+    """Two MatMuls whose weights are sparse initializers (as prune --storage sparse writes), and
+    the fraction of zeros among their weights."""
+    from test_sparse_storage import pruned_weight, two_layer
+
+    from onnx_obs.graph.sparse_storage import store_sparse
+    w1, w2 = pruned_weight([16, 12], 0.3), pruned_weight([12, 5], 0.5, seed=3)
+    model = two_layer(w1, w2)
+    store_sparse(model, ["W1", "W2"], "sparse")
+    assert len(model.graph.sparse_initializer) == 2
+    zeros = np.sum(w1 == 0) + np.sum(w2 == 0)
+    return model, zeros / (w1.size + w2.size)
+
+
+def test_a_callers_model_proto_is_not_changed():
+    from graphs import randn
+    model, sparsity = sparse_model()
+    before = model.SerializeToString()
+    r = evaluate(model, model, {"x": randn([8, 16], 5)}, repeats=0)
+    assert model.SerializeToString() == before
+    assert r.outputs["y"]["relative_mse"] == 0 and r.original.model == "<proto>"
+    assert r.original.weight_sparsity == pytest.approx(sparsity)

@@ -335,8 +335,8 @@ def test_inspect_location_names_the_subgraph():
     model = make_model([node], [vi("cond", np.bool_, []), vi("x", np.float32, [3, 6])],
                        [vi("y", np.float32, None)])
     info = inspect(model)
-    assert {s["location"] for s in info["sites"]} == {"initializer in if.then_branch",
-                                                      "initializer in if.else_branch"}
+    assert {s.location for s in info.sites} == {"initializer in if.then_branch",
+                                                "initializer in if.else_branch"}
 
 
 # ---------------------------------------------------------------- skipped with a reason

@@ -105,7 +105,7 @@ def test_sparse_output_can_be_pruned_again(tmp_path, mlp_path, mlp_calib):
     api.prune(str(mlp_path), str(mlp_calib), output=first, sparsity=0.8, storage="sparse")
     assert onnx.load(str(first)).graph.sparse_initializer
     info = api.inspect(str(first))
-    assert all(s["sparsity"] >= 0.79 for s in info["sites"])
+    assert all(s.sparsity >= 0.79 for s in info.sites)
     res = api.prune(str(first), str(mlp_calib), output=second, sparsity=0.9, storage="auto")
     assert res.report.deviation["logits"]["top1_agreement"] > 0.5
     assert second.stat().st_size < first.stat().st_size

@@ -92,7 +92,7 @@ def inspect(
     """List the prunable sites of MODEL and the weights left alone."""
     info = api.inspect(str(model), Selection(include, exclude, parse_op_types(op_types)))
     if as_json:
-        typer.echo(json.dumps(info, indent=2))
+        typer.echo(json.dumps(info.to_dict(), indent=2))
         return
     _print_inspect(info)
 
@@ -125,10 +125,11 @@ def evaluate(
                                  progress=not as_json)
     checks = evaluation.check_thresholds(result, under, over)
     if as_json:
-        typer.echo(json.dumps({**result, "thresholds": checks}, indent=2))
+        typer.echo(json.dumps({**result.to_dict(), "thresholds": [c.to_dict() for c in checks]},
+                              indent=2))
     else:
         _print_evaluate(result, checks)
-    missed = [c for c in checks if not c["passed"]]
+    missed = [c for c in checks if not c.passed]
     for c in missed:
         err.print(f"[bold red]threshold missed:[/] {escape(evaluation.failure_message(c))}", highlight=False, soft_wrap=True)
     if missed:
@@ -180,7 +181,7 @@ def compare(
                            progress=not quiet)
     if json_out is not None:
         try:
-            json_out.write_text(json.dumps(result, indent=2))
+            json_out.write_text(json.dumps(result.to_dict(), indent=2))
         except OSError as e:
             raise OnnxObsError(f"could not write {json_out}: {e.strerror or e}") from e
     if not quiet:

@@ -8,6 +8,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from onnx_obs.cli.app import out
+from onnx_obs.compare import Comparison
+from onnx_obs.evaluate import Evaluation, ThresholdCheck
+from onnx_obs.inspection import Inspection
 
 def _print_prune(d: dict, output: Path) -> None:
     t = Table(title=f"{d['method']} pruning", title_justify="left")
@@ -65,85 +68,85 @@ def _print_costs(d: dict) -> None:
         out.print(f"storage  {len(sparse)} of {len(d['storage'])} pruned weights stored sparse "
                   f"({sum(s['dense_bytes'] for s in sparse):,} -> {sum(s['sparse_bytes'] for s in sparse):,} bytes)")
 
-def _print_inspect(info: dict) -> None:
-    t = Table(title=f"{info['model']}  (opset {info['opset']})", title_justify="left")
+def _print_inspect(info: Inspection) -> None:
+    t = Table(title=f"{info.model}  (opset {info.opset})", title_justify="left")
     for col in ("site", "op", "ONNX shape", "2-D shape", "params", "sparsity", "dtype", "location"):
         t.add_column(col, justify="right" if col in ("params", "sparsity") else "left")
-    for s in info["sites"]:
-        t.add_row(s["name"], s["op"], str(s["onnx_shape"]), "x".join(map(str, s["matrix_shape"])),
-                  f"{s['params']:,}", f"{s['sparsity']:.1%}", s["dtype"],
-                  s["location"] + (", graph input" if s["graph_input"] else ""))
+    for s in info.sites:
+        t.add_row(s.name, s.op, str(s.onnx_shape), "x".join(map(str, s.matrix_shape)),
+                  f"{s.params:,}", f"{s.sparsity:.1%}", s.dtype,
+                  s.location + (", graph input" if s.graph_input else ""))
     out.print(t)
-    tot = info["totals"]
-    out.print(f"{tot['sites']} sites, {tot['site_params']:,} prunable of {tot['model_params']:,} "
-              f"parameters, file {_size(tot['file_size'])}")
-    inputs = sum(s["graph_input"] for s in info["sites"])
+    out.print(f"{len(info.sites)} sites, {info.site_params:,} prunable of {info.model_params:,} "
+              f"parameters, file {_size(info.file_size)}")
+    inputs = sum(s.graph_input for s in info.sites)
     if inputs:
         out.print(f"note     sites that are also graph inputs (a caller may override them): {inputs}; "
                   "prune skips them unless --include names them", highlight=False)
-    for k in info["skipped"]:
-        out.print(escape(f"skipped  {k['name']} ({k['op_type']}): {k['reason']}"), highlight=False)
+    for k in info.skipped:
+        out.print(escape(f"skipped  {k.name} ({k.op_type}): {k.reason}"), highlight=False)
 
 
-def _print_evaluate(r: dict, checks: list[dict]) -> None:
-    t = Table(title=f"pruned vs original on {r['samples']} {_unit(r)} of {r['data']}", title_justify="left")
+def _print_evaluate(r: Evaluation, checks: list[ThresholdCheck]) -> None:
+    unit = "samples" if r.batching else "runs"
+    t = Table(title=f"pruned vs original on {r.samples} {unit} of {r.data}", title_justify="left")
     for col in ("output", "relative MSE", "max abs error", "cosine", "top-1 agreement", "top-5 agreement"):
         t.add_column(col, justify="left" if col == "output" else "right")
-    for name, d in r["outputs"].items():
+    for name, d in r.outputs.items():
         t.add_row(name, _num(d["relative_mse"]), _num(d["max_abs_error"]), f"{d['cosine']:.6f}",
                   _pct(d.get("top1_agreement")), _pct(d.get("top5_agreement")))
     out.print(t)
-    o, p = r["original"], r["pruned"]
-    t = Table(title=f"models ({r['device']})", title_justify="left")
+    o, p = r.original, r.pruned
+    t = Table(title=f"models ({r.device})", title_justify="left")
     for col in ("", "original", "pruned", "change"):
         t.add_column(col, justify="left" if not col else "right")
-    if o["accuracy"] is not None:
-        t.add_row(f"accuracy ('{r['labels']}')", _pct(o["accuracy"]), _pct(p["accuracy"]),
-                  f"{100 * (p['accuracy'] - o['accuracy']):+.2f} pts")
-    t.add_row("weight sparsity", _pct(o["weight_sparsity"]), _pct(p["weight_sparsity"]), "")
-    t.add_row("file size", _size(o["file_size"]), _size(p["file_size"]),
-              f"x{p['file_size'] / o['file_size']:.2f}")
-    if o["latency_ms"] is not None:
-        full = f"batch {r['batch_size']}" if r["batch_size"] else f"{r['samples']} runs"
-        for key, label in (("pass_ms", f"full pass, {full}"), ("batch1_ms", "one sample")):
-            a, b = o["latency_ms"][key], p["latency_ms"][key]
+    if o.accuracy is not None:
+        t.add_row(f"accuracy ('{r.labels}')", _pct(o.accuracy), _pct(p.accuracy),
+                  f"{100 * (p.accuracy - o.accuracy):+.2f} pts")
+    t.add_row("weight sparsity", _pct(o.weight_sparsity), _pct(p.weight_sparsity), "")
+    t.add_row("file size", _size(o.file_size), _size(p.file_size),
+              f"x{p.file_size / o.file_size:.2f}")
+    if o.latency_ms is not None:
+        full = f"batch {r.batch_size}" if r.batch_size else f"{r.samples} runs"
+        for label, a, b in ((f"full pass, {full}", o.latency_ms.pass_ms, p.latency_ms.pass_ms),
+                            ("one sample", o.latency_ms.batch1_ms, p.latency_ms.batch1_ms)):
             if a is not None:
-                t.add_row(f"{label} (median of {r['repeats']})", f"{a:.3f} ms", f"{b:.3f} ms",
+                t.add_row(f"{label} (median of {r.repeats})", f"{a:.3f} ms", f"{b:.3f} ms",
                           f"speedup {a / b:.2f}x" if b else "")
     out.print(t)
-    for n in r["notes"]:
+    for n in r.notes:
         out.print(escape(f"note     {n}"), highlight=False)
     for c in checks:
-        if c["passed"]:
-            sign = ">=" if c["fails_when"] == "under" else "<="
-            out.print(f"ok       {c['metric']} of {c['of']} is {c['value']:.6g} {sign} {c['limit']:.6g}", highlight=False)
+        if c.passed:
+            sign = ">=" if c.fails_when == "under" else "<="
+            out.print(f"ok       {c.metric} of {c.of} is {c.value:.6g} {sign} {c.limit:.6g}", highlight=False)
 
-def _print_compare(r: dict) -> None:
-    metric, rows, ev = r["metric"], r["rows"], r["eval"]
-    where = "the calibration data (not held out)" if ev["is_calibration"] else ev["source"]
-    unit = _unit(r["settings"])
-    out.print(f"{r['model']}: {r['calibration']['samples']} calibration {unit}, scored on "
-              f"{ev['samples']} {unit} of {where}", highlight=False)
+def _print_compare(r: Comparison) -> None:
+    metric, rows, ev = r.metric, r.rows, r.eval
+    where = "the calibration data (not held out)" if ev.is_calibration else ev.source
+    unit = _unit(r.settings)
+    out.print(f"{r.model}: {r.calibration.samples} calibration {unit}, scored on "
+              f"{ev.samples} {unit} of {where}", highlight=False)
     t = Table()
     cols = ["method", "sparsity", "zeros", "top-1 agreement"] + (["accuracy"] if metric == "accuracy" else []) + ["relative MSE", "s"]
     for col in cols:
         t.add_column(col, justify="left" if col == "method" else "right")
     for i, row in enumerate(rows):
-        cells = [row["method"], row["pattern"] or _pct(row["sparsity"], 0), _pct(row["weight_sparsity"], 1),
-                 _pct(row.get("top1_agreement"))]
+        cells = [row.method, row.pattern or _pct(row.sparsity, 0), _pct(row.weight_sparsity, 1),
+                 _pct(row.top1_agreement)]
         if metric == "accuracy":
-            cells.append(_pct(row["accuracy"]))
-        cells += [_num(row["relative_mse"]), f"{row['seconds']:.2f}"]
-        last = i + 1 == len(rows) or rows[i + 1]["method"] != row["method"]
+            cells.append(_pct(row.accuracy))
+        cells += [_num(row.relative_mse), f"{row.seconds:.2f}"]
+        last = i + 1 == len(rows) or rows[i + 1].method != row.method
         t.add_row(*cells, end_section=last)
     out.print(t)
     if metric == "accuracy":
-        out.print(f"original accuracy {_pct(r['baseline'])} on the same samples", highlight=False)
-    if r["max_loss"] is not None:
-        found = ", ".join(f"{m} {_pct(v['sparsity'], 0)}" for m, v in r["max_loss"]["per_method"].items())
-        out.print(f"highest sparsity losing at most {r['max_loss']['max_loss']:g} of {metric}: {found}",
+        out.print(f"original accuracy {_pct(r.baseline)} on the same samples", highlight=False)
+    if r.max_loss is not None:
+        found = ", ".join(f"{m} {_pct(v.sparsity, 0)}" for m, v in r.max_loss.per_method.items())
+        out.print(f"highest sparsity losing at most {r.max_loss.max_loss:g} of {metric}: {found}",
                   highlight=False)
-    for n in r["notes"]:
+    for n in r.notes:
         out.print(escape(f"note     {n}"), highlight=False)
 
 

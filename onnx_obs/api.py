@@ -81,6 +81,7 @@ def prune(model, calib=None, config: PruneConfig | None = None, *, output: str |
                                max_samples=data.max_samples, labels_key=data.labels,
                                batching=data.batching)
         report.calibration_samples = cal.num_samples
+        report.notes += cal.notes
     with Progress(enabled=progress) as bar, spilling(loaded, output, original):
         ctx = Context(loaded, sites, cal, config, report, bar, force, hessians)
         STRATEGIES[config.mode].run(ctx)

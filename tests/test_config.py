@@ -114,3 +114,13 @@ def test_top_level_api(mlp_path, mlp_calib):
     assert model.SerializeToString() == again.model.SerializeToString()
     assert report.method == "obd" and report.calibration_samples == 32
     assert onnx_obs.inspect is api.inspect  # the function, not a module
+
+
+def test_prune_reports_a_lone_array_fed_to_the_only_input(tmp_path, mlp_path, mlp_calib):
+    import numpy as np
+
+    with np.load(mlp_calib) as z:
+        np.savez(tmp_path / "x.npz", z["input"][:32])   # key arr_0; the model's input is 'input'
+    res = api.prune(str(mlp_path), str(tmp_path / "x.npz"), sparsity=0.5)
+    assert res.report.notes == [f"{tmp_path / 'x.npz'}: key 'arr_0' is not an input name: its "
+                                "array was fed to the model's only input 'input'"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from onnx_obs import api
 from onnx_obs.calib import load_calibration
+from onnx_obs.config import METHODS, LayerwiseOptions, PruneConfig
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.evaluate import Quality, data_keys, detect_labels, label_note, measure
 from onnx_obs.graph.model_io import load_any
@@ -105,29 +106,31 @@ def parse_sparsities(text: str) -> list[float]:
 
 def parse_methods(text: str) -> list[str]:
     methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
-    unknown = [m for m in methods if m not in api.METHODS]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise OnnxObsError(f"unknown method '{unknown[0] if unknown else text}' in --methods: "
-                           f"use a comma list of {', '.join(api.METHODS)}")
+                           f"use a comma list of {', '.join(METHODS)}")
     return methods
 
 
-def compare(model, calib, *, methods: list[str], sparsities: list[float] | None,
-            eval_data=None, labels: str | None = None, pattern: tuple[int, int] | None = None,
-            sequential: bool = False, max_samples: int | None = None, batch_size: int = 32,
-            solver: str = "auto", block_size: int = 128, damp: float = 0.01,
-            device: str = "auto", max_loss: float | None = None, progress: bool = False,
-            batching: bool = True) -> Comparison:
+def compare(model, calib, config: PruneConfig | None = None, *, methods: list[str],
+            sparsities: list[float] | None, eval_data=None, labels: str | None = None,
+            max_loss: float | None = None, progress: bool = False, **overrides) -> Comparison:
     """Prune `model` with every method at every sparsity and score each result on `eval_data`
     (the calibration data when None) against the original model.
 
-    With sequential=False the original model's Hessians are captured once and shared by every
-    run; sequential=True recaptures them per run. With `pattern`, `sparsities` must be None (the
-    pattern fixes it). max_loss: per method, the highest sparsity up to which every tested
+    config: the settings every run shares (default: PruneConfig with sequential=False), changed by
+    keyword overrides as in api.prune; each run sets its method and sparsity. With
+    sequential=False the original model's Hessians are captured once and shared by every run;
+    sequential=True recaptures them per run. With `pattern`, `sparsities` must be None (the
+    pattern fixes it). labels: the key of the evaluation data's class labels. max_loss: per method, the highest sparsity up to which every tested
     sparsity loses at most this much of the quality metric (accuracy with labels, else top-1
     agreement, else relative MSE, which counts as a loss by itself). batching: False feeds each
     run of the calibration and evaluation data whole (calib.py); samples then count runs.
     """
+    config = (config or PruneConfig(layerwise=LayerwiseOptions(sequential=False))).replace(**overrides)
+    pattern, sequential, data = config.pattern, config.layerwise.sequential, config.data
+    batch_size, max_samples, batching, device = data.batch_size, data.max_samples, data.batching, config.device
     if pattern is not None and sparsities is not None:
         raise OnnxObsError("--pattern fixes the sparsity at N/M: drop --sparsities")
     grid = [pattern[0] / pattern[1]] if pattern is not None else sparsities
@@ -156,10 +159,8 @@ def compare(model, calib, *, methods: list[str], sparsities: list[float] | None,
         task = bar.add("pruning and scoring", total=len(methods) * len(grid))
         for method in methods:
             for sparsity in grid:
-                result = api.prune(model, cal.batches, method=method, sparsity=sparsity,
-                                   pattern=pattern, solver=solver, block_size=block_size,
-                                   damp=damp, sequential=sequential, device=device,
-                                   hessians=cache, batching=batching)
+                result = api.prune(model, cal.batches, config, method=method, sparsity=sparsity,
+                                   max_samples=None, hessians=cache)
                 quality = measure(ref, Runner(result.model, loaded.base_dir, device), ecal,
                                   labels_required=labels is not None)
                 baseline = quality.accuracy[0]
@@ -181,7 +182,8 @@ def compare(model, calib, *, methods: list[str], sparsities: list[float] | None,
         labels=eval_labels, output=rows[0].output, metric=metric, baseline=best,
         settings={"pattern": f"{pattern[0]}:{pattern[1]}" if pattern else None,
                   "sequential": sequential, "hessians_shared": not sequential,
-                  "solver": solver, "block_size": block_size, "damp": damp,
+                  "solver": config.layerwise.solver, "block_size": config.layerwise.block_size,
+                  "damp": config.layerwise.damp,
                   "batch_size": batch_size, "max_samples": max_samples, "batching": batching},
         device=ref.provider,
         rows=rows,

@@ -138,6 +138,7 @@ def evaluate(
 @app.command()
 @handled
 def compare(
+    ctx: typer.Context,
     model: Path = typer.Argument(..., help="The ONNX model to prune (never modified)."),
     calib: Path = typer.Option(..., "--calib", help="Calibration .npz keyed by input name (or .npy for one input), batched on axis 0; or a directory of .npz (see --no-batching)."),
     eval_data: Optional[Path] = typer.Option(None, "--eval", help="Held-out data to score on (default: the calibration data, with a warning)."),
@@ -173,12 +174,10 @@ def compare(
     if eval_data is None:
         err.print("[bold yellow]warning: no --eval data: scoring on the calibration data flatters every "
                   "method that uses it; pass held-out data with --eval[/]", highlight=False, soft_wrap=True)
-    result = sweep.compare(str(model), str(calib), methods=sweep.parse_methods(methods), sparsities=grid,
-                           eval_data=str(eval_data) if eval_data else None, labels=labels, pattern=pat,
-                           sequential=sequential, max_samples=max_samples, batch_size=batch_size,
-                           batching=not no_batching,
-                           solver=solver, damp=damp, device=device, max_loss=max_loss,
-                           progress=not quiet)
+    result = sweep.compare(str(model), str(calib), prune_config(ctx, None, exclude=("labels",)),
+                           methods=sweep.parse_methods(methods), sparsities=grid,
+                           eval_data=str(eval_data) if eval_data else None, labels=labels,
+                           max_loss=max_loss, progress=not quiet)
     if json_out is not None:
         try:
             json_out.write_text(json.dumps(result.to_dict(), indent=2))

@@ -17,7 +17,7 @@ from onnx_obs.config import PruneConfig, parse_op_types, parse_pattern
 SELECT, DATA, METHOD, SOLVER = "Selection", "Calibration data", "Method", "Layer-wise OBS"
 FULL, STRUCT, OUTPUT = "Full-network OBS", "Structured removal", "Output"
 
-ConfigOpt = typer.Option(None, "--config", help="Read the settings from this TOML file (keys as the options without dashes, e.g. sparsity = 0.6, or in tables [selection], [data], [layerwise], [full], [structured]); options given on the command line override it.")
+ConfigOpt = typer.Option(None, "--config", help="Read the settings from this TOML file (keys as the options without dashes, e.g. sparsity = 0.6, or in the tables selection, data, layerwise, full and structured); options given on the command line override it.")
 IncludeOpt = typer.Option(None, "--include", help="Only sites whose tensor or node name matches this regex.", rich_help_panel=SELECT)
 ExcludeOpt = typer.Option(None, "--exclude", help="Skip sites whose tensor or node name matches this regex.", rich_help_panel=SELECT)
 OpTypesOpt = typer.Option(None, "--op-types", help="Comma-separated op types to prune, e.g. Conv,Gemm.", rich_help_panel=SELECT)

@@ -1,4 +1,4 @@
-"""Full-network OBS on ONNX graphs (full_network.py, hessian/full.py), checked against an
+"""Full-network OBS on ONNX graphs (strategies/full_network.py, hessian/network.py, hessian/full.py), checked against an
 independent numpy backprop: per-sample derivatives, the Eq. 17 inverse, one deletion's error,
 and the pipeline end to end."""
 
@@ -20,7 +20,7 @@ from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.model_io import from_proto
 from onnx_obs.graph.sites import find_sites
 from onnx_obs.config import FullOptions
-from onnx_obs.full_network import FullNetwork, parameters
+from onnx_obs.hessian.network import FullNetwork, parameters
 
 ALPHA = 1e-3
 
@@ -335,7 +335,7 @@ def test_recompute_every_and_baselines_reach_the_target():
 
 def test_memory_guard_refuses_before_any_gradient_work(monkeypatch):
     import onnx_obs.hessian.inverse as inverse
-    import onnx_obs.full_network as fn
+    import onnx_obs.strategies.full_network as fn
 
     monkeypatch.setattr(inverse, "available_memory", lambda: 10_000)
     monkeypatch.setattr(fn, "FullNetwork", None)  # reaching it would fail differently

@@ -6,7 +6,7 @@ of a batch are independent in inference graphs, so seeding one-hot e_j on every 
 sample's derivative of output unit j with respect to every wrt tensor (its "delta") in one run.
 
 Only nodes on a path from a wrt tensor to `output` are differentiated; initializers, constants and
-integer tensors end the paths. Gradient rules live in grad_rules.py.
+integer tensors end the paths. Gradient rules live in grad_rules.py, their emitter in grad_builder.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import onnx
 from onnx import helper
 
 from onnx_obs.errors import OnnxObsError
-from onnx_obs.graph.grad_rules import FLOAT_TYPES, RULES, GradBuilder, UnsupportedGradient, subgraph_names
+from onnx_obs.graph.grad_builder import FLOAT_TYPES, GradBuilder, UnsupportedGradient, subgraph_names
+from onnx_obs.graph.grad_rules import RULES
 
 __all__ = ["UnsupportedGradient", "build_vjp_model", "supports_gradients"]
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnx_obs.graph.grad_rules import inferred_types
+from onnx_obs.graph.grad_builder import inferred_types
 
 __all__ = ["build_perturbed_model", "fd_deltas"]
 

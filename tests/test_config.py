@@ -7,10 +7,9 @@ import json
 
 import pytest
 
-from onnx_obs import api
+from cli_checks import assert_one_line_error, prune_args, sha
 from onnx_obs.config import FullOptions, PruneConfig, Selection
 from onnx_obs.errors import OnnxObsError
-from test_cli import assert_one_line_error, prune_args, sha
 
 RECIPE = """
 method = "obd"
@@ -85,14 +84,6 @@ def test_cli_config_file_and_flags(cli, tmp_path, mlp_path, mlp_calib):
     assert report["settings"]["max_samples"] == 64 and report["calibration_samples"] == 64
 
 
-def test_api_config_equals_keywords(mlp_path, mlp_calib):
-    config = PruneConfig(method="obs", sparsity=0.6).replace(solver="fast", max_samples=64)
-    a = api.prune(str(mlp_path), str(mlp_calib), config)
-    b = api.prune(str(mlp_path), str(mlp_calib), method="obs", sparsity=0.6, solver="fast", max_samples=64)
-    assert a.model.SerializeToString() == b.model.SerializeToString()
-    assert a.report.settings == b.report.settings and a.report.settings["solver"] == "fast"
-
-
 @pytest.mark.parametrize("flags,words", [
     (["--damp", "-1"], ["--damp must be at least 0"]),
     (["--solver", "slow"], ["unknown solver 'slow'"]),
@@ -103,24 +94,3 @@ def test_layerwise_settings_refused_before_work(cli, tmp_path, mlp_path, mlp_cal
     out = tmp_path / "out.onnx"
     assert_one_line_error(cli(*prune_args(mlp_path, out, "--calib", mlp_calib, *flags)), *words)
     assert not out.exists()
-
-
-def test_top_level_api(mlp_path, mlp_calib):
-    import onnx_obs
-
-    model, report = onnx_obs.prune(str(mlp_path), str(mlp_calib), onnx_obs.PruneConfig(method="obd"),
-                                   max_samples=32)
-    again = api.prune(str(mlp_path), str(mlp_calib), method="obd", max_samples=32)
-    assert model.SerializeToString() == again.model.SerializeToString()
-    assert report.method == "obd" and report.calibration_samples == 32
-    assert onnx_obs.inspect is api.inspect  # the function, not a module
-
-
-def test_prune_reports_a_lone_array_fed_to_the_only_input(tmp_path, mlp_path, mlp_calib):
-    import numpy as np
-
-    with np.load(mlp_calib) as z:
-        np.savez(tmp_path / "x.npz", z["input"][:32])   # key arr_0; the model's input is 'input'
-    res = api.prune(str(mlp_path), str(tmp_path / "x.npz"), sparsity=0.5)
-    assert res.report.notes == [f"{tmp_path / 'x.npz'}: key 'arr_0' is not an input name: its "
-                                "array was fed to the model's only input 'input'"]

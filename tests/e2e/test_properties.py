@@ -1,4 +1,4 @@
-"""Issue 7: properties of every pruning mode on random MLPs and CNNs with random calibration data.
+"""Properties of every pruning mode on random MLPs and CNNs with random calibration data.
 
 Random graphs (Gemm with transB 0/1 or MatMul with an optional Add bias, Relu/Tanh/Sigmoid or no
 activation, Conv with random kernels, pads, strides, dilations and groups, then Flatten and a dense

@@ -1,4 +1,4 @@
-"""Issue 7: Ctrl-C while pruning or while writing leaves nothing half-written: one line on stderr,
+"""Ctrl-C while pruning or while writing leaves nothing half-written: one line on stderr,
 exit code 130, no output or temp file, and an existing output file untouched."""
 
 from __future__ import annotations

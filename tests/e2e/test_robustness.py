@@ -1,4 +1,4 @@
-"""Issue 7: bad inputs end in one line, a non-zero exit, no traceback and no output file; odd but
+"""Bad inputs end in one line, a non-zero exit, no traceback and no output file; odd but
 valid models (opsets, several inputs/outputs, dynamic dims, external data, graph-input weights,
 already-sparse weights) prune and run."""
 

@@ -10,6 +10,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
+from cli_checks import assert_one_line_error
 from graphs import init, make_model, mlp_model, randn, save, vi
 from onnx_obs import api
 from onnx_obs.calib import load_calibration
@@ -76,15 +77,6 @@ def write_suffixed(tmp_path, runs, name="runs.npz"):
 def pruned_w(path) -> np.ndarray:
     m = onnx.load(str(path))
     return next(numpy_helper.to_array(t) for t in m.graph.initializer if t.name == "W")
-
-
-def one_line_error(result, *words):
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    msg = result.stderr.strip()
-    assert msg.startswith("error:") and "\n" not in msg, msg
-    for w in words:
-        assert w in msg, (w, msg)
-    return msg
 
 
 # ---------------------------------------------------------------- Hessians and pruning
@@ -243,7 +235,7 @@ def test_invalid_run_in_directory(cli, tmp_path, kind, change, words):
     model = save(MODELS[kind][0](), tmp_path / "m.onnx")
     data = write_dir(tmp_path, _bad_runs(kind, change))
     out = tmp_path / "out.onnx"
-    one_line_error(cli("prune", model, "--calib", data, "--no-batching", "-o", out), *words)
+    assert_one_line_error(cli("prune", model, "--calib", data, "--no-batching", "-o", out), *words)
     assert not out.exists()
 
 
@@ -253,7 +245,7 @@ def test_batching_refuses_inputs_not_batched_on_axis_0(cli, tmp_path):
         model = save(MODELS[kind][0](), tmp_path / f"{kind}.onnx")
         np.savez(tmp_path / f"{kind}.npz", **MODELS[kind][1]()[0])
         out = tmp_path / "out.onnx"
-        one_line_error(cli("prune", model, "--calib", tmp_path / f"{kind}.npz", "-o", out), *words)
+        assert_one_line_error(cli("prune", model, "--calib", tmp_path / f"{kind}.npz", "-o", out), *words)
         assert not out.exists()
     # A scalar input given one value per sample.
     with pytest.raises(OnnxObsError, match="'scale' expects rank 0.*--no-batching"):
@@ -272,12 +264,12 @@ def test_suffix_errors(cli, tmp_path):
     mixed = {"x__0": runs[0]["x"], "x__1": runs[1]["x"], "scale": runs[0]["scale"]}
     np.savez(tmp_path / "mixed.npz", **mixed)
     out = tmp_path / "out.onnx"
-    one_line_error(cli("prune", model, "--calib", tmp_path / "missing.npz", "--no-batching", "-o", out),
+    assert_one_line_error(cli("prune", model, "--calib", tmp_path / "missing.npz", "--no-batching", "-o", out),
                    "'scale'", "run 1", "scale__1")
-    one_line_error(cli("prune", model, "--calib", tmp_path / "mixed.npz", "--no-batching", "-o", out),
+    assert_one_line_error(cli("prune", model, "--calib", tmp_path / "mixed.npz", "--no-batching", "-o", out),
                    "'scale'", "no run suffix")
     (tmp_path / "empty").mkdir()
-    one_line_error(cli("prune", model, "--calib", tmp_path / "empty", "--no-batching", "-o", out),
+    assert_one_line_error(cli("prune", model, "--calib", tmp_path / "empty", "--no-batching", "-o", out),
                    "no .npz files")
     assert not out.exists()
 
@@ -288,6 +280,6 @@ def test_onnxruntime_failure_names_the_inputs(cli, tmp_path):
     runs = state_runs()
     runs[0]["state"] = randn([1, 4, 4])
     out = tmp_path / "out.onnx"
-    one_line_error(cli("prune", model, "--calib", write_dir(tmp_path, runs), "--no-batching", "-o", out),
+    assert_one_line_error(cli("prune", model, "--calib", write_dir(tmp_path, runs), "--no-batching", "-o", out),
                    "onnxruntime failed to run", "x float32[5, 4]", "state float32[1, 4, 4]")
     assert not out.exists()

@@ -1,4 +1,4 @@
-"""Issue 7: a model with over 2 GB of weights in external data is inspected and pruned with peak
+"""A model with over 2 GB of weights in external data is inspected and pruned with peak
 memory bounded by copies of one weight, not by the model's size (measured on the CLI subprocess)."""
 
 from __future__ import annotations

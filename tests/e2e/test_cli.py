@@ -3,7 +3,6 @@ original model, the input is never touched, and every user error is one line wit
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -13,13 +12,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from cli_checks import assert_one_line_error, prune_args, sha
 from graphs import run, session
 
 LINEAR = ("Gemm", "MatMul", "Conv", "ConvTranspose")
-
-
-def sha(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def weights_of(path) -> dict[str, np.ndarray]:
@@ -30,21 +26,6 @@ def linear_weights(path) -> dict[str, str]:
     """weight initializer name -> op type, read straight from the graph."""
     m = onnx.load(str(path))
     return {n.input[1]: n.op_type for n in m.graph.node if n.op_type in LINEAR}
-
-
-def assert_one_line_error(result, *words):
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    err = result.stderr.strip()
-    assert err and "\n" not in err, err
-    assert "Traceback" not in result.stderr + result.stdout
-    assert err.startswith("error:")
-    for w in words:
-        assert w in err, (w, err)
-    return err
-
-
-def prune_args(model, out, *extra):
-    return ["prune", model, "-o", out, "--quiet", *extra]
 
 
 # ---------------------------------------------------------------- magnitude on the samples

@@ -18,7 +18,8 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from onnx_obs.graph.sites import FLOAT_TYPES, node_label
+from onnx_obs.graph.protos import FLOAT_TYPES, infer_shapes
+from onnx_obs.graph.sites import node_label
 
 LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -91,10 +92,7 @@ def _batch1_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
         for d in vi.type.tensor_type.shape.dim:
             if not d.HasField("dim_value"):
                 d.dim_value = 1
-    try:
-        m = onnx.shape_inference.infer_shapes(m)
-    except Exception:  # custom ops: count what can be counted
-        pass
+    m = infer_shapes(m)   # custom ops: count what can be counted
     out = {}
     for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
         ds = vi.type.tensor_type.shape.dim

@@ -15,6 +15,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_obs.graph.model_io import set_raw
+from onnx_obs.graph.protos import FLOAT_TYPES, attrs, constant_value
 
 LINEAR_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose")
 PASS_THROUGH = ("Identity", "Cast", "Transpose")
@@ -23,10 +24,6 @@ QUANTIZED_OPS = {
     "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearGemm",
     "DequantizeLinear", "QuantizeLinear", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
     "MatMulNBits", "QGemm",
-}
-FLOAT_TYPES = {
-    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-    onnx.TensorProto.BFLOAT16,
 }
 # Ops whose constant inputs are weights that no site rule covers: listed as skipped.
 NO_RULE_OPS = {"LSTM", "GRU", "RNN", "Attention", "MultiHeadAttention", "Einsum", "Gather",
@@ -145,10 +142,6 @@ class _Const:
     perm: tuple[int, ...] | None = None
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
 def node_label(node: onnx.NodeProto, index: int, scope: str) -> str:
     name = node.name or f"{node.op_type}_{index}"
     return f"{scope}/{name}" if scope else name
@@ -196,29 +189,28 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], list[Skipped]]:
             visible[init.name] = const_of[key] = c
         for idx, node in enumerate(graph.node):
             label = node_label(node, idx, scope)
-            attrs = _attrs(node)
-            if node.op_type == "Constant" and "value" in attrs and node.output:
+            node_attrs = attrs(node)
+            value = constant_value(node)
+            if value is not None:
                 key = f"{scope}/{node.output[0]}" if scope else node.output[0]
-                c = _Const(key, node.attribute[[a.name for a in node.attribute].index("value")].t,
-                           "constant", scope)
-                visible[node.output[0]] = const_of[key] = c
+                visible[node.output[0]] = const_of[key] = _Const(key, value, "constant", scope)
                 continue
             if node.op_type in PASS_THROUGH and len(node.input) == 1 and node.input[0] in visible:
                 src = visible[node.input[0]]
                 perm = src.perm
                 if node.op_type == "Transpose":
                     rank = len(src.tensor.dims)
-                    perm = _compose(src.perm, attrs.get("perm", list(range(rank))[::-1]))
+                    perm = _compose(src.perm, node_attrs.get("perm", list(range(rank))[::-1]))
                 visible[node.output[0]] = _Const(src.key, src.tensor, src.storage, src.scope, perm)
                 continue
-            role = _linear_role(node, visible, attrs) if node.op_type in LINEAR_OPS else None
+            role = _linear_role(node, visible, node_attrs) if node.op_type in LINEAR_OPS else None
             for pos, name in enumerate(node.input):
                 if name not in visible:
                     continue
                 c = visible[name]
                 if role and pos == role[0]:
                     use = Use(label, node.op_type, node.input[role[3]], node.output[0], role[2],
-                              attrs, in_subgraph=bool(scope))
+                              node_attrs, in_subgraph=bool(scope))
                     uses.setdefault(c.key, []).append((use, role[1], c.perm))
                 elif node.op_type in QUANTIZED_OPS:
                     uses.setdefault(c.key, []).append(

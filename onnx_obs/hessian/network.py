@@ -25,14 +25,12 @@ from onnx_obs.graph.backprop import build_vjp_model, supports_gradients
 from onnx_obs.graph.capture import with_outputs
 from onnx_obs.graph.model_io import LoadedModel, check_output_path, save_model
 from onnx_obs.graph.perturb import build_perturbed_model, fd_deltas
+from onnx_obs.graph.protos import NUMPY_FLOAT_TYPES
 from onnx_obs.graph.sites import Site, Use, site_matrix, write_matrix
 from onnx_obs.hessian import full as fullh
 from onnx_obs.hessian.inverse import inverse_hessian
 from onnx_obs.hessian.layerwise import ConvGeometry, input_vectors
 from onnx_obs.runtime import Runner
-
-_BIAS_DTYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
-
 
 # ---- the weight vector -------------------------------------------------------------------------
 
@@ -154,7 +152,7 @@ def _bias(node, use: Use, layout: str, rows: int, consumers, inits, graph_inputs
     tensor = inits.get(name)
     if tensor is None or name in graph_inputs:
         return f"'{name}' is not a constant initializer of the main graph"
-    if tensor.data_type not in _BIAS_DTYPES:
+    if tensor.data_type not in NUMPY_FLOAT_TYPES:
         return f"'{name}' has an unsupported data type"
     if len(consumers.get(name, [])) != 1:
         return f"'{name}' is shared with other nodes"
@@ -208,8 +206,7 @@ class _Deltas:
 
 
 def _float_outputs(model: onnx.ModelProto) -> list[str]:
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
-    outs = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in floats]
+    outs = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in NUMPY_FLOAT_TYPES]
     if not outs:
         raise OnnxObsError("the model has no floating-point output to differentiate")
     return outs

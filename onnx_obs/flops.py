@@ -1,8 +1,8 @@
 """Model cost: parameters and multiply-accumulates counted from the graph, onnxruntime latency.
 
 Parameters: elements of every float initializer and Constant (sparse initializers at their dense
-size), and how many of them are non-zero. MACs: one per multiply-add of Conv, ConvTranspose, Gemm
-and MatMul, from the shapes onnx shape inference gives with every symbolic dimension (the batch)
+size), and how many of them are non-zero. MACs: one per multiply-add of the linear ops (graph/ops.py:
+Conv, ConvTranspose, Gemm, MatMul), from the shapes onnx shape inference gives with every symbolic dimension (the batch)
 set to 1. Elementwise ops, pooling and normalisation are not counted. Counts are dense: a zero
 in a dense tensor still costs its MAC, which is why structured removal is what makes a model
 faster.
@@ -18,10 +18,9 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from onnx_obs.graph.protos import FLOAT_TYPES, infer_shapes
+from onnx_obs.graph.ops import OPS
+from onnx_obs.graph.protos import FLOAT_TYPES, attrs, infer_shapes
 from onnx_obs.graph.sites import node_label
-
-LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def _float_tensors(graph: onnx.GraphProto):
@@ -58,7 +57,7 @@ def count_macs(model: onnx.ModelProto) -> tuple[int, dict[str, int]]:
     dims = _batch1_shapes(model)
     per_node = {}
     for i, node in enumerate(model.graph.node):
-        if node.op_type not in LINEAR:
+        if node.op_type not in OPS:
             continue
         macs = _node_macs(node, dims)
         if macs is not None:
@@ -71,15 +70,7 @@ def _node_macs(node: onnx.NodeProto, dims: dict) -> int | None:
     out = dims.get(node.output[0])
     if any(s is None for s in shapes) or out is None:
         return None
-    x, w = shapes
-    if node.op_type == "Conv":        # N * out positions * (C_out * C_in/g * taps)
-        return int(np.prod(out[:1] + out[2:]) * np.prod(w))
-    if node.op_type == "ConvTranspose":  # N * in positions * (C_in * C_out/g * taps)
-        return int(np.prod(x[:1] + x[2:]) * np.prod(w))
-    if node.op_type == "Gemm":
-        trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
-        return int(np.prod(out) * (x[0] if trans_a else x[-1]))
-    return int(np.prod(out) * x[-1])   # MatMul: every output element is a K-long dot product
+    return OPS[node.op_type].macs(attrs(node), *shapes, out)
 
 
 def _batch1_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
@@ -121,7 +112,8 @@ def resource_model(model: onnx.ModelProto, groups, kind: str) -> Callable[[np.nd
         weights, fixed = {}, 0.0
         for i, node in enumerate(model.graph.node):
             macs = per_node.get(node_label(node, i, ""), 0)
-            w = node.input[1] if len(node.input) > 1 else ""
+            spec = OPS.get(node.op_type)
+            w = node.input[spec.weight] if spec and len(node.input) > spec.weight else ""
             if w in tensors and macs:
                 size = int(np.prod(tensors[w].dims, dtype=np.int64))
                 weights[w] = weights.get(w, 0.0) + macs / size

@@ -96,7 +96,7 @@ def _batch1_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
 
 def resource_model(model: onnx.ModelProto, groups, kind: str) -> Callable[[np.ndarray], float]:
     """Parameters ("params") or MACs ("macs") of the model as a function of how many units each
-    of `groups` (onnx_obs.graph.channels.UnitGroup) loses: every cut tensor shrinks by the
+    of `groups` (onnx_obs.graph.units.UnitGroup) loses: every cut tensor shrinks by the
     unit's positions along its axis, and a linear node's MACs scale with its weight's size."""
     cut_axes: dict[str, dict[int, list[tuple[int, float]]]] = {}
     for g, group in enumerate(groups):

@@ -1,11 +1,11 @@
 """Model cost: parameters and multiply-accumulates counted from the graph, onnxruntime latency.
 
 Parameters: elements of every float initializer and Constant (sparse initializers at their dense
-size), and how many of them are non-zero. MACs: one per multiply-add of the linear ops (graph/ops.py:
-Conv, ConvTranspose, Gemm, MatMul), from the shapes onnx shape inference gives with every symbolic dimension (the batch)
-set to 1. Elementwise ops, pooling and normalisation are not counted. Counts are dense: a zero
-in a dense tensor still costs its MAC, which is why structured removal is what makes a model
-faster.
+size), and how many of them are non-zero. MACs: one per multiply-add of the linear ops
+(graph/ops.py: Conv, ConvTranspose, Gemm, MatMul), from the shapes onnx shape inference gives with
+every symbolic dimension (the batch) set to 1. Elementwise ops, pooling and normalisation are not
+counted. Counts are dense: a zero in a dense tensor still costs its MAC, which is why structured
+removal is what makes a model faster.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ class Use:
     """One linear node that consumes the site as its weight.
 
     `samples` says how the activation tensor becomes input vectors: "rows" (last axis is the
-    input axis), "cols" (second-to-last axis is), "conv" or "convT" (unfolded patches).
+    input axis), "cols" (second-to-last axis is), "conv" or "convtranspose" (unfolded patches).
     """
 
     node: str
@@ -56,7 +56,7 @@ class Site:
     shape: tuple[int, ...]    # ONNX shape of the stored tensor
     dtype: str
     perm: tuple[int, ...] | None  # stored tensor -> op view, composed Transposes
-    layout: str               # "rows_cols", "cols_rows", "conv", "convT"
+    layout: str               # "rows_cols", "cols_rows", "conv", "convT" (graph/ops.py)
     groups: int
     uses: list[Use]
     tensor: onnx.TensorProto = field(repr=False)
@@ -229,7 +229,7 @@ def _skip_reason(tensor, weight_uses, blockers, other) -> str | None:
         return "integer weights (quantized)"
     if other:
         return "also used outside a linear op's weight input"
-    layouts = {(layout, perm, u.attrs.get("group", 1)) for u, layout, perm in weight_uses}
+    layouts = {(layout, perm, OPS[u.op_type].groups(u.attrs)) for u, layout, perm in weight_uses}
     if len(layouts) > 1:
         return "shared by nodes that read it in different layouts"
     return OPS[weight_uses[0][0].op_type].rank_problem(len(tensor.dims))

@@ -119,13 +119,13 @@ def parameters(model: onnx.ModelProto, sites: list[Site], base_dir: str, prune_b
             terms.append(term)
             if not prune_biases:
                 continue
-            found = _bias(graph.node, ni, layout, s.matrix_shape[0], read, inits, graph_inputs)
-            if isinstance(found, str):
-                notes.append(f"bias of {u.node} left out of w: {found}")
+            bias = _bias(graph.node, ni, layout, s.matrix_shape[0], read, inits, graph_inputs)
+            if isinstance(bias, str):
+                notes.append(f"bias of {u.node} left out of w: {bias}")
                 continue
-            if found is None:
+            if bias is None:
                 continue
-            segments.append(Segment(found.name, f"{u.op_type} bias", start, tuple(found.dims), bias=found))
+            segments.append(Segment(bias.name, f"{u.op_type} bias", start, tuple(bias.dims), bias=bias))
             term.bias, term.beta = segments[-1].slice, beta
             start += segments[-1].size
     return Parameters(segments, terms, base_dir)

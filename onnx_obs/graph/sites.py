@@ -19,6 +19,8 @@ from onnx_obs.graph.model_io import set_raw
 LINEAR_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose")
 PASS_THROUGH = ("Identity", "Cast", "Transpose")
 SHAPE_READERS = ("Shape", "Size")   # read a tensor's shape only: pruning its values is no change
+RESHAPERS = ("Unsqueeze", "Squeeze", "Reshape", "Flatten")  # followed only to a recurrent op
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 QUANTIZED_OPS = {
     "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearGemm",
     "DequantizeLinear", "QuantizeLinear", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
@@ -143,6 +145,7 @@ class _Const:
     storage: str
     scope: str
     perm: tuple[int, ...] | None = None
+    reshaped: bool = False   # seen through a RESHAPER: counts only as a recurrent op's weight
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -209,13 +212,27 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], list[Skipped]]:
                 if node.op_type == "Transpose":
                     rank = len(src.tensor.dims)
                     perm = _compose(src.perm, attrs.get("perm", list(range(rank))[::-1]))
-                visible[node.output[0]] = _Const(src.key, src.tensor, src.storage, src.scope, perm)
+                visible[node.output[0]] = _Const(src.key, src.tensor, src.storage, src.scope, perm,
+                                                 src.reshaped)
+                continue
+            if node.op_type in RESHAPERS and node.input and node.input[0] in visible:
+                # exporters put LSTM/GRU/RNN weights behind an Unsqueeze: follow them so that
+                # they are listed as skipped; any other use is not a weight use, as before
+                src = visible[node.input[0]]
+                uses.setdefault(src.key, []).append((None, None, None))
+                visible[node.output[0]] = _Const(src.key, src.tensor, src.storage, src.scope,
+                                                 None, True)
                 continue
             role = _linear_role(node, visible, attrs) if node.op_type in LINEAR_OPS else None
             for pos, name in enumerate(node.input):
                 if name not in visible:
                     continue
                 c = visible[name]
+                if c.reshaped:
+                    if node.op_type in RECURRENT_OPS and c.tensor.data_type in FLOAT_TYPES:
+                        uses.setdefault(c.key, []).append(
+                            (None, (node.op_type, _no_rule_reason(node.op_type)), None))
+                    continue
                 if role and pos == role[0]:
                     use = Use(label, node.op_type, node.input[role[3]], node.output[0], role[2],
                               attrs, in_subgraph=bool(scope))
@@ -263,8 +280,9 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], list[Skipped]]:
 
 
 def _no_rule_reason(op_type: str) -> str:
-    if op_type in ("LSTM", "GRU", "RNN"):
-        return f"recurrent {op_type} weights are not pruned (no 2-D view for them)"
+    if op_type in RECURRENT_OPS:
+        return (f"recurrent {op_type} weights (W, R) are not pruned: layer-wise OBS has no "
+                "Hessian for them yet")
     if op_type == "Gather":
         return "read by Gather as a lookup table (an embedding): not pruned"
     return f"{op_type} weights are not pruned (no 2-D view for them)"

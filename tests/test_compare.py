@@ -27,7 +27,7 @@ def swept(tmp_path_factory):
     d = tmp_path_factory.mktemp("compare")
     res = CliRunner().invoke(app, [
         "compare", str(MLP), "--calib", str(CALIB), "--eval", str(EVAL), "--methods", "magnitude,obs",
-        "--sparsities", "0:0.5:0.25", "--max-samples", "32", "--max-loss", "0.02",
+        "--sparsities", "0:0.5:0.25", "--max-samples", "32", "--max-loss", "0.02", "--no-sequential",
         "--plot", str(d / "curve.png"), "--json", str(d / "out.json")])
     assert res.exit_code == 0, res.output
     return d, res, json.loads((d / "out.json").read_text())

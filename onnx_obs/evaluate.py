@@ -4,7 +4,10 @@ agreement, accuracy with labels, latency and file size; and quality thresholds f
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import os
+import sys
 import statistics
 import time
 import zipfile
@@ -411,3 +414,29 @@ def _values(result: Evaluation, metric: str) -> list[tuple[str, float]]:
 def failure_message(check: ThresholdCheck) -> str:
     return (f"{check.metric} of {check.of} is {check.value:.6g}, {check.fails_when} "
             f"the threshold {check.limit:.6g}")
+
+
+def load_metric(spec: str):
+    """The function named by --metric MODULE:FUNCTION (MODULE importable, or a .py file)."""
+    module, sep, name = spec.rpartition(":")
+    if not sep or not module or not name:
+        raise OnnxObsError(f"--metric must look like MODULE:FUNCTION (e.g. mymetrics:iou), got '{spec}'")
+    try:
+        if module.endswith(".py"):
+            spec_ = importlib.util.spec_from_file_location(Path(module).stem, module)
+            if spec_ is None or not Path(module).is_file():
+                raise OnnxObsError(f"--metric: file {module} not found")
+            mod = importlib.util.module_from_spec(spec_)
+            spec_.loader.exec_module(mod)
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            mod = importlib.import_module(module)
+    except OnnxObsError:
+        raise
+    except Exception as e:  # the user's module failed to import: say so in one line
+        raise OnnxObsError(f"--metric: cannot import {module}: {type(e).__name__}: {e}") from e
+    fn = getattr(mod, name, None)
+    if not callable(fn):
+        raise OnnxObsError(f"--metric: {module} has no function '{name}'")
+    return fn

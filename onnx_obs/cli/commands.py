@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import os
 import shlex
@@ -24,7 +22,8 @@ from onnx_obs.cli.options import (DATA, FULL, METHOD, OUTPUT, SOLVER, STRUCT, Ba
                                   MinParamsOpt, NoBatchingOpt, OpTypesOpt, PatternOpt, QuietOpt,
                                   SolverOpt, VerboseOpt, prune_config)
 from onnx_obs.config import Selection, parse_op_types, parse_pattern
-from onnx_obs.cli.show import _print_compare, _print_evaluate, _print_inspect, _print_prune
+from onnx_obs.cli.show import (_print_compare, _print_evaluate, _print_inspect, _print_prune,
+                               check_json_path, write_json)
 from onnx_obs.errors import OnnxObsError
 
 
@@ -130,7 +129,7 @@ def evaluate(
     """
     progress = verbosity(quiet, verbose)
     check_json_path(json_out)
-    fn = load_metric(metric) if metric else None
+    fn = evaluation.load_metric(metric) if metric else None
     extra = [fn.__name__] if fn else []
     under = evaluation.parse_thresholds(fail_under, "--fail-under", extra)
     over = evaluation.parse_thresholds(fail_over, "--fail-over", extra)
@@ -208,45 +207,3 @@ def compare(
         if progress:
             out.print(f"wrote    {' and '.join(map(str, paths))}", highlight=False)
 
-
-def check_json_path(path: Path | None) -> None:
-    """Fail before any work when a --json file cannot be written."""
-    if path is not None and str(path) != STDOUT:
-        sweep.check_writable(path, "--json")
-
-
-def write_json(path: Path, text: str, flag: str) -> None:
-    """`text` to stdout for `-`, else to the file."""
-    if str(path) == STDOUT:
-        typer.echo(text)
-        return
-    try:
-        path.write_text(text)
-    except OSError as e:
-        raise OnnxObsError(f"could not write {flag} {path}: {e.strerror or e}") from e
-
-
-def load_metric(spec: str):
-    """The function named by --metric MODULE:FUNCTION (MODULE importable, or a .py file)."""
-    module, sep, name = spec.rpartition(":")
-    if not sep or not module or not name:
-        raise OnnxObsError(f"--metric must look like MODULE:FUNCTION (e.g. mymetrics:iou), got '{spec}'")
-    try:
-        if module.endswith(".py"):
-            spec_ = importlib.util.spec_from_file_location(Path(module).stem, module)
-            if spec_ is None or not Path(module).is_file():
-                raise OnnxObsError(f"--metric: file {module} not found")
-            mod = importlib.util.module_from_spec(spec_)
-            spec_.loader.exec_module(mod)
-        else:
-            if os.getcwd() not in sys.path and "" not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            mod = importlib.import_module(module)
-    except OnnxObsError:
-        raise
-    except Exception as e:  # the user's module failed to import: say so in one line
-        raise OnnxObsError(f"--metric: cannot import {module}: {type(e).__name__}: {e}") from e
-    fn = getattr(mod, name, None)
-    if not callable(fn):
-        raise OnnxObsError(f"--metric: {module} has no function '{name}'")
-    return fn

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import typer
 from rich.markup import escape
 from rich.table import Table
 
-from onnx_obs.cli.app import out
-from onnx_obs.compare import Comparison
+from onnx_obs.cli.app import STDOUT, out
+from onnx_obs.compare import Comparison, check_writable
+from onnx_obs.errors import OnnxObsError
 from onnx_obs.evaluate import Evaluation, ThresholdCheck
 from onnx_obs.inspection import Inspection
 
@@ -192,3 +194,20 @@ def _size(n) -> str:
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
+
+
+def check_json_path(path: Path | None) -> None:
+    """Fail before any work when a --json file cannot be written."""
+    if path is not None and str(path) != STDOUT:
+        check_writable(path, "--json")
+
+
+def write_json(path: Path, text: str, flag: str) -> None:
+    """`text` to stdout for `-`, else to the file."""
+    if str(path) == STDOUT:
+        typer.echo(text)
+        return
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise OnnxObsError(f"could not write {flag} {path}: {e.strerror or e}") from e

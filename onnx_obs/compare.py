@@ -3,6 +3,7 @@ removes the most weights for the same loss of quality."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from onnx_obs import api
 from onnx_obs.calib import load_calibration
 from onnx_obs.config import METHODS, PruneConfig
 from onnx_obs.errors import OnnxObsError
-from onnx_obs.evaluate import Quality, data_keys, detect_labels, label_note, measure
+from onnx_obs.evaluate import Quality, as_flag, data_keys, detect_labels, label_note, measure
 from onnx_obs.graph.model_io import load_any
 from onnx_obs.progress import Progress
 from onnx_obs.runtime import Runner
@@ -150,8 +151,9 @@ def compare(model, calib, config: PruneConfig | None = None, *, methods: list[st
     if not sequential and any(m != "magnitude" for m in methods):
         notes.append("Hessians of the original model were captured once and shared by every run "
                      "(the seconds of the first Hessian-based run include the capture)")
-    ecal = load_calibration(eval_src, loaded.model, batch_size=batch_size, labels_key=eval_labels,
-                            batching=batching)
+    with as_flag("--eval") if eval_data is not None else contextlib.nullcontext():
+        ecal = load_calibration(eval_src, loaded.model, batch_size=batch_size, labels_key=eval_labels,
+                                batching=batching)
     ref = Runner(loaded.model, loaded.base_dir, device)
     cache = None if sequential else {}
     rows, baseline = [], None

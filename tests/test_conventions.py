@@ -20,9 +20,15 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ("prune", "inspect", "evaluate", "compare")
 
 
-def test_version(cli):
+def test_version_and_completion(cli):
     r = cli("--version")
     assert r.exit_code == 0 and r.stdout.strip() == f"onnx-obs {__version__}"
+    assert "--install-completion" in cli("-h").stdout
+
+
+def test_compare_names_its_eval_flag(cli, mlp_path, mlp_calib, tmp_path):
+    r = cli("compare", mlp_path, "--calib", mlp_calib, "--eval", tmp_path / "none.npz", "-q")
+    assert_one_line_error(r, "--eval: data file not found")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

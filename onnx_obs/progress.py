@@ -35,7 +35,7 @@ class Progress:
         self.enabled = enabled or verbose
         self.verbose = verbose
         self.bar = self.enabled and not verbose and self.stream.isatty()
-        self._tasks: list[_Task] = []
+        self._tasks: dict[int, _Task] = {}   # by rich's task id
         self._bar = _RichProgress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TimeRemainingColumn(), console=Console(file=self.stream),
@@ -49,10 +49,11 @@ class Progress:
         self._bar.__exit__(*exc)
 
     def add(self, description: str, total: int | None) -> int:
-        self._tasks.append(_Task(description, total, time.perf_counter()))
+        task = self._bar.add_task(description, total=total)
+        self._tasks[task] = _Task(description, total, time.perf_counter())
         if self.verbose:
-            self._line(self._tasks[-1], "started")
-        return self._bar.add_task(description, total=total)
+            self._line(self._tasks[task], "started")
+        return task
 
     def advance(self, task: int, by: int = 1, what: str = "") -> None:
         """`by` more steps of `task` are done; `what` names the step just finished."""

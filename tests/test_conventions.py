@@ -69,6 +69,12 @@ def test_inspect_json_to_a_file_and_quiet(cli, mlp_path, tmp_path):
     assert [p["name"] for p in json.loads((tmp_path / "i.json").read_text())["inputs"]] == ["input"]
 
 
+def test_inspect_verbose_names_the_nodes(cli, mlp_path):
+    assert "nodes" not in cli("inspect", mlp_path).stdout
+    r = cli("inspect", mlp_path, "-v")
+    assert r.exit_code == 0 and "nodes" in r.stdout and "/0/Gemm" in r.stdout
+
+
 def test_quiet_and_verbose_contradict(cli, mlp_path):
     assert_one_line_error(cli("inspect", mlp_path, "-q", "-v"), "--quiet", "--verbose")
 

@@ -71,7 +71,8 @@ def _print_costs(d: dict) -> None:
                   f"({sum(s['dense_bytes'] for s in sparse):,} -> {sum(s['sparse_bytes'] for s in sparse):,} bytes)")
 
 def _print_inspect(info: Inspection, verbose: bool = False) -> None:
-    t = Table(title=f"{info.model}  (opset {info.opset})", title_justify="left")
+    out.print(escape(f"{info.model}  (opset {info.opset})"), highlight=False)
+    t = Table(title="inputs and outputs", title_justify="left")
     for col in ("", "name", "dtype and shape"):
         t.add_column(col)
     for kind, ports in (("input", info.inputs), ("output", info.outputs)):

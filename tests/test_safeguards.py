@@ -127,3 +127,14 @@ def test_inspect_shows_inputs_outputs_and_flags(cli, tmp_path):
     text = cli("inspect", path)
     assert "float32[n, 64]" in text.stdout and "dfl.weight (!)" in text.stdout
     assert "dfl.weight: looks like a fixed transform" in text.stdout
+
+
+def test_a_reshaped_constant_activation_leaves_the_weight_a_site():
+    # following Reshape/Unsqueeze for recurrent ops must not turn a constant activation into a
+    # second "weight" that hides the real one
+    inits = [init("table", randn([12])), init("shape", np.array([3, 4], np.int64)), init("W", randn([4, 5], 1))]
+    nodes = [helper.make_node("Reshape", ["table", "shape"], ["a"]),
+             helper.make_node("MatMul", ["a", "W"], ["y"], name="mm")]
+    model = make_model(nodes, [], [vi("y", np.float32, None)], inits)
+    sites, skipped = find_sites(model)
+    assert [s.name for s in sites] == ["W"] and not skipped

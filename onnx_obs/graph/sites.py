@@ -164,7 +164,8 @@ def _compose(outer: tuple[int, ...] | None, inner: list[int]) -> tuple[int, ...]
 def _linear_role(node, consts, attrs):
     """(weight input index, layout, samples kind, activation index) or None if not a weight use."""
     ins = list(node.input)
-    is_const = [i < len(ins) and ins[i] in consts for i in range(2)]
+    # a constant seen through a RESHAPER is neither a weight nor a constant activation here
+    is_const = [i < len(ins) and ins[i] in consts and not consts[ins[i]].reshaped for i in range(2)]
     if node.op_type in ("Conv", "ConvTranspose"):
         if is_const[1] and not is_const[0]:
             return 1, "conv" if node.op_type == "Conv" else "convT", node.op_type.lower(), 0

@@ -14,8 +14,9 @@ import typer
 
 from onnx_obs.config import MIN_PARAMS, PruneConfig, parse_op_types, parse_pattern
 
-SELECT, DATA, METHOD, SOLVER = "Selection", "Calibration data", "Method", "Layer-wise OBS"
+SELECT, DATA, METHOD, SOLVER = "Selection", "Data", "Method", "Layer-wise OBS"
 FULL, STRUCT, OUTPUT = "Full-network OBS", "Structured removal", "Output"
+TIMING, CHECKS = "Timing", "Checks"
 
 ConfigOpt = typer.Option(None, "--config", help="Read the settings from this TOML file (keys as the options without dashes, e.g. sparsity = 0.6, or in the tables selection, data, layerwise, full and structured); options given on the command line override it.")
 IncludeOpt = typer.Option(None, "--include", help="Only sites whose tensor or node name matches this regex.", rich_help_panel=SELECT)

@@ -140,7 +140,8 @@ def evaluate(original, pruned, data, *, labels: str | None = None, batch_size: i
     return Evaluation(
         original=ref_summary, pruned=cand_summary,
         outputs=quality.outputs, label_output=quality.label_output,
-        metrics=custom.summary() if custom else {}, data=cal.source, samples=cal.num_samples, labels=labels, batching=cal.batched,
+        metrics=custom.summary() if custom else {},
+        data=cal.source, samples=cal.num_samples, labels=labels, batching=cal.batched,
         batch_size=len(next(iter(cal.batches[0].values()))) if cal.sliceable else None,
         repeats=repeats, device=ref.provider, notes=notes + cal.notes)
 
@@ -395,7 +396,7 @@ def check_thresholds(result: Evaluation, under: dict[str, float],
 
 def _values(result: Evaluation, metric: str) -> list[tuple[str, float]]:
     if metric in result.metrics:
-        return [("--metric", result.metrics[metric])]
+        return [("the --metric function", result.metrics[metric])]
     if result.metrics and metric not in HIGHER_IS_BETTER + LOWER_IS_BETTER:
         raise OnnxObsError(f"--metric reported {', '.join(result.metrics)}, not '{metric}': "
                            "fix the threshold's name")

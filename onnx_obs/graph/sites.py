@@ -20,6 +20,8 @@ from onnx_obs.graph.protos import FLOAT_TYPES, attrs, constant_value
 
 PASS_THROUGH = ("Identity", "Cast", "Transpose")
 SHAPE_READERS = ("Shape", "Size")   # read a tensor's shape only: pruning its values is no change
+RESHAPERS = ("Unsqueeze", "Squeeze", "Reshape", "Flatten")  # followed only to a recurrent op
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 QUANTIZED_OPS = {
     "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearGemm",
     "DequantizeLinear", "QuantizeLinear", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
@@ -121,6 +123,7 @@ class _Const:
     storage: str
     scope: str
     perm: tuple[int, ...] | None = None
+    reshaped: bool = False   # seen through a RESHAPER: counts only as a recurrent op's weight
 
 
 def node_label(node: onnx.NodeProto, index: int, scope: str) -> str:
@@ -130,6 +133,17 @@ def node_label(node: onnx.NodeProto, index: int, scope: str) -> str:
 
 def _compose(outer: tuple[int, ...] | None, inner: list[int]) -> tuple[int, ...]:
     return tuple(outer[k] for k in inner) if outer else tuple(inner)
+
+
+class _WeightNames:
+    """The constants a linear op may read as its weight: not those seen through a RESHAPER."""
+
+    def __init__(self, visible: dict):
+        self.visible = visible
+
+    def __contains__(self, name: str) -> bool:
+        c = self.visible.get(name)
+        return c is not None and not c.reshaped
 
 
 def find_sites(model: onnx.ModelProto) -> tuple[list[Site], list[Skipped]]:
@@ -160,14 +174,28 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], list[Skipped]]:
                 if node.op_type == "Transpose":
                     rank = len(src.tensor.dims)
                     perm = _compose(src.perm, node_attrs.get("perm", list(range(rank))[::-1]))
-                visible[node.output[0]] = _Const(src.key, src.tensor, src.storage, src.scope, perm)
+                visible[node.output[0]] = _Const(src.key, src.tensor, src.storage, src.scope, perm,
+                                                 src.reshaped)
+                continue
+            if node.op_type in RESHAPERS and node.input and node.input[0] in visible:
+                # exporters put LSTM/GRU/RNN weights behind an Unsqueeze: follow them so that
+                # they are listed as skipped; any other use is not a weight use, as before
+                src = visible[node.input[0]]
+                uses.setdefault(src.key, []).append((None, None, None))
+                visible[node.output[0]] = _Const(src.key, src.tensor, src.storage, src.scope,
+                                                 None, True)
                 continue
             spec = OPS.get(node.op_type)
-            role = spec.role(node, visible, node_attrs) if spec else None
+            role = spec.role(node, _WeightNames(visible), node_attrs) if spec else None
             for pos, name in enumerate(node.input):
                 if name not in visible:
                     continue
                 c = visible[name]
+                if c.reshaped:
+                    if node.op_type in RECURRENT_OPS and c.tensor.data_type in FLOAT_TYPES:
+                        uses.setdefault(c.key, []).append(
+                            (None, (node.op_type, _no_rule_reason(node.op_type)), None))
+                    continue
                 if role and pos == role.weight:
                     use = Use(label, node.op_type, node.input[role.activation], node.output[0],
                               role.samples, node_attrs, in_subgraph=bool(scope))
@@ -215,8 +243,9 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], list[Skipped]]:
 
 
 def _no_rule_reason(op_type: str) -> str:
-    if op_type in ("LSTM", "GRU", "RNN"):
-        return f"recurrent {op_type} weights are not pruned (no 2-D view for them)"
+    if op_type in RECURRENT_OPS:
+        return (f"recurrent {op_type} weights (W, R) are not pruned: layer-wise OBS has no "
+                "Hessian for them yet")
     if op_type == "Gather":
         return "read by Gather as a lookup table (an embedding): not pruned"
     return f"{op_type} weights are not pruned (no 2-D view for them)"

@@ -102,7 +102,7 @@ def run(ctx: Context) -> None:
         entry["removed"] = sorted(int(u) for u in removed)
         entry["seconds"] = time.perf_counter() - t0
         report.structure.append(entry)
-        bar.advance(task)
+        bar.advance(task, what=name)
     _full_check(model, original, report)
     ctx.sites = find_sites(model)[0]
 

@@ -17,9 +17,10 @@ from onnx_obs import compare as sweep
 from onnx_obs import evaluate as evaluation
 from onnx_obs import plot as plotting
 from onnx_obs.cli.app import app, err, handled, out
-from onnx_obs.cli.options import (DATA, FULL, METHOD, OUTPUT, SOLVER, STRUCT, BatchSizeOpt, ConfigOpt,
-                                  DampOpt, DeviceOpt, ExcludeOpt, IncludeOpt, MaxSamplesOpt,
-                                  NoBatchingOpt, OpTypesOpt, PatternOpt, SolverOpt, prune_config)
+from onnx_obs.cli.options import (DATA, FULL, METHOD, OUTPUT, QUANT, SOLVER, STRUCT, ActOrderOpt,
+                                  BatchSizeOpt, ConfigOpt, DampOpt, DeviceOpt, ExcludeOpt, FormatOpt,
+                                  GroupSizeOpt, IncludeOpt, MaxSamplesOpt, NoBatchingOpt, OpTypesOpt,
+                                  PatternOpt, SolverOpt, SymmetricOpt, prune_config)
 from onnx_obs.config import Selection, parse_op_types, parse_pattern
 from onnx_obs.cli.show import _print_compare, _print_evaluate, _print_inspect, _print_prune
 from onnx_obs.errors import OnnxObsError
@@ -62,24 +63,70 @@ def prune(
     prune_biases: bool = typer.Option(False, "--prune-biases", help="Full-network: the selected nodes' biases join the pool (the paper counts them as weights).", rich_help_panel=FULL),
     gradients: str = typer.Option("auto", "--gradients", help="Full-network: graph (a gradient graph), fd (finite differences) or auto (graph where every op has a rule).", rich_help_panel=FULL),
     save_gradient_graph: Optional[Path] = typer.Option(None, "--save-gradient-graph", help="Full-network: also write the gradient graph here.", rich_help_panel=FULL),
+    bits: Optional[int] = typer.Option(None, "--bits", help="Also quantize the pruned weights to 8 or 4 bits in the same pass (zeros stay zeros); see onnx-obs quantize.", rich_help_panel=QUANT),
+    group_size: int = GroupSizeOpt, symmetric: bool = SymmetricOpt, act_order: bool = ActOrderOpt,
+    quant_method: str = typer.Option("auto", "--quant-method", help="With --bits: obq, gptq, rtn or auto (obq where it costs about 2 s or less per layer, else gptq).", rich_help_panel=QUANT),
+    format: str = FormatOpt,
 ):
     """Prune MODEL and write the pruned model to -o."""
+    _check_report_path(report, model, output)
+    result = api.prune(str(model), str(calib) if calib else None, prune_config(ctx, config_file),
+                       output=output, force=force, progress=not quiet,
+                       command="onnx-obs " + shlex.join(sys.argv[1:]))
+    _write_report(result, report)
+    if not quiet:
+        _print_prune(result.report.to_dict(), output)
+
+
+@app.command()
+@handled
+def quantize(
+    ctx: typer.Context,
+    model: Path = typer.Argument(..., help="The ONNX model to quantize (never modified)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the quantized model.", rich_help_panel=OUTPUT),
+    calib: Optional[Path] = typer.Option(None, "--calib", help=".npz keyed by input name (or .npy for one input), batched on axis 0; or a directory of .npz (see --no-batching). Needed by obq and gptq.", rich_help_panel=DATA),
+    config_file: Optional[Path] = ConfigOpt,
+    bits: int = typer.Option(8, "--bits", help="8 (int8 codes) or 4 (int4, opset 21).", rich_help_panel=QUANT),
+    group_size: int = GroupSizeOpt, symmetric: bool = SymmetricOpt,
+    quant_method: str = typer.Option("auto", "--method", help="obq (exact greedy, Optimal Brain Quantization), gptq (fixed column order, blocked), rtn (round to nearest, no correction), or auto: obq where it costs about 2 s or less per layer, else gptq.", rich_help_panel=QUANT),
+    act_order: bool = ActOrderOpt,
+    block_size: int = typer.Option(128, "--block-size", help="Column block of GPTQ's lazy updates.", rich_help_panel=SOLVER),
+    damp: float = DampOpt,
+    sequential: bool = typer.Option(True, "--sequential/--no-sequential", help="Capture each site's inputs after the sites before it are quantized.", rich_help_panel=SOLVER),
+    batch_size: int = BatchSizeOpt,
+    max_samples: Optional[int] = MaxSamplesOpt,
+    no_batching: bool = NoBatchingOpt,
+    include: Optional[str] = IncludeOpt, exclude: Optional[str] = ExcludeOpt, op_types: Optional[str] = OpTypesOpt,
+    device: str = DeviceOpt,
+    format: str = FormatOpt,
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here.", rich_help_panel=OUTPUT),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file.", rich_help_panel=OUTPUT),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
+):
+    """Quantize MODEL's weights to int8 / int4 with OBQ, GPTQ or RTN and write the model to -o."""
+    _check_report_path(report, model, output)
+    result = api.quantize(str(model), str(calib) if calib else None, prune_config(ctx, config_file),
+                          output=output, force=force, progress=not quiet,
+                          command="onnx-obs " + shlex.join(sys.argv[1:]))
+    _write_report(result, report)
+    if not quiet:
+        _print_prune(result.report.to_dict(), output)
+
+
+def _check_report_path(report: Path | None, model: Path, output: Path) -> None:
     if report is not None and report.resolve() in (model.resolve(), output.resolve()):
         raise OnnxObsError("--report must not be the model or the output path")
     if report is not None and not (report.parent.is_dir() and os.access(report.parent, os.W_OK)):
         raise OnnxObsError(f"cannot write the report into {report.parent}: the directory is "
                            "missing or not writable")
-    result = api.prune(str(model), str(calib) if calib else None, prune_config(ctx, config_file),
-                       output=output, force=force, progress=not quiet,
-                       command="onnx-obs " + shlex.join(sys.argv[1:]))
-    data = result.report.to_dict()
+
+
+def _write_report(result: api.PruneResult, report: Path | None) -> None:
     if report is not None:
         try:
             report.write_text(result.report.to_json())
         except OSError as e:
             raise OnnxObsError(f"could not write the report {report}: {e.strerror or e}") from e
-    if not quiet:
-        _print_prune(data, output)
 
 
 @app.command()

@@ -53,6 +53,13 @@ def unsupported(site: Site) -> str | None:
     return None
 
 
+def site_block(site: Site, group_size: int) -> int | None:
+    """Input channels per scale for the site: group_size, or None (one scale per output channel)
+    where the site has fewer input channels than that (a block would hold fewer weights)."""
+    channels = site.op_shape[_COL_AXIS[site.layout]]
+    return None if group_size == -1 or channels < group_size else group_size
+
+
 def column_groups(site: Site, block: int | None) -> np.ndarray:
     """Group index of every column of the site's 2-D view for blocks of `block` input channels
     (None: one group). Columns are (input channel, kernel position) pairs, channel-major; a
@@ -76,12 +83,13 @@ def write_qdq(model: onnx.ModelProto, site: Site, q: QuantizedWeight, store) -> 
     """Replace the site's float tensor by codes + scale (+ zero point) and a DequantizeLinear
     producing the same name. store(tensor, raw_bytes) stores a new tensor's data (LoadedModel.store)."""
     graph = model.graph
+    name = site.tensor_name if site.storage == "initializer" else site.name  # what consumers read
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
     row_axis, col_axis = (site.perm[a] if site.perm else a for a in
                           (_ROW_AXIS[site.layout], _COL_AXIS[site.layout]))
     code_type = _CODE_TYPES[(q.bits, q.signed)]
     stored = site.from_matrix(q.codes)
-    inputs = [_add(graph, store, _free(f"{site.tensor_name}_quantized", taken), code_type, stored)]
+    inputs = [_add(graph, store, _free(f"{name}_quantized", taken), code_type, stored)]
     if q.block is None:
         attrs = {"axis": row_axis}
         scale, zero = q.scale[:, 0], q.zero[:, 0]
@@ -91,17 +99,17 @@ def write_qdq(model: onnx.ModelProto, site: Site, q: QuantizedWeight, store) -> 
         scale = np.moveaxis(np.moveaxis(site.from_matrix(q.scale[:, q.groups]), col_axis, 0)[take], 0, col_axis)
         zero = np.moveaxis(np.moveaxis(site.from_matrix(q.zero[:, q.groups]), col_axis, 0)[take], 0, col_axis)
     scale_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(q.scale.dtype))
-    inputs.append(_add(graph, store, _free(f"{site.tensor_name}_scale", taken), scale_type, scale))
+    inputs.append(_add(graph, store, _free(f"{name}_scale", taken), scale_type, scale))
     if not q.signed:  # int codes have zero point 0, DequantizeLinear's default
-        inputs.append(_add(graph, store, _free(f"{site.tensor_name}_zero_point", taken), code_type, zero))
-    node = onnx.helper.make_node("DequantizeLinear", inputs, [site.tensor_name],
-                                 name=_free(f"{site.tensor_name}_DequantizeLinear", taken), **attrs)
+        inputs.append(_add(graph, store, _free(f"{name}_zero_point", taken), code_type, zero))
+    node = onnx.helper.make_node("DequantizeLinear", inputs, [name],
+                                 name=_free(f"{name}_DequantizeLinear", taken), **attrs)
     if site.storage == "initializer":
         index = [t.name for t in graph.initializer].index(site.tensor_name)
         del graph.initializer[index]
         graph.node.insert(0, node)
     else:  # a Constant node: DequantizeLinear takes its place
-        index = [n.output[0] if n.output else "" for n in graph.node].index(site.name)
+        index = [n.output[0] if n.output else "" for n in graph.node].index(name)
         graph.node.insert(index, node)
         del graph.node[index + 1]
 

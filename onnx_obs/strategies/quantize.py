@@ -19,7 +19,7 @@ from onnx_obs.algorithms.layerwise import layer_error
 from onnx_obs.algorithms.quantize import quantize_layer
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.quant_format import (SCALE_DTYPES, QuantizedWeight, column_groups, needed_opset,
-                                         unsupported, write_qdq)
+                                         site_block, unsupported, write_qdq)
 from onnx_obs.graph.sites import Site, find_sites, site_matrix, write_matrix
 from onnx_obs.report import SiteReport
 from onnx_obs.strategies.context import Context, drop_uncaptureable
@@ -27,14 +27,15 @@ from onnx_obs.strategies.layerwise import prune_site_matrix, site_report, sweep_
 
 
 def run(ctx: Context) -> None:
-    q = ctx.config.quantize
-    block = None if q.group_size == -1 else q.group_size
+    c, q = ctx.config, ctx.config.quantize
+    pruning = f"{c.method} pruning + " if c.sparsity > 0 or c.pattern is not None else ""
+    ctx.report.method = f"{pruning}int{q.bits} quantization ({q.quant_method})"
     _drop_unsupported(ctx)
-    _raise_opset(ctx, block)
+    _raise_opset(ctx)
     quantized: dict[str, QuantizedWeight] = {}
 
     def visit(ctx: Context, s: Site, H: np.ndarray | None) -> SiteReport:
-        return _quantize_site(ctx, s, H, block, quantized)
+        return _quantize_site(ctx, s, H, site_block(s, q.group_size), quantized)
 
     if ctx.cal is None:  # rtn alone needs no data
         task = ctx.bar.add("quantizing sites", total=len(ctx.sites))
@@ -95,7 +96,7 @@ def _quantize_site(ctx: Context, s: Site, H: np.ndarray | None, block: int | Non
     r.seconds = time.perf_counter() - t0
     clip = np.concatenate(clip)
     ctx.report.quantization.append(dict(
-        name=s.name, bits=q.bits, group_size=q.group_size, symmetric=q.symmetric, method=solver,
+        name=s.name, bits=q.bits, group_size=block or -1, symmetric=q.symmetric, method=solver,
         scales=int(clip.size), clip_mean=float(clip.mean()), clipped_fraction=float(np.mean(clip < 1)),
         predicted_error=predicted, measured_error=r.measured_error))
     return r
@@ -115,12 +116,13 @@ def _drop_unsupported(ctx: Context) -> None:
     ctx.sites = kept
 
 
-def _raise_opset(ctx: Context, block: int | None) -> None:
+def _raise_opset(ctx: Context) -> None:
     """Convert the model to the opset the DequantizeLinear nodes need (int4 and blocked scales: 21,
     float16 scales: 19, per-axis: 13), saying so in the notes; the sites are found again."""
     model = ctx.loaded.model
     have = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-    need = max(needed_opset(s, ctx.config.quantize.bits, block) for s in ctx.sites)
+    q = ctx.config.quantize
+    need = max(needed_opset(s, q.bits, site_block(s, q.group_size)) for s in ctx.sites)
     if have >= need:
         return
     try:

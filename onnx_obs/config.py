@@ -29,7 +29,7 @@ FULL_METHODS = ("obs", "obd", "magnitude")
 GRADIENTS = ("auto", "graph", "fd")
 STRUCTURES = ("neurons", "channels")   # the same thing: "channels" is the Conv spelling
 STRUCTURED_METHODS = ("obs", "magnitude")
-QUANT_FORMATS = ("qdq",)
+QUANT_FORMATS = ("qdq", "matmulnbits")
 
 
 @dataclass
@@ -141,7 +141,7 @@ class QuantOptions:
     symmetric: bool = True         # signed codes, zero point 0; False: unsigned, with zero points
     quant_method: str = "auto"     # obq, gptq, rtn, or auto (obq where affordable, else gptq)
     act_order: bool = False        # gptq: visit columns by decreasing diag H
-    format: str = "qdq"            # integer initializers + DequantizeLinear
+    format: str = "qdq"            # integer initializers + DequantizeLinear, or matmulnbits
 
 
 GROUPS = {"selection": Selection, "data": DataOptions, "layerwise": LayerwiseOptions,
@@ -311,6 +311,8 @@ class PruneConfig:
                                f"{', '.join(QUANT_METHODS)}")
         if q.format not in QUANT_FORMATS:
             raise OnnxObsError(f"unknown --format '{q.format}': use one of {', '.join(QUANT_FORMATS)}")
+        if q.format == "matmulnbits" and q.bits != 4:
+            raise OnnxObsError("--format matmulnbits stores 4-bit weights: use --bits 4 (or --format qdq)")
         if q.quant_method != "rtn" and not has_calibration:
             raise OnnxObsError(f"quantizing with {q.quant_method} needs calibration data for its "
                                "Hessians: pass --calib DATA.npz (or use --method rtn)")

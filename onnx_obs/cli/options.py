@@ -31,7 +31,7 @@ SolverOpt = typer.Option("auto", "--solver", help="OBS solver: exact (OBC), fast
 GroupSizeOpt = typer.Option(-1, "--group-size", help="Input channels per scale (e.g. 32, 64, 128; blocked DequantizeLinear, opset 21); -1: one scale per output channel.", rich_help_panel=QUANT)
 SymmetricOpt = typer.Option(True, "--symmetric/--asymmetric", help="Signed codes with zero point 0, or unsigned codes with a zero point per scale.", rich_help_panel=QUANT)
 ActOrderOpt = typer.Option(False, "--act-order", help="GPTQ: quantize columns by decreasing diag(H) instead of left to right.", rich_help_panel=QUANT)
-FormatOpt = typer.Option("qdq", "--format", help="qdq: int8/int4 initializers + DequantizeLinear feeding the original op.", rich_help_panel=OUTPUT)
+FormatOpt = typer.Option("qdq", "--format", help="qdq: int8/int4 initializers + DequantizeLinear feeding the original op; matmulnbits: onnxruntime's com.microsoft MatMulNBits for MatMul/Gemm weights at 4 bits (its fast CPU kernels), other weights qdq.", rich_help_panel=OUTPUT)
 DampOpt = typer.Option(0.01, "--damp", help="Hessian damping, as a fraction of mean diag(H).", rich_help_panel=SOLVER)
 
 # A command's option (parameter name) -> (setting of PruneConfig.replace, how its value converts)

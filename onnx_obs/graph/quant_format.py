@@ -89,7 +89,7 @@ def write_qdq(model: onnx.ModelProto, site: Site, q: QuantizedWeight, store) -> 
                           (_ROW_AXIS[site.layout], _COL_AXIS[site.layout]))
     code_type = _CODE_TYPES[(q.bits, q.signed)]
     stored = site.from_matrix(q.codes)
-    inputs = [_add(graph, store, _free(f"{name}_quantized", taken), code_type, stored)]
+    inputs = [add_initializer(graph, store, free_name(f"{name}_quantized", taken), code_type, stored)]
     if q.block is None:
         attrs = {"axis": row_axis}
         scale, zero = q.scale[:, 0], q.zero[:, 0]
@@ -99,11 +99,11 @@ def write_qdq(model: onnx.ModelProto, site: Site, q: QuantizedWeight, store) -> 
         scale = np.moveaxis(np.moveaxis(site.from_matrix(q.scale[:, q.groups]), col_axis, 0)[take], 0, col_axis)
         zero = np.moveaxis(np.moveaxis(site.from_matrix(q.zero[:, q.groups]), col_axis, 0)[take], 0, col_axis)
     scale_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(q.scale.dtype))
-    inputs.append(_add(graph, store, _free(f"{name}_scale", taken), scale_type, scale))
+    inputs.append(add_initializer(graph, store, free_name(f"{name}_scale", taken), scale_type, scale))
     if not q.signed:  # int codes have zero point 0, DequantizeLinear's default
-        inputs.append(_add(graph, store, _free(f"{name}_zero_point", taken), code_type, zero))
+        inputs.append(add_initializer(graph, store, free_name(f"{name}_zero_point", taken), code_type, zero))
     node = onnx.helper.make_node("DequantizeLinear", inputs, [name],
-                                 name=_free(f"{name}_DequantizeLinear", taken), **attrs)
+                                 name=free_name(f"{name}_DequantizeLinear", taken), **attrs)
     if site.storage == "initializer":
         index = [t.name for t in graph.initializer].index(site.tensor_name)
         del graph.initializer[index]
@@ -114,7 +114,7 @@ def write_qdq(model: onnx.ModelProto, site: Site, q: QuantizedWeight, store) -> 
         del graph.node[index + 1]
 
 
-def _add(graph: onnx.GraphProto, store, name: str, data_type: int, values: np.ndarray) -> str:
+def add_initializer(graph: onnx.GraphProto, store, name: str, data_type: int, values: np.ndarray) -> str:
     t = graph.initializer.add()
     t.name, t.data_type = name, data_type
     t.dims.extend(values.shape)
@@ -129,7 +129,7 @@ def _add(graph: onnx.GraphProto, store, name: str, data_type: int, values: np.nd
     return name
 
 
-def _free(name: str, taken: set[str]) -> str:
+def free_name(name: str, taken: set[str]) -> str:
     candidate, k = name, 1
     while candidate in taken:
         candidate, k = f"{name}_{k}", k + 1

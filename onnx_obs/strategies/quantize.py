@@ -20,6 +20,8 @@ from onnx_obs.algorithms.quantize import quantize_layer
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.quant_format import (SCALE_DTYPES, QuantizedWeight, column_groups, needed_opset,
                                          site_block, unsupported, write_qdq)
+from onnx_obs.graph import matmul_nbits
+from onnx_obs.graph.matmul_nbits import write_matmul_nbits
 from onnx_obs.graph.sites import Site, find_sites, site_matrix, write_matrix
 from onnx_obs.report import SiteReport
 from onnx_obs.strategies.context import Context, drop_uncaptureable
@@ -31,7 +33,8 @@ def run(ctx: Context) -> None:
     pruning = f"{c.method} pruning + " if c.sparsity > 0 or c.pattern is not None else ""
     ctx.report.method = f"{pruning}int{q.bits} quantization ({q.quant_method})"
     _drop_unsupported(ctx)
-    _raise_opset(ctx)
+    nbits = _matmul_nbits_sites(ctx) if q.format == "matmulnbits" else set()
+    _raise_opset(ctx, nbits)
     quantized: dict[str, QuantizedWeight] = {}
 
     def visit(ctx: Context, s: Site, H: np.ndarray | None) -> SiteReport:
@@ -46,7 +49,8 @@ def run(ctx: Context) -> None:
         drop_uncaptureable(ctx)
         sweep_sites(ctx, visit, "quantizing sites")
     for s in ctx.sites:
-        write_qdq(ctx.loaded.model, s, quantized[s.name], ctx.loaded.store)
+        write = write_matmul_nbits if s.name in nbits else write_qdq
+        write(ctx.loaded.model, s, quantized[s.name], ctx.loaded.store)
     ctx.sites = []  # their float tensors are gone: DequantizeLinear produces them now
 
 
@@ -116,13 +120,28 @@ def _drop_unsupported(ctx: Context) -> None:
     ctx.sites = kept
 
 
-def _raise_opset(ctx: Context) -> None:
+def _matmul_nbits_sites(ctx: Context) -> set[str]:
+    """The sites written as MatMulNBits; the others are named in a note (they stay QDQ)."""
+    q, chosen, left = ctx.config.quantize, set(), []
+    for s in ctx.sites:
+        reason = matmul_nbits.unsupported(ctx.loaded.model, s, q.bits, site_block(s, q.group_size))
+        if reason:
+            left.append(f"{s.name} ({reason})")
+        else:
+            chosen.add(s.name)
+    if left:
+        ctx.report.notes.append("--format matmulnbits: stored as DequantizeLinear instead: " + "; ".join(left))
+    return chosen
+
+
+def _raise_opset(ctx: Context, nbits: set[str]) -> None:
     """Convert the model to the opset the DequantizeLinear nodes need (int4 and blocked scales: 21,
     float16 scales: 19, per-axis: 13), saying so in the notes; the sites are found again."""
     model = ctx.loaded.model
     have = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     q = ctx.config.quantize
-    need = max(needed_opset(s, q.bits, site_block(s, q.group_size)) for s in ctx.sites)
+    need = max((needed_opset(s, q.bits, site_block(s, q.group_size)) for s in ctx.sites
+                if s.name not in nbits), default=0)
     if have >= need:
         return
     try:

@@ -262,3 +262,15 @@ def test_matmul_nbits_leaves_conv_as_qdq_and_says_so(cnn_path, cnn_calib):
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("MatMulNBits") == 2 and ops.count("DequantizeLinear") == 3
     assert any("--format matmulnbits: stored as DequantizeLinear" in n and "Conv_45" in n for n in report.notes)
+
+
+def test_magnitude_pruning_and_rtn_need_no_data(mlp_path):
+    original = onnx.load(mlp_path)
+    model, report = api.prune(str(mlp_path), None, method="magnitude", sparsity=0.5, bits=8,
+                              quant_method="rtn")
+    weights = dequantize_by_spec(model)
+    for t in original.graph.initializer:
+        if t.name in weights:  # the largest half kept, each within half a step of its grid point
+            w, wq = numpy_helper.to_array(t), weights[t.name]
+            assert np.mean(wq == 0) >= 0.5 and np.all(wq[np.abs(w) > np.median(np.abs(w)) * 1.01] != 0)
+    assert report.sites[0].measured_error is None and not report.deviation

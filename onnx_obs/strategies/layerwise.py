@@ -60,7 +60,7 @@ def _prune_site(ctx: Context, s: Site, H: np.ndarray) -> SiteReport:
 
 def prune_site_matrix(ctx: Context, s: Site, w: np.ndarray, H: np.ndarray) -> tuple[np.ndarray, SiteReport]:
     """The site's 2-D matrix w pruned, row group by row group (one per convolution group, each
-    with its own H), and its report."""
+    with its own H, or None for magnitude pruning without data), and its report."""
     c = ctx.config
     new = np.empty_like(w)
     r = site_report(s, w, w, c.method)
@@ -72,7 +72,8 @@ def prune_site_matrix(ctx: Context, s: Site, w: np.ndarray, H: np.ndarray) -> tu
                           damp=c.layerwise.damp)
         new[rows] = res.weight
         r.predicted_error += res.predicted_error
-        r.measured_error += layer_error(w[rows], res.weight, Hg)
+        if Hg is not None:  # magnitude pruning before rtn quantization runs without data
+            r.measured_error += layer_error(w[rows], res.weight, Hg)
         r.solver, r.damping = res.solver, res.damping
     r.zeros_after = int(np.sum(new == 0))
     return new, r

@@ -62,7 +62,8 @@ def _quantize_site(ctx: Context, s: Site, H: np.ndarray | None, block: int | Non
     t0 = time.perf_counter()
     w = site_matrix(s, ctx.loaded.base_dir)
     Hs = [None] * len(s.row_groups()) if H is None else H
-    if c.sparsity > 0 or c.pattern is not None:
+    pruned = c.sparsity > 0 or c.pattern is not None
+    if pruned:
         target, r = prune_site_matrix(ctx, s, w, Hs)
         if not np.isfinite(target).all():
             raise OnnxObsError(f"pruning produced NaN/Inf in '{s.name}' (ill-conditioned Hessian?): "
@@ -90,7 +91,6 @@ def _quantize_site(ctx: Context, s: Site, H: np.ndarray | None, block: int | Non
         solver, damping = res.solver, res.damping
     quantized[s.name] = qw
     write_matrix(s, new, ctx.loaded.store)
-    pruned = c.sparsity > 0 or c.pattern is not None
     r.method = f"{c.method}+{solver}" if pruned else solver
     r.solver = f"{r.solver}+{solver}" if pruned else solver
     r.predicted_error = (r.predicted_error if pruned else 0.0) + predicted

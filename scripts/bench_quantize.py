@@ -6,7 +6,8 @@ matmuls, a small transformer (the 8x8 image as 8 tokens of 8 pixels, two attenti
 MobileNet-style CNN (depthwise + pointwise convolutions). Per model and method: file size
 against the float32 original, relative output MSE and top-1 agreement with the original on the
 held-out split, accuracy, and onnxruntime CPU latency at batch 32 (one thread, median of
-repeated runs) against the original. onnxruntime's methods: quantize_dynamic (int8, per
+repeated runs) against the original, also with the session option session.disable_quant_qdq=1
+(onnxruntime then folds DequantizeLinear of constant weights at load). onnxruntime's methods: quantize_dynamic (int8, per
 channel), quantize_static (QDQ int8 per channel, activations too, calibrated on the same data),
 MatMulNBitsQuantizer RTN and HQQ (4 bits, blocks of 32 and 128: MatMul weights only).
 
@@ -166,6 +167,7 @@ OURS = {  # label -> settings of api.prune
     "obs int4 g32 gptq": dict(bits=4, group_size=32, quant_method="gptq", sparsity=0.0),
     "obs int4 g32 (auto)": dict(bits=4, group_size=32, sparsity=0.0),
     "obs int4 g128 (auto)": dict(bits=4, group_size=128, sparsity=0.0),
+    "obs int4 g32 (auto), matmulnbits": dict(bits=4, group_size=32, sparsity=0.0, format="matmulnbits"),
     "obs 50% + int4 g32, joint": dict(bits=4, group_size=32, sparsity=0.5),
 }
 
@@ -187,10 +189,14 @@ def our_methods(model: Path, calib: Path, out: Path) -> dict[str, Path]:
 
 # ------------------------------------------------------------------ measuring
 
-def session(path: Path) -> ort.InferenceSession:
+def session(path: Path, fold: bool = False) -> ort.InferenceSession:
+    """fold: the session option that makes onnxruntime fold DequantizeLinear of constant weights
+    at load time (and not fuse QDQ groups into integer kernels)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.log_severity_level = 3
+    if fold:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -212,23 +218,25 @@ def measure(paths: dict[str, Path], eval_data: dict) -> list[dict]:
                          mse=float(np.mean((y - ref) ** 2) / np.mean(ref**2)),
                          agreement=float(np.mean(y.argmax(1) == ref.argmax(1))),
                          accuracy=float(np.mean(y.argmax(1) == labels)),
-                         latency=latency_ms(s, feeds32) / base_latency))
+                         latency=latency_ms(s, feeds32) / base_latency,
+                         folded=latency_ms(session(path, fold=True), feeds32) / base_latency))
     return rows
 
 
 def print_table(name: str, rows: list[dict]) -> None:
     print(f"\n{name}")
-    print(f"| method | file | rel. MSE | top-1 agreement | accuracy | latency (batch 32) |")
-    print("|---|---|---|---|---|---|")
+    print("| method | file | rel. MSE | top-1 agreement | accuracy | latency (batch 32) | latency, DQ folded |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['size']:.3f}x | {r['mse']:.2e} | {r['agreement']:.2%} | "
-              f"{r['accuracy']:.2%} | {r['latency']:.2f}x |")
+              f"{r['accuracy']:.2%} | {r['latency']:.2f}x | {r['folded']:.2f}x |")
 
 
 def targets(name: str, rows: list[dict]) -> None:
     by = {r["method"]: r for r in rows}
     ort4 = [r for m, r in by.items() if m.startswith("ort") and "int4" in m]
     ours4 = min((by[m] for m in OURS if "int4" in m and "50%" not in m and "rtn" not in m), key=lambda r: r["mse"])
+    nbits = by["obs int4 g32 (auto), matmulnbits"]
     covered = [r for r in ort4 if r["mse"] > 0 and r["size"] < 0.9]
     if covered:
         best = min(covered, key=lambda r: r["mse"])
@@ -238,6 +246,10 @@ def targets(name: str, rows: list[dict]) -> None:
     else:
         print("target int4: onnxruntime's 4-bit quantizers change no weight of this model (MatMul "
               f"only); ours {ours4['mse']:.2e} at {ours4['size']:.3f}x the file")
+    if "ort RTN int4 b32" in by:
+        ort_nbits = by["ort RTN int4 b32"]
+        print(f"target latency int4 (MatMulNBits, block 32): ours {nbits['latency']:.2f}x vs onnxruntime RTN "
+              f"{ort_nbits['latency']:.2f}x of the float model")
     static = by["ort static QDQ int8"]
     ours8 = by["obs int8 (auto)"]
     print(f"target int8: agreement ours {ours8['agreement']:.2%} vs quantize_static {static['agreement']:.2%} "

@@ -51,6 +51,11 @@ def run(ctx: Context) -> None:
     for s in ctx.sites:
         write = write_matmul_nbits if s.name in nbits else write_qdq
         write(ctx.loaded.model, s, quantized[s.name], ctx.loaded.store)
+    if len(nbits) < len(ctx.sites):
+        ctx.report.notes.append(
+            "onnxruntime runs DequantizeLinear on every call (and Conv loses its prepacked kernels): "
+            "the session option session.disable_quant_qdq=1 folds them at load time (float speed "
+            "from the smaller file); --format matmulnbits runs 4-bit MatMul/Gemm weights in its int4 kernels")
     ctx.sites = []  # their float tensors are gone: DequantizeLinear produces them now
 
 

@@ -274,3 +274,14 @@ def test_magnitude_pruning_and_rtn_need_no_data(mlp_path):
             w, wq = numpy_helper.to_array(t), weights[t.name]
             assert np.mean(wq == 0) >= 0.5 and np.all(wq[np.abs(w) > np.median(np.abs(w)) * 1.01] != 0)
     assert report.sites[0].measured_error is None and not report.deviation
+
+
+@pytest.mark.parametrize("opset,bits,group_size,need", [(11, 8, -1, 13), (11, 4, -1, 21), (13, 8, -1, 13)])
+def test_opset_raised_only_as_far_as_needed(opset, bits, group_size, need):
+    model = graphs.mlp_model(opset=opset, sizes=(16, 12, 4))
+    feeds = graphs.calib_for(model, n=32)
+    qmodel, report = api.quantize(model, feeds, bits=bits, group_size=group_size)
+    assert next(o.version for o in qmodel.opset_import if o.domain == "") == need
+    assert any(f"opset raised from {opset} to {need}" in n for n in report.notes) == (opset < need)
+    assert next(o.version for o in model.opset_import if o.domain == "") == opset  # input untouched
+    check_quantized(model, qmodel, feeds, n_sites=2)

@@ -18,10 +18,10 @@ from onnx import version_converter
 from onnx_obs.algorithms.layerwise import layer_error
 from onnx_obs.algorithms.quantize import quantize_layer
 from onnx_obs.errors import OnnxObsError
-from onnx_obs.graph.quant_format import (SCALE_DTYPES, QuantizedWeight, column_groups, needed_opset,
-                                         site_block, unsupported, write_qdq)
 from onnx_obs.graph import matmul_nbits
 from onnx_obs.graph.matmul_nbits import write_matmul_nbits
+from onnx_obs.graph.quant_format import (SCALE_DTYPES, QuantizedWeight, column_groups, needed_opset,
+                                         site_block, unsupported, write_qdq)
 from onnx_obs.graph.sites import Site, find_sites, site_matrix, write_matrix
 from onnx_obs.report import SiteReport
 from onnx_obs.strategies.context import Context, drop_uncaptureable

@@ -197,3 +197,21 @@ def test_invalid_arguments_raise():
         quantize_layer(W, np.eye(2), 8)
     with pytest.raises(ValueError, match="groups"):
         make_grid(W, 8, groups=np.zeros(2))
+
+
+def test_clipping_search_weighs_by_diag_h_beyond_its_budget(monkeypatch):
+    from onnx_obs.algorithms import quantize
+
+    rng = np.random.default_rng(8)
+    H = hessian(activations(rng, 200, 10))
+    W = rng.standard_normal((6, 10))
+    W[:, 3] *= 6
+    monkeypatch.setattr(quantize, "CLIP_MAX_WORK", 0)
+    g = make_grid(W, 4, H=H)
+    for r in range(6):
+        errs = []
+        for ratio in CLIP_RATIOS:
+            scale = np.float64(np.float32(np.abs(W[r]).max() * ratio / 7))
+            d = W[r] - nearest(W[r], scale, 0, -8, 7)
+            errs.append(np.sum(np.diag(H) * d * d))
+        assert g.clip[r, 0] == CLIP_RATIOS[int(np.argmin(errs))]

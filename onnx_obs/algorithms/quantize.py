@@ -15,7 +15,8 @@ so pruned weights stay pruned while the others compensate their quantization err
 The grid (Grid) has one scale and zero point per row and group of columns; it is chosen before
 the solver runs, from the original weights: min-max, then per row and group the clipping ratio
 (1.0, 0.98, ..., 0.5 of the range) with the lowest layer error dw H_gg dw^T of round-to-nearest,
-H_gg the group's diagonal block of H (the whole H for one group per row: tr(dW H dW^T)).
+H_gg the group's diagonal block of H (the whole H for one group per row: tr(dW H dW^T)); where
+that search would cost more than CLIP_MAX_WORK multiply-adds, H's diagonal stands in for H_gg.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from onnx_obs.algorithms.obc import _greedy
 QUANT_METHODS = ("auto", "obq", "gptq", "rtn")
 BITS = (4, 8)
 CLIP_RATIOS = np.round(np.arange(1.0, 0.499, -0.02), 2)
+# ratios * rows * sum of squared group widths: 2^34 is a few seconds on 2 cores (a 512 x 1024
+# layer with one scale per row; a 4096 x 4096 layer in groups of 32)
+CLIP_MAX_WORK = 2**34
 
 
 @dataclass
@@ -99,7 +103,13 @@ def make_grid(W: np.ndarray, bits: int, *, symmetric: bool = True, groups: np.nd
         if cols_g.size:
             lo[:, g] = np.minimum(W[:, cols_g].min(axis=1), 0.0)
             hi[:, g] = np.maximum(W[:, cols_g].max(axis=1), 0.0)
-    blocks = [None if H is None else np.asarray(H, dtype=np.float64)[np.ix_(c, c)] for c in members]
+    work = len(ratios) * rows * sum(c.size**2 for c in members)
+    if H is None:
+        blocks = [None] * n_groups
+    elif work <= CLIP_MAX_WORK:
+        blocks = [np.asarray(H, dtype=np.float64)[np.ix_(c, c)] for c in members]
+    else:
+        blocks = [np.asarray(H, dtype=np.float64).diagonal()[c] for c in members]
     best = np.full((rows, n_groups), np.inf)
     grid = Grid(np.ones((rows, n_groups), dtype=scale_dtype), np.zeros((rows, n_groups), dtype=np.int64),
                 groups, qmin, qmax, np.ones((rows, n_groups)))
@@ -109,7 +119,7 @@ def make_grid(W: np.ndarray, bits: int, *, symmetric: bool = True, groups: np.nd
         dW = W - trial.nearest(W)
         for g, (cols_g, Hg) in enumerate(zip(members, blocks)):
             d = dW[:, cols_g]
-            err = np.einsum("ij,ij->i", d, d if Hg is None else d @ Hg)
+            err = np.einsum("ij,ij->i", d, d if Hg is None else d @ Hg if Hg.ndim == 2 else d * Hg)
             better = err < best[:, g]
             best[better, g] = err[better]
             grid.scale[better, g], grid.zero[better, g] = scale[better, g], zero[better, g]

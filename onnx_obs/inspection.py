@@ -8,7 +8,8 @@ import numpy as np
 
 from onnx_obs.config import Selection
 from onnx_obs.graph.model_io import iter_tensors, load_any
-from onnx_obs.graph.sites import FLOAT_TYPES, Skipped, find_sites, read_array
+from onnx_obs.graph.protos import FLOAT_TYPES
+from onnx_obs.graph.sites import Skipped, find_sites, read_array
 
 
 @dataclass

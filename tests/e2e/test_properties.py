@@ -26,8 +26,8 @@ from onnx import helper, numpy_helper
 from graphs import conv_model, init, make_model, run, vi
 from onnx_obs import api
 from onnx_obs.errors import OnnxObsError
-from onnx_obs.graph.channels import trace_units
 from onnx_obs.graph.sites import find_sites
+from onnx_obs.graph.tracing import trace_units
 
 ACTS = (None, "Relu", "Tanh", "Sigmoid")
 SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True)

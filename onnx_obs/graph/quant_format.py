@@ -18,9 +18,6 @@ import onnx
 
 from onnx_obs.graph.sites import Site
 
-# op view axis of the rows (output units) and of the columns' input channels, per layout
-_ROW_AXIS = {"rows_cols": 0, "cols_rows": 1, "conv": 0, "convT": 1}
-_COL_AXIS = {"rows_cols": 1, "cols_rows": 0, "conv": 1, "convT": 0}
 _CODE_TYPES = {(8, True): onnx.TensorProto.INT8, (8, False): onnx.TensorProto.UINT8,
                (4, True): onnx.TensorProto.INT4, (4, False): onnx.TensorProto.UINT4}
 SCALE_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -56,7 +53,7 @@ def unsupported(site: Site) -> str | None:
 def site_block(site: Site, group_size: int) -> int | None:
     """Input channels per scale for the site: group_size, or None (one scale per output channel)
     where the site has fewer input channels than that (a block would hold fewer weights)."""
-    channels = site.op_shape[_COL_AXIS[site.layout]]
+    channels = site.shape[site.channel_axis("in")]
     return None if group_size == -1 or channels < group_size else group_size
 
 
@@ -67,8 +64,7 @@ def column_groups(site: Site, block: int | None) -> np.ndarray:
     cols = site.matrix_shape[1]
     if block is None:
         return np.zeros(cols, dtype=np.int64)
-    channels = site.op_shape[_COL_AXIS[site.layout]]
-    positions = cols // channels
+    positions = site.spec.taps(site.op_shape)
     col = np.arange(cols)
     return (col // positions) // block * positions + col % positions
 
@@ -85,8 +81,7 @@ def write_qdq(model: onnx.ModelProto, site: Site, q: QuantizedWeight, store) -> 
     graph = model.graph
     name = site.tensor_name if site.storage == "initializer" else site.name  # what consumers read
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
-    row_axis, col_axis = (site.perm[a] if site.perm else a for a in
-                          (_ROW_AXIS[site.layout], _COL_AXIS[site.layout]))
+    row_axis, col_axis = site.channel_axis("out"), site.channel_axis("in")
     code_type = _CODE_TYPES[(q.bits, q.signed)]
     stored = site.from_matrix(q.codes)
     inputs = [add_initializer(graph, store, free_name(f"{name}_quantized", taken), code_type, stored)]

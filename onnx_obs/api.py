@@ -1,4 +1,4 @@
-"""The Python API: `prune` and `inspect`. The CLI is a thin wrapper over these."""
+"""The Python API: `prune`, `quantize` and `inspect`. The CLI is a thin wrapper over these."""
 
 from __future__ import annotations
 
@@ -35,6 +35,17 @@ class PruneResult:
         return iter((self.model, self.report))
 
 
+def quantize(model, calib=None, config: PruneConfig | None = None, *, bits: int | None = None,
+             **kwargs) -> PruneResult:
+    """Quantize the weights of `model` to `bits` (8 or 4; default the config's, else 8) with OBQ /
+    GPTQ / RTN, without pruning: `prune(model, calib, config, sparsity=0, bits=bits, ...)`, so
+    every keyword of prune and every setting (group_size=128, symmetric=False,
+    quant_method="gptq", damp=...) applies; pass sparsity= to prune and quantize jointly."""
+    config = config or PruneConfig()
+    bits = bits or config.quantize.bits or 8
+    return prune(model, calib, config, **{"sparsity": 0.0, "bits": bits, **kwargs})
+
+
 def prune(model, calib=None, config: PruneConfig | None = None, *, output: str | Path | None = None,
           force: bool = False, progress: bool | str = False, command: str = "",
           hessians: dict[str, np.ndarray] | None = None, **overrides) -> PruneResult:
@@ -42,7 +53,8 @@ def prune(model, calib=None, config: PruneConfig | None = None, *, output: str |
 
     calib: calibration data (a path, a dict of arrays, a CalibrationDataReader or feed dicts;
     calib.py). config: the settings (default PruneConfig()); keyword overrides change single
-    settings by name, e.g. prune(m, data, sparsity=0.7, damp=0.02) (PruneConfig.replace).
+    settings by name, e.g. prune(m, data, sparsity=0.7, damp=0.02) (PruneConfig.replace); bits=4
+    (or 8) also quantizes the pruned weights (see `quantize`).
     With `output`, the model is validated and then written atomically (never over the input).
     progress: True shows progress on stderr (progress.py), "verbose" a line per step.
     hessians: a cache, by site name, shared by calls on the same model and calibration data with

@@ -2,7 +2,8 @@
 
 The Python API takes a PruneConfig (or keyword overrides of one), the CLI builds one from its
 options, and `--config FILE.toml` loads one from a file: top-level keys for the top-level settings,
-a table per group (`[selection]`, `[data]`, `[layerwise]`, `[full]`, `[structured]`) for the rest;
+a table per group (`[selection]`, `[data]`, `[layerwise]`, `[full]`, `[structured]`,
+`[quantize]`) for the rest;
 any setting may also be given by its plain name at the top level (`damp = 0.02`).
 """
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from onnx_obs.algorithms.layerwise import METHODS, SOLVERS
+from onnx_obs.algorithms.quantize import BITS, QUANT_METHODS
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.ops import OPS
 from onnx_obs.graph.sites import Site
@@ -32,6 +34,7 @@ STRUCTURED_METHODS = ("obs", "magnitude")
 # tiny linear ops of real models are often fixed transforms (a detector's 16-weight DFL
 # projection, 3x3 colour matrices) that pruning breaks.
 MIN_PARAMS = 64
+QUANT_FORMATS = ("qdq", "matmulnbits")
 
 
 @dataclass
@@ -134,8 +137,21 @@ class StructureOptions:
     target_flops: float | None = None
 
 
+@dataclass
+class QuantOptions:
+    """Weight quantization (strategies/quantize.py), after pruning when sparsity > 0 (zeros stay
+    zeros: pruning and quantization in one pass). bits None: no quantization."""
+
+    bits: int | None = None
+    group_size: int = -1           # input channels per scale; -1: one scale per output channel
+    symmetric: bool = True         # signed codes, zero point 0; False: unsigned, with zero points
+    quant_method: str = "auto"     # obq, gptq, rtn, or auto (obq where affordable, else gptq)
+    act_order: bool = False        # gptq: visit columns by decreasing diag H
+    format: str = "qdq"            # integer initializers + DequantizeLinear, or matmulnbits
+
+
 GROUPS = {"selection": Selection, "data": DataOptions, "layerwise": LayerwiseOptions,
-          "full": FullOptions, "structured": StructureOptions}
+          "full": FullOptions, "structured": StructureOptions, "quantize": QuantOptions}
 
 
 @dataclass
@@ -154,12 +170,15 @@ class PruneConfig:
     layerwise: LayerwiseOptions = field(default_factory=LayerwiseOptions)
     full: FullOptions = field(default_factory=FullOptions)
     structured: StructureOptions = field(default_factory=StructureOptions)
+    quantize: QuantOptions = field(default_factory=QuantOptions)
 
     @property
     def mode(self) -> str:
         """The strategy that carries out this config (strategies.STRATEGIES)."""
         if self.structured.structure is not None:
             return "structured"
+        if self.quantize.bits is not None:
+            return "quantize"
         if self.hessian != "layerwise":
             return "full_network"
         return "magnitude" if self.method == "magnitude" else "layerwise"
@@ -186,6 +205,7 @@ class PruneConfig:
         self._check_method(has_calibration)
         self._check_structured()
         self._check_full()
+        self._check_quantize(has_calibration)
         if self.layerwise.damp < 0:
             raise OnnxObsError(f"--damp must be at least 0, got {self.layerwise.damp}")
         if self.layerwise.solver not in SOLVERS:
@@ -210,7 +230,8 @@ class PruneConfig:
                                "which only magnitude supports: use --method magnitude or --scope layer")
         if scope == "global" and pattern is not None:
             raise OnnxObsError("--pattern applies per layer: drop --scope global")
-        if method != "magnitude" and not has_calibration:
+        prunes = self.quantize.bits is None or self.sparsity > 0 or pattern is not None
+        if method != "magnitude" and prunes and not has_calibration:
             raise OnnxObsError(f"--method {method} needs calibration data: pass --calib DATA.npz")
 
     def _check_structured(self) -> None:
@@ -279,6 +300,39 @@ class PruneConfig:
                                    "without labels (the targets are the model's own outputs): pass --labels KEY "
                                    "or an absolute bound")
 
+    def _check_quantize(self, has_calibration: bool) -> None:
+        q = self.quantize
+        if q.bits is None:
+            changed = [f.name for f in dataclasses.fields(QuantOptions)
+                       if getattr(q, f.name) != getattr(QuantOptions(), f.name)]
+            if changed:
+                flag = "method" if changed[0] == "quant_method" else changed[0].replace("_", "-")
+                raise OnnxObsError(f"quantization setting {flag} needs --bits 8 or 4 (or onnx-obs quantize)")
+            return
+        if q.bits not in BITS:
+            raise OnnxObsError(f"--bits must be 8 or 4, got {q.bits}")
+        if q.group_size != -1 and q.group_size < 1:
+            raise OnnxObsError(f"--group-size must be a positive number of input channels or -1 "
+                               f"(one scale per output channel), got {q.group_size}")
+        if q.quant_method not in QUANT_METHODS:
+            raise OnnxObsError(f"unknown quantization method '{q.quant_method}': use one of "
+                               f"{', '.join(QUANT_METHODS)}")
+        if q.format not in QUANT_FORMATS:
+            raise OnnxObsError(f"unknown --format '{q.format}': use one of {', '.join(QUANT_FORMATS)}")
+        if q.format == "matmulnbits" and q.bits != 4:
+            raise OnnxObsError("--format matmulnbits stores 4-bit weights: use --bits 4 (or --format qdq)")
+        if q.quant_method != "rtn" and not has_calibration:
+            raise OnnxObsError(f"quantizing with {q.quant_method} needs calibration data for its "
+                               "Hessians: pass --calib DATA.npz (or use --method rtn)")
+        if q.act_order and q.quant_method not in ("gptq", "auto"):
+            raise OnnxObsError("--act-order orders GPTQ's columns: use it with --method gptq")
+        if self.structured.structure is not None or self.hessian != "layerwise":
+            raise OnnxObsError("--bits quantizes after layer-wise pruning: drop --structure and "
+                               "--hessian full/fisher")
+        if self.storage != "dense":
+            raise OnnxObsError("--storage sparse stores float zeros; quantized weights are stored as "
+                               "integers: drop --storage")
+
     def report_settings(self) -> dict:
         """The settings as the report's JSON shows them."""
         lw, data, s = self.layerwise, self.data, self.structured
@@ -290,6 +344,8 @@ class PruneConfig:
         if s.structure is not None or self.storage != "dense":
             settings.update(structure=s.structure, target_params=s.target_params,
                             target_flops=s.target_flops, storage=self.storage)
+        if self.quantize.bits is not None:
+            settings.update(dataclasses.asdict(self.quantize))
         if self.hessian != "layerwise":
             f = self.full
             settings.update(hessian=self.hessian, alpha=f.alpha, step=f.step,

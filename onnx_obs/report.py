@@ -49,6 +49,7 @@ class Report:
     structure: list[dict] = field(default_factory=list)  # structured: units per producer layer
     storage: list[dict] = field(default_factory=list)    # --storage: dense/sparse per tensor
     costs: dict = field(default_factory=dict)            # params, MACs, latency before/after
+    quantization: list[dict] = field(default_factory=list)  # --bits: grid and errors per site
 
     @property
     def params_before(self) -> int:
@@ -82,6 +83,7 @@ class Report:
             **({"structure": self.structure} if self.structure else {}),
             **({"storage": self.storage} if self.storage else {}),
             **({"costs": self.costs} if self.costs else {}),
+            **({"quantization": self.quantization} if self.quantization else {}),
             "totals": {
                 "sites": len(self.sites),
                 "site_params": site_params,

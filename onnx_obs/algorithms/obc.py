@@ -10,6 +10,10 @@ H^-1_fold[:, q] - V^T V[:, q] and the diagonal downdate v^2 (a pivoted Cholesky 
 H^-1 with OBS pivots); every FOLD steps the pending vectors are folded into the row's H^-1 with
 one matrix product. Rows go in chunks, every row of a chunk advancing one step per vectorised
 iteration.
+
+The same greedy moves weights onto a quantization grid (OBQ, algorithms/quantize.py): with c_q the
+nearest grid value, the cost is (w_q - c_q)^2 / [H^-1]_qq and the correction
+-((w_q - c_q) / [H^-1]_qq) H^-1[:, q]; pruning is the grid {0}.
 """
 
 from __future__ import annotations
@@ -92,8 +96,13 @@ def _greedy(
     forced: np.ndarray,
     stop: np.ndarray,
     groups: tuple[np.ndarray, np.ndarray] | None = None,
+    nearest=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Run `stop[r]` greedy OBS steps on every row r; return (weights, removed, step losses)."""
+    """Run `stop[r]` greedy OBS steps on every row r; return (weights, removed, step losses).
+
+    nearest: None to prune (every target is 0), or, to quantize, nearest(w, rows) -> (the grid
+    value nearest to each weight of w, the rows `rows` of the matrix; a mask of the weights that
+    corrections pushed outside the grid's range, which go next); forced weights then go to 0."""
     rows, cols = W.shape
     w = np.array(W, dtype=np.float64, order="C")
     removed = np.zeros((rows, cols), dtype=bool)
@@ -103,13 +112,13 @@ def _greedy(
     with one_blas_thread():
         for r0 in range(0, rows, chunk):
             r = by_steps[r0 : r0 + chunk]
-            chunk_result = _greedy_chunk(w[r], Hinv, forced[r], stop[r], groups, losses.shape[1])
+            target = None if nearest is None else (lambda x, r=r: nearest(x, r))
+            chunk_result = _greedy_chunk(w[r], Hinv, forced[r], stop[r], groups, losses.shape[1], target)
             w[r], removed[r], losses[r] = chunk_result
-    w[removed] = 0.0  # removed columns of later steps carry rounding-level values
     return w, removed, losses
 
 
-def _greedy_chunk(w, Hinv, forced, stop, groups, n_losses):
+def _greedy_chunk(w, Hinv, forced, stop, groups, n_losses, target=None):
     """Greedy OBS on a chunk of rows; return (weights, removed, step losses).
 
     The lazy downdates (module doc) are folded into each row's own copy of H^-1 every FOLD steps
@@ -120,6 +129,7 @@ def _greedy_chunk(w, Hinv, forced, stop, groups, n_losses):
     at = np.arange(n)
     losses = np.zeros((n, n_losses))
     removed = np.zeros((n, cols), dtype=bool)
+    fixed = np.zeros((n, cols))  # the value each weight is moved to: 0, or its grid point
     Hc = np.empty((n, cols, cols))
     Hc[:] = Hinv
     V = np.empty((n, FOLD, cols))
@@ -137,7 +147,14 @@ def _greedy_chunk(w, Hinv, forced, stop, groups, n_losses):
                 dgemm(-1.0, V[r].T, V[r].T, beta=1.0, c=Hc[r].T, trans_b=1, overwrite_c=1)
             k = 0
         active = t < stop
-        score = w * w / np.maximum(d, floor) + penalty  # twice the saliency (Eq. 6)
+        if target is None:
+            dev, score = w, w * w / np.maximum(d, floor) + penalty  # twice the saliency (Eq. 6)
+        else:
+            c, outside = target(w)
+            dev = np.where(forced, w, w - c)  # w_q - c_q
+            score = dev * dev / np.maximum(d, floor)
+            # OBQ's outlier rule: a weight pushed off the grid is quantized at once
+            score = np.where(outside, -1.0 / (1.0 + score), score) + penalty
         if groups is not None:
             score[(live <= keep)[:, group] & (penalty == 0.0)] = np.inf
         q = score.argmin(axis=1)
@@ -148,15 +165,17 @@ def _greedy_chunk(w, Hinv, forced, stop, groups, n_losses):
         v = h * s[:, None]  # H^-1[:, q] / sqrt([H^-1]_qq)
         V[:, k] = v
         k += 1
-        a = w[at, q] * s  # w_q / sqrt([H^-1]_qq)
+        a = dev[at, q] * s  # (w_q - c_q) / sqrt([H^-1]_qq)
         losses[:, t] = 0.5 * a * a  # Eq. 6
+        hit = (at[active], q[active])
+        fixed[hit] = w[hit] - dev[hit]  # c_q
         w -= a[:, None] * v  # Eq. 5
         d -= v * v  # diagonal of the downdated H^-1
-        hit = (at[active], q[active])
-        w[hit] = 0.0
+        w[hit] = fixed[hit]
         d[hit] = 1.0
         penalty[hit] = np.inf
         removed[hit] = True
         if groups is not None:
             live[at[active], group[q[active]]] -= 1
-    return w, removed, losses
+    # removed weights of earlier steps carry rounding-level changes from later steps
+    return np.where(removed, fixed, w), removed, losses

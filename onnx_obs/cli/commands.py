@@ -17,10 +17,10 @@ from onnx_obs import compare as sweep
 from onnx_obs import evaluate as evaluation
 from onnx_obs import plot as plotting
 from onnx_obs.cli.app import STDOUT, app, err, handled, out, verbosity
-from onnx_obs.cli.options import (CHECKS, DATA, FULL, METHOD, OUTPUT, SOLVER, STRUCT, TIMING, BatchSizeOpt, ConfigOpt,
-                                  DampOpt, DeviceOpt, ExcludeOpt, IncludeOpt, JsonOpt, MaxSamplesOpt,
-                                  MinParamsOpt, NoBatchingOpt, OpTypesOpt, PatternOpt, QuietOpt,
-                                  SolverOpt, VerboseOpt, prune_config)
+from onnx_obs.cli.options import (CHECKS, DATA, FULL, METHOD, OUTPUT, QUANT, SOLVER, STRUCT, TIMING, ActOrderOpt,
+                                  BatchSizeOpt, ConfigOpt, DampOpt, DeviceOpt, ExcludeOpt, FormatOpt, GroupSizeOpt,
+                                  IncludeOpt, JsonOpt, MaxSamplesOpt, MinParamsOpt, NoBatchingOpt, OpTypesOpt,
+                                  PatternOpt, QuietOpt, ReportOpt, SolverOpt, SymmetricOpt, VerboseOpt, prune_config)
 from onnx_obs.config import Selection, parse_op_types, parse_pattern
 from onnx_obs.cli.show import (_print_compare, _print_evaluate, _print_inspect, _print_prune,
                                check_json_path, write_json)
@@ -54,7 +54,7 @@ def prune(
     target_params: Optional[int] = typer.Option(None, "--target-params", help="With --structure: remove units until the model has at most this many parameters.", rich_help_panel=STRUCT),
     target_flops: Optional[float] = typer.Option(None, "--target-flops", help="With --structure: remove units until the model needs at most this many MACs per sample.", rich_help_panel=STRUCT),
     storage: str = typer.Option("dense", "--storage", help="dense, sparse (pruned weights as sparse initializers) or auto (sparse where that is smaller).", rich_help_panel=OUTPUT),
-    report: Optional[Path] = typer.Option(None, "--report", "--json", metavar="[FILE.json|-]", help="Write the JSON report to this file, or to stdout with - (or --json alone; the summary is then not printed).", rich_help_panel=OUTPUT),
+    report: Optional[Path] = ReportOpt,
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file.", rich_help_panel=OUTPUT),
     quiet: bool = QuietOpt, verbose: bool = VerboseOpt,
     hessian: str = typer.Option("layerwise", "--hessian", help="layerwise (per site, default); full: one OBS over all selected weights with the network's output Hessian (Hassibi & Stork 1992); fisher: the same with the empirical Fisher of the loss (needs --labels). With full/fisher, --sparsity is a global fraction and --method is obs, obd or magnitude.", rich_help_panel=FULL),
@@ -65,22 +65,70 @@ def prune(
     prune_biases: bool = typer.Option(False, "--prune-biases", help="Full-network: the selected nodes' biases join the pool (the paper counts them as weights).", rich_help_panel=FULL),
     gradients: str = typer.Option("auto", "--gradients", help="Full-network: graph (a gradient graph), fd (finite differences) or auto (graph where every op has a rule).", rich_help_panel=FULL),
     save_gradient_graph: Optional[Path] = typer.Option(None, "--save-gradient-graph", help="Full-network: also write the gradient graph here.", rich_help_panel=FULL),
+    bits: Optional[int] = typer.Option(None, "--bits", help="Also quantize the pruned weights to 8 or 4 bits in the same pass (zeros stay zeros); see onnx-obs quantize.", rich_help_panel=QUANT),
+    group_size: int = GroupSizeOpt, symmetric: bool = SymmetricOpt, act_order: bool = ActOrderOpt,
+    quant_method: str = typer.Option("auto", "--quant-method", help="With --bits: obq, gptq, rtn or auto (obq where it costs about 2 s or less per layer, else gptq).", rich_help_panel=QUANT),
+    format: str = FormatOpt,
 ):
     """Prune MODEL and write the pruned model to -o."""
     progress = verbosity(quiet, verbose)
-    to_stdout = report is not None and str(report) == STDOUT
-    if report is not None and not to_stdout:
-        if report.resolve() in (model.resolve(), output.resolve()):
-            raise OnnxObsError("--report must not be the model or the output path")
-        if not (report.parent.is_dir() and os.access(report.parent, os.W_OK)):
-            raise OnnxObsError(f"cannot write the report into {report.parent}: the directory is "
-                               "missing or not writable")
+    _check_report_path(report, model, output)
     result = api.prune(str(model), str(calib) if calib else None, prune_config(ctx, config_file),
                        output=output, force=force, progress=progress,
                        command="onnx-obs " + shlex.join(sys.argv[1:]))
+    _show_result(result, report, progress, output)
+
+
+@app.command()
+@handled
+def quantize(
+    ctx: typer.Context,
+    model: Path = typer.Argument(..., help="The ONNX model to quantize (never modified)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the quantized model.", rich_help_panel=OUTPUT),
+    calib: Optional[Path] = typer.Option(None, "--calib", help=".npz keyed by input name (or .npy for one input), batched on axis 0; or a directory of .npz (see --no-batching). Needed by obq and gptq.", rich_help_panel=DATA),
+    config_file: Optional[Path] = ConfigOpt,
+    bits: int = typer.Option(8, "--bits", help="8 (int8 codes) or 4 (int4, opset 21).", rich_help_panel=QUANT),
+    group_size: int = GroupSizeOpt, symmetric: bool = SymmetricOpt,
+    quant_method: str = typer.Option("auto", "--method", help="obq (exact greedy, Optimal Brain Quantization), gptq (fixed column order, blocked), rtn (round to nearest, no correction), or auto: obq where it costs about 2 s or less per layer, else gptq.", rich_help_panel=QUANT),
+    act_order: bool = ActOrderOpt,
+    block_size: int = typer.Option(128, "--block-size", help="Column block of GPTQ's lazy updates.", rich_help_panel=SOLVER),
+    damp: float = DampOpt,
+    sequential: bool = typer.Option(True, "--sequential/--no-sequential", help="Capture each site's inputs after the sites before it are quantized.", rich_help_panel=SOLVER),
+    batch_size: int = BatchSizeOpt,
+    max_samples: Optional[int] = MaxSamplesOpt,
+    no_batching: bool = NoBatchingOpt,
+    include: Optional[str] = IncludeOpt, exclude: Optional[str] = ExcludeOpt, op_types: Optional[str] = OpTypesOpt,
+    device: str = DeviceOpt,
+    format: str = FormatOpt,
+    report: Optional[Path] = ReportOpt,
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file.", rich_help_panel=OUTPUT),
+    quiet: bool = QuietOpt, verbose: bool = VerboseOpt,
+):
+    """Quantize MODEL's weights to int8 / int4 with OBQ, GPTQ or RTN and write the model to -o."""
+    progress = verbosity(quiet, verbose)
+    _check_report_path(report, model, output)
+    result = api.quantize(str(model), str(calib) if calib else None, prune_config(ctx, config_file),
+                          output=output, force=force, progress=progress,
+                          command="onnx-obs " + shlex.join(sys.argv[1:]))
+    _show_result(result, report, progress, output)
+
+
+def _check_report_path(report: Path | None, model: Path, output: Path) -> None:
+    if report is None or str(report) == STDOUT:
+        return
+    if report.resolve() in (model.resolve(), output.resolve()):
+        raise OnnxObsError("--report must not be the model or the output path")
+    if not (report.parent.is_dir() and os.access(report.parent, os.W_OK)):
+        raise OnnxObsError(f"cannot write the report into {report.parent}: the directory is "
+                           "missing or not writable")
+
+
+def _show_result(result: api.PruneResult, report: Path | None, progress, output: Path) -> None:
+    """The JSON report where --report/--json asked for it, then the summary (not when the JSON
+    goes to stdout)."""
     if report is not None:
         write_json(report, result.report.to_json(), "--report")
-    if progress and not to_stdout:
+    if progress and not (report is not None and str(report) == STDOUT):
         _print_prune(result.report.to_dict(), output)
 
 

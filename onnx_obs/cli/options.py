@@ -17,8 +17,9 @@ from onnx_obs.config import MIN_PARAMS, PruneConfig, parse_op_types, parse_patte
 SELECT, DATA, METHOD, SOLVER = "Selection", "Data", "Method", "Layer-wise OBS"
 FULL, STRUCT, OUTPUT = "Full-network OBS", "Structured removal", "Output"
 TIMING, CHECKS = "Timing", "Checks"
+QUANT = "Quantization"
 
-ConfigOpt = typer.Option(None, "--config", help="Read the settings from this TOML file (keys as the options without dashes, e.g. sparsity = 0.6, or in the tables selection, data, layerwise, full and structured); options given on the command line override it.")
+ConfigOpt = typer.Option(None, "--config", help="Read the settings from this TOML file (keys as the options without dashes, e.g. sparsity = 0.6, or in the tables selection, data, layerwise, full, structured and quantize); options given on the command line override it.")
 IncludeOpt = typer.Option(None, "--include", help="Only sites whose tensor or node name matches this regex.", rich_help_panel=SELECT)
 ExcludeOpt = typer.Option(None, "--exclude", help="Skip sites whose tensor or node name matches this regex.", rich_help_panel=SELECT)
 OpTypesOpt = typer.Option(None, "--op-types", help="Comma-separated op types to prune, e.g. Conv,Gemm.", rich_help_panel=SELECT)
@@ -28,10 +29,15 @@ MaxSamplesOpt = typer.Option(None, "--max-samples", help="Use at most this many 
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda (onnxruntime-gpu).")
 PatternOpt = typer.Option(None, "--pattern", help="N:M semi-structured sparsity, e.g. 2:4 (overrides --sparsity).", rich_help_panel=METHOD)
 SolverOpt = typer.Option("auto", "--solver", help="OBS solver: exact (OBC), fast (SparseGPT), or auto: exact where it costs about 2 s or less per layer, else fast with a least-squares refit of the kept weights where that costs about 2 s or less.", rich_help_panel=SOLVER)
+GroupSizeOpt = typer.Option(-1, "--group-size", help="Input channels per scale (e.g. 32, 64, 128; blocked DequantizeLinear, opset 21); -1: one scale per output channel.", rich_help_panel=QUANT)
+SymmetricOpt = typer.Option(True, "--symmetric/--asymmetric", help="Signed codes with zero point 0, or unsigned codes with a zero point per scale.", rich_help_panel=QUANT)
+ActOrderOpt = typer.Option(False, "--act-order", help="GPTQ: quantize columns by decreasing diag(H) instead of left to right.", rich_help_panel=QUANT)
+FormatOpt = typer.Option("qdq", "--format", help="qdq: int8/int4 initializers + DequantizeLinear feeding the original op; matmulnbits: onnxruntime's com.microsoft MatMulNBits for MatMul/Gemm weights at 4 bits (its fast CPU kernels), other weights qdq.", rich_help_panel=OUTPUT)
 DampOpt = typer.Option(0.01, "--damp", help="Hessian damping, as a fraction of mean diag(H).", rich_help_panel=SOLVER)
 MinParamsOpt = typer.Option(MIN_PARAMS, "--min-params", help="Keep sites with fewer weights than this dense (listed as skipped) when the model has larger ones: tiny layers save nothing and are often fixed transforms. 0 prunes every site.", rich_help_panel=SELECT)
 QuietOpt = typer.Option(False, "--quiet", "-q", help="Print nothing but warnings and errors (and JSON asked for with --json -).", rich_help_panel=OUTPUT)
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Also print a progress line on stderr for every step (site, run, batch).", rich_help_panel=OUTPUT)
+ReportOpt = typer.Option(None, "--report", "--json", metavar="[FILE.json|-]", help="Write the JSON report to this file, or to stdout with - (or --json alone; the summary is then not printed).", rich_help_panel=OUTPUT)
 JsonOpt = typer.Option(None, "--json", metavar="[FILE.json|-]", help="Write the results as JSON: to FILE.json, or to stdout when given alone or as -.", rich_help_panel=OUTPUT)
 
 # A command's option (parameter name) -> (setting of PruneConfig.replace, how its value converts)
@@ -51,6 +57,8 @@ _SETTINGS = {
     "save_gradient_graph": ("save_gradient_graph", None),
     "structure": ("structure", None), "target_params": ("target_params", None),
     "target_flops": ("target_flops", None),
+    "bits": ("bits", None), "group_size": ("group_size", None), "symmetric": ("symmetric", None),
+    "quant_method": ("quant_method", None), "act_order": ("act_order", None), "format": ("format", None),
 }
 
 

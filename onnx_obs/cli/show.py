@@ -15,7 +15,7 @@ from onnx_obs.evaluate import Evaluation, ThresholdCheck
 from onnx_obs.inspection import Inspection
 
 def _print_prune(d: dict, output: Path) -> None:
-    t = Table(title=f"{d['method']} pruning", title_justify="left")
+    t = Table(title=d["method"] if "quantization" in d else f"{d['method']} pruning", title_justify="left")
     for col in ("site", "op", "2-D shape", "sparsity", "pred. error", "meas. error", "s"):
         t.add_column(col, justify="left" if col in ("site", "op") else "right")
     for s in d["sites"]:
@@ -28,6 +28,7 @@ def _print_prune(d: dict, output: Path) -> None:
         out.print(t)
         out.print(f"weights  {tot['nonzero_params_before']:,} -> {tot['nonzero_params_after']:,} non-zero "
                   f"in {tot['sites']} sites ({tot['sparsity']:.1%} sparse); model has {tot['model_params']:,} parameters")
+    _print_quantization(d)
     _print_costs(d)
     out.print(f"file     {_size(tot['file_size_before'])} -> {_size(tot['file_size_after'])}")
     for name, dev in d["deviation"].items():
@@ -51,6 +52,20 @@ def _print_structure(d: dict) -> None:
         t.add_row(e["name"], e["op"], f"{e['units_before']} -> {e['units_after']}", ", ".join(e["consumers"]),
                   _num(e["predicted_error"]), _num(e["measured_error"]), _num(e["relative_error"]),
                   f"{e['seconds']:.2f}")
+    out.print(t)
+
+
+def _print_quantization(d: dict) -> None:
+    if not d.get("quantization"):
+        return
+    t = Table(title="quantization", title_justify="left")
+    for col in ("site", "grid", "method", "scales", "clip (mean)", "clipped", "pred. error", "meas. error"):
+        t.add_column(col, justify="left" if col in ("site", "grid", "method") else "right")
+    for q in d["quantization"]:
+        grid = (f"int{q['bits']} {'sym' if q['symmetric'] else 'asym'}, "
+                + ("per channel" if q["group_size"] == -1 else f"group {q['group_size']}"))
+        t.add_row(q["name"], grid, q["method"], f"{q['scales']:,}", f"{q['clip_mean']:.3f}",
+                  f"{q['clipped_fraction']:.0%}", _num(q["predicted_error"]), _num(q["measured_error"]))
     out.print(t)
 
 

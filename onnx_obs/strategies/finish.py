@@ -28,8 +28,8 @@ def run(ctx: Context, original: onnx.ModelProto, output) -> None:
     _refuse_non_finite(ctx)
     report.device = _validate(ctx, original)
     _store(ctx)
-    if c.structured.structure is not None or c.storage != "dense":
-        report.costs = _measure_costs(ctx, original)
+    if c.structured.structure is not None or c.storage != "dense" or c.quantize.bits is not None:
+        report.costs = _measure_costs(ctx, original, counts=c.quantize.bits is None)
     if output is not None:
         report.file_size_after = save_model(loaded.model, output, loaded.base_dir)
 
@@ -95,13 +95,15 @@ def _store(ctx: Context) -> None:
                                "weights: use --storage dense")
 
 
-def _measure_costs(ctx: Context, original: onnx.ModelProto) -> dict:
-    """Parameters, MACs and onnxruntime latency (median of repeated runs) before and after."""
+def _measure_costs(ctx: Context, original: onnx.ModelProto, counts: bool = True) -> dict:
+    """Parameters and MACs (with counts), onnxruntime latency (median of repeated runs) before
+    and after."""
     loaded, cal, device = ctx.loaded, ctx.cal, ctx.config.device
     costs = {}
-    for key, fn in (("params", lambda m: count_params(m, loaded.base_dir)["params"]),
-                    ("nonzero_params", lambda m: count_params(m, loaded.base_dir)["nonzero_params"]),
-                    ("macs", lambda m: count_macs(m)[0])):
+    counters = (("params", lambda m: count_params(m, loaded.base_dir)["params"]),
+                ("nonzero_params", lambda m: count_params(m, loaded.base_dir)["nonzero_params"]),
+                ("macs", lambda m: count_macs(m)[0]))
+    for key, fn in counters if counts else ():
         costs[key] = {"before": fn(original), "after": fn(loaded.model)}
     if cal is None:
         return costs

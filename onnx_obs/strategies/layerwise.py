@@ -8,6 +8,7 @@ is captured on the model as already pruned, so corrections compensate earlier la
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -22,11 +23,19 @@ from onnx_obs.strategies.context import Context, drop_uncaptureable
 
 def run(ctx: Context) -> None:
     drop_uncaptureable(ctx)
+    sweep_sites(ctx, _prune_site, "pruning sites")
+    note_already_sparse(ctx)
+
+
+def sweep_sites(ctx: Context, visit: Callable[[Context, Site, np.ndarray], SiteReport], what: str) -> None:
+    """Call visit(ctx, site, H) for every site with its (groups, cols, cols) Hessian, in waves of
+    equal depth when sequential (each wave captured on the model as changed so far), and add the
+    reports it returns."""
     c, loaded, sites = ctx.config, ctx.loaded, ctx.sites
     sequential = c.layerwise.sequential
     cache = None if sequential else ctx.hessians
     depth = site_depths(loaded.model, sites) if sequential else {s.name: 0 for s in sites}
-    task = ctx.bar.add("pruning sites", total=len(sites))
+    task = ctx.bar.add(what, total=len(sites))
     for wave in sorted(set(depth.values())):
         batch = [s for s in sites if depth[s.name] == wave]
         missing = [s for s in batch if cache is None or s.name not in cache]
@@ -35,16 +44,24 @@ def run(ctx: Context) -> None:
             cache.update(hessians)
             hessians = cache
         for s in batch:
-            ctx.report.sites.append(_prune_site(ctx, s, hessians[s.name]))
+            ctx.report.sites.append(visit(ctx, s, hessians[s.name]))
             ctx.bar.advance(task, what=s.name)
-    note_already_sparse(ctx)
 
 
 def _prune_site(ctx: Context, s: Site, H: np.ndarray) -> SiteReport:
-    """Prune one site, row group by row group (one per convolution group, each with its own H)."""
-    c = ctx.config
+    """Prune one site and write it back."""
     t0 = time.perf_counter()
     w = site_matrix(s, ctx.loaded.base_dir)
+    new, r = prune_site_matrix(ctx, s, w, H)
+    write_matrix(s, new, ctx.loaded.store)
+    r.seconds = time.perf_counter() - t0
+    return r
+
+
+def prune_site_matrix(ctx: Context, s: Site, w: np.ndarray, H: np.ndarray) -> tuple[np.ndarray, SiteReport]:
+    """The site's 2-D matrix w pruned, row group by row group (one per convolution group, each
+    with its own H, or None for magnitude pruning without data), and its report."""
+    c = ctx.config
     new = np.empty_like(w)
     r = site_report(s, w, w, c.method)
     r.predicted_error = r.measured_error = 0.0
@@ -55,12 +72,11 @@ def _prune_site(ctx: Context, s: Site, H: np.ndarray) -> SiteReport:
                           damp=c.layerwise.damp)
         new[rows] = res.weight
         r.predicted_error += res.predicted_error
-        r.measured_error += layer_error(w[rows], res.weight, Hg)
+        if Hg is not None:  # magnitude pruning before rtn quantization runs without data
+            r.measured_error += layer_error(w[rows], res.weight, Hg)
         r.solver, r.damping = res.solver, res.damping
-    write_matrix(s, new, ctx.loaded.store)
     r.zeros_after = int(np.sum(new == 0))
-    r.seconds = time.perf_counter() - t0
-    return r
+    return new, r
 
 
 def _group_sparsities(w: np.ndarray, groups: list[slice], sparsity: float) -> list[float]:

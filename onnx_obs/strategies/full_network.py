@@ -125,6 +125,14 @@ def _report(report: Report, params: Parameters, w0: np.ndarray, res: SurgeryResu
             recomputes=net.recomputes,
         )
         summary["seconds"].update(gradients=net.seconds["gradients"], inverse=net.seconds["inverse"])
+        if net.mode == "fd":
+            fd = net.differences
+            sites = [s.name for s in params.segments if s.site is not None]
+            summary["finite_differences"] = dict(reason=net.fd_reason, sites=sites, redone=fd.redone, kinks=fd.kinks)
+            report.notes.append(
+                f"finite differences along the weights ({net.fd_reason}) for all {len(sites)} sites: "
+                f"{', '.join(sites)}; {fd.redone} (sample, weight) pairs redone with smaller steps near a kink, "
+                f"{fd.kinks} on a kink (the mean of the one-sided slopes)")
         if method == "obs":
             summary.update(alpha=options.alpha, alpha_over_mean_diag=options.alpha / net.mean_diag if net.mean_diag else None)
     report.full_network = summary

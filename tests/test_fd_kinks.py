@@ -114,11 +114,10 @@ def test_a_kink_at_the_point_itself_is_counted_and_gets_the_mean_slope():
     term = NodeTerm("z", (2, 1), "rows", 1, 1, x.reshape(1, 2, 1), slice(0, 1))
     w = np.zeros(1)
 
-    def run(deltas):
-        z = np.zeros((2, 1)) + deltas.get("z", 0.0)
-        return np.maximum(z, 0.0)
+    def run(moves):
+        return np.stack([np.maximum(np.zeros((2, 1)) + m.get("z", 0.0), 0.0) for m in moves])
 
-    J, redone, kinks = weight_jacobian(run, run({}), w, [term], 1e-3, 1e-16)
+    J, redone, kinks = weight_jacobian(run, run([{}])[0], w, [term], 1e-3, 1e-16)
     np.testing.assert_allclose(J[:, 0, 0], [0.0, 1.0], rtol=1e-12)
     assert (redone, kinks) == (2, 1)  # sample 1 is redone twice and stays on its kink
 

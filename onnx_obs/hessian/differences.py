@@ -19,9 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 
+CHUNK = 64          # weights whose runs are handed to `run` together (it may stack them in one batch)
 SHRINK = 16          # each retry divides the step by this
 RETRIES = 2
 SLOPE_TOL = 1e-2     # one-sided slopes may differ by this fraction of their size (curvature)
@@ -91,33 +93,36 @@ def _directions(terms: list[NodeTerm], n: int):
             yield j, dirs
 
 
-def weight_jacobian(run: Callable[[dict[str, np.ndarray]], np.ndarray], y0: np.ndarray, w: np.ndarray,
+def weight_jacobian(run: Callable[[list[dict[str, np.ndarray]]], np.ndarray], y0: np.ndarray, w: np.ndarray,
                     terms: list[NodeTerm], eps: float, out_eps: float) -> tuple[np.ndarray, int, int]:
     """J[b, u, j] = dF_u(in_b)/dw_j for a batch, by central differences along each weight.
 
-    run(deltas) returns the outputs (B, U) with each z in `deltas` moved by the given array (z's
-    shape); y0 = run({}) (float64). eps: the relative step (cbrt of z's machine epsilon); out_eps:
-    the outputs' machine epsilon. Returns J, the number of (sample, weight) pairs redone with
-    smaller steps, and the number left on a kink.
+    run(moves) returns the outputs (len(moves), B, U), one batch for each dict of moves: each z in
+    the dict moved by the given array (z's shape). y0: the outputs (B, U) unmoved, float64. eps: the
+    relative step (cbrt of z's machine epsilon); out_eps: the outputs' machine epsilon. Returns J,
+    the number of (sample, weight) pairs redone with smaller steps, and the number left on a kink.
     """
     batch, units = y0.shape
     J = np.zeros((batch, units, w.size))
     redone = kinks = 0
-    for j, dirs in _directions(terms, w.size):
-        h = eps * max(1.0, abs(float(w[j])))
-        todo = np.ones(batch, dtype=bool)
+    directions = _directions(terms, w.size)
+    while chunk := list(islice(directions, CHUNK)):
+        h = np.array([eps * max(1.0, abs(float(w[j]))) for j, _ in chunk])
+        todo = np.ones((len(chunk), batch), dtype=bool)
+        js = np.array([j for j, _ in chunk])
         for attempt in range(RETRIES + 1):
-            plus = run({z: h * v for z, v in dirs.items()})
-            minus = run({z: -h * v for z, v in dirs.items()})
-            J[todo, :, j] = ((plus - minus) / (2 * h))[todo]
-            right, left = (plus - y0) / h, (y0 - minus) / h
-            scale = np.max(np.maximum(np.abs(y0), np.maximum(np.abs(plus), np.abs(minus))), axis=1)
-            tol = ROUNDING * out_eps * scale / h + SLOPE_TOL * np.max(np.maximum(np.abs(right), np.abs(left)), axis=1)
-            todo &= np.max(np.abs(right - left), axis=1) > tol
-            if not todo.any():
+            a = np.flatnonzero(todo.any(axis=1))
+            ys = run([{z: sign * h[i] * v for z, v in chunk[i][1].items()} for i in a for sign in (1, -1)])
+            plus, minus, step = ys[0::2], ys[1::2], h[a, None, None]  # (A, B, U)
+            keep = todo[a].T[:, None, :]  # (B, 1, A)
+            J[:, :, js[a]] = np.where(keep, ((plus - minus) / (2 * step)).transpose(1, 2, 0), J[:, :, js[a]])
+            right, left = (plus - y0) / step, (y0 - minus) / step
+            scale = np.max(np.maximum(np.abs(y0), np.maximum(np.abs(plus), np.abs(minus))), axis=2)
+            tol = ROUNDING * out_eps * scale / h[a, None] + SLOPE_TOL * np.max(np.maximum(np.abs(right), np.abs(left)), axis=2)
+            todo[a] &= np.max(np.abs(right - left), axis=2) > tol
+            if not todo.any() or attempt == RETRIES:
                 break
-            if attempt < RETRIES:
-                redone += int(todo.sum())
-                h /= SHRINK
+            redone += int(todo.sum())
+            h /= SHRINK
         kinks += int(todo.sum())
     return J, redone, kinks

@@ -32,6 +32,7 @@ from onnx_obs.hessian.inverse import inverse_hessian
 from onnx_obs.hessian.layerwise import ConvGeometry, input_vectors
 from onnx_obs.runtime import Runner
 
+_STACK_ROWS = 512  # finite differences: samples per stacked run
 _BIAS_DTYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
 
 
@@ -196,29 +197,55 @@ class _GraphDeltas:
 
 class _WeightDifferences:
     """dF/dw for every sample by central differences along the weights (hessian/differences.py),
-    through the model with an added input per linear node output z (graph/perturb.py)."""
+    through the model with an added input per linear node output z (graph/perturb.py). Where the
+    inputs are batched on axis 0, the moves of several weights run as one stacked batch (the
+    calibration batch repeated), checked once against the unmoved outputs."""
 
-    def __init__(self, model: onnx.ModelProto, base_dir: str, wrt: list[str], outputs: list[str], device: str):
+    def __init__(self, model: onnx.ModelProto, base_dir: str, wrt: list[str], outputs: list[str], device: str,
+                 stackable: bool):
         self.wrt, self.outputs = wrt, outputs
         self.runner = Runner(build_perturbed_model(model, wrt), base_dir, device)
+        fixed = any(isinstance(i.shape[0] if i.shape else 1, int) for i in self.runner.session.get_inputs()
+                    if not i.name.endswith("__delta"))
+        self.stack = stackable and not fixed
         self.redone = self.kinks = 0
+
+    def _run(self, feeds: dict, zeros: dict, moves: list[dict[str, np.ndarray]]) -> np.ndarray:
+        """Outputs (len(moves), B, U) for the batch with each set of moves, in one run."""
+        t = len(moves)
+        tiled = {k: np.concatenate([v] * t) for k, v in feeds.items()} if t > 1 else feeds
+        deltas = {f"{z}__delta": np.concatenate([m[z].astype(zero.dtype) if z in m else zero for m in moves])
+                  for z, zero in zeros.items()}
+        outs = self.runner.run({**tiled, **deltas}, self.outputs)
+        return np.concatenate([o.reshape(t, len(o) // t, -1).astype(np.float64) for o in outs], axis=2)
 
     def __call__(self, feeds: dict, w: np.ndarray, terms: list[NodeTerm], values: dict) -> np.ndarray:
         """J (B, U, n): every output unit of every sample (outputs in order) against every weight."""
-        zeros = {f"{z}__delta": np.zeros_like(values[z]) for z in self.wrt}  # full shape: onnxruntime
-        # fuses Conv + Add and will not broadcast
+        zeros = {z: np.zeros_like(values[z]) for z in self.wrt}  # full shape: onnxruntime fuses Conv + Add
+        # and will not broadcast
+        y0 = self._run(feeds, zeros, [{}])[0]
+        per_run = max(1, _STACK_ROWS // len(y0)) if self.stack else 1
+        if per_run > 1 and not self._stacks(feeds, zeros, y0):
+            self.stack, per_run = False, 1
 
-        def run(deltas: dict[str, np.ndarray]) -> np.ndarray:
-            moved = {f"{z}__delta": d.astype(values[z].dtype) for z, d in deltas.items()}
-            outs = self.runner.run({**feeds, **zeros, **moved}, self.outputs)
-            return np.concatenate([o.reshape(len(o), -1).astype(np.float64) for o in outs], axis=1)
+        def run(moves: list[dict[str, np.ndarray]]) -> np.ndarray:
+            return np.concatenate([self._run(feeds, zeros, moves[i:i + per_run])
+                                   for i in range(0, len(moves), per_run)])
 
         z_eps = max(float(np.finfo(values[z].dtype).eps) for z in self.wrt)
         out_eps = max(float(np.finfo(values[o].dtype).eps) for o in self.outputs)
-        J, redone, kinks = weight_jacobian(run, run({}), w, terms, float(np.cbrt(z_eps)), out_eps)
+        J, redone, kinks = weight_jacobian(run, y0, w, terms, float(np.cbrt(z_eps)), out_eps)
         self.redone += redone
         self.kinks += kinks
         return J
+
+    def _stacks(self, feeds: dict, zeros: dict, y0: np.ndarray) -> bool:
+        """Whether the model runs a repeated batch sample by sample (no batch size baked into a Reshape)."""
+        try:
+            y = self._run(feeds, zeros, [{}, {}])
+        except OnnxObsError:
+            return False
+        return y.shape[1:] == y0.shape and bool(np.all(y == y0))
 
 
 def _float_outputs(model: onnx.ModelProto) -> list[str]:
@@ -320,7 +347,7 @@ class FullNetwork:
         if self._mode() == "fd":
             if self.differences is None:
                 self.differences = _WeightDifferences(self.loaded.model, self.loaded.base_dir, self.wrt,
-                                                      self.outputs, self.device)
+                                                      self.outputs, self.device, self.cal.sliceable)
             return self.differences
         deltas = _GraphDeltas(self.loaded.model, self.loaded.base_dir, self.wrt, self.outputs, self.device)
         if self.options.save_gradient_graph is not None and not self.gradient_graphs:

@@ -19,7 +19,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnx_obs.calib import Calibration
-from onnx_obs.config import FullOptions
+from onnx_obs.config import AUTO_ALPHA, FullOptions
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.backprop import build_vjp_model, supports_gradients
 from onnx_obs.graph.capture import with_outputs
@@ -28,10 +28,11 @@ from onnx_obs.graph.perturb import build_perturbed_model
 from onnx_obs.graph.sites import Site, Use, site_matrix, write_matrix
 from onnx_obs.hessian import full as fullh
 from onnx_obs.hessian.differences import NodeTerm, weight_jacobian
-from onnx_obs.hessian.inverse import inverse_hessian
+from onnx_obs.hessian.inverse import available_memory, inverse_hessian
 from onnx_obs.hessian.layerwise import ConvGeometry, input_vectors
 from onnx_obs.runtime import Runner
 
+_KEEP_BYTES = 2**30  # derivative vectors kept in memory between the alpha pass and the inverse
 _STACK_ROWS = 512  # finite differences: samples per stacked run
 _BIAS_DTYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
 
@@ -281,6 +282,9 @@ class FullNetwork:
         self.recomputes = 0
         self.gradient_graphs: dict[str, onnx.ModelProto] = {}
         self.differences: _WeightDifferences | None = None
+        self.alpha = options.alpha  # None: chosen from the data by the first inverse()
+        self.checkpoints = None  # the strategy's record of measured errors during surgery
+        self.output_energy = 0.0  # 1/(2P) sum ||t||^2: the scale of E
         self.fd_reason: str | None = None
         self._reference(cal.labels)
 
@@ -299,6 +303,7 @@ class FullNetwork:
                     raise OnnxObsError(f"output '{name}' of shape {list(f.shape)} does not have the batch of {b} "
                                        "on axis 0: full-network OBS needs per-sample outputs")
             self.P += b
+            self.output_energy += sum(fullh.squared_error(o, 0.0) for o in outs)
             if labels is None:
                 self.targets.append([o.astype(np.float64) for o in outs])
                 continue
@@ -311,6 +316,7 @@ class FullNetwork:
         if self.fisher:
             loss = "softmax cross-entropy" if self.classifier else "squared error 1/2 ||F - t||^2"
             self.notes.append(f"empirical Fisher: per-sample gradients of the {loss} against the labels")
+        self.output_energy /= self.P
         self.E0 = self.error()
 
     def error(self) -> float:
@@ -452,7 +458,9 @@ class FullNetwork:
         return diag
 
     def inverse(self, keep: np.ndarray | None = None, bar=None) -> np.ndarray:
-        """H^-1 = (alpha I + (1/P) sum X X^T)^-1 by Eq. 17, blocked (hessian/inverse.py)."""
+        """H^-1 = (alpha I + (1/P) sum X X^T)^-1 by Eq. 17, blocked (hessian/inverse.py). Without a
+        given alpha, the first call sets it to AUTO_ALPHA x mean diag((1/P) sum X X^T) from a first
+        pass over the derivative vectors (kept in memory when they fit, else computed again)."""
         m = self.params.n if keep is None else keep.size
         sq = np.zeros(m)
 
@@ -461,8 +469,23 @@ class FullNetwork:
                 sq[:] += np.einsum("ij,ij->j", X, X)
                 yield X
 
+        blocks = counted(self.derivative_blocks(keep, bar))
+        if self.alpha is None:
+            kept, budget = [], min(_KEEP_BYTES, available_memory() // 4)
+            for X in blocks:
+                budget -= X.nbytes
+                if budget < 0:
+                    kept = None
+                elif kept is not None:
+                    kept.append(X)
+            self.alpha = AUTO_ALPHA * float(sq.mean() / self.P)
+            if not self.alpha > 0:
+                raise OnnxObsError("the network's outputs do not depend on the selected weights on the calibration "
+                                   "data (diag H is 0): pass --alpha, or check the data and the selection")
+            sq[:] = 0.0
+            blocks = counted(iter(kept) if kept is not None else self.derivative_blocks(keep, bar))
         t0, g0 = time.perf_counter(), self.seconds["gradients"]
-        Hinv = inverse_hessian(counted(self.derivative_blocks(keep, bar)), m, self.options.alpha, self.P)
+        Hinv = inverse_hessian(blocks, m, self.alpha, self.P)
         self.seconds["inverse"] += time.perf_counter() - t0 - (self.seconds["gradients"] - g0)
         self.mean_diag = float(sq.mean() / self.P)
         return Hinv

@@ -114,3 +114,13 @@ def test_rank_note_counts_directions_below_alpha():
         assert bool(notes) == expect == (flat >= 0.01 * lam.size)
         if expect:
             assert f"about {flat:.0f} of its {lam.size}" in notes[0]
+
+
+def test_flat_outputs_fall_back_to_the_papers_alpha():
+    # x W1 ~ 1e4 saturates tanh and the sigmoid: outputs depend on W3 only through a2 = 0 or 1, and
+    # with the outputs' own targets every derivative of W1, W2 is 0; select W1 alone: diag H = 0
+    model, _ = mlp(np.float64)
+    x = 1e4 * np.random.default_rng(34).normal(size=(8, 5))
+    res = api.prune(model, {"x": x}, hessian="full", sparsity=0.5, device="cpu", include="W1")
+    assert res.report.full_network["alpha"] == 1e-6
+    assert any("diag H is 0" in n for n in res.report.notes)

@@ -32,6 +32,7 @@ from onnx_obs.hessian.inverse import available_memory, inverse_hessian
 from onnx_obs.hessian.layerwise import ConvGeometry, input_vectors
 from onnx_obs.runtime import Runner
 
+_FLAT_ALPHA = 1e-6  # alpha where diag H is 0 (the paper's middle value)
 _KEEP_BYTES = 2**30  # derivative vectors kept in memory between the alpha pass and the inverse
 _STACK_ROWS = 512  # finite differences: samples per stacked run
 _BIAS_DTYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
@@ -480,8 +481,9 @@ class FullNetwork:
                     kept.append(X)
             self.alpha = AUTO_ALPHA * float(sq.mean() / self.P)
             if not self.alpha > 0:
-                raise OnnxObsError("the network's outputs do not depend on the selected weights on the calibration "
-                                   "data (diag H is 0): pass --alpha, or check the data and the selection")
+                self.alpha = _FLAT_ALPHA
+                self.notes.append(f"diag H is 0: the outputs do not depend on the selected weights on the calibration "
+                                  f"data (saturated units?); alpha {_FLAT_ALPHA:g}")
             sq[:] = 0.0
             blocks = counted(iter(kept) if kept is not None else self.derivative_blocks(keep, bar))
         t0, g0 = time.perf_counter(), self.seconds["gradients"]

@@ -4,8 +4,9 @@ rule and --recompute-every, on the repository's digits samples.
   kinks    a small Conv(1->2, 3x3)-ReLU-MaxPool(2)-Gemm(18->10) digits net (210 weights), trained
            here (torch, scripts only) on the calibration images with the sample CNN's predictions
            as labels; derivative vectors by the gradient graph and by finite differences (their
-           relative difference), then 50% full-network OBS with biases, by each: relative MSE of
-           the logits on the held-out split
+           relative difference), then 50% full-network OBS with biases, by each, at alpha 1e-6
+           and without biases, against layer-wise OBS and magnitude: relative MSE of the logits on
+           the held-out split
   alpha    the README example (digits MLP, --hessian full --sparsity 0.8 --step 16) with the
            default alpha (from the data) and with the paper's 1e-6: agreement, accuracy,
            predicted and measured error increase, warnings
@@ -104,15 +105,19 @@ def kinks(seeds: int, steps: int) -> None:
     x_cal = np.load(SAMPLES / "digits_cnn_calib.npz")["input"][:64]
     x_eval = np.load(SAMPLES / "digits_cnn_eval.npz")["input"]
     print("kinks: Conv-ReLU-MaxPool-Gemm digits nets (210 weights), 64 calibration samples, 50% with biases")
-    print("seed | tied windows | |X_fd - X_graph| / |X_graph| | held-out rel. MSE: graph | fd | magnitude")
+    print("seed | tied windows | |X_fd - X_graph| / |X_graph| | held-out rel. MSE: full graph | full fd | "
+          "full graph alpha 1e-6 | full without biases | layer-wise OBS | magnitude")
     for seed in range(seeds):
         model = small_conv_net(seed, steps)
         Xg, Xf = derivative_vectors(model, x_cal, "graph"), derivative_vectors(model, x_cal, "fd")
         y0 = outputs(model, x_eval)
         row = [f"{seed:4d}", f"{tie_fraction(model, x_cal):.1%}", f"{np.linalg.norm(Xf - Xg) / np.linalg.norm(Xg):.2e}"]
         for kw in (dict(full=FullOptions(gradients="graph", prune_biases=True)),
-                   dict(full=FullOptions(gradients="fd", prune_biases=True)), dict(method="magnitude")):
-            res = api.prune(model, {"input": x_cal}, hessian="full", sparsity=0.5, device="cpu", **kw)
+                   dict(full=FullOptions(gradients="fd", prune_biases=True)),
+                   dict(full=FullOptions(alpha=1e-6, prune_biases=True)), dict(),
+                   dict(hessian="layerwise"), dict(method="magnitude")):
+            kw = {"hessian": "full", **kw}
+            res = api.prune(model, {"input": x_cal}, sparsity=0.5, device="cpu", **kw)
             row.append(f"{rel_mse(outputs(res.model, x_eval), y0):.3f}")
         print(" | ".join(row))
 
@@ -120,15 +125,20 @@ def kinks(seeds: int, steps: int) -> None:
 # ---- alpha, recompute, bound on the digits MLP ---------------------------------------------------
 
 
-def mlp_run(label: str, sparsity: float, **full) -> None:
+def mlp_run(label: str, sparsity: float, hessian: str = "full", **full) -> None:
     model, calib = str(SAMPLES / "digits_mlp.onnx"), str(SAMPLES / "digits_mlp_calib.npz")
     ev = np.load(SAMPLES / "digits_mlp_eval.npz")
     x, labels = ev["input"], ev["label"]
     y0 = outputs(model, x)
     t0 = time.perf_counter()
-    res = api.prune(model, calib, hessian="full", sparsity=sparsity, device="cpu", full=FullOptions(step=16, **full))
+    res = api.prune(model, calib, hessian=hessian, sparsity=sparsity, device="cpu",
+                    full=FullOptions(step=16, **full) if hessian == "full" else None)
     t = time.perf_counter() - t0
     y = outputs(res.model, x)
+    if hessian == "layerwise":
+        print(f"{label:<34} agreement {np.mean(y.argmax(1) == y0.argmax(1)):.2%} | accuracy "
+              f"{np.mean(y.argmax(1) == labels):.2%} | {t:.1f} s")
+        return
     fn = res.report.full_network
     flagged = sum(p["underestimated"] for p in fn.get("checkpoints", []))
     print(f"{label:<34} zeros {fn['zeros']:5d} ({fn['stop_reason']}) | agreement {np.mean(y.argmax(1) == y0.argmax(1)):.2%}"
@@ -155,6 +165,9 @@ def main() -> None:
             mlp_run("90%, --recompute-every 500", 0.9, recompute_every=500)
             mlp_run("90%, --max-error-increase 5", 0.9, max_error_increase=5.0)
             mlp_run("80%, alpha 1e-6, --max-error-increase 5", 0.8, alpha=1e-6, max_error_increase=5.0)
+            mlp_run("85%, alpha from the data", 0.85)
+            mlp_run("80%, layer-wise OBS", 0.8, hessian="layerwise")
+            mlp_run("85%, layer-wise OBS", 0.85, hessian="layerwise")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def run(ctx: Context) -> None:
             hessians = cache
         for s in batch:
             ctx.report.sites.append(_prune_site(ctx, s, hessians[s.name]))
-            ctx.bar.advance(task)
+            ctx.bar.advance(task, what=s.name)
     note_already_sparse(ctx)
 
 

@@ -28,6 +28,7 @@ SCOPES = ("layer", "global")
 HESSIANS = ("layerwise", "full", "fisher")
 FULL_METHODS = ("obs", "obd", "magnitude")
 GRADIENTS = ("auto", "graph", "fd")
+AUTO_ALPHA = 0.01  # full-network alpha by default: this fraction of mean diag(H)
 STRUCTURES = ("neurons", "channels")   # the same thing: "channels" is the Conv spelling
 STRUCTURED_METHODS = ("obs", "magnitude")
 # Sites with fewer weights are kept dense (when larger ones exist): they save nothing, and the
@@ -90,10 +91,12 @@ class LayerwiseOptions:
 class FullOptions:
     """Full-network pruning (`hessian="full"` or `"fisher"`).
 
-    alpha: H^-1_0 = alpha^-1 I of Eq. 17 (the paper: 1e-8 <= alpha <= 1e-4).
-    max_error_increase: stop before the predicted error increase passes this: a number (absolute,
-        in units of E = 1/(2P) sum ||F - t||^2, or of the mean loss for fisher) or "N%" of the
-        current error E0 (needs labels: with the model's own outputs as targets E0 is 0).
+    alpha: H^-1_0 = alpha^-1 I of Eq. 17 (the paper: 1e-8 <= alpha <= 1e-4); None: chosen from the
+        data, AUTO_ALPHA x mean diag((1/P) sum X X^T).
+    max_error_increase: stop before the error increase passes this, predicted (Eq. 6) or measured
+        at checkpoints during surgery (going back to the last checkpoint within it): a number
+        (absolute, in units of E = 1/(2P) sum ||F - t||^2, or of the mean loss for fisher) or "N%"
+        of the current error E0 (needs labels: with the model's own outputs as targets E0 is 0).
     recompute_every: rebuild H^-1 at the corrected weights after this many deletions.
     step: weights deleted together per OBS step (1 = the paper's one at a time).
     prune_biases: the biases of the selected nodes join w (the paper counts them as weights).
@@ -102,7 +105,7 @@ class FullOptions:
     save_gradient_graph: write the gradient graph (the model plus its reverse pass) here.
     """
 
-    alpha: float = 1e-6
+    alpha: float | None = None
     max_error_increase: float | str | None = None
     recompute_every: int | None = None
     step: int = 1
@@ -280,7 +283,7 @@ class PruneConfig:
                                "(without labels, use --hessian full)")
         if options.gradients not in GRADIENTS:
             raise OnnxObsError(f"unknown --gradients '{options.gradients}': use one of {', '.join(GRADIENTS)}")
-        if not options.alpha > 0:
+        if options.alpha is not None and not options.alpha > 0:
             raise OnnxObsError(f"--alpha must be positive, got {options.alpha}")
         if options.step < 1:
             raise OnnxObsError(f"--step must be at least 1, got {options.step}")

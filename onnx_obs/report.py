@@ -38,6 +38,7 @@ class Report:
     sites: list[SiteReport] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # printed on stderr: the result may be bad
     deviation: dict = field(default_factory=dict)
     model_params: int = 0          # all float weights of the model, selected or not
     file_size_before: int = 0
@@ -78,6 +79,7 @@ class Report:
             "sites": sites,
             "skipped": self.skipped,
             "notes": self.notes,
+            **({"warnings": self.warnings} if self.warnings else {}),
             "deviation": self.deviation,
             **({"full_network": self.full_network} if self.full_network else {}),
             **({"structure": self.structure} if self.structure else {}),

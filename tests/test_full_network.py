@@ -320,8 +320,13 @@ def test_max_error_increase_stops_before_the_bound():
     res = api.prune(model, {"x": x}, hessian="full", sparsity=0.9, device="cpu",
                     full=FullOptions(alpha=1e-8, max_error_increase=bound))
     fn = res.report.full_network
-    assert fn["stop_reason"] == "error" and 0 < fn["removed"] < free.report.full_network["removed"]
+    # the measured increase passes the bound first (higher-order terms): surgery goes back to the last
+    # checkpoint within it (the predicted rule alone: tests/test_full_obs.py)
+    assert fn["stop_reason"] == "measured" and 0 < fn["removed"] < free.report.full_network["removed"]
     assert fn["predicted_error_increase"] <= bound
+    assert fn["measured_error_increase"] == pytest.approx(measured_error(model, res.model, x), rel=1e-6)
+    assert fn["measured_error_increase"] <= bound < fn["checkpoints"][-1]["measured"]
+    assert fn["checkpoints"][-2]["measured"] == pytest.approx(fn["measured_error_increase"], rel=1e-12)
 
 
 def test_recompute_every_and_baselines_reach_the_target():
@@ -383,4 +388,7 @@ def test_relative_bound_uses_the_labelled_error():
     fn = res.report.full_network
     y = run(model, {"x": x})["y"]
     assert fn["error_before"] == pytest.approx(0.5 * np.sum((y - t) ** 2) / 32, rel=1e-9)
-    assert fn["predicted_error_increase"] <= 0.01 * fn["error_before"] and fn["stop_reason"] == "error"
+    assert fn["predicted_error_increase"] <= 0.01 * fn["error_before"] and fn["stop_reason"] == "measured"
+    y = run(res.model, {"x": x})["y"]
+    assert fn["error_after"] == pytest.approx(0.5 * np.sum((y - t) ** 2) / 32, rel=1e-9)
+    assert fn["measured_error_increase"] <= 0.01 * fn["error_before"]

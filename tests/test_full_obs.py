@@ -309,3 +309,37 @@ def test_global_baselines_pick_their_criteria():
         assert np.array_equal(res.w[kept], w[kept]) and np.all(res.w[~kept] == 0.0)
     with pytest.raises(ValueError):
         global_baseline(w, "obd", target_zeros=3)
+
+
+@pytest.mark.parametrize("step, every, fails_after, back_to", [(1, 5, 23, 20), (3, 6, 25, 24), (2, 7, 49, 49)])
+def test_failed_checkpoint_goes_back_to_the_last_one_that_passed(step, every, fails_after, back_to):
+    # the checkpoint sees the real corrected weights: they are the KKT minimiser for the deleted set,
+    # and it passes while at most `fails_after` weights are zero; the result equals a plain run to
+    # the last passing checkpoint (the end, 49, is checked too: it passes when fails_after >= 49)
+    rng = np.random.default_rng(9)
+    n = 60
+    H, Hinv, w = quadratic(rng, n)
+    seen = []
+
+    def check(w_now, predicted):
+        zeros = np.flatnonzero(w_now == 0)
+        np.testing.assert_allclose(w_now, w + kkt_correction(H, w, zeros), rtol=0, atol=1e-9)
+        seen.append(zeros.size)
+        return zeros.size <= fails_after
+
+    res = obs_surgery(w, Hinv, target_zeros=49, step=step, checkpoint=check, checkpoint_every=every)
+    plain = obs_surgery(w, Hinv, target_zeros=back_to, step=step)
+    assert res.stop_reason == ("measured" if back_to < 49 else "sparsity")
+    assert res.order.tolist() == plain.order.tolist() and np.array_equal(res.mask, plain.mask)
+    np.testing.assert_allclose(res.w, plain.w, rtol=0, atol=1e-12)
+    assert res.error_increase == pytest.approx(plain.error_increase, rel=1e-12)
+    assert all(b - a >= every for a, b in zip(seen, seen[1:-1]))  # the last check may be the end's
+    assert seen[-1] == 49 if back_to == 49 else seen[-1] > fails_after and seen[-2] == back_to
+
+
+def test_a_failed_first_checkpoint_keeps_the_weights():
+    rng = np.random.default_rng(10)
+    H, Hinv, w = quadratic(rng, 30)
+    res = obs_surgery(w, Hinv, target_zeros=20, checkpoint=lambda w_now, p: False, checkpoint_every=4)
+    assert res.stop_reason == "measured" and res.order.size == 0 and res.error_increase == 0.0
+    np.testing.assert_array_equal(res.w, w)

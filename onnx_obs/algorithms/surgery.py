@@ -36,7 +36,8 @@ class SurgeryResult:
     saliencies: np.ndarray  # per deletion: its criterion when chosen (Eq. 6 for OBS)
     cumulative: np.ndarray  # per deletion: predicted error increase so far (a group shares one)
     error_increase: float  # total predicted error increase
-    stop_reason: str  # "sparsity" (target reached) or "error" (next deletion would pass the bound)
+    stop_reason: str  # "sparsity" (target reached), "error" (the next deletion's predicted increase
+    # would pass the bound) or "measured" (a checkpoint failed: back at the last one that passed)
 
 
 class _ActiveInverse:
@@ -110,6 +111,8 @@ def obs_surgery(
     prunable: np.ndarray | None = None,
     recompute: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
     recompute_every: int | None = None,
+    checkpoint: Callable[[np.ndarray, float], bool] | None = None,
+    checkpoint_every: int = 1,
     overwrite_hinv: bool = False,
 ) -> SurgeryResult:
     """Delete weights by OBS until `target_zeros` prunable weights are zero or the error bound stops it.
@@ -123,6 +126,11 @@ def obs_surgery(
     at the current corrected weights; it is called every `recompute_every` deletions, and the array
     it returns is worked on in place. `overwrite_hinv` lets the surgery work in the caller's `Hinv`
     instead of a copy.
+
+    `checkpoint(w, predicted)` judges the corrected weights every `checkpoint_every` deletions and
+    at the end (e.g. by the error measured on data, which the quadratic model may underestimate);
+    when it returns False the surgery goes back to the last checkpoint that passed (or the start)
+    and stops there.
     """
     w = np.array(w, dtype=np.float64).ravel()
     n = w.size
@@ -138,6 +146,8 @@ def obs_surgery(
         raise ValueError(f"step={step} must be at least 1")
     if (recompute is None) != (recompute_every is None):
         raise ValueError("recompute and recompute_every go together")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every={checkpoint_every} must be at least 1")
 
     flush_every = max(_MIN_FLUSH, _FLUSH_GROUPS * step)
 
@@ -173,6 +183,17 @@ def obs_surgery(
     stop_reason = "sparsity"
     since_recompute = 0
     k = step
+    good = (current_weights().copy(), mask.copy(), len(order), total)  # the last checkpoint passed
+    checked = deleted
+
+    def passes() -> bool:
+        nonlocal good, checked
+        checked = deleted
+        if checkpoint(current_weights().copy(), total):
+            good = (w.copy(), mask.copy(), len(order), total)
+            return True
+        return False
+
     while deleted < target_zeros:
         K = min(k, target_zeros - deleted)
         L_all = state.saliencies()
@@ -196,6 +217,9 @@ def obs_surgery(
         state.delete(Q, h, L, c)
         deleted += K
         since_recompute += K
+        if checkpoint is not None and deleted - checked >= checkpoint_every and not passes():
+            stop_reason = "measured"
+            break
         if recompute is not None and since_recompute >= recompute_every and deleted < target_zeros:
             keep = np.flatnonzero(mask)
             w_now = current_weights().copy()
@@ -205,8 +229,15 @@ def obs_surgery(
                 raise ValueError(f"recompute returned shape {new.shape}, expected ({keep.size}, {keep.size})")
             state = active(new, keep, copy=False)
             since_recompute = 0
+    if checkpoint is not None and stop_reason != "measured" and deleted > checked and not passes():
+        stop_reason = "measured"
+    if stop_reason == "measured":
+        w, mask, kept, total = good
+        del order[kept:], sal[kept:], cum[kept:]
+    else:
+        w = current_weights()
     return SurgeryResult(
-        w=current_weights(),
+        w=w,
         mask=mask,
         order=np.asarray(order, dtype=np.int64),
         saliencies=np.asarray(sal, dtype=np.float64),

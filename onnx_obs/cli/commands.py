@@ -58,8 +58,8 @@ def prune(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file.", rich_help_panel=OUTPUT),
     quiet: bool = QuietOpt, verbose: bool = VerboseOpt,
     hessian: str = typer.Option("layerwise", "--hessian", help="layerwise (per site, default); full: one OBS over all selected weights with the network's output Hessian (Hassibi & Stork 1992); fisher: the same with the empirical Fisher of the loss (needs --labels). With full/fisher, --sparsity is a global fraction and --method is obs, obd or magnitude.", rich_help_panel=FULL),
-    alpha: float = typer.Option(1e-6, "--alpha", help="Full-network: H^-1 starts at I/alpha (Eq. 17; the paper used 1e-8..1e-4).", rich_help_panel=FULL),
-    max_error_increase: Optional[str] = typer.Option(None, "--max-error-increase", help="Full-network: stop before the predicted error increase passes this: absolute, or N% of the current error (needs --labels).", rich_help_panel=FULL),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Full-network: H^-1 starts at I/alpha (Eq. 17; the paper used 1e-8..1e-4). Default: 1% of mean diag(H), from the data.", rich_help_panel=FULL),
+    max_error_increase: Optional[str] = typer.Option(None, "--max-error-increase", help="Full-network: stop before the error increase passes this, predicted or measured on the calibration data at checkpoints during surgery (then back to the last checkpoint within it): absolute, or N% of the current error (needs --labels).", rich_help_panel=FULL),
     recompute_every: Optional[int] = typer.Option(None, "--recompute-every", help="Full-network obs: rebuild H^-1 at the corrected weights every N deletions.", rich_help_panel=FULL),
     step: int = typer.Option(1, "--step", help="Full-network obs: weights deleted together per step (1 = one at a time, as the paper).", rich_help_panel=FULL),
     prune_biases: bool = typer.Option(False, "--prune-biases", help="Full-network: the selected nodes' biases join the pool (the paper counts them as weights).", rich_help_panel=FULL),
@@ -126,6 +126,8 @@ def _check_report_path(report: Path | None, model: Path, output: Path) -> None:
 def _show_result(result: api.PruneResult, report: Path | None, progress, output: Path) -> None:
     """The JSON report where --report/--json asked for it, then the summary (not when the JSON
     goes to stdout)."""
+    for warning in result.report.warnings:
+        err.print(escape(f"warning: {warning}"), style="bold yellow", highlight=False)
     if report is not None:
         write_json(report, result.report.to_json(), "--report")
     if progress and not (report is not None and str(report) == STDOUT):

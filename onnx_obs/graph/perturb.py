@@ -1,8 +1,11 @@
 """Finite-difference output derivatives with respect to intermediate tensors (layer outputs).
 
-build_perturbed_model adds an input f"{name}__delta" to each chosen tensor; fd_deltas perturbs one
-of them element by element through an onnxruntime session and returns central differences. It is
-the fallback for graphs that build_vjp_model cannot differentiate: 2 runs per element of one sample.
+build_perturbed_model adds an input f"{name}__delta" to each chosen tensor, so a caller can move
+it: full-network OBS moves layer outputs along each weight's direction (hessian/differences.py),
+its fallback for graphs that build_vjp_model cannot differentiate. fd_deltas perturbs one tensor
+element by element and returns central differences dF/dz: 2 runs per element of one sample, right
+only where F is differentiable element by element (not at a MaxPool tie or a ReLU input within the
+step of 0); the tests use it as an independent check of gradient graphs on smooth networks.
 """
 
 from __future__ import annotations

@@ -19,19 +19,24 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnx_obs.calib import Calibration
-from onnx_obs.config import FullOptions
+from onnx_obs.config import AUTO_ALPHA, FullOptions
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.backprop import build_vjp_model, supports_gradients
 from onnx_obs.graph.capture import with_outputs
 from onnx_obs.graph.model_io import LoadedModel, check_output_path, save_model
 from onnx_obs.graph.ops import OPS, ConvGeometry, find_bias
-from onnx_obs.graph.perturb import build_perturbed_model, fd_deltas
+from onnx_obs.graph.perturb import build_perturbed_model
 from onnx_obs.graph.protos import NUMPY_FLOAT_TYPES, constants, readers
 from onnx_obs.graph.sites import Site, Use, site_matrix, write_matrix
 from onnx_obs.hessian import full as fullh
-from onnx_obs.hessian.inverse import inverse_hessian
+from onnx_obs.hessian.differences import NodeTerm, weight_jacobian
+from onnx_obs.hessian.inverse import available_memory, inverse_hessian
 from onnx_obs.hessian.layerwise import input_vectors
 from onnx_obs.runtime import Runner
+
+_FLAT_ALPHA = 1e-6  # alpha where diag H is 0 (the paper's middle value)
+_KEEP_BYTES = 2**30  # derivative vectors kept in memory between the alpha pass and the inverse
+_STACK_ROWS = 512  # finite differences: samples per stacked run
 
 # ---- the weight vector -------------------------------------------------------------------------
 
@@ -160,38 +165,77 @@ def _bias(nodes, index: int, layout: str, rows: int, read, inits, graph_inputs):
 # ---- derivatives ---------------------------------------------------------------------------------
 
 
-class _Deltas:
-    """dF/dz for every linear node output z, by a gradient graph or by central differences."""
+class _GraphDeltas:
+    """dF/dz for every linear node output z, by a gradient graph per output (graph/backprop.py)."""
 
-    def __init__(self, model: onnx.ModelProto, base_dir: str, wrt: list[str], outputs: list[str],
-                 mode: str, device: str):
-        self.wrt, self.mode = wrt, mode
-        if mode == "graph":
-            self.models = {o: build_vjp_model(model, wrt, o) for o in outputs}
-            self.runners = {o: Runner(m, base_dir, device) for o, m in self.models.items()}
-        else:
-            self.runner = Runner(build_perturbed_model(model, wrt), base_dir, device)
+    def __init__(self, model: onnx.ModelProto, base_dir: str, wrt: list[str], outputs: list[str], device: str):
+        self.wrt = wrt
+        self.models = {o: build_vjp_model(model, wrt, o) for o in outputs}
+        self.runners = {o: Runner(m, base_dir, device) for o, m in self.models.items()}
 
-    def __call__(self, feeds: dict, seeds: dict[str, np.ndarray], values: dict) -> dict[str, np.ndarray]:
-        """seeds: per output, (S, *output shape); values: the forward values of the z tensors.
-        Returns per z: (sum of S, *z shape), the derivative of sum(seed * output) for each seed."""
+    def __call__(self, feeds: dict, seeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """seeds: per output, (S, *output shape). Returns per z: (sum of S, *z shape), the derivative
+        of sum(seed * output) for each seed."""
         parts: dict[str, list[np.ndarray]] = {z: [] for z in self.wrt}
         grads = [f"{z}__grad" for z in self.wrt]
-        if self.mode == "fd":  # full-shape zero deltas: onnxruntime fuses Conv + Add and will not broadcast
-            feeds = {**feeds, **{f"{z}__delta": np.zeros_like(values[z]) for z in self.wrt}}
         for out, s in seeds.items():
-            if self.mode == "graph":
-                runs = [self.runners[out].run({**feeds, f"{out}__seed": seed}, grads) for seed in s]
-                for k, z in enumerate(self.wrt):
-                    parts[z].append(np.stack([r[k] for r in runs]).astype(np.float64))
-            else:
-                batch = s.shape[1]
-                for z in self.wrt:
-                    jac = fd_deltas(self.runner.session, feeds, z, out)  # (B, units, *z[1:])
-                    d = np.einsum("sbu,buz->sbz", s.reshape(len(s), batch, -1).astype(np.float64),
-                                  jac.reshape(batch, jac.shape[1], -1))
-                    parts[z].append(d.reshape(len(s), batch, *jac.shape[2:]))
+            runs = [self.runners[out].run({**feeds, f"{out}__seed": seed}, grads) for seed in s]
+            for k, z in enumerate(self.wrt):
+                parts[z].append(np.stack([r[k] for r in runs]).astype(np.float64))
         return {z: np.concatenate(p) for z, p in parts.items()}
+
+
+class _WeightDifferences:
+    """dF/dw for every sample by central differences along the weights (hessian/differences.py),
+    through the model with an added input per linear node output z (graph/perturb.py). Where the
+    inputs are batched on axis 0, the moves of several weights run as one stacked batch (the
+    calibration batch repeated), checked once against the unmoved outputs."""
+
+    def __init__(self, model: onnx.ModelProto, base_dir: str, wrt: list[str], outputs: list[str], device: str,
+                 stackable: bool):
+        self.wrt, self.outputs = wrt, outputs
+        self.runner = Runner(build_perturbed_model(model, wrt), base_dir, device)
+        fixed = any(isinstance(i.shape[0] if i.shape else 1, int) for i in self.runner.session.get_inputs()
+                    if not i.name.endswith("__delta"))
+        self.stack = stackable and not fixed
+        self.redone = self.kinks = 0
+
+    def _run(self, feeds: dict, zeros: dict, moves: list[dict[str, np.ndarray]]) -> np.ndarray:
+        """Outputs (len(moves), B, U) for the batch with each set of moves, in one run."""
+        t = len(moves)
+        tiled = {k: np.concatenate([v] * t) for k, v in feeds.items()} if t > 1 else feeds
+        deltas = {f"{z}__delta": np.concatenate([m[z].astype(zero.dtype) if z in m else zero for m in moves])
+                  for z, zero in zeros.items()}
+        outs = self.runner.run({**tiled, **deltas}, self.outputs)
+        return np.concatenate([o.reshape(t, len(o) // t, -1).astype(np.float64) for o in outs], axis=2)
+
+    def __call__(self, feeds: dict, w: np.ndarray, terms: list[NodeTerm], values: dict) -> np.ndarray:
+        """J (B, U, n): every output unit of every sample (outputs in order) against every weight."""
+        zeros = {z: np.zeros_like(values[z]) for z in self.wrt}  # full shape: onnxruntime fuses Conv + Add
+        # and will not broadcast
+        y0 = self._run(feeds, zeros, [{}])[0]
+        per_run = max(1, _STACK_ROWS // len(y0)) if self.stack else 1
+        if per_run > 1 and not self._stacks(feeds, zeros, y0):
+            self.stack, per_run = False, 1
+
+        def run(moves: list[dict[str, np.ndarray]]) -> np.ndarray:
+            return np.concatenate([self._run(feeds, zeros, moves[i:i + per_run])
+                                   for i in range(0, len(moves), per_run)])
+
+        z_eps = max(float(np.finfo(values[z].dtype).eps) for z in self.wrt)
+        out_eps = max(float(np.finfo(values[o].dtype).eps) for o in self.outputs)
+        J, redone, kinks = weight_jacobian(run, y0, w, terms, float(np.cbrt(z_eps)), out_eps)
+        self.redone += redone
+        self.kinks += kinks
+        return J
+
+    def _stacks(self, feeds: dict, zeros: dict, y0: np.ndarray) -> bool:
+        """Whether the model runs a repeated batch sample by sample (no batch size baked into a Reshape)."""
+        try:
+            y = self._run(feeds, zeros, [{}, {}])
+        except OnnxObsError:
+            return False
+        return y.shape[1:] == y0.shape and bool(np.all(y == y0))
 
 
 def _float_outputs(model: onnx.ModelProto) -> list[str]:
@@ -225,6 +269,11 @@ class FullNetwork:
         self.rows_per_sample = 0
         self.recomputes = 0
         self.gradient_graphs: dict[str, onnx.ModelProto] = {}
+        self.differences: _WeightDifferences | None = None
+        self.alpha = options.alpha  # None: chosen from the data by the first inverse()
+        self.checkpoints = None  # the strategy's record of measured errors during surgery
+        self.output_energy = 0.0  # 1/(2P) sum ||t||^2: the scale of E
+        self.fd_reason: str | None = None
         self._reference(cal.labels)
 
     # -- targets and error
@@ -242,6 +291,7 @@ class FullNetwork:
                     raise OnnxObsError(f"output '{name}' of shape {list(f.shape)} does not have the batch of {b} "
                                        "on axis 0: full-network OBS needs per-sample outputs")
             self.P += b
+            self.output_energy += sum(fullh.squared_error(o, 0.0) for o in outs)
             if labels is None:
                 self.targets.append([o.astype(np.float64) for o in outs])
                 continue
@@ -254,6 +304,7 @@ class FullNetwork:
         if self.fisher:
             loss = "softmax cross-entropy" if self.classifier else "squared error 1/2 ||F - t||^2"
             self.notes.append(f"empirical Fisher: per-sample gradients of the {loss} against the labels")
+        self.output_energy /= self.P
         self.E0 = self.error()
 
     def error(self) -> float:
@@ -268,6 +319,8 @@ class FullNetwork:
     # -- derivatives
     def _mode(self) -> str:
         if self.mode is None:
+            if self.options.gradients == "fd":
+                self.fd_reason = "--gradients fd"
             self.mode = "fd" if self.options.gradients == "fd" else self._graph_or_fd()
         return self.mode
 
@@ -279,13 +332,19 @@ class FullNetwork:
             reason = reason.split("; use finite differences")[0]
             if self.options.gradients == "graph":
                 raise OnnxObsError(f"--gradients graph: {reason}; use --gradients fd (finite differences)")
+            self.fd_reason = f"no gradient graph: {reason}"
             self.notes.append(f"gradients by finite differences: no gradient graph ({reason})")
             return "fd"
         return "graph"
 
-    def _source(self) -> _Deltas:
-        deltas = _Deltas(self.loaded.model, self.loaded.base_dir, self.wrt, self.outputs, self._mode(), self.device)
-        if self.mode == "graph" and self.options.save_gradient_graph is not None and not self.gradient_graphs:
+    def _source(self) -> _GraphDeltas | _WeightDifferences:
+        if self._mode() == "fd":
+            if self.differences is None:
+                self.differences = _WeightDifferences(self.loaded.model, self.loaded.base_dir, self.wrt,
+                                                      self.outputs, self.device, self.cal.sliceable)
+            return self.differences
+        deltas = _GraphDeltas(self.loaded.model, self.loaded.base_dir, self.wrt, self.outputs, self.device)
+        if self.options.save_gradient_graph is not None and not self.gradient_graphs:
             self.gradient_graphs = deltas.models  # at the original weights
         return deltas
 
@@ -311,7 +370,7 @@ class FullNetwork:
             seeds[name] = onehot.reshape(units, *f.shape)
         return seeds
 
-    def _batch(self, deltas: _Deltas, forward: Runner, feeds: dict, targets) -> np.ndarray:
+    def _batch(self, source, forward: Runner, feeds: dict, targets, w: np.ndarray) -> np.ndarray:
         """X for one batch: (B, S, n), S vectors per sample."""
         names = list(dict.fromkeys(self.outputs + self.acts + self.wrt))
         values = dict(zip(names, forward.run(feeds, names)))
@@ -319,7 +378,10 @@ class FullNetwork:
         b = outs[0].shape[0]
         for t in self.params.terms:
             _check_batch_axis(t, values[t.use.activation], values[t.use.output].shape, b, self.mode)
-        d = deltas(feeds, self._seeds(outs, targets), values)
+        seeds = self._seeds(outs, targets)
+        if isinstance(source, _WeightDifferences):
+            return self._seeded(source(feeds, w, self._node_terms(values), values), seeds, outs)
+        d = source(feeds, seeds)
         s = next(iter(d.values())).shape[0]
         X = np.zeros((b, s, self.params.n))
         for t in self.params.terms:
@@ -331,18 +393,40 @@ class FullNetwork:
                 X[:, :, t.bias] += fullh.bias_derivatives(dv, b, t.beta)
         return X
 
+    def _node_terms(self, values: dict) -> list[NodeTerm]:
+        terms = []
+        for t in self.params.terms:
+            rows, cols = t.site.matrix_shape
+            xv = np.concatenate(list(input_vectors(values[t.use.activation], t.use.samples, cols, t.geometry)), axis=1)
+            terms.append(NodeTerm(t.use.output, values[t.use.output].shape, t.layout, rows,
+                                  t.site.groups if t.layout == "channels" else 1, xv, t.weights, t.alpha,
+                                  t.bias, t.beta))
+        return terms
+
+    @staticmethod
+    def _seeded(J: np.ndarray, seeds: dict[str, np.ndarray], outs: list[np.ndarray]) -> np.ndarray:
+        """X[b, s, j] = sum_u seed_s[b, u] J[b, u, j], the seeds of each output in turn."""
+        parts, start = [], 0
+        for f, s in zip(outs, seeds.values()):
+            units = f[0].size
+            S = s.reshape(len(s), len(f), units).astype(np.float64)
+            parts.append(np.einsum("sbu,buj->bsj", S, J[:, start:start + units]))
+            start += units
+        return np.concatenate(parts, axis=1)
+
     def derivative_blocks(self, keep: np.ndarray | None = None, bar=None):
         """Stream X over the calibration data at the current weights, one (B * S, n) block per batch
         (columns restricted to `keep`)."""
         t0 = time.perf_counter()
         deltas = self._source()
+        w = self.params.read()
         names = list(dict.fromkeys(self.outputs + self.acts + self.wrt))
         forward = Runner(with_outputs(self.loaded.model, names), self.loaded.base_dir, self.device)
         self.seconds["gradients"] += time.perf_counter() - t0
         task = bar.add("full-network gradients", total=len(self.cal.batches)) if bar else None
         for feeds, targets in zip(self.cal, self.targets):
             t0 = time.perf_counter()
-            X = self._batch(deltas, forward, feeds, targets)
+            X = self._batch(deltas, forward, feeds, targets, w)
             self.rows_per_sample = X.shape[1]
             X = X.reshape(-1, self.params.n)
             if keep is not None:
@@ -362,7 +446,9 @@ class FullNetwork:
         return diag
 
     def inverse(self, keep: np.ndarray | None = None, bar=None) -> np.ndarray:
-        """H^-1 = (alpha I + (1/P) sum X X^T)^-1 by Eq. 17, blocked (hessian/inverse.py)."""
+        """H^-1 = (alpha I + (1/P) sum X X^T)^-1 by Eq. 17, blocked (hessian/inverse.py). Without a
+        given alpha, the first call sets it to AUTO_ALPHA x mean diag((1/P) sum X X^T) from a first
+        pass over the derivative vectors (kept in memory when they fit, else computed again)."""
         m = self.params.n if keep is None else keep.size
         sq = np.zeros(m)
 
@@ -371,8 +457,24 @@ class FullNetwork:
                 sq[:] += np.einsum("ij,ij->j", X, X)
                 yield X
 
+        blocks = counted(self.derivative_blocks(keep, bar))
+        if self.alpha is None:
+            kept, budget = [], min(_KEEP_BYTES, available_memory() // 4)
+            for X in blocks:
+                budget -= X.nbytes
+                if budget < 0:
+                    kept = None
+                elif kept is not None:
+                    kept.append(X)
+            self.alpha = AUTO_ALPHA * float(sq.mean() / self.P)
+            if not self.alpha > 0:
+                self.alpha = _FLAT_ALPHA
+                self.notes.append(f"diag H is 0: the outputs do not depend on the selected weights on the calibration "
+                                  f"data (saturated units?); alpha {_FLAT_ALPHA:g}")
+            sq[:] = 0.0
+            blocks = counted(iter(kept) if kept is not None else self.derivative_blocks(keep, bar))
         t0, g0 = time.perf_counter(), self.seconds["gradients"]
-        Hinv = inverse_hessian(counted(self.derivative_blocks(keep, bar)), m, self.options.alpha, self.P)
+        Hinv = inverse_hessian(blocks, m, self.alpha, self.P)
         self.seconds["inverse"] += time.perf_counter() - t0 - (self.seconds["gradients"] - g0)
         self.mean_diag = float(sq.mean() / self.P)
         return Hinv

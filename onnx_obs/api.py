@@ -82,6 +82,7 @@ def prune(model, calib=None, config: PruneConfig | None = None, *, output: str |
                                batching=data.batching)
         report.calibration_samples = cal.num_samples
         report.notes += cal.notes
+    report.phases["load"] = time.perf_counter() - start  # model, sites and calibration data
     with Progress(enabled=progress) as bar, spilling(loaded, output, original):
         ctx = Context(loaded, sites, cal, config, report, bar, force, hessians)
         STRATEGIES[config.mode].run(ctx)

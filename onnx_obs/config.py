@@ -75,6 +75,7 @@ class LayerwiseOptions:
     block_size: int = 128
     damp: float = 0.01             # fraction of mean diag(H) added to the diagonal
     sequential: bool = True        # capture each site's inputs after the sites before it are pruned
+    capture_memory_mb: int = 2048  # sequential capture: boundary tensors held in memory, the rest on disk
 
 
 @dataclass
@@ -182,6 +183,8 @@ class PruneConfig:
             raise OnnxObsError(f"--damp must be at least 0, got {self.layerwise.damp}")
         if self.layerwise.solver not in SOLVERS:
             raise OnnxObsError(f"unknown solver '{self.layerwise.solver}': use one of {', '.join(SOLVERS)}")
+        if self.layerwise.capture_memory_mb < 0:
+            raise OnnxObsError(f"--capture-memory must be at least 0 MB, got {self.layerwise.capture_memory_mb}")
         if self.layerwise.block_size < 1:
             raise OnnxObsError(f"--block-size must be at least 1, got {self.layerwise.block_size}")
 

@@ -8,6 +8,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from onnx_obs import __version__
+from onnx_obs.timing import Phases
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Report:
     structure: list[dict] = field(default_factory=list)  # structured: units per producer layer
     storage: list[dict] = field(default_factory=list)    # --storage: dense/sparse per tensor
     costs: dict = field(default_factory=dict)            # params, MACs, latency before/after
+    phases: Phases = field(default_factory=Phases)       # seconds per phase (timing.PHASES)
 
     @property
     def params_before(self) -> int:
@@ -93,6 +95,7 @@ class Report:
                 "file_size_before": self.file_size_before,
                 "file_size_after": self.file_size_after,
                 "wall_seconds": self.wall_seconds,
+                "phase_seconds": self.phases.ordered(),
                 "peak_memory_mb": peak_memory_mb(),
             },
         }

@@ -3,6 +3,8 @@ the algorithm per row group (algorithms/layerwise.py).
 
 Sequential (the default): sites are pruned in waves of equal depth, shallower first, and each wave
 is captured on the model as already pruned, so corrections compensate earlier layers' errors.
+Each wave runs only the graph slice between the previous waves' cached outputs and its own
+inputs (hessian/sequential.py); where the graph cannot be cut, the whole model runs per wave.
 """
 
 from __future__ import annotations
@@ -15,29 +17,77 @@ from onnx_obs.algorithms.layerwise import layer_error, prune_layer
 from onnx_obs.algorithms.masks import spread_zeros
 from onnx_obs.graph.capture import site_depths
 from onnx_obs.graph.sites import Site, site_matrix, write_matrix
+from onnx_obs.errors import OnnxObsError
+from onnx_obs.graph.slicing import Unsliceable
 from onnx_obs.hessian.capture import capture_hessians
+from onnx_obs.hessian.sequential import BoundaryCache, SlicedCapture
 from onnx_obs.report import SiteReport
 from onnx_obs.strategies.context import Context, drop_uncaptureable
 
 
 def run(ctx: Context) -> None:
     drop_uncaptureable(ctx)
-    c, loaded, sites = ctx.config, ctx.loaded, ctx.sites
-    sequential = c.layerwise.sequential
-    cache = None if sequential else ctx.hessians
-    depth = site_depths(loaded.model, sites) if sequential else {s.name: 0 for s in sites}
+    c, loaded, sites, phases = ctx.config, ctx.loaded, ctx.sites, ctx.report.phases
     task = ctx.bar.add("pruning sites", total=len(sites))
-    for wave in sorted(set(depth.values())):
-        batch = [s for s in sites if depth[s.name] == wave]
-        missing = [s for s in batch if cache is None or s.name not in cache]
-        hessians = capture_hessians(loaded, missing, ctx.cal, c.device, ctx.bar) if missing else {}
-        if cache is not None:
-            cache.update(hessians)
-            hessians = cache
-        for s in batch:
-            ctx.report.sites.append(_prune_site(ctx, s, hessians[s.name]))
-            ctx.bar.advance(task)
+    if not c.layerwise.sequential:
+        cache = ctx.hessians if ctx.hessians is not None else {}
+        missing = [s for s in sites if s.name not in cache]
+        if missing:
+            cache.update(capture_hessians(loaded, missing, ctx.cal, c.device, ctx.bar, False, phases))
+        _prune_wave(ctx, sites, cache, task)
+    else:
+        depth = site_depths(loaded.model, sites)
+        waves = [[s for s in sites if depth[s.name] == d] for d in sorted(set(depth.values()))]
+        sliced = _sliced_capture(ctx, waves)
+        try:
+            for i, wave in enumerate(waves):
+                hessians = None
+                if sliced is not None:
+                    try:
+                        hessians = sliced.capture(i)
+                    except (Unsliceable, OnnxObsError) as e:
+                        ctx.report.notes.append(f"sequential capture: waves {i + 1}-{len(waves)} ran "
+                                                f"the whole model each ({_first_line(e)})")
+                        sliced.close()
+                        sliced = None
+                if hessians is None:
+                    hessians = capture_hessians(loaded, wave, ctx.cal, c.device, ctx.bar, False, phases)
+                _prune_wave(ctx, wave, hessians, task)
+        finally:
+            if sliced is not None:
+                _note_boundary(ctx, sliced.cache)
+                sliced.close()
     note_already_sparse(ctx)
+
+
+def _sliced_capture(ctx: Context, waves: list[list[Site]]) -> SlicedCapture | None:
+    """One-pass capture over graph slices, or None (with a note) where the graph cannot be cut."""
+    try:
+        with ctx.report.phases("capture"):
+            return SlicedCapture(ctx.loaded, waves, ctx.cal, ctx.config.device,
+                                 ctx.config.layerwise.capture_memory_mb << 20, ctx.report.phases)
+    except Unsliceable as e:
+        ctx.report.notes.append(f"sequential capture ran the whole model once per wave ({e})")
+        return None
+
+
+def _note_boundary(ctx: Context, cache: BoundaryCache) -> None:
+    if cache.spilled:
+        ctx.report.notes.append(
+            f"sequential capture: boundary tensors beyond --capture-memory "
+            f"{ctx.config.layerwise.capture_memory_mb} MB were spilled to disk "
+            f"({cache.spilled / 2**20:.0f} MB written; {cache.peak / 2**20:.0f} MB held at most)")
+
+
+def _prune_wave(ctx: Context, wave: list[Site], hessians: dict[str, np.ndarray], task) -> None:
+    for s in wave:
+        with ctx.report.phases("solves"):
+            ctx.report.sites.append(_prune_site(ctx, s, hessians[s.name]))
+        ctx.bar.advance(task)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def _prune_site(ctx: Context, s: Site, H: np.ndarray) -> SiteReport:

@@ -19,6 +19,7 @@ from onnx_obs.progress import Progress
 from onnx_obs.report import Report
 from onnx_obs.strategies import STRATEGIES, finish
 from onnx_obs.strategies.context import Context
+from onnx_obs.threads import run_threads
 
 GRAPH_INPUT_REASON = ("also a graph input: a caller may override it at run time; "
                       "name it with --include to prune it")
@@ -83,7 +84,8 @@ def prune(model, calib=None, config: PruneConfig | None = None, *, output: str |
         report.calibration_samples = cal.num_samples
         report.notes += cal.notes
     report.phases["load"] = time.perf_counter() - start  # model, sites and calibration data
-    with Progress(enabled=progress) as bar, spilling(loaded, output, original):
+    with (Progress(enabled=progress) as bar, spilling(loaded, output, original),
+          run_threads(config.threads) as report.threads):
         ctx = Context(loaded, sites, cal, config, report, bar, force, hessians)
         STRATEGIES[config.mode].run(ctx)
         finish.run(ctx, original, output)

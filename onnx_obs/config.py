@@ -144,6 +144,7 @@ class PruneConfig:
     hessian: str = "layerwise"               # or "full" / "fisher": full-network OBS
     storage: str = "dense"                   # or "sparse" / "auto"
     device: str = "auto"
+    threads: int = 0                         # BLAS and onnxruntime threads; 0: the free cores
     selection: Selection = field(default_factory=Selection)
     data: DataOptions = field(default_factory=DataOptions)
     layerwise: LayerwiseOptions = field(default_factory=LayerwiseOptions)
@@ -183,6 +184,8 @@ class PruneConfig:
             raise OnnxObsError(f"--damp must be at least 0, got {self.layerwise.damp}")
         if self.layerwise.solver not in SOLVERS:
             raise OnnxObsError(f"unknown solver '{self.layerwise.solver}': use one of {', '.join(SOLVERS)}")
+        if self.threads < 0:
+            raise OnnxObsError(f"--threads must be at least 0 (0: the free cores), got {self.threads}")
         if self.layerwise.capture_memory_mb < 0:
             raise OnnxObsError(f"--capture-memory must be at least 0 MB, got {self.layerwise.capture_memory_mb}")
         if self.layerwise.block_size < 1:

@@ -51,6 +51,7 @@ class Report:
     storage: list[dict] = field(default_factory=list)    # --storage: dense/sparse per tensor
     costs: dict = field(default_factory=dict)            # params, MACs, latency before/after
     phases: Phases = field(default_factory=Phases)       # seconds per phase (timing.PHASES)
+    threads: int = 0                                     # BLAS and onnxruntime threads used
 
     @property
     def params_before(self) -> int:
@@ -96,6 +97,7 @@ class Report:
                 "file_size_after": self.file_size_after,
                 "wall_seconds": self.wall_seconds,
                 "phase_seconds": self.phases.ordered(),
+                "threads": self.threads,
                 "peak_memory_mb": peak_memory_mb(),
             },
         }

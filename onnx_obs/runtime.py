@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 
 from onnx_obs.errors import OnnxObsError
+from onnx_obs.threads import current_threads
 
 DEVICES = ("auto", "cpu", "cuda")
 _ORT_VERSION = tuple(int(x) for x in ort.__version__.split(".")[:2])
@@ -36,6 +37,11 @@ class Runner:
         """prepack=False: weights are not copied into packed buffers at load time (onnxruntime
         then memory-maps aligned external data), for a session that runs little or not at all."""
         opts = ort.SessionOptions()
+        opts.intra_op_num_threads = current_threads()
+        # waiting threads sleep instead of spinning: a spinning pool burns the cores that other
+        # processes (and numpy's BLAS between runs) need, 5x slower runs on a busy machine
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if not prepack:
             opts.add_session_config_entry("session.disable_prepacking", "1")
         opts.log_severity_level = 4  # fatal only: errors reach the user as one OnnxObsError line

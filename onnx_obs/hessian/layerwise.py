@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnx_obs.algorithms.blas_threads import one_blas_thread
+from onnx_obs.threads import map_ordered
+
 _CHUNK_ROWS = 16384         # input vectors per float64 product
 _UNFOLD_ELEMENTS = 1 << 24  # bounds one unfolded convolution chunk (64 MB of float32)
 
@@ -55,14 +58,22 @@ class HessianSum:
         self.count = 0
 
     def add(self, vectors: np.ndarray) -> None:
-        """vectors: (groups, n, cols)."""
-        for start in range(0, vectors.shape[1], _CHUNK_ROWS):
-            v = vectors[:, start:start + _CHUNK_ROWS].astype(np.float64)
-            self.sum += 2.0 * np.matmul(v.transpose(0, 2, 1), v)
+        """vectors: (groups, n, cols). Chunks of rows are multiplied in parallel, one BLAS thread
+        each, and summed in order: the sum does not depend on the thread count."""
+        chunks = [vectors[:, s:s + _CHUNK_ROWS] for s in range(0, vectors.shape[1], _CHUNK_ROWS)]
+        with one_blas_thread():
+            for part in map_ordered(_gram, chunks):
+                self.sum += part
         self.count += vectors.shape[1]
 
     def hessian(self) -> np.ndarray:
         return self.sum / max(self.count, 1)
+
+
+def _gram(v: np.ndarray) -> np.ndarray:
+    """2 v^T v per group, in float64."""
+    v = v.astype(np.float64)
+    return 2.0 * np.matmul(v.transpose(0, 2, 1), v)
 
 
 def input_vectors(x: np.ndarray, samples: str, cols: int,

@@ -76,6 +76,7 @@ class LayerwiseOptions:
     damp: float = 0.01             # fraction of mean diag(H) added to the diagonal
     sequential: bool = True        # capture each site's inputs after the sites before it are pruned
     capture_memory_mb: int = 2048  # sequential capture: boundary tensors held in memory, the rest on disk
+    time_budget: float = 60.0      # solver="auto": modelled seconds of exact solves in a whole run
 
 
 @dataclass
@@ -184,6 +185,8 @@ class PruneConfig:
             raise OnnxObsError(f"--damp must be at least 0, got {self.layerwise.damp}")
         if self.layerwise.solver not in SOLVERS:
             raise OnnxObsError(f"unknown solver '{self.layerwise.solver}': use one of {', '.join(SOLVERS)}")
+        if not self.layerwise.time_budget >= 0:
+            raise OnnxObsError(f"--time-budget must be at least 0 s, got {self.layerwise.time_budget}")
         if self.threads < 0:
             raise OnnxObsError(f"--threads must be at least 0 (0: the free cores), got {self.threads}")
         if self.layerwise.capture_memory_mb < 0:
@@ -282,7 +285,7 @@ class PruneConfig:
         lw, data, s = self.layerwise, self.data, self.structured
         settings = dict(
             sparsity=self.sparsity, pattern=f"{self.pattern[0]}:{self.pattern[1]}" if self.pattern else None,
-            scope=self.scope, solver=lw.solver, block_size=lw.block_size, damp=lw.damp,
+            scope=self.scope, solver=lw.solver, time_budget=lw.time_budget, block_size=lw.block_size, damp=lw.damp,
             sequential=lw.sequential, batch_size=data.batch_size, max_samples=data.max_samples,
             batching=data.batching)
         if s.structure is not None or self.storage != "dense":

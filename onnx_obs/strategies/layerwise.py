@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from onnx_obs.algorithms.layerwise import layer_error, prune_layer
+from onnx_obs.algorithms.layerwise import exact_allowed, layer_error, prune_layer
 from onnx_obs.algorithms.masks import spread_zeros
 from onnx_obs.graph.capture import site_depths
 from onnx_obs.graph.sites import Site, site_matrix, write_matrix
@@ -29,6 +29,7 @@ def run(ctx: Context) -> None:
     drop_uncaptureable(ctx)
     c, loaded, sites, phases = ctx.config, ctx.loaded, ctx.sites, ctx.report.phases
     task = ctx.bar.add("pruning sites", total=len(sites))
+    ctx.exact = _exact_budget(ctx)
     if not c.layerwise.sequential:
         cache = ctx.hessians if ctx.hessians is not None else {}
         missing = [s for s in sites if s.name not in cache]
@@ -58,6 +59,23 @@ def run(ctx: Context) -> None:
                 _note_boundary(ctx, sliced.cache)
                 sliced.close()
     note_already_sparse(ctx)
+
+
+def _exact_budget(ctx: Context) -> dict[str, bool]:
+    """Which sites solver="auto" may solve exactly within --time-budget (a note if not all)."""
+    c = ctx.config
+    if c.method != "obs" or c.layerwise.solver != "auto":
+        return {}
+    layers = [[(g.stop - g.start, s.matrix_shape[1]) for g in s.row_groups()] for s in ctx.sites]
+    allowed = dict(zip([s.name for s in ctx.sites], exact_allowed(layers, c.layerwise.time_budget)))
+    eligible = exact_allowed(layers, float("inf"))
+    moved = sum(e and not a for e, a in zip(eligible, allowed.values()))
+    if moved:
+        ctx.report.notes.append(
+            f"--time-budget {c.layerwise.time_budget:g} s of modelled exact solves: {moved} of "
+            f"{sum(eligible)} sites small enough for the exact solver got fast + refit instead "
+            "(raise --time-budget for lower error)")
+    return allowed
 
 
 def _sliced_capture(ctx: Context, waves: list[list[Site]]) -> SlicedCapture | None:
@@ -102,7 +120,7 @@ def _prune_site(ctx: Context, s: Site, H: np.ndarray) -> SiteReport:
     for rows, Hg, share in zip(groups, H, _group_sparsities(w, groups, c.sparsity)):
         res = prune_layer(w[rows], Hg, method=c.method, sparsity=share, pattern=c.pattern,
                           solver=c.layerwise.solver, block_size=c.layerwise.block_size,
-                          damp=c.layerwise.damp)
+                          damp=c.layerwise.damp, exact=ctx.exact.get(s.name, True))
         new[rows] = res.weight
         r.predicted_error += res.predicted_error
         r.measured_error += layer_error(w[rows], res.weight, Hg)

@@ -20,7 +20,7 @@ from onnx_obs.cli.app import app, err, handled, out
 from onnx_obs.cli.options import (DATA, FULL, METHOD, OUTPUT, SOLVER, STRUCT, BatchSizeOpt, ConfigOpt,
                                   DampOpt, DeviceOpt, ExcludeOpt, IncludeOpt, MaxSamplesOpt,
                                   NoBatchingOpt, OpTypesOpt, PatternOpt, SolverOpt, prune_config)
-from onnx_obs.cli.options import CaptureMemoryOpt, ThreadsOpt, TimeBudgetOpt
+from onnx_obs.cli.options import CaptureMemoryOpt, MaxPositionsOpt, ThreadsOpt, TimeBudgetOpt
 from onnx_obs.config import Selection, parse_op_types, parse_pattern
 from onnx_obs.cli.show import _print_compare, _print_evaluate, _print_inspect, _print_prune
 from onnx_obs.errors import OnnxObsError
@@ -44,6 +44,7 @@ def prune(
     sequential: bool = typer.Option(True, "--sequential/--no-sequential", help="Capture each site's inputs after the sites before it are pruned.", rich_help_panel=SOLVER),
     capture_memory: int = CaptureMemoryOpt,
     time_budget: float = TimeBudgetOpt,
+    max_positions: int = MaxPositionsOpt,
     batch_size: int = BatchSizeOpt,
     max_samples: Optional[int] = MaxSamplesOpt,
     labels: Optional[str] = typer.Option(None, "--labels", help="Key of the calibration file that holds targets (not a model input).", rich_help_panel=DATA),

@@ -24,10 +24,10 @@ from onnx_obs.timing import Phases
 class HessianSums:
     """One running sum per distinct (activation, layout, geometry) of `sites`, fed activation
     values by name. with_bias: every input vector gets a trailing constant 1 (H is
-    (groups, cols+1, cols+1)), the input of a bias."""
+    (groups, cols+1, cols+1)), the input of a bias. max_positions: see layerwise.input_vectors."""
 
-    def __init__(self, sites: list[Site], with_bias: bool = False):
-        self.sites, self.with_bias = sites, with_bias
+    def __init__(self, sites: list[Site], with_bias: bool = False, max_positions: int = 0):
+        self.sites, self.with_bias, self.max_positions = sites, with_bias, max_positions
         self.acts = sorted({u.activation for s in sites for u in s.uses})
         self.sums: dict[tuple, tuple[HessianSum, Site, list]] = {}
         self.keys: dict[str, tuple] = {}
@@ -42,7 +42,8 @@ class HessianSums:
         """values: every name of `acts` -> its activation for one batch."""
         for acc, s, geometries in self.sums.values():
             for u, geometry in zip(s.uses, geometries):
-                for vectors in input_vectors(values[u.activation], u.samples, s.matrix_shape[1], geometry):
+                for vectors in input_vectors(values[u.activation], u.samples, s.matrix_shape[1], geometry,
+                                             self.max_positions, acc.count):
                     if self.with_bias:
                         vectors = np.concatenate([vectors, np.ones(vectors.shape[:2] + (1,), vectors.dtype)],
                                                  axis=2)
@@ -57,8 +58,8 @@ class HessianCapture(HessianSums):
     the sites read. phases: where the run and sum times go (timing.Phases), if anywhere."""
 
     def __init__(self, loaded: LoadedModel, sites: list[Site], device: str, with_bias: bool = False,
-                 phases: Phases | None = None):
-        super().__init__(sites, with_bias)
+                 phases: Phases | None = None, max_positions: int = 0):
+        super().__init__(sites, with_bias, max_positions)
         self.phases = phases or Phases()
         with self.phases("capture"):
             self.runner = Runner(with_outputs(loaded.model, self.acts), loaded.base_dir, device,
@@ -72,9 +73,10 @@ class HessianCapture(HessianSums):
 
 
 def capture_hessians(loaded: LoadedModel, sites: list[Site], cal: Calibration, device: str,
-                     bar, with_bias: bool = False, phases: Phases | None = None) -> dict[str, np.ndarray]:
+                     bar, with_bias: bool = False, phases: Phases | None = None,
+                     max_positions: int = 0) -> dict[str, np.ndarray]:
     """Run the calibration data once and return each site's (groups, cols, cols) Hessian."""
-    capture = HessianCapture(loaded, sites, device, with_bias, phases)
+    capture = HessianCapture(loaded, sites, device, with_bias, phases, max_positions)
     task = bar.add("capturing activations", total=len(cal.batches))
     for feeds in cal:
         capture.add_batch(feeds)

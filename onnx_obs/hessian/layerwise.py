@@ -77,8 +77,14 @@ def _gram(v: np.ndarray) -> np.ndarray:
 
 
 def input_vectors(x: np.ndarray, samples: str, cols: int,
-                  geometry: ConvGeometry | None = None):
-    """Yield (groups, n, cols) blocks of input vectors from one activation batch."""
+                  geometry: ConvGeometry | None = None, max_positions: int = 0, seed: int = 0):
+    """Yield (groups, n, cols) blocks of input vectors from one activation batch.
+
+    max_positions > 0: a convolution keeps at most that many output positions per sample, a
+    random subset drawn with a fixed seed (the Hessian is then the mean over the subset, an
+    unbiased estimate of the mean over all positions); seed: the draws' seed, e.g. the vectors
+    summed so far, so that every batch draws differently.
+    """
     if samples == "rows":
         yield x.reshape(1, -1, cols)
     elif samples == "cols":
@@ -88,9 +94,21 @@ def input_vectors(x: np.ndarray, samples: str, cols: int,
         per_sample = unfold(x[:1], geometry).size
         step = max(1, _UNFOLD_ELEMENTS // per_sample)
         for start in range(0, len(x), step):
-            yield _group_rows(unfold(x[start:start + step], geometry), geometry.groups)
+            vectors = _group_rows(unfold(x[start:start + step], geometry), geometry.groups)
+            yield _some_positions(vectors, min(step, len(x) - start), max_positions, seed + start)
     else:
         raise ValueError(f"unknown sample layout {samples}")
+
+
+def _some_positions(vectors: np.ndarray, n: int, keep: int, seed: int) -> np.ndarray:
+    """(groups, n * positions, cols) -> (groups, n * keep, cols): per sample, `keep` positions
+    drawn without replacement."""
+    positions = vectors.shape[1] // n
+    if keep <= 0 or keep >= positions:
+        return vectors
+    pick = np.random.default_rng(seed).random((n, positions)).argsort(axis=1)[:, :keep]
+    pick = np.sort(pick, axis=1) + positions * np.arange(n)[:, None]
+    return vectors[:, pick.ravel()]
 
 
 def _group_rows(patches: np.ndarray, groups: int) -> np.ndarray:

@@ -76,9 +76,9 @@ class SlicedCapture:
     `capture`) when the graph cannot be cut; the caller then captures on the whole model."""
 
     def __init__(self, loaded: LoadedModel, waves: list[list[Site]], cal: Calibration, device: str,
-                 memory_budget: int, phases: Phases | None = None):
+                 memory_budget: int, phases: Phases | None = None, max_positions: int = 0):
         self.loaded, self.waves, self.cal, self.device = loaded, waves, cal, device
-        self.phases = phases or Phases()
+        self.phases, self.max_positions = phases or Phases(), max_positions
         self.fed = set(cal.batches[0])
         changing = {s.tensor_name: i for i, wave in enumerate(waves) for s in wave}
         targets = [sorted({u.activation for s in wave for u in s.uses}) for wave in waves]
@@ -87,7 +87,7 @@ class SlicedCapture:
 
     def capture(self, i: int) -> dict[str, np.ndarray]:
         """Wave i's Hessians, by site name, on the model as pruned so far (waves < i)."""
-        plan, sums = self.plans[i], HessianSums(self.waves[i])
+        plan, sums = self.plans[i], HessianSums(self.waves[i], max_positions=self.max_positions)
         runner = None
         if plan.nodes:
             with self.phases("capture"):

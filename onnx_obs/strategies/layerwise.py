@@ -34,7 +34,8 @@ def run(ctx: Context) -> None:
         cache = ctx.hessians if ctx.hessians is not None else {}
         missing = [s for s in sites if s.name not in cache]
         if missing:
-            cache.update(capture_hessians(loaded, missing, ctx.cal, c.device, ctx.bar, False, phases))
+            cache.update(capture_hessians(loaded, missing, ctx.cal, c.device, ctx.bar, False, phases,
+                                           c.layerwise.max_positions))
         _prune_wave(ctx, sites, cache, task)
     else:
         depth = site_depths(loaded.model, sites)
@@ -52,7 +53,8 @@ def run(ctx: Context) -> None:
                         sliced.close()
                         sliced = None
                 if hessians is None:
-                    hessians = capture_hessians(loaded, wave, ctx.cal, c.device, ctx.bar, False, phases)
+                    hessians = capture_hessians(loaded, wave, ctx.cal, c.device, ctx.bar, False, phases,
+                                                c.layerwise.max_positions)
                 _prune_wave(ctx, wave, hessians, task)
         finally:
             if sliced is not None:
@@ -83,7 +85,8 @@ def _sliced_capture(ctx: Context, waves: list[list[Site]]) -> SlicedCapture | No
     try:
         with ctx.report.phases("capture"):
             return SlicedCapture(ctx.loaded, waves, ctx.cal, ctx.config.device,
-                                 ctx.config.layerwise.capture_memory_mb << 20, ctx.report.phases)
+                                 ctx.config.layerwise.capture_memory_mb << 20, ctx.report.phases,
+                                 ctx.config.layerwise.max_positions)
     except Unsliceable as e:
         ctx.report.notes.append(f"sequential capture ran the whole model once per wave ({e})")
         return None

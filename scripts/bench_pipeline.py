@@ -7,8 +7,8 @@ relative output MSE on the calibration data. With --old DIR the default prune al
 that checkout (PYTHONPATH=DIR, e.g. a detached worktree of main) for before/after figures. With
 --compete every run shares the machine with one CPU-bound process (a pure-Python busy loop).
 
-Models are exported here with torch (random weights, fixed seeds; BatchNorm folded into Conv
-by the exporter): a ResNet-18 and an EfficientNet-B0-like MBConv network with SE gates at 224 px,
+Models are exported here with torch (random weights, fixed seeds, BatchNorm statistics taken
+from the calibration data, then folded into Conv by the exporter): a ResNet-18 and an EfficientNet-B0-like MBConv network with SE gates at 224 px,
 a YOLO-style detector (C2f blocks, SPPF, FPN neck, three heads) at 320 px, a 4-layer BERT-small,
 plus the repository's samples. torch is needed by this script only.
 
@@ -170,6 +170,17 @@ def export(name: str, workdir: Path, images: int) -> tuple[Path, Path]:
         data = rng.integers(0, 2000, (images, size)).astype(np.int64)
     example = torch.from_numpy(data[:2])
     with torch.no_grad():
+        # BatchNorm statistics from the data (as after training), so that activations keep their
+        # scale through the depth and the outputs depend on the inputs
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        if bns:
+            model.train()
+            for i in range(0, len(data), 8):
+                model(torch.from_numpy(data[i:i + 8]))
+            model.eval()
         torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["x"],
                           dynamic_axes={"x": {0: "batch"}}, opset_version=17)
     np.savez(calib, x=data)

@@ -60,13 +60,13 @@ def test_hessian_sum_does_not_depend_on_threads(monkeypatch):
     np.testing.assert_allclose(sums[1], 2 * np.einsum("gni,gnj->gij", x64, x64) / 950, rtol=1e-12)
 
 
-@pytest.mark.parametrize("which", ["mlp", "cnn"])
-def test_pruned_bytes_do_not_depend_on_threads(which, samples, tmp_path):
+@pytest.mark.parametrize("which,sequential", [("mlp", True), ("cnn", True), ("cnn", False)])
+def test_pruned_bytes_do_not_depend_on_threads(which, sequential, samples, tmp_path):
     digests = set()
     for n in (1, 2):
         out = tmp_path / f"{which}_{n}.onnx"
         api.prune(str(samples / f"digits_{which}.onnx"), str(samples / f"digits_{which}_calib.npz"),
-                  threads=n, max_samples=96, output=out)
+                  threads=n, max_samples=96, sequential=sequential, output=out)
         digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
     assert len(digests) == 1
 

@@ -62,8 +62,9 @@ class HessianCapture(HessianSums):
         super().__init__(sites, with_bias, max_positions)
         self.phases = phases or Phases()
         with self.phases("capture"):
-            self.runner = Runner(with_outputs(loaded.model, self.acts), loaded.base_dir, device,
-                                 prepack=False)
+            # prepacked: the session runs every batch, and onnxruntime's Gemm on unpacked weights
+            # rounds differently with the thread count
+            self.runner = Runner(with_outputs(loaded.model, self.acts), loaded.base_dir, device)
 
     def add_batch(self, feeds: dict[str, np.ndarray]) -> None:
         with self.phases("capture"):

@@ -93,7 +93,7 @@ class SlicedCapture:
             with self.phases("capture"):
                 dtypes = {t: self._get(0, t).dtype for t in plan.inputs}
                 runner = Runner(slice_model(self.loaded.model, plan, dtypes), self.loaded.base_dir,
-                                self.device)
+                                self.device)  # prepacked, as HessianCapture's
         for b in range(len(self.cal.batches)):
             with self.phases("capture"):
                 values = {t: self._get(b, t) for t in plan.inputs}

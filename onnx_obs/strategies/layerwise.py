@@ -15,9 +15,9 @@ import numpy as np
 
 from onnx_obs.algorithms.layerwise import exact_allowed, layer_error, prune_layer
 from onnx_obs.algorithms.masks import spread_zeros
+from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.capture import site_depths
 from onnx_obs.graph.sites import Site, site_matrix, write_matrix
-from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.slicing import Unsliceable
 from onnx_obs.hessian.capture import capture_hessians
 from onnx_obs.hessian.sequential import BoundaryCache, SlicedCapture

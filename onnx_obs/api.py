@@ -20,6 +20,7 @@ from onnx_obs.report import Report
 from onnx_obs.safeguards import held_back
 from onnx_obs.strategies import STRATEGIES, finish
 from onnx_obs.strategies.context import Context
+from onnx_obs.threads import run_threads
 
 GRAPH_INPUT_REASON = ("also a graph input: a caller may override it at run time; "
                       "name it with --include to prune it")
@@ -101,7 +102,9 @@ def prune(model, calib=None, config: PruneConfig | None = None, *, output: str |
                                batching=data.batching)
         report.calibration_samples = cal.num_samples
         report.notes += cal.notes
-    with Progress(enabled=bool(progress), verbose=progress == "verbose") as bar, spilling(loaded, output, original):
+    report.phases["load"] = time.perf_counter() - start  # model, sites and calibration data
+    with (Progress(enabled=bool(progress), verbose=progress == "verbose") as bar, spilling(loaded, output, original),
+          run_threads(config.threads) as report.threads):
         ctx = Context(loaded, sites, cal, config, report, bar, force, hessians)
         STRATEGIES[config.mode].run(ctx)
         finish.run(ctx, original, output)

@@ -268,7 +268,7 @@ def _batch_length(arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> int:
     dynamic = [counts[s.name] for s in specs if s.name in counts and s.shape and s.shape[0] is None]
     batch = Counter(dynamic or counts.values()).most_common(1)[0][0]
     odd = next(k for k, v in counts.items() if v != batch)
-    raise OnnxObsError(f"calibration arrays disagree on the number of samples on axis 0 ("
+    raise OnnxObsError("calibration arrays disagree on the number of samples on axis 0 ("
                        + ", ".join(f"{k}={v}" for k, v in counts.items())
                        + f"): if input '{odd}' is not batched on axis 0, {NO_BATCHING}")
 

@@ -85,6 +85,9 @@ class LayerwiseOptions:
     block_size: int = 128
     damp: float = 0.01             # fraction of mean diag(H) added to the diagonal
     sequential: bool = True        # capture each site's inputs after the sites before it are pruned
+    capture_memory_mb: int = 2048  # sequential capture: boundary tensors held in memory, the rest on disk
+    time_budget: float = 60.0      # solver="auto": modelled seconds of exact solves in a whole run
+    max_positions: int = 0         # conv Hessians: output positions per sample (random subset); 0 = all
 
 
 @dataclass
@@ -168,6 +171,7 @@ class PruneConfig:
     hessian: str = "layerwise"               # or "full" / "fisher": full-network OBS
     storage: str = "dense"                   # or "sparse" / "auto"
     device: str = "auto"
+    threads: int = 0                         # BLAS and onnxruntime threads; 0: the free cores
     selection: Selection = field(default_factory=Selection)
     data: DataOptions = field(default_factory=DataOptions)
     layerwise: LayerwiseOptions = field(default_factory=LayerwiseOptions)
@@ -213,6 +217,14 @@ class PruneConfig:
             raise OnnxObsError(f"--damp must be at least 0, got {self.layerwise.damp}")
         if self.layerwise.solver not in SOLVERS:
             raise OnnxObsError(f"unknown solver '{self.layerwise.solver}': use one of {', '.join(SOLVERS)}")
+        if not self.layerwise.time_budget >= 0:
+            raise OnnxObsError(f"--time-budget must be at least 0 s, got {self.layerwise.time_budget}")
+        if self.layerwise.max_positions < 0:
+            raise OnnxObsError(f"--max-positions must be at least 0 (0: all), got {self.layerwise.max_positions}")
+        if self.threads < 0:
+            raise OnnxObsError(f"--threads must be at least 0 (0: the free cores), got {self.threads}")
+        if self.layerwise.capture_memory_mb < 0:
+            raise OnnxObsError(f"--capture-memory must be at least 0 MB, got {self.layerwise.capture_memory_mb}")
         if self.layerwise.block_size < 1:
             raise OnnxObsError(f"--block-size must be at least 1, got {self.layerwise.block_size}")
 
@@ -341,7 +353,8 @@ class PruneConfig:
         lw, data, s = self.layerwise, self.data, self.structured
         settings = dict(
             sparsity=self.sparsity, pattern=f"{self.pattern[0]}:{self.pattern[1]}" if self.pattern else None,
-            scope=self.scope, solver=lw.solver, block_size=lw.block_size, damp=lw.damp,
+            scope=self.scope, solver=lw.solver, time_budget=lw.time_budget,
+            max_positions=lw.max_positions, block_size=lw.block_size, damp=lw.damp,
             sequential=lw.sequential, batch_size=data.batch_size, max_samples=data.max_samples,
             batching=data.batching)
         if s.structure is not None or self.storage != "dense":

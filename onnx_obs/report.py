@@ -8,6 +8,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from onnx_obs import __version__
+from onnx_obs.timing import Phases
 
 
 @dataclass
@@ -51,6 +52,8 @@ class Report:
     storage: list[dict] = field(default_factory=list)    # --storage: dense/sparse per tensor
     costs: dict = field(default_factory=dict)            # params, MACs, latency before/after
     quantization: list[dict] = field(default_factory=list)  # --bits: grid and errors per site
+    phases: Phases = field(default_factory=Phases)       # seconds per phase (timing.PHASES)
+    threads: int = 0                                     # BLAS and onnxruntime threads used
 
     @property
     def params_before(self) -> int:
@@ -97,6 +100,8 @@ class Report:
                 "file_size_before": self.file_size_before,
                 "file_size_after": self.file_size_after,
                 "wall_seconds": self.wall_seconds,
+                "phase_seconds": self.phases.ordered(),
+                "threads": self.threads,
                 "peak_memory_mb": peak_memory_mb(),
             },
         }

@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 
 from onnx_obs.errors import OnnxObsError
+from onnx_obs.threads import current_threads
 
 DEVICES = ("auto", "cpu", "cuda")
 _ORT_VERSION = tuple(int(x) for x in ort.__version__.split(".")[:2])
@@ -38,6 +39,11 @@ class Runner:
         spinning=False: idle worker threads sleep at once, for sessions timed against each other
         (a session's spinning threads slowed the next one's runs up to 15x on 2 cores)."""
         opts = ort.SessionOptions()
+        opts.intra_op_num_threads = current_threads()
+        # waiting threads sleep instead of spinning: a spinning pool burns the cores that other
+        # processes (and numpy's BLAS between runs) need, 5x slower runs on a busy machine
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if not prepack:
             opts.add_session_config_entry("session.disable_prepacking", "1")
         if not spinning:

@@ -33,3 +33,16 @@ def test_prune_reports_a_lone_array_fed_to_the_only_input(tmp_path, mlp_path, ml
     res = api.prune(str(mlp_path), str(tmp_path / "x.npz"), sparsity=0.5)
     assert res.report.notes == [f"{tmp_path / 'x.npz'}: key 'arr_0' is not an input name: its "
                                 "array was fed to the model's only input 'input'"]
+
+
+def test_time_budget_moves_layers_to_the_fast_solver(cnn_path, cnn_calib):
+    """--time-budget 0: no layer is solved exactly (a note says so); the default budget keeps the
+    samples' small layers exact, as before."""
+    from onnx_obs import api
+
+    none = api.prune(str(cnn_path), str(cnn_calib), max_samples=64, time_budget=0.0).report
+    default = api.prune(str(cnn_path), str(cnn_calib), max_samples=64).report
+    assert {r.solver for r in none.sites} <= {"fast", "fast+refit"}
+    assert any("--time-budget 0 s" in n for n in none.notes)
+    assert "exact" in {r.solver for r in default.sites}
+    assert not any("--time-budget" in n for n in default.notes)

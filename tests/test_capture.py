@@ -205,3 +205,23 @@ def test_two_convs_sharing_an_input_share_h():
     np.testing.assert_array_equal(hs["Wa"], hs["Wb"])
     v, _ = conv_vectors(x, [3, 3], 1, pads=[1, 1, 1, 1])
     np.testing.assert_allclose(hs["Wa"], hessian(v), rtol=1e-10, atol=1e-10)
+
+
+def test_max_positions_sums_a_seeded_subset_of_positions():
+    """Each sample keeps max_positions distinct output positions of its own; H equals
+    (2/n) sum x x^T over exactly those patch vectors (the loop unfold's), and with 0 the full H."""
+    from onnx_obs.hessian.capture import HessianSums
+    from onnx_obs.hessian.layerwise import _some_positions
+
+    model, feeds = conv_model(c_in=3, c_out=4, kernel=3, spatial=6, batch=3, pads=[1, 1, 1, 1])
+    sites, _ = find_sites(from_proto(model).model)
+    vecs = conv_vectors(feeds["x"], [3, 3], 1, pads=[1, 1, 1, 1])[0][0]  # (3 * 36, 27)
+    full = HessianSums(sites)
+    full.add_values(feeds)
+    np.testing.assert_allclose(full.hessians()["W"][0], hessian(vecs[None])[0], rtol=1e-10)
+    sub = HessianSums(sites, max_positions=5)
+    sub.add_values(feeds)
+    pick = _some_positions(np.arange(3 * 36)[None, :, None], 3, 5, 0)[0, :, 0]
+    assert len(set(pick.tolist())) == 15 and [p // 36 for p in pick] == [0] * 5 + [1] * 5 + [2] * 5
+    np.testing.assert_allclose(sub.hessians()["W"][0], hessian(vecs[pick][None])[0], rtol=1e-10)
+    assert not np.allclose(sub.hessians()["W"][0], full.hessians()["W"][0])

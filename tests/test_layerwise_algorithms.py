@@ -432,3 +432,28 @@ def test_group_selection_matches_stable_sort(m):
         expected = np.zeros(m, dtype=bool)
         expected[np.argsort(s, kind="stable")[:count]] = True
         assert (got[idx] == expected).all()
+
+
+def test_exact_allowed_spends_the_budget_on_the_cheapest_layers():
+    """Modelled seconds rows * cols^3 * EXACT_SECONDS_PER_WORK, summed over a layer's row groups;
+    layers admitted cheapest first while the sum stays within the budget; none beyond
+    EXACT_MAX_WORK per group."""
+    from onnx_obs.algorithms.layerwise import EXACT_MAX_WORK, EXACT_SECONDS_PER_WORK, exact_allowed
+
+    layers = [[(64, 576)], [(256, 256)], [(8, 16)] * 4, [(512, 512)], [(128, 256)]]
+    secs = [64 * 576**3, 256 * 256**3, 4 * 8 * 16**3, None, 128 * 256**3]
+    secs = [None if w is None else w * EXACT_SECONDS_PER_WORK for w in secs]
+    assert 512 * 512**3 > EXACT_MAX_WORK
+    for budget in (0.0, 0.5, 1.0, 1.6, 3.0, 100.0):
+        allowed = exact_allowed(layers, budget)
+        assert allowed[3] is False
+        spent = sum(s for s, a in zip(secs, allowed) if a)
+        assert spent <= budget
+        order = sorted((s, i) for i, s in enumerate(secs) if s is not None)
+        prefix = []
+        for s, i in order:  # the longest cheapest-first prefix that fits
+            if sum(secs[j] for j in prefix) + s > budget:
+                break
+            prefix.append(i)
+        assert [i for i, a in enumerate(allowed) if a] == sorted(prefix)
+    assert exact_allowed(layers, 100.0) == [True, True, True, False, True]

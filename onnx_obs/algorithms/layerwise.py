@@ -50,6 +50,24 @@ EXACT_MAX_WORK = 2**34
 # 256x2304 conv (0.56x fast's error, where exact would take minutes).
 REFIT_ITERATIONS = 20
 REFIT_MAX_FLOPS = 2**36
+# Modelled seconds of the exact solver per unit of rows * cols^3 (2^34 in about 2 s, above), for a
+# run's budget of exact solves (exact_allowed).
+EXACT_SECONDS_PER_WORK = 2.0 / 2**34
+
+
+def exact_allowed(layers: list[list[tuple[int, int]]], budget_seconds: float) -> list[bool]:
+    """Per layer (the (rows, cols) of its row groups): whether solver="auto" may solve it exactly,
+    so that the modelled exact seconds of all layers stay within budget_seconds. Layers within
+    EXACT_MAX_WORK are admitted cheapest first: exact buys about the same error ratio over
+    fast + refit on every layer (1.3x), so the cheapest give the most layers per second."""
+    cost = [sum(r * c**3 for r, c in groups) * EXACT_SECONDS_PER_WORK
+            if all(r * c**3 <= EXACT_MAX_WORK for r, c in groups) else None for groups in layers]
+    allowed, spent = [False] * len(layers), 0.0
+    for i in sorted((i for i, c in enumerate(cost) if c is not None), key=lambda i: (cost[i], i)):
+        if spent + cost[i] > budget_seconds:
+            break
+        allowed[i], spent = True, spent + cost[i]
+    return allowed
 
 
 @dataclass
@@ -72,6 +90,7 @@ def prune_layer(
     solver: str = "auto",
     block_size: int = 128,
     damp: float = 0.01,
+    exact: bool = True,
 ) -> LayerResult:
     """Prune one layer with OBS ("obs") or a no-correction baseline ("obd", "wanda", "magnitude").
 
@@ -83,7 +102,8 @@ def prune_layer(
     hits round(sparsity * W.size) zeros exactly unless pre-existing zeros already exceed it.
     solver (for "obs"): "exact" (OBC), "fast" (SparseGPT), or "auto": exact while
     rows * cols^3 <= EXACT_MAX_WORK, else fast followed by the least-squares refit of the kept
-    weights (algorithms.refit) where REFIT_MAX_FLOPS allows 3 or more iterations, else fast alone.
+    weights (algorithms.refit) where REFIT_MAX_FLOPS allows 3 or more iterations, else fast alone;
+    exact=False: "auto" never picks the exact solver (a run's budget is spent, exact_allowed).
     predicted_error: for "obs" the sum of the OBS saliencies (Hassibi & Stork Eq. 6), after a
     refit 1/2 sum_r dW_r^T H dW_r as for the baselines; all with the damped H (NaN for magnitude
     without H).
@@ -91,7 +111,8 @@ def prune_layer(
     W, H, pattern = _check(W, H, method, sparsity, pattern, solver, block_size, damp)
     n_zeros = round(sparsity * W.size)
     rows, cols = W.shape
-    fast = method == "obs" and (solver == "fast" or (solver == "auto" and rows * cols**3 > EXACT_MAX_WORK))
+    fast = method == "obs" and (solver == "fast" or (
+        solver == "auto" and (not exact or rows * cols**3 > EXACT_MAX_WORK)))
     # The fast solver works in the weights' own precision (float32 for float32/16 models).
     work = _float_copy(W, np.float32 if fast and W.dtype.itemsize <= 4 else np.float64)
     if work.size == 0:

@@ -21,6 +21,7 @@ from onnx_obs.cli.options import (CHECKS, DATA, FULL, METHOD, OUTPUT, QUANT, SOL
                                   BatchSizeOpt, ConfigOpt, DampOpt, DeviceOpt, ExcludeOpt, FormatOpt, GroupSizeOpt,
                                   IncludeOpt, JsonOpt, MaxSamplesOpt, MinParamsOpt, NoBatchingOpt, OpTypesOpt,
                                   PatternOpt, QuietOpt, ReportOpt, SolverOpt, SymmetricOpt, VerboseOpt, prune_config)
+from onnx_obs.cli.options import CaptureMemoryOpt, MaxPositionsOpt, ThreadsOpt, TimeBudgetOpt
 from onnx_obs.config import Selection, parse_op_types, parse_pattern
 from onnx_obs.cli.show import (_print_compare, _print_evaluate, _print_inspect, _print_prune,
                                check_json_path, write_json)
@@ -43,6 +44,9 @@ def prune(
     block_size: int = typer.Option(128, "--block-size", help="Column block of the fast solver.", rich_help_panel=SOLVER),
     damp: float = DampOpt,
     sequential: bool = typer.Option(True, "--sequential/--no-sequential", help="Capture each site's inputs after the sites before it are pruned.", rich_help_panel=SOLVER),
+    capture_memory: int = CaptureMemoryOpt,
+    time_budget: float = TimeBudgetOpt,
+    max_positions: int = MaxPositionsOpt,
     batch_size: int = BatchSizeOpt,
     max_samples: Optional[int] = MaxSamplesOpt,
     labels: Optional[str] = typer.Option(None, "--labels", help="Key of the calibration file that holds targets (not a model input).", rich_help_panel=DATA),
@@ -50,6 +54,7 @@ def prune(
     include: Optional[str] = IncludeOpt, exclude: Optional[str] = ExcludeOpt, op_types: Optional[str] = OpTypesOpt,
     min_params: int = MinParamsOpt,
     device: str = DeviceOpt,
+    threads: int = ThreadsOpt,
     structure: Optional[str] = typer.Option(None, "--structure", help="neurons or channels (the same): remove whole output units with group OBS (--method obs) or by L1 norm (magnitude), shrinking the graph; --sparsity is then the fraction of units per layer.", rich_help_panel=STRUCT),
     target_params: Optional[int] = typer.Option(None, "--target-params", help="With --structure: remove units until the model has at most this many parameters.", rich_help_panel=STRUCT),
     target_flops: Optional[float] = typer.Option(None, "--target-flops", help="With --structure: remove units until the model needs at most this many MACs per sample.", rich_help_panel=STRUCT),
@@ -94,11 +99,13 @@ def quantize(
     block_size: int = typer.Option(128, "--block-size", help="Column block of GPTQ's lazy updates.", rich_help_panel=SOLVER),
     damp: float = DampOpt,
     sequential: bool = typer.Option(True, "--sequential/--no-sequential", help="Capture each site's inputs after the sites before it are quantized.", rich_help_panel=SOLVER),
+    capture_memory: int = CaptureMemoryOpt, max_positions: int = MaxPositionsOpt,
     batch_size: int = BatchSizeOpt,
     max_samples: Optional[int] = MaxSamplesOpt,
     no_batching: bool = NoBatchingOpt,
     include: Optional[str] = IncludeOpt, exclude: Optional[str] = ExcludeOpt, op_types: Optional[str] = OpTypesOpt,
     device: str = DeviceOpt,
+    threads: int = ThreadsOpt,
     format: str = FormatOpt,
     report: Optional[Path] = ReportOpt,
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file.", rich_help_panel=OUTPUT),

@@ -42,6 +42,10 @@ def _print_prune(d: dict, output: Path) -> None:
         out.print(escape(f"note     {n}"), highlight=False)
     out.print(f"wrote    {output} in {tot['wall_seconds']:.1f} s on {d['device']}, "
               f"peak memory {tot['peak_memory_mb']:.0f} MB")
+    phases = tot.get("phase_seconds") or {}
+    if phases:
+        out.print("time     " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
+                  + f" ({tot['threads']} threads)", highlight=False)
 
 
 def _print_structure(d: dict) -> None:

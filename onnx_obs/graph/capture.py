@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import onnx
 
+from onnx_obs.graph.slicing import implicit_inputs
+
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A copy of `model` whose outputs are exactly `names` (intermediate tensors included).
@@ -26,7 +28,8 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 def site_depths(model: onnx.ModelProto, sites) -> dict[str, int]:
     """How many sites lie upstream of each site's inputs (0: fed by the model inputs only).
 
-    Sites of equal depth can be captured in one pass after all shallower sites are pruned.
+    Sites of equal depth can be captured in one pass after all shallower sites are pruned. A node
+    with subgraphs depends on the outer tensors its subgraphs read too.
     """
     index = {s.name: i for i, s in enumerate(sites)}
     producing = {}  # node output -> bitmask of the sites whose node produces it
@@ -36,7 +39,7 @@ def site_depths(model: onnx.ModelProto, sites) -> dict[str, int]:
     upstream: dict[str, int] = {}
     for node in model.graph.node:
         mask = 0
-        for name in node.input:
+        for name in list(node.input) + sorted(implicit_inputs(node)):
             mask |= upstream.get(name, 0)
         for out in node.output:
             upstream[out] = mask | producing.get(out, 0)

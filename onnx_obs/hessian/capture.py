@@ -4,7 +4,8 @@ In SparseGPT's `add_batch` idiom: `HessianCapture(loaded, sites, device)` runs o
 session that outputs every activation the sites read; `add_batch(feeds)` turns them into input
 vectors (hessian/layerwise.py) and adds them to one running sum per distinct (activation, layout,
 geometry); `hessians()` returns each site's (groups, cols, cols) H = (2/n) sum x x^T. It knows
-nothing of pruning.
+nothing of pruning. `HessianSums` is the same without the session, for activations computed
+elsewhere (hessian/sequential.py runs graph slices).
 """
 
 from __future__ import annotations
@@ -18,16 +19,17 @@ from onnx_obs.graph.ops import OPS
 from onnx_obs.graph.sites import Site
 from onnx_obs.hessian.layerwise import HessianSum, input_vectors
 from onnx_obs.runtime import Runner
+from onnx_obs.timing import Phases
 
 
-class HessianCapture:
-    """with_bias: every input vector gets a trailing constant 1 (H is (groups, cols+1, cols+1)),
-    the input of a bias."""
+class HessianSums:
+    """One running sum per distinct (activation, layout, geometry) of `sites`, fed activation
+    values by name. with_bias: every input vector gets a trailing constant 1 (H is
+    (groups, cols+1, cols+1)), the input of a bias. max_positions: see layerwise.input_vectors."""
 
-    def __init__(self, loaded: LoadedModel, sites: list[Site], device: str, with_bias: bool = False):
-        self.sites, self.with_bias = sites, with_bias
+    def __init__(self, sites: list[Site], with_bias: bool = False, max_positions: int = 0):
+        self.sites, self.with_bias, self.max_positions = sites, with_bias, max_positions
         self.acts = sorted({u.activation for s in sites for u in s.uses})
-        self.runner = Runner(with_outputs(loaded.model, self.acts), loaded.base_dir, device, prepack=False)
         self.sums: dict[tuple, tuple[HessianSum, Site, list]] = {}
         self.keys: dict[str, tuple] = {}
         for s in sites:  # sites reading the same activation in the same way share one sum
@@ -37,11 +39,12 @@ class HessianCapture:
             if key not in self.sums:
                 self.sums[key] = HessianSum(len(s.row_groups()), s.matrix_shape[1] + with_bias), s, geometries
 
-    def add_batch(self, feeds: dict[str, np.ndarray]) -> None:
-        values = dict(zip(self.acts, self.runner.run(feeds, self.acts)))
+    def add_values(self, values: dict[str, np.ndarray]) -> None:
+        """values: every name of `acts` -> its activation for one batch."""
         for acc, s, geometries in self.sums.values():
             for u, geometry in zip(s.uses, geometries):
-                for vectors in input_vectors(values[u.activation], u.samples, s.matrix_shape[1], geometry):
+                for vectors in input_vectors(values[u.activation], u.samples, s.matrix_shape[1], geometry,
+                                             self.max_positions, acc.count):
                     if self.with_bias:
                         vectors = np.concatenate([vectors, np.ones(vectors.shape[:2] + (1,), vectors.dtype)],
                                                  axis=2)
@@ -51,10 +54,31 @@ class HessianCapture:
         return {s.name: self.sums[self.keys[s.name]][0].hessian() for s in self.sites}
 
 
+class HessianCapture(HessianSums):
+    """HessianSums over one onnxruntime session of the whole model that outputs every activation
+    the sites read. phases: where the run and sum times go (timing.Phases), if anywhere."""
+
+    def __init__(self, loaded: LoadedModel, sites: list[Site], device: str, with_bias: bool = False,
+                 phases: Phases | None = None, max_positions: int = 0):
+        super().__init__(sites, with_bias, max_positions)
+        self.phases = phases or Phases()
+        with self.phases("capture"):
+            # prepacked: the session runs every batch, and onnxruntime's Gemm on unpacked weights
+            # rounds differently with the thread count
+            self.runner = Runner(with_outputs(loaded.model, self.acts), loaded.base_dir, device)
+
+    def add_batch(self, feeds: dict[str, np.ndarray]) -> None:
+        with self.phases("capture"):
+            values = dict(zip(self.acts, self.runner.run(feeds, self.acts)))
+        with self.phases("hessians"):
+            self.add_values(values)
+
+
 def capture_hessians(loaded: LoadedModel, sites: list[Site], cal: Calibration, device: str,
-                     bar, with_bias: bool = False) -> dict[str, np.ndarray]:
+                     bar, with_bias: bool = False, phases: Phases | None = None,
+                     max_positions: int = 0) -> dict[str, np.ndarray]:
     """Run the calibration data once and return each site's (groups, cols, cols) Hessian."""
-    capture = HessianCapture(loaded, sites, device, with_bias)
+    capture = HessianCapture(loaded, sites, device, with_bias, phases, max_positions)
     task = bar.add("capturing activations", total=len(cal.batches))
     for feeds in cal:
         capture.add_batch(feeds)

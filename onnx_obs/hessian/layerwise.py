@@ -12,6 +12,8 @@ import itertools
 
 import numpy as np
 
+from onnx_obs.algorithms.blas_threads import one_blas_thread
+from onnx_obs.threads import map_ordered
 from onnx_obs.graph.ops import ConvGeometry
 
 _CHUNK_ROWS = 16384         # input vectors per float64 product
@@ -26,19 +28,33 @@ class HessianSum:
         self.count = 0
 
     def add(self, vectors: np.ndarray) -> None:
-        """vectors: (groups, n, cols)."""
-        for start in range(0, vectors.shape[1], _CHUNK_ROWS):
-            v = vectors[:, start:start + _CHUNK_ROWS].astype(np.float64)
-            self.sum += 2.0 * np.matmul(v.transpose(0, 2, 1), v)
+        """vectors: (groups, n, cols). Chunks of rows are multiplied in parallel, one BLAS thread
+        each, and summed in order: the sum does not depend on the thread count."""
+        chunks = [vectors[:, s:s + _CHUNK_ROWS] for s in range(0, vectors.shape[1], _CHUNK_ROWS)]
+        with one_blas_thread():
+            for part in map_ordered(_gram, chunks):
+                self.sum += part
         self.count += vectors.shape[1]
 
     def hessian(self) -> np.ndarray:
         return self.sum / max(self.count, 1)
 
 
+def _gram(v: np.ndarray) -> np.ndarray:
+    """2 v^T v per group, in float64."""
+    v = v.astype(np.float64)
+    return 2.0 * np.matmul(v.transpose(0, 2, 1), v)
+
+
 def input_vectors(x: np.ndarray, samples: str, cols: int,
-                  geometry: ConvGeometry | None = None):
-    """Yield (groups, n, cols) blocks of input vectors from one activation batch."""
+                  geometry: ConvGeometry | None = None, max_positions: int = 0, seed: int = 0):
+    """Yield (groups, n, cols) blocks of input vectors from one activation batch.
+
+    max_positions > 0: a convolution keeps at most that many output positions per sample, a
+    random subset drawn with a fixed seed (the Hessian is then the mean over the subset, an
+    unbiased estimate of the mean over all positions); seed: the draws' seed, e.g. the vectors
+    summed so far, so that every batch draws differently.
+    """
     if samples == "rows":
         yield x.reshape(1, -1, cols)
     elif samples == "cols":
@@ -48,9 +64,21 @@ def input_vectors(x: np.ndarray, samples: str, cols: int,
         per_sample = unfold(x[:1], geometry).size
         step = max(1, _UNFOLD_ELEMENTS // per_sample)
         for start in range(0, len(x), step):
-            yield _group_rows(unfold(x[start:start + step], geometry), geometry.groups)
+            vectors = _group_rows(unfold(x[start:start + step], geometry), geometry.groups)
+            yield _some_positions(vectors, min(step, len(x) - start), max_positions, seed + start)
     else:
         raise ValueError(f"unknown sample layout {samples}")
+
+
+def _some_positions(vectors: np.ndarray, n: int, keep: int, seed: int) -> np.ndarray:
+    """(groups, n * positions, cols) -> (groups, n * keep, cols): per sample, `keep` positions
+    drawn without replacement."""
+    positions = vectors.shape[1] // n
+    if keep <= 0 or keep >= positions:
+        return vectors
+    pick = np.random.default_rng(seed).random((n, positions)).argsort(axis=1)[:, :keep]
+    pick = np.sort(pick, axis=1) + positions * np.arange(n)[:, None]
+    return vectors[:, pick.ravel()]
 
 
 def _group_rows(patches: np.ndarray, groups: int) -> np.ndarray:

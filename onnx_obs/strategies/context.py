@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,6 +25,7 @@ class Context:
     bar: Progress
     force: bool = False            # overwrite existing output files (the gradient graph's too)
     hessians: dict[str, np.ndarray] | None = None   # cache shared by non-sequential calls
+    exact: dict[str, bool] = field(default_factory=dict)  # site -> exact solver within --time-budget
 
 
 def drop_uncaptureable(ctx: Context) -> None:

@@ -25,13 +25,15 @@ from onnx_obs.strategies.context import Context
 def run(ctx: Context, original: onnx.ModelProto, output) -> None:
     """original: the model as loaded, before pruning. output: where to write, or None."""
     c, loaded, report = ctx.config, ctx.loaded, ctx.report
-    _refuse_non_finite(ctx)
-    report.device = _validate(ctx, original)
-    _store(ctx)
-    if c.structured.structure is not None or c.storage != "dense" or c.quantize.bits is not None:
-        report.costs = _measure_costs(ctx, original, counts=c.quantize.bits is None)
+    with report.phases("validation"):
+        _refuse_non_finite(ctx)
+        report.device = _validate(ctx, original)
+        _store(ctx)
+        if c.structured.structure is not None or c.storage != "dense" or c.quantize.bits is not None:
+            report.costs = _measure_costs(ctx, original, counts=c.quantize.bits is None)
     if output is not None:
-        report.file_size_after = save_model(loaded.model, output, loaded.base_dir)
+        with report.phases("write"):
+            report.file_size_after = save_model(loaded.model, output, loaded.base_dir)
 
 
 def _refuse_non_finite(ctx: Context) -> None:

@@ -3,6 +3,8 @@ the algorithm per row group (algorithms/layerwise.py).
 
 Sequential (the default): sites are pruned in waves of equal depth, shallower first, and each wave
 is captured on the model as already pruned, so corrections compensate earlier layers' errors.
+Each wave runs only the graph slice between the previous waves' cached outputs and its own
+inputs (hessian/sequential.py); where the graph cannot be cut, the whole model runs per wave.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from onnx_obs.algorithms.layerwise import layer_error, prune_layer
+from onnx_obs.algorithms.layerwise import exact_allowed, layer_error, prune_layer
 from onnx_obs.algorithms.masks import spread_zeros
+from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.capture import site_depths
 from onnx_obs.graph.sites import Site, site_matrix, write_matrix
+from onnx_obs.graph.slicing import Unsliceable
 from onnx_obs.hessian.capture import capture_hessians
+from onnx_obs.hessian.sequential import BoundaryCache, SlicedCapture
 from onnx_obs.report import SiteReport
 from onnx_obs.strategies.context import Context, drop_uncaptureable
 
@@ -28,24 +33,90 @@ def run(ctx: Context) -> None:
 
 
 def sweep_sites(ctx: Context, visit: Callable[[Context, Site, np.ndarray], SiteReport], what: str) -> None:
-    """Call visit(ctx, site, H) for every site with its (groups, cols, cols) Hessian, in waves of
-    equal depth when sequential (each wave captured on the model as changed so far), and add the
-    reports it returns."""
-    c, loaded, sites = ctx.config, ctx.loaded, ctx.sites
-    sequential = c.layerwise.sequential
-    cache = None if sequential else ctx.hessians
-    depth = site_depths(loaded.model, sites) if sequential else {s.name: 0 for s in sites}
+    """Call visit(ctx, site, H) for every site with its (groups, cols, cols) Hessian and add the
+    reports it returns. Sequential: in waves of equal depth, each captured on the model as changed
+    so far, by one pass over graph slices where the graph can be cut."""
+    c, loaded, sites, phases = ctx.config, ctx.loaded, ctx.sites, ctx.report.phases
     task = ctx.bar.add(what, total=len(sites))
-    for wave in sorted(set(depth.values())):
-        batch = [s for s in sites if depth[s.name] == wave]
-        missing = [s for s in batch if cache is None or s.name not in cache]
-        hessians = capture_hessians(loaded, missing, ctx.cal, c.device, ctx.bar) if missing else {}
-        if cache is not None:
-            cache.update(hessians)
-            hessians = cache
-        for s in batch:
+    ctx.exact = _exact_budget(ctx)
+    if not c.layerwise.sequential:
+        cache = ctx.hessians if ctx.hessians is not None else {}
+        missing = [s for s in sites if s.name not in cache]
+        if missing:
+            cache.update(capture_hessians(loaded, missing, ctx.cal, c.device, ctx.bar, False, phases,
+                                           c.layerwise.max_positions))
+        _visit_wave(ctx, visit, sites, cache, task)
+    else:
+        depth = site_depths(loaded.model, sites)
+        waves = [[s for s in sites if depth[s.name] == d] for d in sorted(set(depth.values()))]
+        sliced = _sliced_capture(ctx, waves)
+        try:
+            for i, wave in enumerate(waves):
+                hessians = None
+                if sliced is not None:
+                    try:
+                        hessians = sliced.capture(i)
+                    except (Unsliceable, OnnxObsError) as e:
+                        ctx.report.notes.append(f"sequential capture: waves {i + 1}-{len(waves)} ran "
+                                                f"the whole model each ({_first_line(e)})")
+                        sliced.close()
+                        sliced = None
+                if hessians is None:
+                    hessians = capture_hessians(loaded, wave, ctx.cal, c.device, ctx.bar, False, phases,
+                                                c.layerwise.max_positions)
+                _visit_wave(ctx, visit, wave, hessians, task)
+        finally:
+            if sliced is not None:
+                _note_boundary(ctx, sliced.cache)
+                sliced.close()
+
+
+def _exact_budget(ctx: Context) -> dict[str, bool]:
+    """Which sites solver="auto" may solve exactly within --time-budget (a note if not all)."""
+    c = ctx.config
+    if c.method != "obs" or c.layerwise.solver != "auto":
+        return {}
+    layers = [[(g.stop - g.start, s.matrix_shape[1]) for g in s.row_groups()] for s in ctx.sites]
+    allowed = dict(zip([s.name for s in ctx.sites], exact_allowed(layers, c.layerwise.time_budget)))
+    eligible = exact_allowed(layers, float("inf"))
+    moved = sum(e and not a for e, a in zip(eligible, allowed.values()))
+    if moved:
+        ctx.report.notes.append(
+            f"--time-budget {c.layerwise.time_budget:g} s of modelled exact solves: {moved} of "
+            f"{sum(eligible)} sites small enough for the exact solver got fast + refit instead "
+            "(raise --time-budget for lower error)")
+    return allowed
+
+
+def _sliced_capture(ctx: Context, waves: list[list[Site]]) -> SlicedCapture | None:
+    """One-pass capture over graph slices, or None (with a note) where the graph cannot be cut."""
+    try:
+        with ctx.report.phases("capture"):
+            return SlicedCapture(ctx.loaded, waves, ctx.cal, ctx.config.device,
+                                 ctx.config.layerwise.capture_memory_mb << 20, ctx.report.phases,
+                                 ctx.config.layerwise.max_positions)
+    except Unsliceable as e:
+        ctx.report.notes.append(f"sequential capture ran the whole model once per wave ({e})")
+        return None
+
+
+def _note_boundary(ctx: Context, cache: BoundaryCache) -> None:
+    if cache.spilled:
+        ctx.report.notes.append(
+            f"sequential capture: boundary tensors beyond --capture-memory "
+            f"{ctx.config.layerwise.capture_memory_mb} MB were spilled to disk "
+            f"({cache.spilled / 2**20:.0f} MB written; {cache.peak / 2**20:.0f} MB held at most)")
+
+
+def _visit_wave(ctx: Context, visit, wave: list[Site], hessians: dict[str, np.ndarray], task) -> None:
+    for s in wave:
+        with ctx.report.phases("solves"):
             ctx.report.sites.append(visit(ctx, s, hessians[s.name]))
-            ctx.bar.advance(task, what=s.name)
+        ctx.bar.advance(task, what=s.name)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def _prune_site(ctx: Context, s: Site, H: np.ndarray) -> SiteReport:
@@ -69,7 +140,7 @@ def prune_site_matrix(ctx: Context, s: Site, w: np.ndarray, H: np.ndarray) -> tu
     for rows, Hg, share in zip(groups, H, _group_sparsities(w, groups, c.sparsity)):
         res = prune_layer(w[rows], Hg, method=c.method, sparsity=share, pattern=c.pattern,
                           solver=c.layerwise.solver, block_size=c.layerwise.block_size,
-                          damp=c.layerwise.damp)
+                          damp=c.layerwise.damp, exact=ctx.exact.get(s.name, True))
         new[rows] = res.weight
         r.predicted_error += res.predicted_error
         if Hg is not None:  # magnitude pruning before rtn quantization runs without data

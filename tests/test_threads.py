@@ -1,0 +1,76 @@
+"""Thread pools sized to the free cores; the pruned model does not depend on the count."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+import pytest
+
+from onnx_obs import api, threads
+from onnx_obs.algorithms.blas_threads import _controller, _OpenBLAS, one_blas_thread
+from onnx_obs.errors import OnnxObsError
+from onnx_obs.hessian.layerwise import HessianSum
+from onnx_obs.runtime import Runner
+
+
+def test_cores_follow_affinity_quota_and_load(monkeypatch):
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    monkeypatch.setattr(threads, "_cgroup_quota", lambda: None)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert threads.available_cores() == 6 and threads.free_cores() == 6
+    monkeypatch.setattr(threads, "_cgroup_quota", lambda: 3)
+    assert threads.available_cores() == 3
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.6, 0.0, 0.0))  # ~2 cores busy
+    assert threads.free_cores() == 1
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert threads.free_cores() == 1   # never fewer than one
+
+
+def test_run_threads_sets_blas_and_sessions_then_restores(mlp_path):
+    c = _controller()
+    if not isinstance(c, _OpenBLAS) or not c.libs:
+        pytest.skip("no OpenBLAS found to query")
+    before = c.get()
+    with threads.run_threads(1) as n:
+        assert n == 1 and c.get() == [1] * len(before)
+        opts = Runner(onnx.load(mlp_path)).session.get_session_options()
+        assert opts.intra_op_num_threads == 1
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert c.get() == before
+    with one_blas_thread():
+        assert c.get() == [1] * len(before)
+    assert c.get() == before
+
+
+def test_hessian_sum_does_not_depend_on_threads(monkeypatch):
+    """Chunks multiplied on parallel threads, summed in order: equal to the serial sum, bit for bit,
+    and to 2 X^T X / n computed at once."""
+    monkeypatch.setattr("onnx_obs.hessian.layerwise._CHUNK_ROWS", 100)
+    x = np.random.default_rng(0).standard_normal((2, 950, 7)).astype(np.float32)
+    sums = {}
+    for n in (1, 3):
+        with threads.run_threads(n):
+            h = HessianSum(2, 7)
+            h.add(x)
+            sums[n] = h.hessian()
+    np.testing.assert_array_equal(sums[1], sums[3])
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(sums[1], 2 * np.einsum("gni,gnj->gij", x64, x64) / 950, rtol=1e-12)
+
+
+@pytest.mark.parametrize("which,sequential", [("mlp", True), ("cnn", True), ("cnn", False)])
+def test_pruned_bytes_do_not_depend_on_threads(which, sequential, samples, tmp_path):
+    digests = set()
+    for n in (1, 2):
+        out = tmp_path / f"{which}_{n}.onnx"
+        api.prune(str(samples / f"digits_{which}.onnx"), str(samples / f"digits_{which}_calib.npz"),
+                  threads=n, max_samples=96, sequential=sequential, output=out)
+        digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert len(digests) == 1
+
+
+def test_negative_threads_refused(mlp_path, mlp_calib):
+    with pytest.raises(OnnxObsError, match="--threads must be at least 0"):
+        api.prune(str(mlp_path), str(mlp_calib), threads=-1)

@@ -18,6 +18,15 @@ class Blocked(Exception):
     """The producer's units cannot be removed; the message says why."""
 
 
+class Coupled(Blocked):
+    """The units meet another computed tensor elementwise (a residual Add, a gating Mul): its
+    producers may join the group. `tensor` carries the channels along `axis`."""
+
+    def __init__(self, message: str, tensor: str, axis: int):
+        super().__init__(message)
+        self.tensor, self.axis = tensor, axis
+
+
 @dataclass
 class State:
     """Where the units lie in one tensor on the path: per unit, its positions along `axis`."""

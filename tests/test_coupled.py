@@ -11,10 +11,12 @@ of its original output from its kept input channels.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import helper
 
+from cli_checks import assert_one_line_error
 from graphs import init, make_model, randn, run, run_tensors, vi
 from onnx_obs import api
 from onnx_obs.graph.sites import find_sites
@@ -173,3 +175,24 @@ def test_layer_norm_over_the_channels_leaves_the_width_alone():
     _, left = trace_units(model, find_sites(model)[0])
     reason = next(x.reason for x in left if x.name == "W0")
     assert "LayerNormalization 'ln' normalises over its channels" in reason and "left alone" in reason
+
+
+def test_target_speedup_counts_macs():
+    model, a = resnet_block()
+    X = randn([64, 3, 6, 6], 50)
+    res = api.prune(model, {"x": X}, structure="channels", target_speedup=1.5)
+    macs = lambda w: sum(int(np.prod(w[k].shape)) * 36 for k in ("W0", "Wa", "Wb", "Wh"))   # 6x6 'same' convs
+    before, after = macs(a), macs(weights(res.model))
+    assert before / 1.5 * 0.8 <= after <= before / 1.5
+    assert any("--target-speedup 1.5" in n for n in res.report.notes)
+
+
+def test_target_speedup_below_one_is_refused(cli, tmp_path):
+    model, _ = resnet_block()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    np.savez(tmp_path / "c.npz", x=randn([8, 3, 6, 6], 51))
+    args = ["prune", str(path), "--calib", str(tmp_path / "c.npz"), "--structure", "channels",
+            "--target-speedup", "0.5", "-o", str(tmp_path / "out.onnx")]
+    assert_one_line_error(cli(*args), "--target-speedup is how many times fewer MACs")
+    assert not (tmp_path / "out.onnx").exists()

@@ -11,7 +11,7 @@ pipeline: each layer's consumers are captured on the model as already shrunk):
      they own (producers' rows, consumers' columns: the whole coupling group), no correction;
   3. cut the units out of every tensor they own and re-run shape inference (graph.surgery).
 Targets: --sparsity removes that fraction of the units of every layer that has removable units.
---target-params / --target-flops plan per-layer counts for the whole model first, on the
+--target-params / --target-flops / --target-speedup (MACs divided by it) plan per-layer counts for the whole model first, on the
 original model: each layer's greedy removal curve (group-OBS cost of each next unit, divided by
 the layer's consumer output energy so that costs are relative output errors comparable across
 layers; for magnitude the L1 norms divided by their layer mean) is merged greedily, cheapest
@@ -36,7 +36,7 @@ from onnx_obs.algorithms.structured import (
     plan_counts,
 )
 from onnx_obs.errors import OnnxObsError
-from onnx_obs.flops import resource_model
+from onnx_obs.flops import count_macs, resource_model
 from onnx_obs.graph.model_io import iter_tensors
 from onnx_obs.graph.sites import find_sites, site_matrix, write_matrix
 from onnx_obs.graph.surgery import read_bias, shrink, write_bias
@@ -75,6 +75,10 @@ def run(ctx: Context) -> None:
                            "--include/--exclude/--op-types")
     groups.sort(key=lambda g: g.node)
     target = target_params if target_params is not None else target_flops
+    if c.structured.target_speedup is not None:
+        target = count_macs(model)[0] / c.structured.target_speedup
+        report.notes.append(f"--target-speedup {c.structured.target_speedup:g}: at most "
+                            f"{target:,.0f} MACs per sample (MACs stand in for latency)")
     if target is not None:
         kind = "params" if target_params is not None else "macs"
         counts = _plan(loaded, groups, cal, method, damp, device, bar, target, kind, report, sites)

@@ -101,7 +101,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     parser.add_argument("--arch", choices=["mobilenet", "resnet", "both"], default=None,
                         help="the torch-exported CNNs with coupled channels instead of the samples")
-    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--train-steps", type=int, default=150)
+    parser.add_argument("--calib-samples", type=int, default=256)
     args = parser.parse_args()
     if args.arch:
         for arch in (["mobilenet", "resnet"] if args.arch == "both" else [args.arch]):
@@ -149,7 +150,7 @@ def run_arch(arch: str, tmp: Path, args) -> None:
 
     original = tmp / "original.onnx"
     acc = train_and_export(arch, original, steps=args.train_steps)
-    x_cal, _ = data(256, 7)
+    x_cal, _ = data(args.calib_samples, 7)
     calib = tmp / "calib.npz"
     np.savez(calib, input=x_cal)
     x_eval, y_eval = data(512, 999)
@@ -172,6 +173,7 @@ def run_arch(arch: str, tmp: Path, args) -> None:
                 times[k, b].append(latency_ms(sess, feeds, max_runs=300, budget_s=1.0))
     base = {b: np.median(times["original", b]) for b in (1, 32)}
     print(f"\n== {arch}: trained {args.train_steps} steps, held-out accuracy {acc:.2%}; "
+          f"{args.calib_samples} calibration samples; "
           f"{args.threads} thread(s), {args.rounds} rounds ==")
     print(f"{'model':<16}{'params':>9}{'MACs':>12}{'file':>10}{'ms b=1':>9}{'x':>6}{'ms b=32':>9}"
           f"{'x':>6}{'agree':>8}{'acc':>8}{'rel MSE':>10}{'prune s':>9}")

@@ -1,8 +1,8 @@
 """Small CNNs of the shapes people ship, trained for seconds on synthetic data and exported to ONNX
 with torch (for scripts/bench_structured.py only; the package never imports torch).
 
-The task: 10 classes, each a fixed random 3x32x32 template; a sample is its class's template
-scaled and shifted at random plus noise. Both nets reach high accuracy in a few hundred steps,
+The task: 10 classes, each a fixed random 3x16x16 template; a sample is its class's template
+scaled at random plus noise. Both nets reach high accuracy in a few hundred steps,
 so top-1 agreement with the original measures something.
 """
 
@@ -15,14 +15,15 @@ import torch
 from torch import nn
 
 CLASSES = 10
+SIZE = 16
 
 
 def data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    templates = np.random.default_rng(0).standard_normal((CLASSES, 3, 32, 32)).astype(np.float32)
+    templates = np.random.default_rng(0).standard_normal((CLASSES, 3, SIZE, SIZE)).astype(np.float32)
     rng = np.random.default_rng(seed)
     y = rng.integers(0, CLASSES, n)
     scale = rng.uniform(0.5, 1.5, (n, 1, 1, 1)).astype(np.float32)
-    x = scale * np.roll(templates[y], rng.integers(-2, 3), axis=3) + 1.5 * rng.standard_normal((n, 3, 32, 32)).astype(np.float32)
+    x = scale * templates[y] + 2.0 * rng.standard_normal((n, 3, SIZE, SIZE)).astype(np.float32)
     return x.astype(np.float32), y
 
 
@@ -84,7 +85,7 @@ class Basic(nn.Module):
 
 
 class ResNetish(nn.Module):
-    """ResNet-18 layout (4 stages of 2 basic blocks) at widths 16-128 for 32x32 inputs."""
+    """ResNet-18 layout (4 stages of 2 basic blocks) at widths 16-128 for 16x16 inputs."""
 
     def __init__(self):
         super().__init__()

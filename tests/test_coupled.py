@@ -196,3 +196,13 @@ def test_target_speedup_below_one_is_refused(cli, tmp_path):
             "--target-speedup", "0.5", "-o", str(tmp_path / "out.onnx")]
     assert_one_line_error(cli(*args), "--target-speedup is how many times fewer MACs")
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_group_with_an_unselected_producer_stays():
+    model, a = resnet_block()
+    res = api.prune(model, {"x": randn([32, 3, 6, 6], 60)}, structure="channels", sparsity=0.5,
+                    include="W0|Wa")
+    w = weights(res.model)
+    assert w["W0"].shape == a["W0"].shape and w["Wb"].shape[1] == 4   # Wa's group only
+    reasons = {s["name"]: s["reason"] for s in res.report.skipped}
+    assert reasons["W0"] == "units kept: coupled with Wb, not selected"

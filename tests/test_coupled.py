@@ -206,3 +206,52 @@ def test_a_group_with_an_unselected_producer_stays():
     assert w["W0"].shape == a["W0"].shape and w["Wb"].shape[1] == 4   # Wa's group only
     reasons = {s["name"]: s["reason"] for s in res.report.skipped}
     assert reasons["W0"] == "units kept: coupled with Wb, not selected"
+
+
+def c2f_block():
+    """YOLO's C2f: cv1 -> Split [4, 4] -> y1 + bottleneck(y1) -> Concat(y0, y1, y2) -> cv2."""
+    a = {"W1": randn([8, 3, 1, 1], 1), "b1": randn([8], 2), "Wa": randn([4, 4, 3, 3], 3),
+         "ba": randn([4], 4), "Wb": randn([4, 4, 3, 3], 5), "bb": randn([4], 6),
+         "W2": randn([4, 12, 1, 1], 7), "b2": randn([4], 8)}
+    nodes = [conv("x", "W1", "b1", "c1", 1), relu("c1", "r1"),
+             helper.make_node("Split", ["r1", "sizes"], ["y0", "y1"], name="split", axis=1),
+             conv("y1", "Wa", "ba", "ca", 3), relu("ca", "ra"), conv("ra", "Wb", "bb", "cb", 3),
+             helper.make_node("Add", ["cb", "y1"], ["y2"], name="shortcut"),
+             helper.make_node("Concat", ["y0", "y1", "y2"], ["cat"], name="cat", axis=1),
+             conv("cat", "W2", "b2", "y", 1)]
+    inits = [init(k, v) for k, v in a.items()] + [init("sizes", np.array([4, 4], np.int64))]
+    model = make_model(nodes, [vi("x", shape=["batch", 3, 6, 6])], [vi("y", shape=["batch", 4, 6, 6])], inits)
+    return model, a
+
+
+@pytest.mark.parametrize("method", ["magnitude", "obs"])
+def test_c2f_split_shortcut_and_concat(method):
+    model, a = c2f_block()
+    groups, left = trace_units(model, find_sites(model)[0])
+    g = next(g for g in groups if g.producer.name == "W1")
+    assert [p.name for p in g.producers] == ["W1", "Wb"] and "Wb" not in {x.name for x in left}
+    X = randn([64, 3, 6, 6], 70)
+    res = prune(model, X, method, "W1|Wb")
+    gone = removed_units(res, "W1")
+    keep = keep_of(8, gone)
+    w = weights(res.model)
+    low, high = [u for u in gone if u < 4], [u - 4 for u in gone if u >= 4]   # chunk 0, chunk 1
+    assert w["W1"].shape[0] == 4 and w["Wb"].shape[0] == 4 - len(high) and w["Wa"].shape[1] == 4 - len(high)
+    assert w["W2"].shape[1] == 12 - len(low) - 2 * len(high)
+    assert w["sizes"].tolist() == [4 - len(low), 4 - len(high)]
+    cols = [[u] + ([u + 4] if u >= 4 else []) for u in range(8)]   # unit u >= 4 is in y1 and y2
+    gone_cols = sorted(c for u in gone for c in cols[u])
+    kept_cols = [c for c in range(12) if c not in gone_cols]
+    ref = {k: v.astype(np.float64) for k, v in a.items()}
+    if method == "magnitude":
+        norms = np.array([np.abs(a["W1"][u]).sum() + np.abs(a["W2"][:, cols[u]]).sum()
+                          + (np.abs(a["Wb"][u - 4]).sum() + np.abs(a["Wa"][:, u - 4]).sum() if u >= 4 else 0)
+                          for u in range(8)])
+        assert sorted(gone) == sorted(np.argsort(norms)[:4].tolist())
+        ref["Wa"][:, high] = 0.0
+        ref["W2"][:, gone_cols] = 0.0
+    else:
+        acts = run_tensors(model, {"x": X}, ["y1", "cat"])
+        ref["Wa"], ref["ba"] = conv_fit(acts["y1"], a["Wa"], a["ba"], [c for c in range(4) if c not in high])
+        ref["W2"], ref["b2"] = conv_fit(acts["cat"], a["W2"], a["b2"], kept_cols)
+    assert_same_outputs(res.model, with_weights(model, ref), {"x": randn([8, 3, 6, 6], 71)})

@@ -20,11 +20,12 @@ class Blocked(Exception):
 
 class Coupled(Blocked):
     """The units meet another computed tensor elementwise (a residual Add, a gating Mul): its
-    producers may join the group. `tensor` carries the channels along `axis`."""
+    producers may join the group. `tensor` carries the channels along `axis`, where unit u must
+    own `positions[u]` of its `size` channels (as in the tensor it meets)."""
 
-    def __init__(self, message: str, tensor: str, axis: int):
+    def __init__(self, message: str, tensor: str, axis: int, positions: list, size: int):
         super().__init__(message)
-        self.tensor, self.axis = tensor, axis
+        self.tensor, self.axis, self.positions, self.size = tensor, axis, positions, size
 
 
 @dataclass

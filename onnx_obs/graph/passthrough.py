@@ -76,9 +76,10 @@ def _elementwise(g: ChannelGraph, group: UnitGroup, ni: int, where: list[int], i
             why = _COUPLING.get(node.op_type, "a residual connection?")
             message = (f"its channels are coupled with '{name}' by {node.op_type} "
                        f"'{g.label(ni)}' ({why})")
-            if dims is None:
+            if dims is None or k < 0 or dims[k] != st.size:
                 raise Blocked(message)
-            raise Coupled(message, name, k)   # the tracer looks for the operand's producers
+            # the tracer looks for the operand's producers
+            raise Coupled(message, name, k, st.positions, st.size)
     return [State(out, axis, st.positions, st.size)]
 
 

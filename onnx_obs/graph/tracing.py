@@ -30,7 +30,8 @@ def trace_units(model: onnx.ModelProto, sites: list[Site],
     """Unit groups of the producer sites (all sites, or those named), and those left alone.
 
     `sites` must be every site of the model: consumers are looked up among them. A group of
-    several producers comes once, named by its first producer in graph order.
+    several producers comes once, named by the producer its trace started from (the first in
+    `sites` order that reaches all the others).
     """
     t = _Tracer(model, sites)
     groups, left, taken = [], [], set()
@@ -44,17 +45,18 @@ def trace_units(model: onnx.ModelProto, sites: list[Site],
             continue
         taken.update(p.name for p in group.producers)
         groups.append(group)
-    return groups, left
+    return groups, [x for x in left if x.name not in taken]
 
 
 class _Tracer(ChannelGraph):
     def trace(self, site: Site) -> UnitGroup:
-        """The group of `site`: started from it alone, each tensor its channels meet elementwise
-        adds that tensor's producers (found by walking back), and the trace starts over."""
-        seeds = {site.name: site}
+        """The group of `site` (unit u = its row u): started from it alone, each tensor its
+        channels meet elementwise adds that tensor's producers (found by walking back, owning
+        the rows the units meet there), and the trace starts over."""
+        seeds = {site.name: (site, [np.array([u], dtype=np.int64) for u in range(site.matrix_shape[0])])}
         while True:
             try:
-                return self._trace(list(seeds.values()))
+                return self._trace(site, seeds)
             except Coupled as e:
                 try:
                     found = self._sources(e.tensor, e.axis)
@@ -62,10 +64,15 @@ class _Tracer(ChannelGraph):
                     raise Blocked(f"{e}; {why}") from None
                 if set(found) <= set(seeds):
                     raise Blocked(str(e)) from None
-                seeds.update(found)
+                for name, s in found.items():
+                    if s.matrix_shape[0] != e.size:
+                        raise Blocked(f"{e}; its producer '{name}' has {s.matrix_shape[0]} "
+                                      f"units for {e.size} channels") from None
+                    seeds.setdefault(name, (s, e.positions))
 
-    def _seed(self, group: UnitGroup, site: Site) -> State:
-        """Record a producer's own cuts (weight rows, bias); the state of its output."""
+    def _seed(self, group: UnitGroup, site: Site, positions: list[np.ndarray]) -> State:
+        """Record a producer's own cuts (unit u: rows positions[u] of its weight and bias); the
+        state of its output."""
         if site.graph_input or site.name in self.graph_inputs:
             raise Blocked(f"'{site.name}' is also a graph input (a caller may replace it)")
         if site.groups != 1:
@@ -74,14 +81,11 @@ class _Tracer(ChannelGraph):
                           "with the layer that feeds it" if depthwise else
                           f"grouped {site.op_type} (group={site.groups}): removing one output "
                           "channel would unbalance its groups")
-        if site.matrix_shape[0] != group.units:
-            raise Blocked(f"coupled layers '{group.producer.name}' and '{site.name}' have "
-                          f"different widths ({group.units} and {site.matrix_shape[0]})")
         use, spec = site.uses[0], site.spec
         node = self.nodes[self.labels[use.node]]
         out = node.output[0]
         rank = self.rank(out)
-        positions = [np.array([u], dtype=np.int64) for u in range(group.units)]
+        rows = site.matrix_shape[0]
         axis = unit_axis(spec.units(node, use.activation), rank)
         group.cuts.append(self.weight_cut(site, "out", positions))
         bias = spec.own_bias(node)
@@ -89,31 +93,29 @@ class _Tracer(ChannelGraph):
             if bias not in self.consts:
                 raise Blocked(f"the bias of '{site.name}' is a computed tensor")
             if spec.bias_broadcasts:   # a Gemm's C broadcasts against Y
-                cut = self.per_channel(bias, rank, axis, group.units, positions)
+                cut = self.per_channel(bias, rank, axis, rows, positions)
             else:
                 cut = self.own_cut(bias, 0, positions)
             if cut:
                 group.cuts.append(cut)
-        return State(out, axis, positions, group.units)
+        return State(out, axis, positions, rows)
 
-    def _trace(self, seeds: list[Site]) -> UnitGroup:
-        for s in seeds:
+    def _trace(self, lead: Site, seeds: dict[str, tuple[Site, list[np.ndarray]]]) -> UnitGroup:
+        for s, _ in seeds.values():
             if s.scope:
-                raise Blocked("inside a subgraph" if s is seeds[0] else
+                raise Blocked("inside a subgraph" if s is lead else
                               f"coupled with '{s.name}' inside a subgraph")
             if len(s.uses) != 1:
                 raise Blocked(f"the weight of '{s.name}' is shared by several nodes")
-        at = {self.labels[s.uses[0].node]: s for s in seeds}
-        first = min(at)
-        lead = at[first]
-        group = UnitGroup(lead, first, lead.matrix_shape[0], [], [], [],
-                          producers=[at[ni] for ni in sorted(at)])
+        at = {self.labels[s.uses[0].node]: (s, pos) for s, pos in seeds.values()}
+        group = UnitGroup(lead, min(at), lead.matrix_shape[0], [], [], [],
+                          producers=[at[ni][0] for ni in sorted(at)])
         self._follow(group, at)
         if not group.consumers:
             raise Blocked("no linear layer reads its output")
         return group
 
-    def _follow(self, group: UnitGroup, seeds: dict[int, Site]) -> None:
+    def _follow(self, group: UnitGroup, seeds: dict[int, tuple[Site, list[np.ndarray]]]) -> None:
         """Visit the nodes from the first producer on in graph (topological) order, so that a
         node reads the states of all its inputs that carry the units at once (x * Sigmoid(x),
         a residual Add of two producers' outputs); each producer adds its output's state."""
@@ -126,7 +128,7 @@ class _Tracer(ChannelGraph):
                 group.path.append(node.op_type)
                 new = self._step(group, ni, where, [states[node.input[p]] for p in where])
             if ni in seeds:
-                new.append(self._seed(group, seeds[ni]))
+                new.append(self._seed(group, *seeds[ni]))
             for st in new:
                 if st.tensor in self.outputs:
                     raise Blocked(f"its channels reach the graph output '{st.tensor}'")

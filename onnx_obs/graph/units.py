@@ -2,7 +2,8 @@
 
 A *unit* is one output row of a producer site: a Gemm / MatMul output neuron or a Conv output
 channel. Channels that meet in a residual Add or a gating Mul are one unit of several producers
-(a coupling group, as DepGraph calls it): unit u is row u of every producer in `producers`. Its
+(a coupling group, as DepGraph calls it): unit u is row u of `producer` and the rows it meets
+in the others (a Split can hand a later producer a part of the units). Its
 `UnitGroup` lists what removing units changes:
   - cuts: constant tensors that lose entries along one axis when a unit goes (the producers'
     weight rows and biases, per-channel constants on the path, the consumers' weight inputs);
@@ -55,8 +56,8 @@ class ConsumerUse:
 
 @dataclass
 class UnitGroup:
-    producer: Site                 # the first producer in graph order (names the group)
-    node: int                      # index of its node
+    producer: Site                 # the producer whose row u is unit u (names the group)
+    node: int                      # index of the first producer's node in graph order
     units: int
     cuts: list[Cut]
     edits: list[Edit]

@@ -229,7 +229,8 @@ class PruneConfig:
             raise OnnxObsError("--pattern and --scope global apply to single weights: drop them "
                                "with --structure")
         if len(targets) > 1:
-            raise OnnxObsError("give one of --target-params, --target-flops and --target-speedup")
+            raise OnnxObsError("give one of --target-params, --target-flops and --target-speedup, not both "
+                               "(or all three)")
         if targets and not targets[0] > 0:
             raise OnnxObsError(f"the target must be a positive number, got {targets[0]}")
         if s.target_speedup is not None and not s.target_speedup > 1:

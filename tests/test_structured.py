@@ -442,3 +442,90 @@ def test_plan_counts_in_steps_gives_back_the_overshoot():
     resource = lambda counts: 40.0 - counts[0] - counts[1]
     assert plan_counts(curves, resource, 30.0, steps=[8, 1]).tolist() == [8, 2]
     assert plan_counts(curves, resource, 30.0).tolist() == [7, 3]   # unit steps: no overshoot
+
+
+# ---------------------------------------------------------------- the algorithm alone
+
+def test_group_obs_is_the_least_squares_optimum():
+    rng = np.random.default_rng(0)
+    n, units, k = 500, 5, 3
+    X = rng.standard_normal((n, units * k)) @ rng.standard_normal((units * k, units * k))
+    W = rng.standard_normal((4, units * k))
+    H = 2.0 / n * X.T @ X
+    columns = [np.arange(k) + k * u for u in range(units)]
+    res = group_obs([Consumer(W, H, columns)], 2, damp=0.0)
+    keep = np.concatenate([columns[u] for u in range(units) if u not in res.order])
+    Wls = np.linalg.lstsq(X[:, keep], X @ W.T, rcond=None)[0].T
+    np.testing.assert_allclose(res.weights[0][:, keep], Wls, rtol=1e-7, atol=1e-9)
+    assert not res.weights[0][:, np.setdiff1d(np.arange(units * k), keep)].any()
+    dW = res.weights[0] - W
+    assert res.costs.sum() == pytest.approx(0.5 * np.sum((dW @ H) * dW), rel=1e-8)
+
+    def lone_cost(u):  # error of the best refit without unit u alone, by lstsq
+        kept = np.concatenate([columns[v] for v in range(units) if v != u])
+        fit = np.linalg.lstsq(X[:, kept], X @ W.T, rcond=None)[0]
+        return np.sum((X[:, kept] @ fit - X @ W.T) ** 2) / n
+
+    costs = [lone_cost(u) for u in range(units)]
+    assert res.order[0] == int(np.argmin(costs))
+    assert res.costs[0] == pytest.approx(costs[res.order[0]], rel=1e-7)
+
+
+def test_units_feeding_two_consumers_cost_the_sum():
+    rng = np.random.default_rng(1)
+    n = 300
+    X = rng.standard_normal((n, 4)) @ rng.standard_normal((4, 4))
+    H = 2.0 / n * X.T @ X
+    cols = [np.array([u]) for u in range(4)]
+    W1, W2 = rng.standard_normal((2, 4)), rng.standard_normal((3, 4))
+
+    def lone(W, u):
+        kept = [v for v in range(4) if v != u]
+        fit = np.linalg.lstsq(X[:, kept], X @ W.T, rcond=None)[0]
+        return np.sum((X[:, kept] @ fit - X @ W.T) ** 2) / n
+
+    total = [lone(W1, u) + lone(W2, u) for u in range(4)]
+    res = group_obs([Consumer(W1, H, cols), Consumer(W2, H, cols)], 1, damp=0.0)
+    assert res.order[0] == int(np.argmin(total))
+    assert res.costs[0] == pytest.approx(min(total), rel=1e-7)
+
+
+# ---------------------------------------------------------------- targets and settings
+
+def test_target_params_is_met(mlp_path, mlp_calib):
+    res = api.prune(str(mlp_path), str(mlp_calib), structure="neurons", target_params=3000)
+    after = res.report.costs["params"]["after"]
+    assert after <= 3000 and after > 2500   # one unit saves at most 64 + 1 + 32 parameters
+    assert res.report.costs["params"]["before"] == 6570
+
+
+def test_target_flops_on_the_cnn(cnn_path, cnn_calib):
+    res = api.prune(str(cnn_path), str(cnn_calib), structure="channels", target_flops=900_000,
+                    max_samples=64)
+    macs = res.report.costs["macs"]
+    assert macs["before"] == 1_821_952 and 800_000 < macs["after"] <= 900_000
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(target_params=100), "add --structure"),
+    (dict(structure="neurons", method="wanda"), "--method obs"),
+    (dict(structure="rows"), "neurons or channels"),
+    (dict(structure="neurons", target_params=100, target_flops=100), "not both"),
+    (dict(storage="zip"), "unknown storage"),
+    (dict(structure="neurons", target_params=10), "cannot be reached"),
+])
+def test_user_errors(mlp_path, mlp_calib, kwargs, words):
+    with pytest.raises(OnnxObsError, match=words):
+        api.prune(str(mlp_path), str(mlp_calib), **kwargs)
+
+
+def test_cli_channels_writes_a_smaller_faster_model(cli, tmp_path, cnn_path, cnn_calib):
+    out = tmp_path / "small.onnx"
+    r = cli("prune", cnn_path, "-o", out, "--calib", cnn_calib, "--structure", "channels",
+            "--sparsity", "0.5", "--max-samples", "64")
+    assert r.exit_code == 0, r.stderr
+    assert out.stat().st_size < cnn_path.stat().st_size / 3
+    assert "MACs" in r.stdout and "latency" in r.stdout and "14.weight" in r.stdout
+    onnx.checker.check_model(str(out), full_check=True)
+    again = cli("inspect", out)
+    assert again.exit_code == 0 and "[16, 1, 3, 3]" in again.stdout

@@ -13,8 +13,9 @@ and accuracy on the held-out eval split.
     python scripts/bench_structured.py                 # both samples, 3 rounds, 1 thread
     python scripts/bench_structured.py --sample cnn --rounds 5 --threads 2
 
-With --arch mobilenet|resnet (or both): a MobileNet-style CNN (inverted residuals, depthwise
-convs, SE gates, residual Adds) or a ResNet-18-style CNN is trained for seconds on synthetic data
+With --arch mobilenet|resnet|c2f (both: the first two): a MobileNet-style CNN (inverted
+residuals, depthwise convs, SE gates, residual Adds), a ResNet-18-style CNN or a YOLOv8-style C2f
+backbone is trained for seconds on synthetic data
 and exported with torch (scripts/torch_models.py), then pruned by coupled channel groups with
 --target-speedup 1.3 / 1.5 / 2 (MACs), structured OBS against the L1-group baseline
 (--method magnitude): measured speed-up at batch 1 and 32, params, file size, top-1 agreement and
@@ -99,7 +100,7 @@ def main() -> None:
     parser.add_argument("--sample", choices=["cnn", "mlp", "both"], default="both")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
-    parser.add_argument("--arch", choices=["mobilenet", "resnet", "both"], default=None,
+    parser.add_argument("--arch", choices=["mobilenet", "resnet", "c2f", "both"], default=None,
                         help="the torch-exported CNNs with coupled channels instead of the samples")
     parser.add_argument("--train-steps", type=int, default=150)
     parser.add_argument("--calib-samples", type=int, default=256)

@@ -101,7 +101,42 @@ class ResNetish(nn.Module):
         return self.fc(self.layers(self.stem(x)).mean((2, 3)))
 
 
-ARCHS = {"mobilenet": MobileNetish, "resnet": ResNetish}
+def cbs(c_in, c_out, k=1, s=1):
+    """YOLO's Conv: conv, BatchNorm, SiLU."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, s, k // 2, bias=False), bn(c_out), nn.SiLU())
+
+
+class C2f(nn.Module):
+    """YOLOv8's C2f: 1x1 conv, split in two, n bottlenecks with shortcuts on the second half,
+    every intermediate concatenated, 1x1 conv."""
+
+    def __init__(self, c, n=2):
+        super().__init__()
+        self.h = c // 2
+        self.cv1, self.cv2 = cbs(c, c), cbs((2 + n) * self.h, c)
+        self.m = nn.ModuleList(nn.Sequential(cbs(self.h, self.h, 3), cbs(self.h, self.h, 3)) for _ in range(n))
+
+    def forward(self, x):
+        y = list(self.cv1(x).split((self.h, self.h), 1))
+        for m in self.m:
+            y.append(y[-1] + m(y[-1]))
+        return self.cv2(torch.cat(y, 1))
+
+
+class YOLOish(nn.Module):
+    """A YOLOv8-style backbone of C2f stages as a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(cbs(3, 32, 3), C2f(32), cbs(32, 64, 3, 2), C2f(64),
+                                  cbs(64, 128, 3, 2), C2f(128))
+        self.fc = nn.Linear(128, CLASSES)
+
+    def forward(self, x):
+        return self.fc(self.body(x).mean((2, 3)))
+
+
+ARCHS = {"mobilenet": MobileNetish, "resnet": ResNetish, "c2f": YOLOish}
 
 
 def train_and_export(arch: str, path: Path, steps: int = 300, seed: int = 0) -> float:

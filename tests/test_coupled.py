@@ -19,6 +19,7 @@ from onnx import helper
 from cli_checks import assert_one_line_error
 from graphs import init, make_model, randn, run, run_tensors, vi
 from onnx_obs import api
+from onnx_obs.flops import resource_model
 from onnx_obs.graph.sites import find_sites
 from onnx_obs.graph.tracing import trace_units
 from test_structured import assert_same_outputs, keep_of, lstsq_with_bias, removed_units, weights, with_weights
@@ -255,3 +256,24 @@ def test_c2f_split_shortcut_and_concat(method):
         ref["Wa"], ref["ba"] = conv_fit(acts["y1"], a["Wa"], a["ba"], [c for c in range(4) if c not in high])
         ref["W2"], ref["b2"] = conv_fit(acts["cat"], a["W2"], a["b2"], kept_cols)
     assert_same_outputs(res.model, with_weights(model, ref), {"x": randn([8, 3, 6, 6], 71)})
+
+
+def test_resource_model_counts_unequal_units_exactly():
+    # In a C2f group units 4-7 own rows of W1 and Wb and columns of Wa and twice of W2; units
+    # 0-3 only a row of W1 and a column of W2: removing 7 then 6 costs the hand-counted sizes.
+    model, a = c2f_block()
+    groups, _ = trace_units(model, find_sites(model)[0])
+    k = next(i for i, g in enumerate(groups) if g.producer.name == "W1")
+    orders = [np.array([7, 6, 5, 4, 3, 2, 1, 0]) if i == k else np.arange(g.units) for i, g in enumerate(groups)]
+    resource = resource_model(model, groups, "params", orders)
+    counts = np.zeros(len(groups))
+    counts[k] = 2
+    cut = {"W1": ([7, 6], 0), "b1": ([7, 6], 0), "Wb": ([3, 2], 0), "bb": ([3, 2], 0),
+           "Wa": ([3, 2], 1), "W2": ([7, 6, 11, 10], 1)}
+    want = sum(np.delete(v, *cut[k2]).size if k2 in cut else v.size for k2, v in a.items())
+    assert resource(counts) == want
+    counts[k] = 6   # then 5 and 4 (the rest of chunk 1) and 3, 2: W2 loses 2 * 4 + 2 columns
+    cut = {"W1": ([7, 6, 5, 4, 3, 2], 0), "b1": ([7, 6, 5, 4, 3, 2], 0), "Wb": ([3, 2, 1, 0], 0),
+           "bb": ([3, 2, 1, 0], 0), "Wa": ([3, 2, 1, 0], 1), "W2": ([7, 6, 5, 4, 11, 10, 9, 8, 3, 2], 1)}
+    want = sum(np.delete(v, *cut[k2]).size if k2 in cut else v.size for k2, v in a.items())
+    assert resource(counts) == want

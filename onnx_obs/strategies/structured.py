@@ -210,17 +210,20 @@ def _plan(loaded, groups, cal, method, damp, device, bar, target, kind, report, 
     if method == "obs":
         consumer_sites = list({c.site.name: c.site for g in groups for c in g.consumers}.values())
         hessians = capture_hessians(loaded, consumer_sites, cal, device, bar, with_bias=True)
-    curves = []
+    curves, orders = [], []
     for g in groups:
         limit = g.units - 1
         if method == "obs":
             consumers = _consumers(loaded, g, hessians)
-            costs = group_obs(consumers, limit, damp=damp, step=math.ceil(limit / MAX_STEPS)).costs
+            result = group_obs(consumers, limit, damp=damp, step=math.ceil(limit / MAX_STEPS))
             energy = output_energy(consumers)
-            curves.append(costs / energy if energy > 0 else costs)
+            curves.append(result.costs / energy if energy > 0 else result.costs)
+            orders.append(result.order)
         else:
-            curves.append(norm_order(_group_l1(loaded, g, sites))[1][:limit])
-    resource = resource_model(loaded.model, groups, kind)
+            order, norms = norm_order(_group_l1(loaded, g, sites))
+            curves.append(norms[:limit])
+            orders.append(order)
+    resource = resource_model(loaded.model, groups, kind, orders)
     start = resource(np.zeros(len(groups)))
     if start <= target:
         report.notes.append(f"the model already has {start:,.0f} {kind}, within the target "

@@ -277,3 +277,22 @@ def test_resource_model_counts_unequal_units_exactly():
            "bb": ([3, 2, 1, 0], 0), "Wa": ([3, 2, 1, 0], 1), "W2": ([7, 6, 5, 4, 11, 10, 9, 8, 3, 2], 1)}
     want = sum(np.delete(v, *cut[k2]).size if k2 in cut else v.size for k2, v in a.items())
     assert resource(counts) == want
+
+
+def test_no_producer_loses_every_row():
+    # Units 4-7 own all of the bottleneck's channels and are the smallest: the last one chosen
+    # stays, else Wa would read no channel and Wb write none.
+    model, a = c2f_block()
+    a["Wa"], a["Wb"] = a["Wa"] * 1e-3, a["Wb"] * 1e-3
+    a["W1"][4:] *= 1e-3
+    a["W2"][:, 4:] *= 1e-3
+    model = with_weights(model, a)
+    res = prune(model, randn([32, 3, 6, 6], 80), "magnitude", "W1|Wb")
+    assert removed_units(res, "W1") == [5, 6, 7]
+    assert any("unit 4 kept, else 'Wa' would lose every channel" in n for n in res.report.notes)
+    w = weights(res.model)
+    assert w["Wa"].shape == (4, 1, 3, 3) and w["Wb"].shape == (1, 4, 3, 3) and w["W2"].shape == (4, 6, 1, 1)
+    ref = {k: v.astype(np.float64) for k, v in a.items()}
+    ref["Wa"][:, [1, 2, 3]] = 0.0
+    ref["W2"][:, [5, 6, 7, 9, 10, 11]] = 0.0
+    assert_same_outputs(res.model, with_weights(model, ref), {"x": randn([8, 3, 6, 6], 81)})

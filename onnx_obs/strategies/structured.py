@@ -111,6 +111,7 @@ def run(ctx: Context) -> None:
         else:
             removed = norm_order(_group_l1(loaded, group, sites))[0][:n]
             entry["predicted_error"] = entry["measured_error"] = entry["relative_error"] = None
+        removed = _none_emptied(model, group, list(removed), report)
         shrink(model, group, removed, loaded.base_dir)
         entry["removed"] = sorted(int(u) for u in removed)
         entry["seconds"] = time.perf_counter() - t0
@@ -190,6 +191,22 @@ def _obs_step(loaded, group, n, cal, damp, device, bar, entry) -> np.ndarray:
     energy = output_energy(consumers)
     entry["relative_error"] = entry["measured_error"] / energy if energy > 0 else 0.0
     return result.order
+
+
+def _none_emptied(model, group: UnitGroup, removed: list[int], report) -> list[int]:
+    """The removed units less the last ones that would empty a tensor along its cut axis (a
+    C2f block's bottleneck owns only part of its group's units). Such a unit stays with its
+    consumer columns as OBS left them (zero): the output is the same as with it removed."""
+    consts = constants(model.graph)
+    for cut in group.cuts:
+        dim = int(consts[cut.tensor].dims[cut.axis])
+        owners = [u for u in removed if len(cut.positions[u])]
+        while owners and sum(len(cut.positions[u]) for u in owners) >= dim:
+            back = owners.pop()
+            removed.remove(back)
+            report.notes.append(f"{group.producer.name}: unit {back} kept, else '{cut.tensor}' "
+                                "would lose every channel")
+    return removed
 
 
 def _group_l1(loaded, group: UnitGroup, sites) -> np.ndarray:

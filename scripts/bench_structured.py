@@ -147,7 +147,7 @@ def run_sample(sample: str, tmp: Path, args) -> None:
 
 
 def run_arch(arch: str, tmp: Path, args) -> None:
-    from torch_models import data, train_and_export   # torch only here
+    from torch_models import data, train_and_export  # torch only here
 
     original = tmp / "original.onnx"
     acc = train_and_export(arch, original, steps=args.train_steps)

@@ -13,16 +13,23 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from numpy.lib.stride_tricks import sliding_window_view
-from onnx import helper
-
 from cli_checks import assert_one_line_error
 from graphs import init, make_model, randn, run, run_tensors, vi
+from numpy.lib.stride_tricks import sliding_window_view
+from onnx import helper
+from test_structured import (
+    assert_same_outputs,
+    keep_of,
+    lstsq_with_bias,
+    removed_units,
+    weights,
+    with_weights,
+)
+
 from onnx_obs import api
 from onnx_obs.flops import resource_model
 from onnx_obs.graph.sites import find_sites
 from onnx_obs.graph.tracing import trace_units
-from test_structured import assert_same_outputs, keep_of, lstsq_with_bias, removed_units, weights, with_weights
 
 
 def conv(x, w, b, y, k, **kw):
@@ -234,7 +241,6 @@ def test_c2f_split_shortcut_and_concat(method):
     X = randn([64, 3, 6, 6], 70)
     res = prune(model, X, method, "W1|Wb")
     gone = removed_units(res, "W1")
-    keep = keep_of(8, gone)
     w = weights(res.model)
     low, high = [u for u in gone if u < 4], [u - 4 for u in gone if u >= 4]   # chunk 0, chunk 1
     assert w["W1"].shape[0] == 4 and w["Wb"].shape[0] == 4 - len(high) and w["Wa"].shape[1] == 4 - len(high)

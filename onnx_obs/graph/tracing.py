@@ -8,8 +8,9 @@ offset after a Concat: graph/passthrough.py), and collects the cuts, edits and c
 residual Add, a squeeze-and-excitation Mul), that tensor's producers are found by walking back
 and join the group: their rows go with the same units (DepGraph's coupling groups). Channels that
 reach anything else (a graph output, a LayerNorm over them, an op not handled) leave their
-producers alone, with the reason. Nodes are visited in graph (topological) order, so a node whose several
-inputs carry the same units (x * Sigmoid(x)) sees them together. Graph code: no linear algebra.
+producers alone, with the reason. Nodes are visited in graph (topological) order, so a node
+whose several inputs carry the same units (x * Sigmoid(x)) sees them together. Graph code: no
+linear algebra.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class _Tracer(ChannelGraph):
         """The group of `site` (unit u = its row u): started from it alone, each tensor its
         channels meet elementwise adds that tensor's producers (found by walking back, owning
         the rows the units meet there), and the trace starts over."""
-        seeds = {site.name: (site, [np.array([u], dtype=np.int64) for u in range(site.matrix_shape[0])])}
+        own = [np.array([u], dtype=np.int64) for u in range(site.matrix_shape[0])]
+        seeds = {site.name: (site, own)}
         while True:
             try:
                 return self._trace(site, seeds)

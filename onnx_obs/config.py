@@ -141,6 +141,7 @@ class StructureOptions:
     structure: str | None = None   # "neurons" or "channels"; None: unstructured
     target_params: int | None = None
     target_flops: float | None = None
+    target_speedup: float | None = None   # MACs divided by this (MACs stand in for latency)
 
 
 @dataclass
@@ -253,9 +254,10 @@ class PruneConfig:
         s = self.structured
         if self.storage not in STORAGES:
             raise OnnxObsError(f"unknown storage '{self.storage}': use one of {', '.join(STORAGES)}")
-        targets = [t for t in (s.target_params, s.target_flops) if t is not None]
+        targets = [t for t in (s.target_params, s.target_flops, s.target_speedup) if t is not None]
         if targets and s.structure is None:
-            raise OnnxObsError("--target-params/--target-flops set the size of a structured prune: "
+            raise OnnxObsError("--target-params/--target-flops/--target-speedup set the size of a "
+                               "structured prune: "
                                "add --structure neurons (or channels)")
         if s.structure is None:
             return
@@ -271,9 +273,13 @@ class PruneConfig:
             raise OnnxObsError("--pattern and --scope global apply to single weights: drop them "
                                "with --structure")
         if len(targets) > 1:
-            raise OnnxObsError("give one of --target-params and --target-flops, not both")
+            raise OnnxObsError("give one of --target-params, --target-flops and --target-speedup, not both "
+                               "(or all three)")
         if targets and not targets[0] > 0:
             raise OnnxObsError(f"the target must be a positive number, got {targets[0]}")
+        if s.target_speedup is not None and not s.target_speedup > 1:
+            raise OnnxObsError(f"--target-speedup is how many times fewer MACs to reach: give a "
+                               f"number above 1, got {s.target_speedup}")
 
     def _check_full(self) -> None:
         hessian, method, options = self.hessian, self.method, self.full
@@ -359,7 +365,8 @@ class PruneConfig:
             batching=data.batching)
         if s.structure is not None or self.storage != "dense":
             settings.update(structure=s.structure, target_params=s.target_params,
-                            target_flops=s.target_flops, storage=self.storage)
+                            target_flops=s.target_flops, target_speedup=s.target_speedup,
+                            storage=self.storage)
         if self.quantize.bits is not None:
             settings.update(dataclasses.asdict(self.quantize))
         if self.hessian != "layerwise":

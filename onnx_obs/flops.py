@@ -94,15 +94,22 @@ def _batch1_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     return out
 
 
-def resource_model(model: onnx.ModelProto, groups, kind: str) -> Callable[[np.ndarray], float]:
+def resource_model(model: onnx.ModelProto, groups, kind: str,
+                   orders: list[np.ndarray] | None = None) -> Callable[[np.ndarray], float]:
     """Parameters ("params") or MACs ("macs") of the model as a function of how many units each
     of `groups` (onnx_obs.graph.units.UnitGroup) loses: every cut tensor shrinks by the
-    unit's positions along its axis, and a linear node's MACs scale with its weight's size."""
-    cut_axes: dict[str, dict[int, list[tuple[int, float]]]] = {}
+    unit's positions along its axis, and a linear node's MACs scale with its weight's size.
+    With `orders` (per group, the units in the order they go) the positions are counted exactly
+    (units of a group may own unequal numbers of positions, as in a C2f block); else on average."""
+    cut_axes: dict[str, dict[int, list[tuple[int, np.ndarray]]]] = {}
     for g, group in enumerate(groups):
+        order = orders[g] if orders is not None else np.arange(group.units)
         for cut in group.cuts:
-            step = float(np.mean([len(p) for p in cut.positions]))
-            cut_axes.setdefault(cut.tensor, {}).setdefault(cut.axis, []).append((g, step))
+            sizes = np.array([len(cut.positions[u]) for u in order], dtype=np.float64)
+            if orders is None:
+                sizes[:] = sizes.mean()
+            cum = np.concatenate([[0.0], np.cumsum(sizes)])
+            cut_axes.setdefault(cut.tensor, {}).setdefault(cut.axis, []).append((g, cum))
     tensors = dict(_float_tensors(model.graph))
     if kind == "params":
         weights = {name: 1.0 for name in tensors}
@@ -127,7 +134,8 @@ def resource_model(model: onnx.ModelProto, groups, kind: str) -> Callable[[np.nd
         for coef, dims, axes in terms:
             size = coef
             for axis, d in enumerate(dims):
-                size *= max(d - sum(step * counts[g] for g, step in axes.get(axis, ())), 0.0)
+                size *= max(d - sum(cum[min(int(counts[g]), len(cum) - 1)]
+                                    for g, cum in axes.get(axis, ())), 0.0)
             total += size
         return total
 

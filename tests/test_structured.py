@@ -420,20 +420,6 @@ def test_depthwise_conv_follows_its_input_channels():
     assert_same_outputs(res.model, with_weights(model, ref), {"x": randn([8, 3, 5, 5], 8)})
 
 
-def test_squeeze_excitation_gate_is_named():
-    a = {"W0": randn([6, 3, 3, 3], 1), "b0": randn([6], 2), "Ws": randn([6, 6, 1, 1], 3),
-         "bs": randn([6], 4), "W2": randn([3, 6, 3, 3], 5), "b2": randn([3], 6)}
-    nodes = [conv("x", "W0", "b0", "c0"), relu("c0", "r0"),
-             helper.make_node("GlobalAveragePool", ["r0"], ["p"], name="pool"),
-             helper.make_node("Conv", ["p", "Ws", "bs"], ["e"], name="excite"),
-             helper.make_node("Sigmoid", ["e"], ["g"], name="gate"),
-             helper.make_node("Mul", ["r0", "g"], ["s"], name="scale"), conv("s", "W2", "b2", "y")]
-    model = make_model(nodes, [vi("x", shape=["batch", 3, 5, 5])], [vi("y", shape=["batch", 3, 5, 5])],
-                       [init(k, v) for k, v in a.items()])
-    with pytest.raises(OnnxObsError, match=r"W0: .* by Mul 'scale' \(a gate such as squeeze-and-exc"):
-        structured(model, {"x": randn([16, 3, 5, 5], 9)}, sparsity=0.5)
-
-
 def test_conv_channels_stay_in_blocks_of_8():
     # 16 channels at 30%: 11 kept would drop onnxruntime's blocked (NCHWc) convolutions and run
     # slower than the original; the nearest multiple of 8 is kept instead, and a note says so.
@@ -456,26 +442,6 @@ def test_plan_counts_in_steps_gives_back_the_overshoot():
     resource = lambda counts: 40.0 - counts[0] - counts[1]
     assert plan_counts(curves, resource, 30.0, steps=[8, 1]).tolist() == [8, 2]
     assert plan_counts(curves, resource, 30.0).tolist() == [7, 3]   # unit steps: no overshoot
-
-
-def test_residual_channels_are_left_alone():
-    a = {"W0": randn([6, 3, 3, 3], 1), "b0": randn([6], 2), "W1": randn([6, 6, 3, 3], 3),
-         "b1": randn([6], 4), "W2": randn([8, 6, 3, 3], 5), "b2": randn([8], 6),
-         "W3": randn([3, 8, 3, 3], 7), "b3": randn([3], 8)}
-    nodes = [conv("x", "W0", "b0", "c0"), relu("c0", "r0"), conv("r0", "W1", "b1", "c1"), relu("c1", "r1"),
-             helper.make_node("Add", ["r0", "r1"], ["s"], name="residual"),
-             conv("s", "W2", "b2", "c2"), relu("c2", "r2"), conv("r2", "W3", "b3", "y")]
-    model = make_model(nodes, [vi("x", shape=["batch", 3, 5, 5])], [vi("y", shape=["batch", 3, 5, 5])],
-                       [init(k, v) for k, v in a.items()])
-    X = randn([32, 3, 5, 5], 9)
-    res = structured(model, {"x": X}, sparsity=0.5)
-    w = weights(res.model)
-    assert w["W0"].shape == (6, 3, 3, 3) and w["W1"].shape == (6, 6, 3, 3)   # untouched
-    assert w["W2"].shape == (4, 6, 3, 3) and w["W3"].shape == (3, 4, 3, 3)
-    reasons = {s["name"]: s["reason"] for s in res.report.skipped}
-    assert "coupled" in reasons["W0"] and "coupled" in reasons["W1"]
-    out = run(res.model, {"x": X[:4]})["y"]
-    assert out.shape == (4, 3, 5, 5) and np.isfinite(out).all()
 
 
 # ---------------------------------------------------------------- the algorithm alone

@@ -115,10 +115,10 @@ def output_energy(consumers: list[Consumer]) -> float:
     return sum(0.5 * float(np.sum((c.weight @ c.hessian) * c.weight)) for c in consumers)
 
 
-def l1_order(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Magnitude baseline: units by ascending L1 norm of their producer row, and the norms
+def norm_order(norms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Magnitude baseline: units by ascending norm (of the weights each owns), and the norms
     divided by their mean (a per-layer normalised score, no correction)."""
-    norms = np.abs(rows).sum(axis=1)
+    norms = np.asarray(norms, dtype=np.float64)
     order = np.argsort(norms, kind="stable")
     mean = norms.mean()
     return order, norms[order] / (mean if mean > 0 else 1.0)

@@ -58,6 +58,7 @@ def prune(
     structure: Optional[str] = typer.Option(None, "--structure", help="neurons or channels (the same): remove whole output units with group OBS (--method obs) or by L1 norm (magnitude), shrinking the graph; --sparsity is then the fraction of units per layer.", rich_help_panel=STRUCT),
     target_params: Optional[int] = typer.Option(None, "--target-params", help="With --structure: remove units until the model has at most this many parameters.", rich_help_panel=STRUCT),
     target_flops: Optional[float] = typer.Option(None, "--target-flops", help="With --structure: remove units until the model needs at most this many MACs per sample.", rich_help_panel=STRUCT),
+    target_speedup: Optional[float] = typer.Option(None, "--target-speedup", help="With --structure: remove units until the model needs this many times fewer MACs (1.5: two thirds of them); MACs stand in for latency, which the report measures.", rich_help_panel=STRUCT),
     storage: str = typer.Option("dense", "--storage", help="dense, sparse (pruned weights as sparse initializers) or auto (sparse where that is smaller).", rich_help_panel=OUTPUT),
     report: Optional[Path] = ReportOpt,
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file.", rich_help_panel=OUTPUT),

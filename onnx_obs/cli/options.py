@@ -62,7 +62,7 @@ _SETTINGS = {
     "prune_biases": ("prune_biases", None), "gradients": ("gradients", None),
     "save_gradient_graph": ("save_gradient_graph", None),
     "structure": ("structure", None), "target_params": ("target_params", None),
-    "target_flops": ("target_flops", None),
+    "target_flops": ("target_flops", None), "target_speedup": ("target_speedup", None),
     "bits": ("bits", None), "group_size": ("group_size", None), "symmetric": ("symmetric", None),
     "quant_method": ("quant_method", None), "act_order": ("act_order", None), "format": ("format", None),
 }

@@ -18,6 +18,16 @@ class Blocked(Exception):
     """The producer's units cannot be removed; the message says why."""
 
 
+class Coupled(Blocked):
+    """The units meet another computed tensor elementwise (a residual Add, a gating Mul): its
+    producers may join the group. `tensor` carries the channels along `axis`, where unit u must
+    own `positions[u]` of its `size` channels (as in the tensor it meets)."""
+
+    def __init__(self, message: str, tensor: str, axis: int, positions: list, size: int):
+        super().__init__(message)
+        self.tensor, self.axis, self.positions, self.size = tensor, axis, positions, size
+
+
 @dataclass
 class State:
     """Where the units lie in one tensor on the path: per unit, its positions along `axis`."""

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from onnx_obs.graph.channel_graph import Blocked, ChannelGraph, State
+from onnx_obs.graph.channel_graph import Blocked, ChannelGraph, Coupled, State
 from onnx_obs.graph.ops import OPS
 from onnx_obs.graph.protos import attrs
 from onnx_obs.graph.shape_fold import product, regroup, reshape_dims
@@ -24,7 +24,8 @@ UNARY = {"Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid",
          "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign",
          "Sin", "Cos", "Identity", "Dropout", "Cast"}
 # Elementwise ops of several operands: fine with constants (per channel or broadcast) and with
-# computed tensors of size 1 on the channel axis; another computed tensor couples the channels.
+# computed tensors of size 1 on the channel axis; another computed tensor couples the channels
+# (graph/tracing.py then adds its producers to the group).
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean"}
 POOLS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
 NORMS = {"BatchNormalization": 5, "InstanceNormalization": 3}  # op -> inputs (all per channel)
@@ -73,8 +74,12 @@ def _elementwise(g: ChannelGraph, group: UnitGroup, ni: int, where: list[int], i
         k = None if dims is None else axis - (rank_out - len(dims))
         if dims is None or (k >= 0 and dims[k] != 1):
             why = _COUPLING.get(node.op_type, "a residual connection?")
-            raise Blocked(f"its channels are coupled with '{name}' by {node.op_type} "
-                          f"'{g.label(ni)}' ({why})")
+            message = (f"its channels are coupled with '{name}' by {node.op_type} "
+                       f"'{g.label(ni)}' ({why})")
+            if dims is None or k < 0 or dims[k] != st.size:
+                raise Blocked(message)
+            # the tracer looks for the operand's producers
+            raise Coupled(message, name, k, st.positions, st.size)
     return [State(out, axis, st.positions, st.size)]
 
 

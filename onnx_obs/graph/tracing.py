@@ -4,10 +4,13 @@
 linear layers that read it (its consumers), tracking the positions each unit occupies along the
 tensor's channel axis (one position after an elementwise op, a block of H*W after a Flatten, an
 offset after a Concat: graph/passthrough.py), and collects the cuts, edits and consumers of a
-`UnitGroup` (graph/units.py). Channels that reach anything else (a graph output, an Add with
-another computed tensor such as a residual connection, an op not handled) leave their producer
-alone, with the reason. Nodes are visited in graph (topological) order, so a node whose several
-inputs carry the same units (x * Sigmoid(x)) sees them together. Graph code: no linear algebra.
+`UnitGroup` (graph/units.py). Where the channels meet another computed tensor elementwise (a
+residual Add, a squeeze-and-excitation Mul), that tensor's producers are found by walking back
+and join the group: their rows go with the same units (DepGraph's coupling groups). Channels that
+reach anything else (a graph output, a LayerNorm over them, an op not handled) leave their
+producers alone, with the reason. Nodes are visited in graph (topological) order, so a node
+whose several inputs carry the same units (x * Sigmoid(x)) sees them together. Graph code: no
+linear algebra.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnx_obs.graph.channel_graph import Blocked, ChannelGraph, State
+from onnx_obs.graph.channel_graph import Blocked, ChannelGraph, Coupled, State
 from onnx_obs.graph.ops import OPS, find_bias, input_axis, unit_axis
-from onnx_obs.graph.passthrough import PASS_THROUGH
+from onnx_obs.graph.passthrough import ELEMENTWISE, NORMS, PASS_THROUGH, POOLS, REGROUP, UNARY
 from onnx_obs.graph.protos import attrs
 from onnx_obs.graph.sites import Site
 from onnx_obs.graph.units import BiasSlot, ConsumerUse, LeftAlone, UnitGroup
@@ -27,28 +30,53 @@ def trace_units(model: onnx.ModelProto, sites: list[Site],
                 producers: set[str] | None = None) -> tuple[list[UnitGroup], list[LeftAlone]]:
     """Unit groups of the producer sites (all sites, or those named), and those left alone.
 
-    `sites` must be every site of the model: consumers are looked up among them.
+    `sites` must be every site of the model: consumers are looked up among them. A group of
+    several producers comes once, named by the producer its trace started from (the first in
+    `sites` order that reaches all the others).
     """
     t = _Tracer(model, sites)
-    groups, left = [], []
+    groups, left, taken = [], [], set()
     for site in sites:
-        if producers is not None and site.name not in producers:
+        if site.name in taken or (producers is not None and site.name not in producers):
             continue
         try:
-            groups.append(t.trace(site))
+            group = t.trace(site)
         except Blocked as e:
             left.append(LeftAlone(site.name, site.op_type, str(e)))
-    return groups, left
+            continue
+        taken.update(p.name for p in group.producers)
+        groups.append(group)
+    return groups, [x for x in left if x.name not in taken]
 
 
 class _Tracer(ChannelGraph):
     def trace(self, site: Site) -> UnitGroup:
-        if site.scope:
-            raise Blocked("inside a subgraph")
-        if len(site.uses) != 1:
-            raise Blocked("its weight is shared by several nodes")
+        """The group of `site` (unit u = its row u): started from it alone, each tensor its
+        channels meet elementwise adds that tensor's producers (found by walking back, owning
+        the rows the units meet there), and the trace starts over."""
+        own = [np.array([u], dtype=np.int64) for u in range(site.matrix_shape[0])]
+        seeds = {site.name: (site, own)}
+        while True:
+            try:
+                return self._trace(site, seeds)
+            except Coupled as e:
+                try:
+                    found = self._sources(e.tensor, e.axis)
+                except Blocked as why:
+                    raise Blocked(f"{e}; {why}") from None
+                if set(found) <= set(seeds):
+                    raise Blocked(str(e)) from None
+                for name, s in found.items():
+                    if s.matrix_shape[0] != e.size:
+                        raise Blocked(f"{e}; its producer '{name}' has {s.matrix_shape[0]} "
+                                      f"units for {e.size} channels") from None
+                    seeds.setdefault(name, (s, e.positions))
+
+    def _seed(self, group: UnitGroup, site: Site, positions: list[np.ndarray]) -> State:
+        """Record a producer's own cuts (unit u: rows positions[u] of its weight and bias); the
+        state of its output."""
         if site.graph_input or site.name in self.graph_inputs:
-            raise Blocked("its weight is also a graph input (a caller may replace it)")
+            raise Blocked(f"'{site.name}' is also a graph input (a caller may replace it)")
         if site.groups != 1:
             depthwise = site.layout == "conv" and site.op_shape[1] == 1
             raise Blocked("depthwise Conv: its channels are tied to its input channels and go "
@@ -56,48 +84,101 @@ class _Tracer(ChannelGraph):
                           f"grouped {site.op_type} (group={site.groups}): removing one output "
                           "channel would unbalance its groups")
         use, spec = site.uses[0], site.spec
-        ni = self.labels[use.node]
-        node = self.nodes[ni]
+        node = self.nodes[self.labels[use.node]]
         out = node.output[0]
         rank = self.rank(out)
-        units = site.matrix_shape[0]
-        positions = [np.array([u], dtype=np.int64) for u in range(units)]
+        rows = site.matrix_shape[0]
         axis = unit_axis(spec.units(node, use.activation), rank)
-        group = UnitGroup(site, ni, units, [self.weight_cut(site, "out", positions)], [], [])
+        group.cuts.append(self.weight_cut(site, "out", positions))
         bias = spec.own_bias(node)
         if bias is not None:
             if bias not in self.consts:
-                raise Blocked("its bias is a computed tensor")
+                raise Blocked(f"the bias of '{site.name}' is a computed tensor")
             if spec.bias_broadcasts:   # a Gemm's C broadcasts against Y
-                cut = self.per_channel(bias, rank, axis, units, positions)
+                cut = self.per_channel(bias, rank, axis, rows, positions)
             else:
                 cut = self.own_cut(bias, 0, positions)
             if cut:
                 group.cuts.append(cut)
-        self._follow(group, State(out, axis, positions, units))
+        return State(out, axis, positions, rows)
+
+    def _trace(self, lead: Site, seeds: dict[str, tuple[Site, list[np.ndarray]]]) -> UnitGroup:
+        for s, _ in seeds.values():
+            if s.scope:
+                raise Blocked("inside a subgraph" if s is lead else
+                              f"coupled with '{s.name}' inside a subgraph")
+            if len(s.uses) != 1:
+                raise Blocked(f"the weight of '{s.name}' is shared by several nodes")
+        at = {self.labels[s.uses[0].node]: (s, pos) for s, pos in seeds.values()}
+        group = UnitGroup(lead, min(at), lead.matrix_shape[0], [], [], [],
+                          producers=[at[ni][0] for ni in sorted(at)])
+        self._follow(group, at)
         if not group.consumers:
             raise Blocked("no linear layer reads its output")
         return group
 
-    def _follow(self, group: UnitGroup, start: State) -> None:
-        """Visit the nodes after the producer in graph (topological) order, so that a node reads
-        the states of all its inputs that carry the units at once (x * Sigmoid(x) is fine)."""
-        if start.tensor in self.outputs:
-            raise Blocked(f"its channels reach the graph output '{start.tensor}'")
-        states = {start.tensor: start}
-        for ni in range(group.node + 1, len(self.nodes)):
+    def _follow(self, group: UnitGroup, seeds: dict[int, tuple[Site, list[np.ndarray]]]) -> None:
+        """Visit the nodes from the first producer on in graph (topological) order, so that a
+        node reads the states of all its inputs that carry the units at once (x * Sigmoid(x),
+        a residual Add of two producers' outputs); each producer adds its output's state."""
+        states: dict[str, State] = {}
+        for ni in range(group.node, len(self.nodes)):
             node = self.nodes[ni]
             where = [pos for pos, name in enumerate(node.input) if name in states]
-            if not where:
-                continue
-            group.path.append(node.op_type)
-            for st in self._step(group, ni, where, [states[node.input[p]] for p in where]):
+            new = []
+            if where:
+                group.path.append(node.op_type)
+                new = self._step(group, ni, where, [states[node.input[p]] for p in where])
+            if ni in seeds:
+                new.append(self._seed(group, *seeds[ni]))
+            for st in new:
                 if st.tensor in self.outputs:
                     raise Blocked(f"its channels reach the graph output '{st.tensor}'")
                 states[st.tensor] = st
         for name in states:
             if name in self.inner_refs:
                 raise Blocked(f"'{name}' is read inside a subgraph")
+
+    def _sources(self, name: str, axis: int) -> dict[str, Site]:
+        """The producer sites whose output channels reach `name` along `axis` unchanged, walking
+        back through the ops that keep channels in place (the forward trace then checks them)."""
+        ni = self.math.producer.get(name)
+        if ni is None:
+            raise Blocked(f"'{name}' is a graph input or a constant, which cannot lose channels")
+        node = self.nodes[ni]
+        op = node.op_type
+        sites = [s for s, _ in self.site_of_node.get(ni, [])]
+        if op in OPS and not OPS[op].groups(attrs(node)) > 1:
+            if len(sites) != 1:
+                raise Blocked(f"'{name}' comes from {op} '{self.label(ni)}' without a prunable weight")
+            return {sites[0].name: sites[0]}
+        if op in UNARY or op in NORMS or op in POOLS or op == "Conv":   # grouped Conv: depthwise
+            return self._sources(node.input[0], axis)
+        if op == "Transpose":
+            perm = attrs(node).get("perm", list(range(self.rank(name)))[::-1])
+            return self._sources(node.input[0], perm[axis])
+        if op in REGROUP:
+            return self._sources(node.input[0], self._axis_before(node, axis))
+        if op in ELEMENTWISE:
+            found, rank = {}, self.rank(name)
+            for x in node.input:
+                dims = self.shapes.get(x) if x and x not in self.consts else None
+                k = None if dims is None else axis - (rank - len(dims))
+                if dims is not None and k >= 0 and dims[k] != 1:
+                    found.update(self._sources(x, k))
+            return found
+        raise Blocked(f"'{name}' comes from {op} '{self.label(ni)}', which onnx-obs cannot "
+                      "follow channels back through")
+
+    def _axis_before(self, node: onnx.NodeProto, axis: int) -> int:
+        """The input axis of a Reshape-like node that becomes output `axis`: the same size with
+        the same non-1 sizes before it."""
+        dims_in, dims_out = self.dims(node.input[0]), self.dims(node.output[0])
+        before = [d for d in dims_out[:axis] if d != 1]
+        for j, d in enumerate(dims_in):
+            if d == dims_out[axis] and [e for e in dims_in[:j] if e != 1] == before:
+                return j
+        raise Blocked(f"{node.op_type} '{node.name}' mixes the channel axis")
 
     def _step(self, group: UnitGroup, ni: int, where: list[int], ins: list[State]) -> list[State]:
         node = self.nodes[ni]
@@ -106,6 +187,9 @@ class _Tracer(ChannelGraph):
         if op in OPS and not (op in PASS_THROUGH and OPS[op].groups(attrs(node)) > 1):
             self._consumer(group, ni, where, ins[0])
             return []
+        if op in ("LayerNormalization", "GroupNormalization"):
+            raise Blocked(f"{op} '{self.label(ni)}' normalises over its channels, which couples "
+                          "the whole width: left alone")
         handler = PASS_THROUGH.get(op)
         states = handler(self, group, ni, where, ins) if handler else None
         if states is None:

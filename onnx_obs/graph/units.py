@@ -1,9 +1,12 @@
 """What a channel trace finds (graph/tracing.py) and structured removal applies (graph/surgery.py).
 
 A *unit* is one output row of a producer site: a Gemm / MatMul output neuron or a Conv output
-channel. Its `UnitGroup` lists what removing units changes:
-  - cuts: constant tensors that lose entries along one axis when a unit goes (the producer's
-    weight rows and bias, per-channel constants on the path, the consumers' weight inputs);
+channel. Channels that meet in a residual Add or a gating Mul are one unit of several producers
+(a coupling group, as DepGraph calls it): unit u is row u of `producer` and the rows it meets
+in the others (a Split can hand a later producer a part of the units). Its
+`UnitGroup` lists what removing units changes:
+  - cuts: constant tensors that lose entries along one axis when a unit goes (the producers'
+    weight rows and biases, per-channel constants on the path, the consumers' weight inputs);
   - edits: integers in the graph that count channels (Reshape targets, Split sizes, the group
     of a depthwise Conv on the path);
   - consumers: each consumer site and, per unit, the columns of its 2-D view the unit feeds.
@@ -53,13 +56,14 @@ class ConsumerUse:
 
 @dataclass
 class UnitGroup:
-    producer: Site
-    node: int                      # index of the producer node
+    producer: Site                 # the producer whose row u is unit u (names the group)
+    node: int                      # index of the first producer's node in graph order
     units: int
     cuts: list[Cut]
     edits: list[Edit]
     consumers: list[ConsumerUse]
     path: list[str] = field(default_factory=list)   # op types followed
+    producers: list[Site] = field(default_factory=list)   # all of them, the first one included
 
 
 @dataclass

@@ -1,16 +1,17 @@
 """Structured removal of whole units (neurons, channels): the model gets smaller and faster.
 
-One producer layer at a time in graph order (sequential, like the layer-wise
+One group of units at a time in graph order (a group: one producer layer, or several whose
+channels meet in residual Adds or gates, graph/tracing.py) (sequential, like the layer-wise
 pipeline: each layer's consumers are captured on the model as already shrunk):
   1. trace which columns of which consumer layers each unit feeds (graph.tracing);
   2. method "obs": capture the consumers' Hessians with a constant-1 input appended (so a bias
      can absorb what a removed unit contributed on average) and remove units by group OBS
      (algorithms.structured), writing the corrected consumer weights and biases;
-     method "magnitude": remove the units whose producer rows have the smallest L1 norm, no
-     correction;
+     method "magnitude": remove the units with the smallest L1 norm over every weight entry
+     they own (producers' rows, consumers' columns: the whole coupling group), no correction;
   3. cut the units out of every tensor they own and re-run shape inference (graph.surgery).
 Targets: --sparsity removes that fraction of the units of every layer that has removable units.
---target-params / --target-flops plan per-layer counts for the whole model first, on the
+--target-params / --target-flops / --target-speedup (MACs divided by it) plan per-layer counts for the whole model first, on the
 original model: each layer's greedy removal curve (group-OBS cost of each next unit, divided by
 the layer's consumer output energy so that costs are relative output errors comparable across
 layers; for magnitude the L1 norms divided by their layer mean) is merged greedily, cheapest
@@ -24,22 +25,24 @@ import time
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from onnx_obs.algorithms.layerwise import layer_error
 from onnx_obs.algorithms.structured import (
     Consumer,
     group_obs,
-    l1_order,
+    norm_order,
     output_energy,
     plan_counts,
 )
 from onnx_obs.errors import OnnxObsError
-from onnx_obs.flops import resource_model
+from onnx_obs.flops import count_macs, resource_model
 from onnx_obs.graph.model_io import iter_tensors
 from onnx_obs.graph.sites import find_sites, site_matrix, write_matrix
 from onnx_obs.graph.surgery import read_bias, shrink, write_bias
 from onnx_obs.graph.tracing import trace_units
-from onnx_obs.graph.units import UnitGroup
+from onnx_obs.graph.protos import constants
+from onnx_obs.graph.units import LeftAlone, UnitGroup
 from onnx_obs.hessian.capture import capture_hessians
 from onnx_obs.strategies.context import Context
 
@@ -59,6 +62,11 @@ def run(ctx: Context) -> None:
     sites, _ = find_sites(model)
     chosen = {s.name for s in sites if c.selection.picks(s)}
     groups, left = trace_units(model, sites, chosen)
+    for g in [g for g in groups if any(p.name not in chosen for p in g.producers)]:
+        groups.remove(g)
+        others = ", ".join(p.name for p in g.producers if p.name not in chosen)
+        left += [LeftAlone(p.name, p.op_type, f"coupled with {others}, not selected")
+                 for p in g.producers if p.name in chosen]
     report.skipped += [{"name": x.name, "op_type": x.op_type, "reason": "units kept: " + x.reason}
                        for x in left]
     if not groups:
@@ -67,9 +75,13 @@ def run(ctx: Context) -> None:
                            "--include/--exclude/--op-types")
     groups.sort(key=lambda g: g.node)
     target = target_params if target_params is not None else target_flops
+    if c.structured.target_speedup is not None:
+        target = count_macs(model)[0] / c.structured.target_speedup
+        report.notes.append(f"--target-speedup {c.structured.target_speedup:g}: at most "
+                            f"{target:,.0f} MACs per sample (MACs stand in for latency)")
     if target is not None:
         kind = "params" if target_params is not None else "macs"
-        counts = _plan(loaded, groups, cal, method, damp, device, bar, target, kind, report)
+        counts = _plan(loaded, groups, cal, method, damp, device, bar, target, kind, report, sites)
     else:
         asked = {g.producer.name: min(round(sparsity * g.units), g.units - 1) for g in groups}
         counts = {g.producer.name: _aligned(g.units, asked[g.producer.name], _multiple(g))
@@ -89,15 +101,17 @@ def run(ctx: Context) -> None:
             report.notes.append(f"{name}: units kept: {lost[0].reason}")
             continue
         group, n = now[0], counts[name]
-        entry = {"name": name, "op": group.producer.op_type, "units_before": group.units,
+        entry = {"name": name, "op": group.producer.op_type,
+                 "producers": [p.name for p in group.producers], "units_before": group.units,
                  "units_after": group.units - n,
                  "consumers": [c.site.name for c in group.consumers],
                  "predicted_error": 0.0, "measured_error": 0.0, "relative_error": 0.0}
         if method == "obs":
             removed = _obs_step(loaded, group, n, cal, damp, device, bar, entry) if n else []
         else:
-            removed = l1_order(site_matrix(group.producer, loaded.base_dir))[0][:n]
+            removed = norm_order(_group_l1(loaded, group, sites))[0][:n]
             entry["predicted_error"] = entry["measured_error"] = entry["relative_error"] = None
+        removed = _none_emptied(model, group, list(removed), report)
         shrink(model, group, removed, loaded.base_dir)
         entry["removed"] = sorted(int(u) for u in removed)
         entry["seconds"] = time.perf_counter() - t0
@@ -179,22 +193,54 @@ def _obs_step(loaded, group, n, cal, damp, device, bar, entry) -> np.ndarray:
     return result.order
 
 
-def _plan(loaded, groups, cal, method, damp, device, bar, target, kind, report) -> dict:
+def _none_emptied(model, group: UnitGroup, removed: list[int], report) -> list[int]:
+    """The removed units less the last ones that would empty a tensor along its cut axis (a
+    C2f block's bottleneck owns only part of its group's units). Such a unit stays with its
+    consumer columns as OBS left them (zero): the output is the same as with it removed."""
+    consts = constants(model.graph)
+    for cut in group.cuts:
+        dim = int(consts[cut.tensor].dims[cut.axis])
+        owners = [u for u in removed if len(cut.positions[u])]
+        while owners and sum(len(cut.positions[u]) for u in owners) >= dim:
+            back = owners.pop()
+            removed.remove(back)
+            report.notes.append(f"{group.producer.name}: unit {back} kept, else '{cut.tensor}' "
+                                "would lose every channel")
+    return removed
+
+
+def _group_l1(loaded, group: UnitGroup, sites) -> np.ndarray:
+    """Per unit, the L1 norm of every layer weight entry it owns: the producers' rows, the
+    consumers' columns, depthwise kernels on the path (Torch-Pruning's group magnitude)."""
+    weights = {s.name for s in sites}
+    consts = constants(loaded.model.graph)
+    norms = np.zeros(group.units)
+    for cut in group.cuts:
+        if cut.tensor in weights:
+            a = np.abs(numpy_helper.to_array(consts[cut.tensor], loaded.base_dir).astype(np.float64))
+            norms += [a.take(p, axis=cut.axis).sum() for p in cut.positions]
+    return norms
+
+
+def _plan(loaded, groups, cal, method, damp, device, bar, target, kind, report, sites) -> dict:
     """Per-layer unit counts that meet a whole-model target (see the module docstring)."""
     if method == "obs":
         consumer_sites = list({c.site.name: c.site for g in groups for c in g.consumers}.values())
         hessians = capture_hessians(loaded, consumer_sites, cal, device, bar, with_bias=True)
-    curves = []
+    curves, orders = [], []
     for g in groups:
         limit = g.units - 1
         if method == "obs":
             consumers = _consumers(loaded, g, hessians)
-            costs = group_obs(consumers, limit, damp=damp, step=math.ceil(limit / MAX_STEPS)).costs
+            result = group_obs(consumers, limit, damp=damp, step=math.ceil(limit / MAX_STEPS))
             energy = output_energy(consumers)
-            curves.append(costs / energy if energy > 0 else costs)
+            curves.append(result.costs / energy if energy > 0 else result.costs)
+            orders.append(result.order)
         else:
-            curves.append(l1_order(site_matrix(g.producer, loaded.base_dir))[1][:limit])
-    resource = resource_model(loaded.model, groups, kind)
+            order, norms = norm_order(_group_l1(loaded, g, sites))
+            curves.append(norms[:limit])
+            orders.append(order)
+    resource = resource_model(loaded.model, groups, kind, orders)
     start = resource(np.zeros(len(groups)))
     if start <= target:
         report.notes.append(f"the model already has {start:,.0f} {kind}, within the target "

@@ -29,7 +29,7 @@ from onnx_obs.algorithms.baselines import SCORES
 from onnx_obs.algorithms.blas_threads import blas_threads_for
 from onnx_obs.algorithms.damping import damped_cholesky, damping
 from onnx_obs.algorithms.masks import nm_mask, smallest_in_groups, smallest_overall, spread_zeros
-from onnx_obs.algorithms.obc import obc_prune
+from onnx_obs.algorithms.obc import obc_prune, obc_trace
 from onnx_obs.algorithms.refit import refit_flops, refit_kept
 from onnx_obs.algorithms.sparsegpt import sparsegpt_prune
 
@@ -91,7 +91,7 @@ def prune_layer(
     W, H, pattern = _check(W, H, method, sparsity, pattern, solver, block_size, damp)
     n_zeros = round(sparsity * W.size)
     rows, cols = W.shape
-    fast = method == "obs" and (solver == "fast" or (solver == "auto" and rows * cols**3 > EXACT_MAX_WORK))
+    fast = method == "obs" and not _exact(solver, rows, cols)
     # The fast solver works in the weights' own precision (float32 for float32/16 models).
     work = _float_copy(W, np.float32 if fast and W.dtype.itemsize <= 4 else np.float64)
     if work.size == 0:
@@ -125,10 +125,48 @@ def prune_layer(
                 return LayerResult(weight, ~removed, predicted, lam, "fast+refit")
             return LayerResult(weight, ~removed, predicted, lam, "fast")
         del A
-        Hinv, _ = lapack.dpotri(L, lower=1, overwrite_c=1)
-    Hinv = np.tril(Hinv) + np.tril(Hinv, -1).T
+        Hinv = _inverse(L)
     weight, removed, predicted = obc_prune(work, Hinv, work == 0.0, n_zeros=n_zeros, pattern=pattern)
     return LayerResult(weight, ~removed, predicted, lam, "exact")
+
+
+def error_curve(W: np.ndarray, H: np.ndarray, counts, *, method: str = "obs", solver: str = "auto",
+                block_size: int = 128, damp: float = 0.01) -> np.ndarray:
+    """prune_layer's predicted error at each zero count in `counts` (unstructured): a layer's
+    error-vs-sparsity table, for allocating sparsity across layers (OBC, Frantar & Alistarh 2022).
+
+    Where prune_layer would run the exact solver, one full greedy trace gives every count at once
+    (obc.obc_trace); elsewhere the layer is pruned once per count, the fast solver without the
+    refit (which lowers the error by a roughly constant factor).
+    """
+    W, H, _ = _check(W, H, method, 0.0, None, solver, block_size, damp)
+    counts = np.clip(np.asarray(counts, dtype=np.int64), 0, W.size)
+    rows, cols = W.shape
+    if method != "obs" or not _exact(solver, rows, cols) or W.size == 0:
+        one = "fast" if method == "obs" and solver == "auto" else solver
+        return np.array([prune_layer(W, H, method=method, sparsity=k / max(W.size, 1), solver=one,
+                                     block_size=block_size, damp=damp).predicted_error for k in counts])
+    h_diag = H.diagonal().astype(np.float64)
+    dead = ~(h_diag > 0)
+    if dead.all():  # E does not depend on W
+        return np.zeros(len(counts))
+    h_diag[dead] = 0.0
+    with blas_threads_for(cols**3 / 3):
+        L, _ = damped_cholesky(_decoupled(H, dead), damping(h_diag, damp), float(h_diag.max()))
+        Hinv = _inverse(L)
+    work = np.array(W, dtype=np.float64)
+    return obc_trace(work, Hinv, (work == 0.0) | dead[None, :])[counts]
+
+
+def _exact(solver: str, rows: int, cols: int) -> bool:
+    """Whether layer-wise OBS runs the exact solver on a rows x cols layer."""
+    return solver == "exact" or (solver == "auto" and rows * cols**3 <= EXACT_MAX_WORK)
+
+
+def _inverse(L: np.ndarray) -> np.ndarray:
+    """H^-1 (both triangles) from the lower Cholesky factor of H."""
+    Hinv, _ = lapack.dpotri(L, lower=1, overwrite_c=1)
+    return np.tril(Hinv) + np.tril(Hinv, -1).T
 
 
 def _remove_needed_dead(work: np.ndarray, dead: np.ndarray, n_zeros: int, pattern) -> None:

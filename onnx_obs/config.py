@@ -27,6 +27,7 @@ FULL_METHODS = ("obs", "obd", "magnitude")
 GRADIENTS = ("auto", "graph", "fd")
 STRUCTURES = ("neurons", "channels")   # the same thing: "channels" is the Conv spelling
 STRUCTURED_METHODS = ("obs", "magnitude")
+ALLOCATIONS = ("uniform", "auto")
 
 
 @dataclass
@@ -75,6 +76,8 @@ class LayerwiseOptions:
     block_size: int = 128
     damp: float = 0.01             # fraction of mean diag(H) added to the diagonal
     sequential: bool = True        # capture each site's inputs after the sites before it are pruned
+    allocation: str = "uniform"    # "auto": per-site levels meeting the global target (strategies/allocation.py)
+    max_layer_sparsity: float = 0.9  # auto: no site beyond this fraction of zeros
 
 
 @dataclass
@@ -184,6 +187,28 @@ class PruneConfig:
             raise OnnxObsError(f"unknown solver '{self.layerwise.solver}': use one of {', '.join(SOLVERS)}")
         if self.layerwise.block_size < 1:
             raise OnnxObsError(f"--block-size must be at least 1, got {self.layerwise.block_size}")
+        self._check_allocation()
+
+    def _check_allocation(self) -> None:
+        lw = self.layerwise
+        if lw.allocation not in ALLOCATIONS:
+            raise OnnxObsError(f"unknown allocation '{lw.allocation}': use one of {', '.join(ALLOCATIONS)}")
+        if lw.allocation == "uniform":
+            if lw.max_layer_sparsity != LayerwiseOptions.max_layer_sparsity:
+                raise OnnxObsError("--max-layer-sparsity caps the per-site levels of --allocation auto: "
+                                   "add --allocation auto, or drop it")
+            return
+        if self.mode != "layerwise" or self.pattern is not None:
+            what = ("--pattern" if self.pattern is not None else "--structure" if self.mode == "structured"
+                    else f"--hessian {self.hessian}" if self.mode == "full_network" else "--method magnitude")
+            raise OnnxObsError(f"--allocation auto chooses per-site levels of unstructured layer-wise pruning "
+                               f"from their Hessians, which {what} does not use: drop --allocation auto"
+                               + (" (--scope global ranks magnitudes across sites)" if what == "--method magnitude" else ""))
+        if not 0 < lw.max_layer_sparsity <= 1:
+            raise OnnxObsError(f"--max-layer-sparsity must be in (0, 1], got {lw.max_layer_sparsity}")
+        if self.sparsity > lw.max_layer_sparsity:
+            raise OnnxObsError(f"--sparsity {self.sparsity} is above --max-layer-sparsity "
+                               f"{lw.max_layer_sparsity}: no allocation can reach it; raise the cap")
 
     def _check_method(self, has_calibration: bool) -> None:
         method, pattern, scope = self.method, self.pattern, self.scope
@@ -278,7 +303,9 @@ class PruneConfig:
             sparsity=self.sparsity, pattern=f"{self.pattern[0]}:{self.pattern[1]}" if self.pattern else None,
             scope=self.scope, solver=lw.solver, block_size=lw.block_size, damp=lw.damp,
             sequential=lw.sequential, batch_size=data.batch_size, max_samples=data.max_samples,
-            batching=data.batching)
+            batching=data.batching, allocation=lw.allocation)
+        if lw.allocation != "uniform":
+            settings.update(max_layer_sparsity=lw.max_layer_sparsity)
         if s.structure is not None or self.storage != "dense":
             settings.update(structure=s.structure, target_params=s.target_params,
                             target_flops=s.target_flops, storage=self.storage)

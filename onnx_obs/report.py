@@ -24,10 +24,17 @@ class SiteReport:
     measured_error: float | None = None    # mean ||W x - W' x||^2 over the calibration inputs
     damping: float | None = None
     seconds: float = 0.0
+    # --allocation auto: the site's chosen level, output sensitivity and predicted output error
+    target_sparsity: float | None = None
+    sensitivity: float | None = None         # relative output MSE per unit of layer error
+    predicted_output_error: float | None = None
 
     @property
     def sparsity(self) -> float:
         return self.zeros_after / self.params if self.params else 0.0
+
+
+_ALLOCATION_FIELDS = ("target_sparsity", "sensitivity", "predicted_output_error")
 
 
 @dataclass
@@ -49,6 +56,7 @@ class Report:
     structure: list[dict] = field(default_factory=list)  # structured: units per producer layer
     storage: list[dict] = field(default_factory=list)    # --storage: dense/sparse per tensor
     costs: dict = field(default_factory=dict)            # params, MACs, latency before/after
+    allocation: dict = field(default_factory=dict)       # --allocation auto: global figures
 
     @property
     def params_before(self) -> int:
@@ -61,7 +69,7 @@ class Report:
     def to_dict(self) -> dict:
         sites = []
         for s in self.sites:
-            d = asdict(s)
+            d = {k: v for k, v in asdict(s).items() if v is not None or k not in _ALLOCATION_FIELDS}
             d["sparsity"] = s.sparsity
             d["weights_removed"] = s.zeros_after - s.zeros_before
             sites.append(d)
@@ -82,6 +90,7 @@ class Report:
             **({"structure": self.structure} if self.structure else {}),
             **({"storage": self.storage} if self.storage else {}),
             **({"costs": self.costs} if self.costs else {}),
+            **({"allocation": self.allocation} if self.allocation else {}),
             "totals": {
                 "sites": len(self.sites),
                 "site_params": site_params,

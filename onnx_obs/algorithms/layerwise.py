@@ -91,7 +91,7 @@ def prune_layer(
     W, H, pattern = _check(W, H, method, sparsity, pattern, solver, block_size, damp)
     n_zeros = round(sparsity * W.size)
     rows, cols = W.shape
-    fast = method == "obs" and not _exact(solver, rows, cols)
+    fast = method == "obs" and not runs_exact(method, solver, rows, cols)
     # The fast solver works in the weights' own precision (float32 for float32/16 models).
     work = _float_copy(W, np.float32 if fast and W.dtype.itemsize <= 4 else np.float64)
     if work.size == 0:
@@ -142,7 +142,7 @@ def error_curve(W: np.ndarray, H: np.ndarray, counts, *, method: str = "obs", so
     W, H, _ = _check(W, H, method, 0.0, None, solver, block_size, damp)
     counts = np.clip(np.asarray(counts, dtype=np.int64), 0, W.size)
     rows, cols = W.shape
-    if method != "obs" or not _exact(solver, rows, cols) or W.size == 0:
+    if not runs_exact(method, solver, rows, cols) or W.size == 0:
         one = "fast" if method == "obs" and solver == "auto" else solver
         return np.array([prune_layer(W, H, method=method, sparsity=k / max(W.size, 1), solver=one,
                                      block_size=block_size, damp=damp).predicted_error for k in counts])
@@ -158,9 +158,9 @@ def error_curve(W: np.ndarray, H: np.ndarray, counts, *, method: str = "obs", so
     return obc_trace(work, Hinv, (work == 0.0) | dead[None, :])[counts]
 
 
-def _exact(solver: str, rows: int, cols: int) -> bool:
-    """Whether layer-wise OBS runs the exact solver on a rows x cols layer."""
-    return solver == "exact" or (solver == "auto" and rows * cols**3 <= EXACT_MAX_WORK)
+def runs_exact(method: str, solver: str, rows: int, cols: int) -> bool:
+    """Whether prune_layer runs the exact solver (OBC) on a rows x cols layer."""
+    return method == "obs" and (solver == "exact" or (solver == "auto" and rows * cols**3 <= EXACT_MAX_WORK))
 
 
 def _inverse(L: np.ndarray) -> np.ndarray:

@@ -17,12 +17,14 @@ from onnx_obs.graph.capture import site_depths
 from onnx_obs.graph.sites import Site, site_matrix, write_matrix
 from onnx_obs.hessian.capture import capture_hessians
 from onnx_obs.report import SiteReport
+from onnx_obs.strategies.allocation import SiteLevel, allocate_sites
 from onnx_obs.strategies.context import Context, drop_uncaptureable
 
 
 def run(ctx: Context) -> None:
     drop_uncaptureable(ctx)
     c, loaded, sites = ctx.config, ctx.loaded, ctx.sites
+    levels = allocate_sites(ctx) if c.layerwise.allocation == "auto" else {}
     sequential = c.layerwise.sequential
     cache = None if sequential else ctx.hessians
     depth = site_depths(loaded.model, sites) if sequential else {s.name: 0 for s in sites}
@@ -35,21 +37,27 @@ def run(ctx: Context) -> None:
             cache.update(hessians)
             hessians = cache
         for s in batch:
-            ctx.report.sites.append(_prune_site(ctx, s, hessians[s.name]))
+            ctx.report.sites.append(_prune_site(ctx, s, hessians[s.name], levels.get(s.name)))
             ctx.bar.advance(task)
-    note_already_sparse(ctx)
+    if not levels:  # allocated levels count the existing zeros already
+        note_already_sparse(ctx)
 
 
-def _prune_site(ctx: Context, s: Site, H: np.ndarray) -> SiteReport:
-    """Prune one site, row group by row group (one per convolution group, each with its own H)."""
+def _prune_site(ctx: Context, s: Site, H: np.ndarray, level: SiteLevel | None = None) -> SiteReport:
+    """Prune one site, row group by row group (one per convolution group, each with its own H), to
+    the uniform sparsity or to its allocated level."""
     c = ctx.config
     t0 = time.perf_counter()
     w = site_matrix(s, ctx.loaded.base_dir)
     new = np.empty_like(w)
     r = site_report(s, w, w, c.method)
     r.predicted_error = r.measured_error = 0.0
+    sparsity = c.sparsity
+    if level is not None:
+        sparsity = level.zeros / max(w.size, 1)
+        r.target_sparsity, r.sensitivity, r.predicted_output_error = sparsity, level.sensitivity, level.predicted
     groups = s.row_groups()
-    for rows, Hg, share in zip(groups, H, _group_sparsities(w, groups, c.sparsity)):
+    for rows, Hg, share in zip(groups, H, _group_sparsities(w, groups, sparsity)):
         res = prune_layer(w[rows], Hg, method=c.method, sparsity=share, pattern=c.pattern,
                           solver=c.layerwise.solver, block_size=c.layerwise.block_size,
                           damp=c.layerwise.damp)

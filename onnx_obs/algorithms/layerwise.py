@@ -50,6 +50,9 @@ EXACT_MAX_WORK = 2**34
 # 256x2304 conv (0.56x fast's error, where exact would take minutes).
 REFIT_ITERATIONS = 20
 REFIT_MAX_FLOPS = 2**36
+# error_curve's greedy trace (a whole trace per row: the bulk of an exact prune's time) runs on as
+# many rows as this budget allows, at least 8, for the allocation tables.
+TRACE_MAX_WORK = 2**31
 
 
 @dataclass
@@ -136,8 +139,10 @@ def error_curve(W: np.ndarray, H: np.ndarray, counts, *, method: str = "obs", so
     error-vs-sparsity table, for allocating sparsity across layers (OBC, Frantar & Alistarh 2022).
 
     Where prune_layer would run the exact solver, one full greedy trace gives every count at once
-    (obc.obc_trace); elsewhere the layer is pruned once per count, the fast solver without the
-    refit (which lowers the error by a roughly constant factor).
+    (obc.obc_trace), run on evenly spaced rows within TRACE_MAX_WORK (at least 8) and scaled up:
+    rows are independent problems with the same H, so m of R rows at k m / R zeros estimate the
+    error of all at k, times R / m. Elsewhere the layer is pruned once per count, the fast solver
+    without the refit (which lowers the error by a roughly constant factor).
     """
     W, H, _ = _check(W, H, method, 0.0, None, solver, block_size, damp)
     counts = np.clip(np.asarray(counts, dtype=np.int64), 0, W.size)
@@ -154,8 +159,10 @@ def error_curve(W: np.ndarray, H: np.ndarray, counts, *, method: str = "obs", so
     with blas_threads_for(cols**3 / 3):
         L, _ = damped_cholesky(_decoupled(H, dead), damping(h_diag, damp), float(h_diag.max()))
         Hinv = _inverse(L)
-    work = np.array(W, dtype=np.float64)
-    return obc_trace(work, Hinv, (work == 0.0) | dead[None, :])[counts]
+    m = min(rows, max(8, TRACE_MAX_WORK // cols**3))
+    work = np.array(W[np.linspace(0, rows - 1, m).round().astype(np.int64)], dtype=np.float64)
+    trace = obc_trace(work, Hinv, (work == 0.0) | dead[None, :])
+    return rows / m * np.interp(counts * m / rows, np.arange(trace.size), trace)
 
 
 def runs_exact(method: str, solver: str, rows: int, cols: int) -> bool:

@@ -17,9 +17,9 @@ from onnx_obs import compare as sweep
 from onnx_obs import evaluate as evaluation
 from onnx_obs import plot as plotting
 from onnx_obs.cli.app import app, err, handled, out
-from onnx_obs.cli.options import (DATA, FULL, METHOD, OUTPUT, SOLVER, STRUCT, BatchSizeOpt, ConfigOpt,
-                                  DampOpt, DeviceOpt, ExcludeOpt, IncludeOpt, MaxSamplesOpt,
-                                  NoBatchingOpt, OpTypesOpt, PatternOpt, SolverOpt, prune_config)
+from onnx_obs.cli.options import (DATA, FULL, METHOD, OUTPUT, SOLVER, STRUCT, AllocationOpt, BatchSizeOpt,
+                                  ConfigOpt, DampOpt, DeviceOpt, ExcludeOpt, IncludeOpt, MaxLayerSparsityOpt,
+                                  MaxSamplesOpt, NoBatchingOpt, OpTypesOpt, PatternOpt, SolverOpt, prune_config)
 from onnx_obs.config import Selection, parse_op_types, parse_pattern
 from onnx_obs.cli.show import _print_compare, _print_evaluate, _print_inspect, _print_prune
 from onnx_obs.errors import OnnxObsError
@@ -34,8 +34,10 @@ def prune(
     calib: Optional[Path] = typer.Option(None, "--calib", help=".npz keyed by input name (or .npy for one input), batched on axis 0; or a directory of .npz (see --no-batching).", rich_help_panel=DATA),
     config_file: Optional[Path] = ConfigOpt,
     method: str = typer.Option("obs", "--method", help="obs (layer-wise OBS with weight correction), obd, wanda or magnitude.", rich_help_panel=METHOD),
-    sparsity: float = typer.Option(0.5, "--sparsity", help="Fraction of each site's weights to remove.", rich_help_panel=METHOD),
+    sparsity: float = typer.Option(0.5, "--sparsity", help="Fraction of each site's weights to remove (with --allocation auto: of all selected weights).", rich_help_panel=METHOD),
     pattern: Optional[str] = PatternOpt,
+    allocation: str = AllocationOpt,
+    max_layer_sparsity: float = MaxLayerSparsityOpt,
     scope: str = typer.Option("layer", "--scope", help="layer: the target holds per site; global: rank all sites together (magnitude).", rich_help_panel=METHOD),
     solver: str = SolverOpt,
     block_size: int = typer.Option(128, "--block-size", help="Column block of the fast solver.", rich_help_panel=SOLVER),

@@ -27,6 +27,8 @@ MaxSamplesOpt = typer.Option(None, "--max-samples", help="Use at most this many 
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda (onnxruntime-gpu).")
 PatternOpt = typer.Option(None, "--pattern", help="N:M semi-structured sparsity, e.g. 2:4 (overrides --sparsity).", rich_help_panel=METHOD)
 SolverOpt = typer.Option("auto", "--solver", help="OBS solver: exact (OBC), fast (SparseGPT), or auto: exact where it costs about 2 s or less per layer, else fast with a least-squares refit of the kept weights where that costs about 2 s or less.", rich_help_panel=SOLVER)
+AllocationOpt = typer.Option("uniform", "--allocation", help="uniform: every site at --sparsity; auto: per-site levels that meet --sparsity over all selected weights at least predicted output error (each layer's error table from the OBS solver, scaled by a measured output sensitivity; unstructured layer-wise methods with a Hessian).", rich_help_panel=METHOD)
+MaxLayerSparsityOpt = typer.Option(0.9, "--max-layer-sparsity", help="With --allocation auto: no site gets more than this fraction of zeros.", rich_help_panel=METHOD)
 DampOpt = typer.Option(0.01, "--damp", help="Hessian damping, as a fraction of mean diag(H).", rich_help_panel=SOLVER)
 
 # A command's option (parameter name) -> (setting of PruneConfig.replace, how its value converts)
@@ -39,6 +41,7 @@ _SETTINGS = {
     "labels": ("labels", None), "no_batching": ("batching", lambda v: not v),
     "solver": ("solver", None), "block_size": ("block_size", None), "damp": ("damp", None),
     "sequential": ("sequential", None),
+    "allocation": ("allocation", None), "max_layer_sparsity": ("max_layer_sparsity", None),
     "alpha": ("alpha", None), "max_error_increase": ("max_error_increase", None),
     "recompute_every": ("recompute_every", None), "step": ("step", None),
     "prune_biases": ("prune_biases", None), "gradients": ("gradients", None),

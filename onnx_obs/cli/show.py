@@ -13,12 +13,15 @@ from onnx_obs.evaluate import Evaluation, ThresholdCheck
 from onnx_obs.inspection import Inspection
 
 def _print_prune(d: dict, output: Path) -> None:
-    t = Table(title=f"{d['method']} pruning", title_justify="left")
-    for col in ("site", "op", "2-D shape", "sparsity", "pred. error", "meas. error", "s"):
+    alloc = d.get("allocation")
+    t = Table(title=f"{d['method']} pruning" + (", auto allocation" if alloc else ""), title_justify="left")
+    cols = ("site", "op", "2-D shape", "sparsity", "pred. error", "meas. error")
+    for col in cols + (("pred. output",) if alloc else ()) + ("s",):
         t.add_column(col, justify="left" if col in ("site", "op") else "right")
     for s in d["sites"]:
+        extra = (_num(s.get("predicted_output_error")),) if alloc else ()
         t.add_row(s["name"], s["op"], "x".join(map(str, s["matrix_shape"])), f"{s['sparsity']:.1%}",
-                  _num(s["predicted_error"]), _num(s["measured_error"]), f"{s['seconds']:.2f}")
+                  _num(s["predicted_error"]), _num(s["measured_error"]), *extra, f"{s['seconds']:.2f}")
     tot = d["totals"]
     if "structure" in d:
         _print_structure(d)
@@ -26,6 +29,10 @@ def _print_prune(d: dict, output: Path) -> None:
         out.print(t)
         out.print(f"weights  {tot['nonzero_params_before']:,} -> {tot['nonzero_params_after']:,} non-zero "
                   f"in {tot['sites']} sites ({tot['sparsity']:.1%} sparse); model has {tot['model_params']:,} parameters")
+    if alloc:
+        out.print(f"alloc.   levels per site (cap {alloc['max_layer_sparsity']:.0%}) predicted to add "
+                  f"{alloc['predicted_relative_mse']:.3g} relative output MSE (pred. output: each site "
+                  f"pruned alone, on {alloc['probe_samples']} samples); chosen in {alloc['seconds']:.1f} s")
     _print_costs(d)
     out.print(f"file     {_size(tot['file_size_before'])} -> {_size(tot['file_size_after'])}")
     for name, dev in d["deviation"].items():

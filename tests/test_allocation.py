@@ -96,6 +96,7 @@ def test_exact_table_from_sampled_rows_estimates_all_rows(monkeypatch):
     counts = (np.array([0.3, 0.6, 0.9]) * W.size).astype(int)
     full = error_curve(W, H, counts)
     monkeypatch.setattr(layerwise, "TRACE_MAX_WORK", 1)      # 16 of the 64 rows
+    monkeypatch.setattr(layerwise, "TRACE_ROW_SHARE", 1.0)
     np.testing.assert_allclose(error_curve(W, H, counts), full, rtol=0.3)
 
 
@@ -218,3 +219,18 @@ def test_bad_allocation_settings_are_one_line_errors(cli, tmp_path, mlp_path, ml
     res = cli(*prune_args(str(mlp_path), str(out), "--calib", str(mlp_calib), *flags))
     assert_one_line_error(res, *words)
     assert not out.exists()
+
+
+def test_compare_draws_one_curve_per_method_and_allocation(cli, tmp_path, mlp_path, mlp_calib, samples):
+    out = tmp_path / "c.json"
+    res = cli("compare", mlp_path, "--calib", mlp_calib, "--eval", samples / "digits_mlp_eval.npz",
+              "--methods", "magnitude,obs", "--sparsities", "0.6", "--allocation", "uniform,auto",
+              "--json", out, "--quiet")
+    assert res.exit_code == 0, res.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["allocation"]) for r in rows] == [
+        ("magnitude", "uniform"), ("obs", "uniform"), ("obs", "auto")]
+    direct = api.prune(str(mlp_path), str(mlp_calib), sparsity=0.6, allocation="auto", sequential=False)
+    assert rows[2]["weight_sparsity"] == pytest.approx(direct.report.to_dict()["totals"]["sparsity"])
+    assert_one_line_error(cli("compare", mlp_path, "--calib", mlp_calib, "--allocation", "some"),
+                          "unknown allocation 'some'")

@@ -148,6 +148,7 @@ def compare(
     sparsities: Optional[str] = typer.Option(None, "--sparsities", help=f"start:stop:step (stop included when on the grid) or a comma list (default {sweep.DEFAULT_SPARSITIES})."),
     pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M semi-structured sparsity instead of --sparsities, e.g. 2:4."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Key of the evaluation data holding class labels: score by accuracy (default: a key 'label' or 'labels')."),
+    allocation: Optional[str] = typer.Option(None, "--allocation", help="uniform, auto (per-site levels, see prune --allocation) or uniform,auto: one curve per method and allocation (magnitude stays uniform)."),
     sequential: bool = typer.Option(False, "--sequential/--no-sequential", help="Recapture Hessians after earlier layers are pruned (as prune does by default); off: capture the original model's Hessians once and share them across all runs."),
     max_samples: Optional[int] = MaxSamplesOpt,
     batch_size: int = BatchSizeOpt,
@@ -172,12 +173,14 @@ def compare(
         err.print(f"[bold yellow]warning:[/] matplotlib is not installed, so no plot will be drawn: "
                   f"{escape(plotting.INSTALL_HINT)}", highlight=False, soft_wrap=True)
     pat = parse_pattern(pattern)
+    allocations = sweep.parse_allocations(allocation) if allocation else None
     grid = None if pat and sparsities is None else sweep.parse_sparsities(sparsities or sweep.DEFAULT_SPARSITIES)
     if eval_data is None:
         err.print("[bold yellow]warning: no --eval data: scoring on the calibration data flatters every "
                   "method that uses it; pass held-out data with --eval[/]", highlight=False, soft_wrap=True)
-    result = sweep.compare(str(model), str(calib), prune_config(ctx, None, exclude=("labels",)),
+    result = sweep.compare(str(model), str(calib), prune_config(ctx, None, exclude=("labels", "allocation")),
                            methods=sweep.parse_methods(methods), sparsities=grid,
+                           allocations=allocations,
                            eval_data=str(eval_data) if eval_data else None, labels=labels,
                            max_loss=max_loss, progress=not quiet)
     if json_out is not None:

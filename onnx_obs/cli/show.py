@@ -139,12 +139,12 @@ def _print_compare(r: Comparison) -> None:
     for col in cols:
         t.add_column(col, justify="left" if col == "method" else "right")
     for i, row in enumerate(rows):
-        cells = [row.method, row.pattern or _pct(row.sparsity, 0), _pct(row.weight_sparsity, 1),
+        cells = [row.series, row.pattern or _pct(row.sparsity, 0), _pct(row.weight_sparsity, 1),
                  _pct(row.top1_agreement)]
         if metric == "accuracy":
             cells.append(_pct(row.accuracy))
         cells += [_num(row.relative_mse), f"{row.seconds:.2f}"]
-        last = i + 1 == len(rows) or rows[i + 1].method != row.method
+        last = i + 1 == len(rows) or rows[i + 1].series != row.series
         t.add_row(*cells, end_section=last)
     out.print(t)
     if metric == "accuracy":

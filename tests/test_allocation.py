@@ -234,3 +234,25 @@ def test_compare_draws_one_curve_per_method_and_allocation(cli, tmp_path, mlp_pa
     assert rows[2]["weight_sparsity"] == pytest.approx(direct.report.to_dict()["totals"]["sparsity"])
     assert_one_line_error(cli("compare", mlp_path, "--calib", mlp_calib, "--allocation", "some"),
                           "unknown allocation 'some'")
+
+
+def test_grouped_sites_split_their_zeros_at_least_error():
+    """A depthwise-like site (3 groups of one row, each its own H): the merged table at k zeros is
+    the best split of k over the groups, by brute force over the groups' own tables."""
+    from onnx_obs.config import PruneConfig
+    from onnx_obs.strategies.allocation import _merged_table
+
+    layers = [_layer(1, 5, seed=g) for g in range(3)]
+    w = np.vstack([W for W, _ in layers])
+    H = np.stack([Hg for _, Hg in layers])
+    groups = [slice(g, g + 1) for g in range(3)]
+    forced = np.array([int(np.sum(w[g] == 0)) for g in groups])
+    counts = np.arange(forced.sum(), 16)
+    errors, split = _merged_table(w, H, groups, forced, counts, PruneConfig())
+    own = [error_curve(W, Hg, np.arange(6)) for W, Hg in layers]
+    for k, e in zip(counts, errors):
+        best = min(sum(o[n] for o, n in zip(own, ns)) for ns in itertools.product(range(6), repeat=3)
+                   if sum(ns) == k and all(n >= f for n, f in zip(ns, forced)))
+        assert e == pytest.approx(best, rel=1e-9, abs=1e-12)
+        ns = np.bincount(split[:k], minlength=3)
+        assert sum(o[n] for o, n in zip(own, ns)) == pytest.approx(best, rel=1e-9, abs=1e-12)

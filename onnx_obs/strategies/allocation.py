@@ -45,6 +45,7 @@ class SiteLevel:
     zeros: int             # the site's zero count
     sensitivity: float     # kappa (module doc)
     predicted: float       # kappa e(zeros): predicted relative output MSE of the site pruned alone
+    group_zeros: np.ndarray | None = None  # grouped convolutions: zeros per group (_merged_table)
 
 
 def allocate_sites(ctx: Context) -> dict[str, SiteLevel]:
@@ -62,9 +63,9 @@ def allocate_sites(ctx: Context) -> dict[str, SiteLevel]:
     tables, kappa = [], {}
     for s in sites:
         w, H = site_matrix(s, loaded.base_dir), cache[s.name]
-        counts, errors = _table(s, w, H, c)
+        counts, errors, split = _table(s, w, H, c)
         kappa[s.name] = probe.sensitivity(s, w, H, counts)
-        tables.append((counts, errors))
+        tables.append((counts, errors, split))
         ctx.bar.advance(task)
     unprobed = [s.name for s in sites if kappa[s.name] is None]
     if unprobed:
@@ -73,13 +74,14 @@ def allocate_sites(ctx: Context) -> dict[str, SiteLevel]:
         kappa.update({name: fill for name in unprobed})
         ctx.report.notes.append(f"--allocation auto: {len(unprobed)} bfloat16 site(s) cannot be fed to "
                                 f"onnxruntime for a sensitivity run; they take the median sensitivity")
-    scaled = [kappa[s.name] * e for s, (_, e) in zip(sites, tables)]
+    scaled = [kappa[s.name] * e for s, (_, e, _) in zip(sites, tables)]
     counts = [t[0] for t in tables]
     total = sum(s.size for s in sites)
     target = min(round(c.sparsity * total), sum(int(k[-1]) for k in counts))
     chosen = exact_counts(scaled, counts, allocate(scaled, counts, target), target)
-    levels = {s.name: SiteLevel(int(n), kappa[s.name], interpolated_error(e, k, int(n)))
-              for s, n, e, k in zip(sites, chosen, scaled, counts)}
+    levels = {s.name: SiteLevel(int(n), kappa[s.name], interpolated_error(e, k, int(n)),
+                                None if t[2] is None else np.bincount(t[2][:n], minlength=len(s.row_groups())))
+              for s, n, e, k, t in zip(sites, chosen, scaled, counts, tables)}
     ctx.report.allocation = {
         "mode": "auto", "max_layer_sparsity": c.layerwise.max_layer_sparsity,
         "target_zeros": target, "probe_samples": probe.samples,
@@ -89,8 +91,9 @@ def allocate_sites(ctx: Context) -> dict[str, SiteLevel]:
     return levels
 
 
-def _table(s: Site, w: np.ndarray, H: np.ndarray, c) -> tuple[np.ndarray, np.ndarray]:
-    """(zero counts, layer errors) of site s at the grid levels up to the cap."""
+def _table(s: Site, w: np.ndarray, H: np.ndarray, c) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(zero counts, layer errors) of site s at the grid levels up to the cap, and for grouped
+    convolutions on the exact solver the split of the zeros over the groups (_merged_table)."""
     lw = c.layerwise
     groups = s.row_groups()
     sizes = np.array([w[g].size for g in groups])
@@ -99,12 +102,36 @@ def _table(s: Site, w: np.ndarray, H: np.ndarray, c) -> tuple[np.ndarray, np.nda
     step = GRID if exact else FAST_GRID
     levels = np.append(np.arange(0.0, lw.max_layer_sparsity, step), lw.max_layer_sparsity)
     counts = np.unique(np.maximum(np.rint(levels * w.size).astype(np.int64), forced.sum()))
+    if exact and len(groups) > 1:
+        errors, split = _merged_table(w, H, groups, forced, counts, c)
+        return counts, errors, split
     shares = np.array([spread_zeros(k, forced, sizes) for k in counts])  # (levels, groups)
     errors = np.zeros(len(counts))
     for g, (rows, Hg) in enumerate(zip(groups, H)):
         errors += error_curve(w[rows], Hg, shares[:, g], method=c.method, solver=lw.solver,
                               block_size=lw.block_size, damp=lw.damp)
-    return counts, errors
+    return counts, errors, None
+
+
+def _merged_table(w, H, groups, forced, counts, c) -> tuple[np.ndarray, np.ndarray]:
+    """A grouped convolution's groups (each its own H, as the rows of one matrix in OBC) share the
+    site's zeros the way OBC shares a layer's over rows: each group's table at every count is
+    convex (obc_trace), so the k cheapest steps over all groups are a prefix of every group's
+    trace and their summed cost the least error for k zeros. Returns (errors at `counts`, the
+    group of each step in that order: the split of k zeros is bincount of its first k)."""
+    lw = c.layerwise
+    steps, owner = [], []
+    for g, (rows, Hg) in enumerate(zip(groups, H)):
+        size = w[rows].size
+        trace = error_curve(w[rows], Hg, np.arange(size + 1), method=c.method, solver=lw.solver,
+                            block_size=lw.block_size, damp=lw.damp)
+        step = np.diff(trace)
+        step[: forced[g]] = -np.inf   # existing zeros stay zeros: first, at no cost
+        steps.append(step)
+        owner.append(np.full(size, g))
+    order = np.argsort(np.concatenate(steps), kind="stable")
+    cost = np.concatenate([[0.0], np.cumsum(np.maximum(np.concatenate(steps)[order], 0.0))])
+    return cost[counts], np.concatenate(owner)[order]
 
 
 class _Probe:

@@ -57,7 +57,11 @@ def _prune_site(ctx: Context, s: Site, H: np.ndarray, level: SiteLevel | None = 
         sparsity = level.zeros / max(w.size, 1)
         r.target_sparsity, r.sensitivity, r.predicted_output_error = sparsity, level.sensitivity, level.predicted
     groups = s.row_groups()
-    for rows, Hg, share in zip(groups, H, _group_sparsities(w, groups, sparsity)):
+    if level is not None and level.group_zeros is not None:
+        shares = [n / w[g].size for g, n in zip(groups, level.group_zeros.tolist())]
+    else:
+        shares = _group_sparsities(w, groups, sparsity)
+    for rows, Hg, share in zip(groups, H, shares):
         res = prune_layer(w[rows], Hg, method=c.method, sparsity=share, pattern=c.pattern,
                           solver=c.layerwise.solver, block_size=c.layerwise.block_size,
                           damp=c.layerwise.damp)

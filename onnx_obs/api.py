@@ -17,6 +17,7 @@ from onnx_obs.graph.sites import find_sites
 from onnx_obs.inspection import float_params, inspect  # noqa: F401  (public: api.inspect)
 from onnx_obs.progress import Progress
 from onnx_obs.report import Report
+from onnx_obs.safeguards import held_back
 from onnx_obs.strategies import STRATEGIES, finish
 from onnx_obs.strategies.context import Context
 
@@ -35,7 +36,7 @@ class PruneResult:
 
 
 def prune(model, calib=None, config: PruneConfig | None = None, *, output: str | Path | None = None,
-          force: bool = False, progress: bool = False, command: str = "",
+          force: bool = False, progress: bool | str = False, command: str = "",
           hessians: dict[str, np.ndarray] | None = None, **overrides) -> PruneResult:
     """Prune `model` (path or ModelProto, never changed) and return the pruned proto and its report.
 
@@ -43,6 +44,7 @@ def prune(model, calib=None, config: PruneConfig | None = None, *, output: str |
     calib.py). config: the settings (default PruneConfig()); keyword overrides change single
     settings by name, e.g. prune(m, data, sparsity=0.7, damp=0.02) (PruneConfig.replace).
     With `output`, the model is validated and then written atomically (never over the input).
+    progress: True shows progress on stderr (progress.py), "verbose" a line per step.
     hessians: a cache, by site name, shared by calls on the same model and calibration data with
     sequential=False (their Hessians are the original model's): read where present, else
     captured and stored in it. Ignored in sequential mode, whose Hessians depend on the pruning.
@@ -64,14 +66,19 @@ def prune(model, calib=None, config: PruneConfig | None = None, *, output: str |
     # only when --include names it.
     overridable = [s for s in sites if s.graph_input and not selection.names(s)]
     sites = [s for s in sites if s not in overridable]
+    dense = held_back(sites, selection, loaded.base_dir)   # tiny sites, fixed transforms
+    sites = [s for s in sites if s.name not in dense]
     if not sites:
         raise OnnxObsError("no prunable weights selected: check --include/--exclude/--op-types "
                            "(run `onnx-obs inspect MODEL` to list the sites)" + (
                                "; the selected weights are also graph inputs: name them with "
-                               "--include to prune them" if overridable else ""))
+                               "--include to prune them" if overridable else "") + (
+                               "; the selected weights look like fixed transforms: name them "
+                               "with --include to prune them" if dense else ""))
     report = Report(command=command, method=config.method, settings=config.report_settings())
     report.skipped = [vars(k) for k in skipped] + [
-        {"name": s.name, "op_type": s.op_type, "reason": GRAPH_INPUT_REASON} for s in overridable]
+        {"name": s.name, "op_type": s.op_type, "reason": GRAPH_INPUT_REASON} for s in overridable
+    ] + [{"name": name, "op_type": op, "reason": reason} for name, (op, reason) in dense.items()]
     report.model_params = float_params(loaded.model)
     report.file_size_before = loaded.file_size
     cal = None
@@ -82,7 +89,7 @@ def prune(model, calib=None, config: PruneConfig | None = None, *, output: str |
                                batching=data.batching)
         report.calibration_samples = cal.num_samples
         report.notes += cal.notes
-    with Progress(enabled=progress) as bar, spilling(loaded, output, original):
+    with Progress(enabled=bool(progress), verbose=progress == "verbose") as bar, spilling(loaded, output, original):
         ctx = Context(loaded, sites, cal, config, report, bar, force, hessians)
         STRATEGIES[config.mode].run(ctx)
         finish.run(ctx, original, output)

@@ -15,6 +15,7 @@ import zipfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,9 +77,25 @@ NO_BATCHING = "feed whole runs with --no-batching (batching=False in Python)"
 RUN_KEY = re.compile(r"(.+)__(\d+)")
 
 
-def load_calibration(source, model: onnx.ModelProto, *, batch_size: int = 32,
-                     max_samples: int | None = None, labels_key: str | None = None,
-                     batching: bool = True) -> Calibration:
+def load_calibration(source, model: onnx.ModelProto, **options) -> Calibration:
+    """`_load` (below), with a note for every cast of an input's arrays to the model's dtype."""
+    casts: list[str] = []
+    token = _CASTS.set(casts)
+    try:
+        cal = _load(source, model, **options)
+    finally:
+        _CASTS.reset(token)
+    cal.notes = list(dict.fromkeys(cal.notes + casts))
+    return cal
+
+
+# The casts _check_array makes during one load_calibration call, as notes.
+_CASTS: ContextVar[list[str] | None] = ContextVar("casts", default=None)
+
+
+def _load(source, model: onnx.ModelProto, *, batch_size: int = 32,
+          max_samples: int | None = None, labels_key: str | None = None,
+          batching: bool = True) -> Calibration:
     """Validate `source` against the model's inputs and split it into batches.
 
     source: a path to .npz / .npy or to a directory of .npz files, a mapping of input name ->
@@ -310,10 +327,15 @@ def _check_array(spec: InputSpec, a: np.ndarray, batched: bool) -> np.ndarray:
         cast = a.astype(spec.dtype)
         with np.errstate(invalid="ignore"):
             lossless = np.array_equal(cast.astype(a.dtype), a, equal_nan=a.dtype.kind in "fc")
+        if not lossless and not _shape_fits(spec, a, batched):
+            raise OnnxObsError(f"input '{spec.name}' expects {spec.describe()}, got "
+                               f"{a.dtype.name}[{', '.join(map(str, a.shape))}]: is this data for "
+                               "this model? (`onnx-obs inspect MODEL` lists its inputs)")
         if not lossless:
             raise OnnxObsError(f"input '{spec.name}' expects {spec.dtype.name} but the calibration "
                                f"array is {a.dtype.name} and would lose precision: convert it with "
                                f".astype(np.{spec.dtype.name})")
+        _note_cast(spec, a.dtype)
         a = cast
     if spec.shape is not None:
         if a.ndim != len(spec.shape):
@@ -329,3 +351,28 @@ def _check_array(spec: InputSpec, a: np.ndarray, batched: bool) -> np.ndarray:
         raise OnnxObsError(f"input '{spec.name}': calibration data has {bad} NaN/Inf values: "
                            "clean the data first")
     return a
+
+
+def _shape_fits(spec: InputSpec, a: np.ndarray, batched: bool) -> bool:
+    """Whether `a`'s rank and fixed axes match the input (axis 0 apart with batching)."""
+    if spec.shape is None:
+        return True
+    return a.ndim == len(spec.shape) and all(
+        want is None or want == got or (axis == 0 and batched)
+        for axis, (want, got) in enumerate(zip(spec.shape, a.shape)))
+
+
+def _note_cast(spec: InputSpec, dtype: np.dtype) -> None:
+    """Say that an input's arrays were cast (losslessly) to the model's dtype."""
+    casts = _CASTS.get()
+    if casts is None:
+        return
+    src, dst = dtype.name, spec.dtype.name
+    if dtype.kind in "biu" and spec.dtype.kind in "fc":
+        why = (f"integer values (such as pixels 0..255) were cast to {dst} as they are: if the model "
+               "expects scaled or normalised values, scale them before saving the data")
+    elif dtype.kind == "f" and spec.dtype.kind == "f":
+        why = f"{src} values were cast to {dst} (every value is exactly representable)"
+    else:
+        why = f"{src} values were cast to {dst} (no value changes)"
+    casts.append(f"input '{spec.name}': {why}")

@@ -3,15 +3,16 @@ removes the most weights for the same loss of quality."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from onnx_obs import api
 from onnx_obs.calib import load_calibration
-from onnx_obs.config import ALLOCATIONS, METHODS, LayerwiseOptions, PruneConfig
+from onnx_obs.config import ALLOCATIONS, METHODS, PruneConfig
 from onnx_obs.errors import OnnxObsError
-from onnx_obs.evaluate import Quality, data_keys, detect_labels, label_note, measure
+from onnx_obs.evaluate import Quality, as_flag, data_keys, detect_labels, label_note, measure
 from onnx_obs.graph.model_io import load_any
 from onnx_obs.progress import Progress
 from onnx_obs.runtime import Runner
@@ -130,12 +131,12 @@ def parse_allocations(text: str) -> list[str]:
 
 def compare(model, calib, config: PruneConfig | None = None, *, methods: list[str],
             sparsities: list[float] | None, eval_data=None, labels: str | None = None,
-            max_loss: float | None = None, progress: bool = False,
+            max_loss: float | None = None, progress: bool | str = False,
             allocations: list[str] | None = None, **overrides) -> Comparison:
     """Prune `model` with every method at every sparsity and score each result on `eval_data`
     (the calibration data when None) against the original model.
 
-    config: the settings every run shares (default: PruneConfig with sequential=False), changed by
+    config: the settings every run shares (default: PruneConfig(), sequential as prune), changed by
     keyword overrides as in api.prune; each run sets its method and sparsity. With
     sequential=False the original model's Hessians are captured once and shared by every run;
     sequential=True recaptures them per run. With `pattern`, `sparsities` must be None (the
@@ -146,7 +147,7 @@ def compare(model, calib, config: PruneConfig | None = None, *, methods: list[st
     allocations: e.g. ["uniform", "auto"]: every method with a Hessian runs with each (one curve
     per method and allocation; magnitude stays uniform); None: the config's allocation alone.
     """
-    config = (config or PruneConfig(layerwise=LayerwiseOptions(sequential=False))).replace(**overrides)
+    config = (config or PruneConfig()).replace(**overrides)
     pattern, sequential, data = config.pattern, config.layerwise.sequential, config.data
     batch_size, max_samples, batching, device = data.batch_size, data.max_samples, data.batching, config.device
     if pattern is not None and sparsities is not None:
@@ -168,15 +169,16 @@ def compare(model, calib, config: PruneConfig | None = None, *, methods: list[st
     if not sequential and any(m != "magnitude" for m in methods):
         notes.append("Hessians of the original model were captured once and shared by every run "
                      "(the seconds of the first Hessian-based run include the capture)")
-    ecal = load_calibration(eval_src, loaded.model, batch_size=batch_size, labels_key=eval_labels,
-                            batching=batching)
+    with as_flag("--eval") if eval_data is not None else contextlib.nullcontext():
+        ecal = load_calibration(eval_src, loaded.model, batch_size=batch_size, labels_key=eval_labels,
+                                batching=batching)
     ref = Runner(loaded.model, loaded.base_dir, device)
     cache = None if sequential else {}
     labelled = allocations is not None or config.layerwise.allocation != "uniform"
     runs = [(m, a) for m in methods
             for a in dict.fromkeys(["uniform"] if m == "magnitude" else allocations or [config.layerwise.allocation])]
     rows, baseline = [], None
-    with Progress(enabled=progress) as bar:
+    with Progress(enabled=bool(progress), verbose=progress == "verbose") as bar:
         task = bar.add("pruning and scoring", total=len(runs) * len(grid))
         for method, allocation in runs:
             for sparsity in grid:
@@ -187,7 +189,7 @@ def compare(model, calib, config: PruneConfig | None = None, *, methods: list[st
                 baseline = quality.accuracy[0]
                 rows.append(_row(method, sparsity, pattern, result, quality))
                 rows[-1].allocation = allocation if labelled else None
-                bar.advance(task)
+                bar.advance(task, what=f"{method} {allocation} at {sparsity:g}" if labelled else f"{method} at {sparsity:g}")
     if labels is None and eval_labels is not None:
         notes.insert(0, label_note(eval_labels, quality, "evaluation data"))
         eval_labels = eval_labels if quality.label_output else None

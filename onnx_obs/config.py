@@ -18,6 +18,7 @@ from pathlib import Path
 
 from onnx_obs.algorithms.layerwise import METHODS, SOLVERS
 from onnx_obs.errors import OnnxObsError
+from onnx_obs.graph.ops import OPS
 from onnx_obs.graph.sites import Site
 from onnx_obs.graph.sparse_storage import MODES as STORAGES
 
@@ -28,6 +29,10 @@ GRADIENTS = ("auto", "graph", "fd")
 STRUCTURES = ("neurons", "channels")   # the same thing: "channels" is the Conv spelling
 STRUCTURED_METHODS = ("obs", "magnitude")
 ALLOCATIONS = ("uniform", "auto")
+# Sites with fewer weights are kept dense (when larger ones exist): they save nothing, and the
+# tiny linear ops of real models are often fixed transforms (a detector's 16-weight DFL
+# projection, 3x3 colour matrices) that pruning breaks.
+MIN_PARAMS = 64
 
 
 @dataclass
@@ -37,6 +42,7 @@ class Selection:
     include: str | None = None
     exclude: str | None = None
     op_types: list[str] | None = None
+    min_params: int = MIN_PARAMS   # smaller sites stay dense (api.prune: when larger ones exist)
 
     def picks(self, site: Site) -> bool:
         names = [site.name] + [u.node for u in site.uses]
@@ -178,6 +184,8 @@ class PruneConfig:
 
     def validate(self, has_calibration: bool) -> None:
         """Refuse bad settings before any work, with one line naming the flag to change."""
+        if self.selection.min_params < 0:
+            raise OnnxObsError(f"--min-params must be at least 0, got {self.selection.min_params}")
         self._check_method(has_calibration)
         self._check_structured()
         self._check_full()
@@ -375,6 +383,13 @@ def parse_pattern(text: str | None) -> tuple[int, int] | None:
 
 
 def parse_op_types(text: str | None) -> list[str] | None:
+    """A comma list of site op types, in any case ("conv,gemm"), as ONNX spells them."""
     if not text:
         return None
-    return [o.strip() for o in text.split(",") if o.strip()] or None
+    known = {o.lower(): o for o in OPS}
+    names = [o.strip() for o in text.split(",") if o.strip()]
+    for o in names:
+        if o.lower() not in known:
+            raise OnnxObsError(f"--op-types: '{o}' is not an op type with prunable weights: use "
+                               f"{', '.join(OPS)}")
+    return [known[o.lower()] for o in names] or None

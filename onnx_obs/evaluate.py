@@ -3,11 +3,16 @@ agreement, accuracy with labels, latency and file size; and quality thresholds f
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import importlib.util
 import os
+import sys
 import statistics
 import time
 import zipfile
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +28,7 @@ from onnx_obs.progress import Progress
 from onnx_obs.runtime import Runner
 
 LABEL_KEYS = ("label", "labels")
+TIME_SAMPLES = 128   # timing runs on the first batches holding this many samples (or runs)
 # Threshold metrics: higher is better (checked by --fail-under) or lower is better (--fail-over).
 HIGHER_IS_BETTER = ("top1_agreement", "top5_agreement", "accuracy", "cosine")
 LOWER_IS_BETTER = ("relative_mse", "max_abs_error", "accuracy_drop")
@@ -32,8 +38,9 @@ ALIASES = {"agreement": "top1_agreement", "top1": "top1_agreement", "top5": "top
 
 @dataclass
 class Latency:
-    pass_ms: float            # median wall time of a full pass over the data
+    pass_ms: float            # median wall time of a pass over the timed batches
     batch1_ms: float | None   # of a one-sample run; None when one sample cannot run alone
+    samples: int = 0          # samples (runs without batching) in the timed batches
 
 
 @dataclass
@@ -51,6 +58,7 @@ class Evaluation:
     pruned: ModelSummary
     outputs: dict[str, dict[str, float]]  # per output: metrics.OutputDeviation.summary()
     label_output: str | None  # the output scored against the labels
+    metrics: dict[str, float]  # --metric: the user's function, sample-weighted mean over batches
     data: str
     samples: int              # runs without batching
     labels: str | None        # the key of the data holding the labels used
@@ -86,31 +94,40 @@ class ThresholdCheck:
 
 
 def evaluate(original, pruned, data, *, labels: str | None = None, batch_size: int = 32,
-             repeats: int = 5, device: str = "auto", progress: bool = False,
-             batching: bool = True) -> Evaluation:
+             repeats: int = 5, device: str = "auto", progress: bool | str = False,
+             batching: bool = True, time_samples: int = TIME_SAMPLES,
+             metric=None) -> Evaluation:
     """Run `original` and `pruned` (paths or ModelProtos) on `data` and compare them.
 
     data: anything load_calibration accepts (an .npz/.npy path, a dict of arrays, ...).
     labels: the key of `data` that holds class labels; when None, a key "label" or "labels" that
     is not a model input is used (and a note says so). repeats: timed passes per model (after a
-    warm-up); 0 skips the timing. batching: False feeds each run of `data` whole (calib.py);
-    "samples" then counts runs and "batch_size" is None.
+    warm-up) over the first batches holding `time_samples` samples (at least one batch); 0 skips
+    the timing. batching: False feeds each run of `data` whole (calib.py); "samples" then counts
+    runs and "batch_size" is None. metric: f(original, pruned) of two dicts output name -> array
+    (one batch each) returning a number, or a dict of named numbers; `metrics` holds each one's
+    mean over the batches, weighted by their samples.
     """
     if repeats < 0:
         raise OnnxObsError(f"--repeats must be at least 0, got {repeats}")
+    if time_samples < 1:
+        raise OnnxObsError(f"--time-samples must be at least 1, got {time_samples}")
     ref_model, cand_model = load_any(original), load_any(pruned)
     _check_same_interface(ref_model.model, cand_model.model)
     notes = []
     detected = labels is None
     if detected:
         labels = detect_labels(data, ref_model.model)
-    cal = load_calibration(data, ref_model.model, batch_size=batch_size, labels_key=labels,
-                           batching=batching)
-    ref = Runner(ref_model.model, ref_model.base_dir, device)
-    cand = Runner(cand_model.model, cand_model.base_dir, device)
-    with Progress(enabled=progress) as bar:
-        quality = measure(ref, cand, cal, bar, labels_required=not detected)
-        latency = measure_latency([ref, cand], cal, repeats, bar) if repeats else [None, None]
+    with as_flag("--data"):
+        cal = load_calibration(data, ref_model.model, batch_size=batch_size, labels_key=labels,
+                               batching=batching)
+    ref = Runner(ref_model.model, ref_model.base_dir, device, spinning=False)
+    cand = Runner(cand_model.model, cand_model.base_dir, device, spinning=False)
+    custom = UserMetric(metric) if metric is not None else None
+    with Progress(enabled=bool(progress), verbose=progress == "verbose") as bar:
+        quality = measure(ref, cand, cal, bar, labels_required=not detected, metric=custom)
+        timed = _first_samples(cal, time_samples)
+        latency = measure_latency([ref, cand], timed, repeats, bar) if repeats else [None, None]
     if detected and labels is not None:
         notes.append(label_note(labels, quality, "data"))
         labels = labels if quality.label_output else None
@@ -123,6 +140,7 @@ def evaluate(original, pruned, data, *, labels: str | None = None, batch_size: i
     return Evaluation(
         original=ref_summary, pruned=cand_summary,
         outputs=quality.outputs, label_output=quality.label_output,
+        metrics=custom.summary() if custom else {},
         data=cal.source, samples=cal.num_samples, labels=labels, batching=cal.batched,
         batch_size=len(next(iter(cal.batches[0].values()))) if cal.sliceable else None,
         repeats=repeats, device=ref.provider, notes=notes + cal.notes)
@@ -182,14 +200,16 @@ def label_note(key: str, quality: Quality, where: str) -> str:
 
 
 def measure(ref: Runner, cand: Runner, cal: Calibration, bar=None,
-            labels_required: bool = True) -> Quality:
+            labels_required: bool = True, metric: UserMetric | None = None) -> Quality:
     """Per-output deviation of `cand` from `ref` over every batch, and with cal.labels the
     accuracy of each model on the first classifier-like output ([batch, classes] floats).
     labels_required=False: without such an output, no accuracy instead of an error (for labels
-    found by their key's name rather than given)."""
+    found by their key's name rather than given). metric: also fed every batch."""
     seen = {"rows": 0, "correct": [0, 0], "output": None, "required": labels_required}
 
     def observe(ref_out, cand_out):
+        if metric is not None:
+            metric.add(dict(zip(ref.output_names, ref_out)), dict(zip(ref.output_names, cand_out)))
         if cal.labels is not None and seen["output"] != "":
             i = _label_output(ref_out, ref.output_names, seen)
             if i is None:
@@ -256,8 +276,62 @@ def measure_latency(runners: list[Runner], cal: Calibration, repeats: int, bar=N
             if bar is not None:
                 bar.advance(task)
     return [Latency(pass_ms=1e3 * statistics.median(p),
-                    batch1_ms=1e3 * statistics.median(s) if single else None)
+                    batch1_ms=1e3 * statistics.median(s) if single else None,
+                    samples=cal.num_samples)
             for p, s in zip(passes, singles)]
+
+
+def _first_samples(cal: Calibration, n: int) -> Calibration:
+    """The first batches of `cal` holding at least `n` samples (runs without batching)."""
+    kept, count = [], 0
+    for feeds in cal.batches:
+        if count >= n:
+            break
+        kept.append(feeds)
+        count += len(next(iter(feeds.values()))) if cal.sliceable else 1
+    return dataclasses.replace(cal, batches=kept, num_samples=count, labels=None)
+
+
+class UserMetric:
+    """--metric: the user's f(original, pruned) on each batch, averaged weighted by samples."""
+
+    def __init__(self, fn):
+        self.fn, self.name = fn, getattr(fn, "__name__", "metric")
+        self.sums: dict[str, float] = {}
+        self.weight = 0
+
+    def add(self, ref: dict[str, np.ndarray], cand: dict[str, np.ndarray]) -> None:
+        n = len(np.atleast_1d(next(iter(ref.values()))))
+        try:
+            value = self.fn(ref, cand)
+        except Exception as e:  # the user's code: one line naming it
+            raise OnnxObsError(f"--metric {self.name} failed: {type(e).__name__}: {e}") from e
+        values = value if isinstance(value, Mapping) else {self.name: value}
+        for k, v in values.items():
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                raise OnnxObsError(f"--metric {self.name} must return a number or a dict of "
+                                   f"numbers, got {type(v).__name__} for '{k}'") from None
+            self.sums[k] = self.sums.get(k, 0.0) + n * v
+        self.weight += n
+
+    def summary(self) -> dict[str, float]:
+        return {k: v / self.weight for k, v in self.sums.items()} if self.weight else {}
+
+
+@contextmanager
+def as_flag(flag: str):
+    """Word data errors for the flag the user passed (`--data`, `--eval`), not "calibration"."""
+    try:
+        yield
+    except OnnxObsError as e:
+        text = str(e)
+        for old, new in (("calibration data", "the data"), ("calibration array", "array"),
+                         ("calibration file", "data file"), ("calibration key", "key"),
+                         ("calibration directory", "data directory"), ("calibration", "data")):
+            text = text.replace(old, new)
+        raise OnnxObsError(f"{flag}: {text}") from e
 
 
 def _full_pass(runner: Runner, cal: Calibration) -> float:
@@ -280,9 +354,10 @@ def weight_sparsity(model) -> float:
     return sum(s.params * s.sparsity for s in sites) / total if total else 0.0
 
 
-def parse_thresholds(text: str | None, flag: str) -> dict[str, float]:
-    """'metric=value,...' for --fail-under (higher-is-better metrics) or --fail-over (lower)."""
-    allowed = HIGHER_IS_BETTER if flag == "--fail-under" else LOWER_IS_BETTER
+def parse_thresholds(text: str | None, flag: str, custom: list[str] = ()) -> dict[str, float]:
+    """'metric=value,...' for --fail-under (higher-is-better metrics) or --fail-over (lower);
+    `custom`: names a --metric function may report, allowed under either flag."""
+    allowed = (HIGHER_IS_BETTER if flag == "--fail-under" else LOWER_IS_BETTER) + tuple(custom)
     other = "--fail-over" if flag == "--fail-under" else "--fail-under"
     limits = {}
     for item in filter(None, (t.strip() for t in (text or "").split(","))):
@@ -293,7 +368,8 @@ def parse_thresholds(text: str | None, flag: str) -> dict[str, float]:
         except ValueError:
             raise OnnxObsError(f"{flag} expects metric=number pairs, e.g. "
                                f"{allowed[0]}=0.99, got '{item}'") from None
-        if not sep or metric not in allowed:
+        builtin = metric in HIGHER_IS_BETTER + LOWER_IS_BETTER
+        if not sep or metric not in allowed and (builtin or not custom):
             hint = (f"{metric} is lower-is-better: use {other}" if metric in LOWER_IS_BETTER
                     else f"{metric} is higher-is-better: use {other}" if metric in HIGHER_IS_BETTER
                     else f"{flag} takes {', '.join(allowed)}")
@@ -319,6 +395,11 @@ def check_thresholds(result: Evaluation, under: dict[str, float],
 
 
 def _values(result: Evaluation, metric: str) -> list[tuple[str, float]]:
+    if metric in result.metrics:
+        return [("the --metric function", result.metrics[metric])]
+    if result.metrics and metric not in HIGHER_IS_BETTER + LOWER_IS_BETTER:
+        raise OnnxObsError(f"--metric reported {', '.join(result.metrics)}, not '{metric}': "
+                           "fix the threshold's name")
     if metric in ("accuracy", "accuracy_drop"):
         acc, ref = result.pruned.accuracy, result.original.accuracy
         if acc is None:
@@ -334,3 +415,29 @@ def _values(result: Evaluation, metric: str) -> list[tuple[str, float]]:
 def failure_message(check: ThresholdCheck) -> str:
     return (f"{check.metric} of {check.of} is {check.value:.6g}, {check.fails_when} "
             f"the threshold {check.limit:.6g}")
+
+
+def load_metric(spec: str):
+    """The function named by --metric MODULE:FUNCTION (MODULE importable, or a .py file)."""
+    module, sep, name = spec.rpartition(":")
+    if not sep or not module or not name:
+        raise OnnxObsError(f"--metric must look like MODULE:FUNCTION (e.g. mymetrics:iou), got '{spec}'")
+    try:
+        if module.endswith(".py"):
+            spec_ = importlib.util.spec_from_file_location(Path(module).stem, module)
+            if spec_ is None or not Path(module).is_file():
+                raise OnnxObsError(f"--metric: file {module} not found")
+            mod = importlib.util.module_from_spec(spec_)
+            spec_.loader.exec_module(mod)
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            mod = importlib.import_module(module)
+    except OnnxObsError:
+        raise
+    except Exception as e:  # the user's module failed to import: say so in one line
+        raise OnnxObsError(f"--metric: cannot import {module}: {type(e).__name__}: {e}") from e
+    fn = getattr(mod, name, None)
+    if not callable(fn):
+        raise OnnxObsError(f"--metric: {module} has no function '{name}'")
+    return fn

@@ -1,11 +1,11 @@
 """Model cost: parameters and multiply-accumulates counted from the graph, onnxruntime latency.
 
 Parameters: elements of every float initializer and Constant (sparse initializers at their dense
-size), and how many of them are non-zero. MACs: one per multiply-add of Conv, ConvTranspose, Gemm
-and MatMul, from the shapes onnx shape inference gives with every symbolic dimension (the batch)
-set to 1. Elementwise ops, pooling and normalisation are not counted. Counts are dense: a zero
-in a dense tensor still costs its MAC, which is why structured removal is what makes a model
-faster.
+size), and how many of them are non-zero. MACs: one per multiply-add of the linear ops
+(graph/ops.py: Conv, ConvTranspose, Gemm, MatMul), from the shapes onnx shape inference gives with
+every symbolic dimension (the batch) set to 1. Elementwise ops, pooling and normalisation are not
+counted. Counts are dense: a zero in a dense tensor still costs its MAC, which is why structured
+removal is what makes a model faster.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from onnx_obs.graph.sites import FLOAT_TYPES, node_label
-
-LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+from onnx_obs.graph.ops import OPS
+from onnx_obs.graph.protos import FLOAT_TYPES, attrs, infer_shapes
+from onnx_obs.graph.sites import node_label
 
 
 def _float_tensors(graph: onnx.GraphProto):
@@ -57,7 +57,7 @@ def count_macs(model: onnx.ModelProto) -> tuple[int, dict[str, int]]:
     dims = _batch1_shapes(model)
     per_node = {}
     for i, node in enumerate(model.graph.node):
-        if node.op_type not in LINEAR:
+        if node.op_type not in OPS:
             continue
         macs = _node_macs(node, dims)
         if macs is not None:
@@ -70,15 +70,7 @@ def _node_macs(node: onnx.NodeProto, dims: dict) -> int | None:
     out = dims.get(node.output[0])
     if any(s is None for s in shapes) or out is None:
         return None
-    x, w = shapes
-    if node.op_type == "Conv":        # N * out positions * (C_out * C_in/g * taps)
-        return int(np.prod(out[:1] + out[2:]) * np.prod(w))
-    if node.op_type == "ConvTranspose":  # N * in positions * (C_in * C_out/g * taps)
-        return int(np.prod(x[:1] + x[2:]) * np.prod(w))
-    if node.op_type == "Gemm":
-        trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
-        return int(np.prod(out) * (x[0] if trans_a else x[-1]))
-    return int(np.prod(out) * x[-1])   # MatMul: every output element is a K-long dot product
+    return OPS[node.op_type].macs(attrs(node), *shapes, out)
 
 
 def _batch1_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
@@ -91,10 +83,7 @@ def _batch1_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
         for d in vi.type.tensor_type.shape.dim:
             if not d.HasField("dim_value"):
                 d.dim_value = 1
-    try:
-        m = onnx.shape_inference.infer_shapes(m)
-    except Exception:  # custom ops: count what can be counted
-        pass
+    m = infer_shapes(m)   # custom ops: count what can be counted
     out = {}
     for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
         ds = vi.type.tensor_type.shape.dim
@@ -107,7 +96,7 @@ def _batch1_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
 
 def resource_model(model: onnx.ModelProto, groups, kind: str) -> Callable[[np.ndarray], float]:
     """Parameters ("params") or MACs ("macs") of the model as a function of how many units each
-    of `groups` (onnx_obs.graph.channels.UnitGroup) loses: every cut tensor shrinks by the
+    of `groups` (onnx_obs.graph.units.UnitGroup) loses: every cut tensor shrinks by the
     unit's positions along its axis, and a linear node's MACs scale with its weight's size."""
     cut_axes: dict[str, dict[int, list[tuple[int, float]]]] = {}
     for g, group in enumerate(groups):
@@ -123,7 +112,8 @@ def resource_model(model: onnx.ModelProto, groups, kind: str) -> Callable[[np.nd
         weights, fixed = {}, 0.0
         for i, node in enumerate(model.graph.node):
             macs = per_node.get(node_label(node, i, ""), 0)
-            w = node.input[1] if len(node.input) > 1 else ""
+            spec = OPS.get(node.op_type)
+            w = node.input[spec.weight] if spec and len(node.input) > spec.weight else ""
             if w in tensors and macs:
                 size = int(np.prod(tensors[w].dims, dtype=np.int64))
                 weights[w] = weights.get(w, 0.0) + macs / size

@@ -9,6 +9,12 @@ def is_classifier_like(y: np.ndarray) -> bool:
     return y.dtype.kind == "f" and y.ndim == 2 and y.shape[1] > 1
 
 
+def is_sequence_like(y: np.ndarray) -> bool:
+    """Scores per position: float [batch, positions, classes] (a tagger's, an OCR or speech
+    model's output); agreement is then counted per position."""
+    return y.dtype.kind == "f" and y.ndim == 3 and y.shape[2] > 1
+
+
 class OutputDeviation:
     """Streams pairs of output batches (reference, candidate) and summarises their distance."""
 
@@ -23,6 +29,7 @@ class OutputDeviation:
         self.top5 = 0
         self.rows = 0
         self.has_top5 = False
+        self.per_position = False   # agreement counted over the positions of [N, T, C] outputs
 
     def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
         r, c = ref.astype(np.float64), cand.astype(np.float64)
@@ -34,6 +41,9 @@ class OutputDeviation:
         if d.size:
             self.max_abs = max(self.max_abs, float(np.max(np.abs(d))))
         self.count += d.size
+        if is_sequence_like(ref):   # each position is a row of class scores
+            ref, cand = ref.reshape(-1, ref.shape[2]), cand.reshape(-1, cand.shape[2])
+            self.per_position = True
         if is_classifier_like(ref):
             self.rows += len(ref)
             self.top1 += int(np.sum(ref.argmax(1) == cand.argmax(1)))
@@ -51,6 +61,8 @@ class OutputDeviation:
         }
         if self.rows:
             out["top1_agreement"] = self.top1 / self.rows
+            if self.per_position:
+                out["positions"] = self.rows
             if self.has_top5:
                 out["top5_agreement"] = self.top5 / self.rows
         return out

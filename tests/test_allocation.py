@@ -152,7 +152,7 @@ def depthwise_model():
 def test_auto_meets_the_global_target_within_the_cap(build):
     model = build()
     calib = calib_for(model, n=48)
-    result = api.prune(model, calib, sparsity=0.6, allocation="auto", max_layer_sparsity=0.75)
+    result = api.prune(model, calib, sparsity=0.6, allocation="auto", max_layer_sparsity=0.75, min_params=0)
     sites = result.report.sites
     total = sum(s.params for s in sites)
     zeros = sum(s.zeros_after for s in sites)
@@ -230,7 +230,7 @@ def test_compare_draws_one_curve_per_method_and_allocation(cli, tmp_path, mlp_pa
     rows = json.loads(out.read_text())["rows"]
     assert [(r["method"], r["allocation"]) for r in rows] == [
         ("magnitude", "uniform"), ("obs", "uniform"), ("obs", "auto")]
-    direct = api.prune(str(mlp_path), str(mlp_calib), sparsity=0.6, allocation="auto", sequential=False)
+    direct = api.prune(str(mlp_path), str(mlp_calib), sparsity=0.6, allocation="auto")
     assert rows[2]["weight_sparsity"] == pytest.approx(direct.report.to_dict()["totals"]["sparsity"])
     assert_one_line_error(cli("compare", mlp_path, "--calib", mlp_calib, "--allocation", "some"),
                           "unknown allocation 'some'")

@@ -164,7 +164,7 @@ def test_thresholds_fail_exactly_when_missed(changed, expected, flag, metric, ke
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--data", SAMPLES / "missing.npz"], "calibration file not found"),
+    (["--data", SAMPLES / "missing.npz"], "--data: data file not found"),  # names the flag, not "calibration"
     (["--data", SAMPLES / "digits_cnn_eval.npz"], "expects rank 2"),
     (["--data", EVAL, "--labels", "nope"], "labels key 'nope'"),
     (["--data", EVAL, "--fail-under", "mse=0.1"], "lower-is-better: use --fail-over"),

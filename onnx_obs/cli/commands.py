@@ -16,12 +16,14 @@ from onnx_obs import api
 from onnx_obs import compare as sweep
 from onnx_obs import evaluate as evaluation
 from onnx_obs import plot as plotting
-from onnx_obs.cli.app import app, err, handled, out
-from onnx_obs.cli.options import (DATA, FULL, METHOD, OUTPUT, SOLVER, STRUCT, AllocationOpt, BatchSizeOpt,
-                                  ConfigOpt, DampOpt, DeviceOpt, ExcludeOpt, IncludeOpt, MaxLayerSparsityOpt,
-                                  MaxSamplesOpt, NoBatchingOpt, OpTypesOpt, PatternOpt, SolverOpt, prune_config)
+from onnx_obs.cli.app import STDOUT, app, err, handled, out, verbosity
+from onnx_obs.cli.options import (CHECKS, DATA, FULL, METHOD, OUTPUT, SOLVER, STRUCT, TIMING, AllocationOpt,
+                                  BatchSizeOpt, ConfigOpt, DampOpt, DeviceOpt, ExcludeOpt, IncludeOpt, JsonOpt,
+                                  MaxLayerSparsityOpt, MaxSamplesOpt, MinParamsOpt, NoBatchingOpt, OpTypesOpt,
+                                  PatternOpt, QuietOpt, SolverOpt, VerboseOpt, prune_config)
 from onnx_obs.config import Selection, parse_op_types, parse_pattern
-from onnx_obs.cli.show import _print_compare, _print_evaluate, _print_inspect, _print_prune
+from onnx_obs.cli.show import (_print_compare, _print_evaluate, _print_inspect, _print_prune,
+                               check_json_path, write_json)
 from onnx_obs.errors import OnnxObsError
 
 
@@ -48,14 +50,15 @@ def prune(
     labels: Optional[str] = typer.Option(None, "--labels", help="Key of the calibration file that holds targets (not a model input).", rich_help_panel=DATA),
     no_batching: bool = NoBatchingOpt,
     include: Optional[str] = IncludeOpt, exclude: Optional[str] = ExcludeOpt, op_types: Optional[str] = OpTypesOpt,
+    min_params: int = MinParamsOpt,
     device: str = DeviceOpt,
     structure: Optional[str] = typer.Option(None, "--structure", help="neurons or channels (the same): remove whole output units with group OBS (--method obs) or by L1 norm (magnitude), shrinking the graph; --sparsity is then the fraction of units per layer.", rich_help_panel=STRUCT),
     target_params: Optional[int] = typer.Option(None, "--target-params", help="With --structure: remove units until the model has at most this many parameters.", rich_help_panel=STRUCT),
     target_flops: Optional[float] = typer.Option(None, "--target-flops", help="With --structure: remove units until the model needs at most this many MACs per sample.", rich_help_panel=STRUCT),
     storage: str = typer.Option("dense", "--storage", help="dense, sparse (pruned weights as sparse initializers) or auto (sparse where that is smaller).", rich_help_panel=OUTPUT),
-    report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here.", rich_help_panel=OUTPUT),
+    report: Optional[Path] = typer.Option(None, "--report", "--json", metavar="[FILE.json|-]", help="Write the JSON report to this file, or to stdout with - (or --json alone; the summary is then not printed).", rich_help_panel=OUTPUT),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file.", rich_help_panel=OUTPUT),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
+    quiet: bool = QuietOpt, verbose: bool = VerboseOpt,
     hessian: str = typer.Option("layerwise", "--hessian", help="layerwise (per site, default); full: one OBS over all selected weights with the network's output Hessian (Hassibi & Stork 1992); fisher: the same with the empirical Fisher of the loss (needs --labels). With full/fisher, --sparsity is a global fraction and --method is obs, obd or magnitude.", rich_help_panel=FULL),
     alpha: float = typer.Option(1e-6, "--alpha", help="Full-network: H^-1 starts at I/alpha (Eq. 17; the paper used 1e-8..1e-4).", rich_help_panel=FULL),
     max_error_increase: Optional[str] = typer.Option(None, "--max-error-increase", help="Full-network: stop before the predicted error increase passes this: absolute, or N% of the current error (needs --labels).", rich_help_panel=FULL),
@@ -66,22 +69,21 @@ def prune(
     save_gradient_graph: Optional[Path] = typer.Option(None, "--save-gradient-graph", help="Full-network: also write the gradient graph here.", rich_help_panel=FULL),
 ):
     """Prune MODEL and write the pruned model to -o."""
-    if report is not None and report.resolve() in (model.resolve(), output.resolve()):
-        raise OnnxObsError("--report must not be the model or the output path")
-    if report is not None and not (report.parent.is_dir() and os.access(report.parent, os.W_OK)):
-        raise OnnxObsError(f"cannot write the report into {report.parent}: the directory is "
-                           "missing or not writable")
+    progress = verbosity(quiet, verbose)
+    to_stdout = report is not None and str(report) == STDOUT
+    if report is not None and not to_stdout:
+        if report.resolve() in (model.resolve(), output.resolve()):
+            raise OnnxObsError("--report must not be the model or the output path")
+        if not (report.parent.is_dir() and os.access(report.parent, os.W_OK)):
+            raise OnnxObsError(f"cannot write the report into {report.parent}: the directory is "
+                               "missing or not writable")
     result = api.prune(str(model), str(calib) if calib else None, prune_config(ctx, config_file),
-                       output=output, force=force, progress=not quiet,
+                       output=output, force=force, progress=progress,
                        command="onnx-obs " + shlex.join(sys.argv[1:]))
-    data = result.report.to_dict()
     if report is not None:
-        try:
-            report.write_text(result.report.to_json())
-        except OSError as e:
-            raise OnnxObsError(f"could not write the report {report}: {e.strerror or e}") from e
-    if not quiet:
-        _print_prune(data, output)
+        write_json(report, result.report.to_json(), "--report")
+    if progress and not to_stdout:
+        _print_prune(result.report.to_dict(), output)
 
 
 @app.command()
@@ -89,14 +91,19 @@ def prune(
 def inspect(
     model: Path = typer.Argument(..., help="The ONNX model to inspect."),
     include: Optional[str] = IncludeOpt, exclude: Optional[str] = ExcludeOpt, op_types: Optional[str] = OpTypesOpt,
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    min_params: int = MinParamsOpt,
+    json_out: Optional[Path] = JsonOpt,
+    quiet: bool = QuietOpt, verbose: bool = VerboseOpt,
 ):
-    """List the prunable sites of MODEL and the weights left alone."""
-    info = api.inspect(str(model), Selection(include, exclude, parse_op_types(op_types)))
-    if as_json:
-        typer.echo(json.dumps(info.to_dict(), indent=2))
-        return
-    _print_inspect(info)
+    """List MODEL's inputs and outputs, its prunable sites (with what to watch for) and the
+    weights left alone."""
+    progress = verbosity(quiet, verbose)
+    check_json_path(json_out)
+    info = api.inspect(str(model), Selection(include, exclude, parse_op_types(op_types), min_params))
+    if json_out is not None:
+        write_json(json_out, json.dumps(info.to_dict(), indent=2), "--json")
+    if progress and (json_out is None or str(json_out) != STDOUT):
+        _print_inspect(info, verbose=progress == "verbose")
 
 
 @app.command()
@@ -104,32 +111,39 @@ def inspect(
 def evaluate(
     original: Path = typer.Argument(..., help="The original ONNX model."),
     pruned: Path = typer.Argument(..., help="The pruned model to compare with it."),
-    data: Path = typer.Option(..., "--data", help=".npz keyed by input name (or .npy for one input), batched on axis 0; or a directory of .npz (see --no-batching)."),
+    data: Path = typer.Option(..., "--data", help=".npz keyed by input name (or .npy for one input), batched on axis 0; or a directory of .npz (see --no-batching).", rich_help_panel=DATA),
+    metric: Optional[str] = typer.Option(None, "--metric", metavar="MODULE:FUNCTION", help="Also score with your own function f(original, pruned) of two dicts output name -> array (one batch each), returning a number: its sample-weighted mean is reported under the function's name and checked by --fail-under/--fail-over NAME=VALUE. MODULE may be a .py file.", rich_help_panel=CHECKS),
     no_batching: bool = NoBatchingOpt,
-    labels: Optional[str] = typer.Option(None, "--labels", help="Key of the data file holding class labels (default: a key 'label' or 'labels' that is not an input)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Key of the data file holding class labels (default: a key 'label' or 'labels' that is not an input).", rich_help_panel=DATA),
     batch_size: int = BatchSizeOpt,
-    repeats: int = typer.Option(5, "--repeats", help="Timed passes per model after a warm-up; the median is reported (0: no timing)."),
+    repeats: int = typer.Option(5, "--repeats", help="Timed passes per model after a warm-up; the median is reported (0: no timing).", rich_help_panel=TIMING),
+    time_samples: int = typer.Option(evaluation.TIME_SAMPLES, "--time-samples", help="Time on the first batches holding this many samples (runs without batching), not the whole data set: timing costs 2 x (repeats + 1) passes.", rich_help_panel=TIMING),
     device: str = DeviceOpt,
-    fail_under: Optional[str] = typer.Option(None, "--fail-under", help="Exit 1 when a higher-is-better metric is below its threshold: comma list of metric=value over top1_agreement (or agreement, top1), top5_agreement (top5), accuracy, cosine; e.g. agreement=0.99,accuracy=0.95."),
-    fail_over: Optional[str] = typer.Option(None, "--fail-over", help="Exit 1 when a lower-is-better metric is above its threshold: relative_mse (or mse), max_abs_error (max_abs), accuracy_drop (original minus pruned accuracy); e.g. mse=0.01,accuracy_drop=0.005."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    fail_under: Optional[str] = typer.Option(None, "--fail-under", help="Exit 1 when a higher-is-better metric is below its threshold: comma list of metric=value over top1_agreement (or agreement, top1), top5_agreement (top5), accuracy, cosine; e.g. agreement=0.99,accuracy=0.95.", rich_help_panel=CHECKS),
+    fail_over: Optional[str] = typer.Option(None, "--fail-over", help="Exit 1 when a lower-is-better metric is above its threshold: relative_mse (or mse), max_abs_error (max_abs), accuracy_drop (original minus pruned accuracy); e.g. mse=0.01,accuracy_drop=0.005.", rich_help_panel=CHECKS),
+    json_out: Optional[Path] = JsonOpt,
+    quiet: bool = QuietOpt, verbose: bool = VerboseOpt,
 ):
     """Compare PRUNED with ORIGINAL on the same data: output error, agreement, accuracy, speed, size.
 
     Output metrics are checked on every output that has them. Exit status: 0 when every
     threshold holds, 1 when one is missed (one line per miss on stderr), 2 on bad input.
     """
-    under = evaluation.parse_thresholds(fail_under, "--fail-under")
-    over = evaluation.parse_thresholds(fail_over, "--fail-over")
+    progress = verbosity(quiet, verbose)
+    check_json_path(json_out)
+    fn = evaluation.load_metric(metric) if metric else None
+    extra = [fn.__name__] if fn else []
+    under = evaluation.parse_thresholds(fail_under, "--fail-under", extra)
+    over = evaluation.parse_thresholds(fail_over, "--fail-over", extra)
     result = evaluation.evaluate(str(original), str(pruned), str(data), labels=labels,
                                  batch_size=batch_size, repeats=repeats, device=device,
-                                 batching=not no_batching,
-                                 progress=not as_json)
+                                 batching=not no_batching, time_samples=time_samples,
+                                 metric=fn, progress=progress)
     checks = evaluation.check_thresholds(result, under, over)
-    if as_json:
-        typer.echo(json.dumps({**result.to_dict(), "thresholds": [c.to_dict() for c in checks]},
-                              indent=2))
-    else:
+    if json_out is not None:
+        write_json(json_out, json.dumps({**result.to_dict(), "thresholds": [c.to_dict() for c in checks]},
+                                        indent=2), "--json")
+    if progress and (json_out is None or str(json_out) != STDOUT):
         _print_evaluate(result, checks)
     missed = [c for c in checks if not c.passed]
     for c in missed:
@@ -142,24 +156,26 @@ def evaluate(
 def compare(
     ctx: typer.Context,
     model: Path = typer.Argument(..., help="The ONNX model to prune (never modified)."),
-    calib: Path = typer.Option(..., "--calib", help="Calibration .npz keyed by input name (or .npy for one input), batched on axis 0; or a directory of .npz (see --no-batching)."),
-    eval_data: Optional[Path] = typer.Option(None, "--eval", help="Held-out data to score on (default: the calibration data, with a warning)."),
-    methods: str = typer.Option("magnitude,wanda,obd,obs", "--methods", help="Comma list of methods to compare."),
-    sparsities: Optional[str] = typer.Option(None, "--sparsities", help=f"start:stop:step (stop included when on the grid) or a comma list (default {sweep.DEFAULT_SPARSITIES})."),
-    pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M semi-structured sparsity instead of --sparsities, e.g. 2:4."),
-    labels: Optional[str] = typer.Option(None, "--labels", help="Key of the evaluation data holding class labels: score by accuracy (default: a key 'label' or 'labels')."),
-    allocation: Optional[str] = typer.Option(None, "--allocation", help="uniform, auto (per-site levels, see prune --allocation) or uniform,auto: one curve per method and allocation (magnitude stays uniform)."),
-    sequential: bool = typer.Option(False, "--sequential/--no-sequential", help="Recapture Hessians after earlier layers are pruned (as prune does by default); off: capture the original model's Hessians once and share them across all runs."),
+    calib: Path = typer.Option(..., "--calib", help="Calibration .npz keyed by input name (or .npy for one input), batched on axis 0; or a directory of .npz (see --no-batching).", rich_help_panel=DATA),
+    eval_data: Optional[Path] = typer.Option(None, "--eval", help="Held-out data to score on (default: the calibration data, with a warning).", rich_help_panel=DATA),
+    methods: str = typer.Option("magnitude,wanda,obd,obs", "--methods", help="Comma list of methods to compare.", rich_help_panel=METHOD),
+    sparsities: Optional[str] = typer.Option(None, "--sparsities", help=f"start:stop:step (stop included when on the grid) or a comma list (default {sweep.DEFAULT_SPARSITIES}).", rich_help_panel=METHOD),
+    pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M semi-structured sparsity instead of --sparsities, e.g. 2:4.", rich_help_panel=METHOD),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Key of the evaluation data holding class labels: score by accuracy (default: a key 'label' or 'labels').", rich_help_panel=DATA),
+    allocation: Optional[str] = typer.Option(None, "--allocation", help="uniform, auto (per-site levels, see prune --allocation) or uniform,auto: one curve per method and allocation (magnitude stays uniform).", rich_help_panel=METHOD),
+    sequential: bool = typer.Option(True, "--sequential/--no-sequential", help="Recapture Hessians after earlier layers are pruned (as prune does); off: capture the original model's Hessians once and share them across all runs (faster).", rich_help_panel=SOLVER),
+    min_params: int = MinParamsOpt,
+    include: Optional[str] = IncludeOpt, exclude: Optional[str] = ExcludeOpt, op_types: Optional[str] = OpTypesOpt,
     max_samples: Optional[int] = MaxSamplesOpt,
     batch_size: int = BatchSizeOpt,
     no_batching: bool = NoBatchingOpt,
     solver: str = SolverOpt,
     damp: float = DampOpt,
     device: str = DeviceOpt,
-    max_loss: Optional[float] = typer.Option(None, "--max-loss", help="Per method, report the highest sparsity up to which the quality loss (accuracy or top-1 agreement, absolute, e.g. 0.01 = 1 point) stays within this."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write quality vs sparsity to this PNG and an SVG beside it (needs matplotlib: pip install onnx-obs\\[plot])."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but warnings and errors."),
+    max_loss: Optional[float] = typer.Option(None, "--max-loss", help="Per method, report the highest sparsity up to which the quality loss (accuracy or top-1 agreement, absolute, e.g. 0.01 = 1 point) stays within this.", rich_help_panel=OUTPUT),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write quality vs sparsity to this PNG and an SVG beside it (needs matplotlib: pip install onnx-obs\\[plot]).", rich_help_panel=OUTPUT),
+    json_out: Optional[Path] = JsonOpt,
+    quiet: bool = QuietOpt, verbose: bool = VerboseOpt,
 ):
     """Prune MODEL with each method at each sparsity and score every result on held-out data.
 
@@ -167,7 +183,8 @@ def compare(
     with the original, accuracy (with labels), relative MSE of the output and seconds. Exit
     status 2 on bad input, or when --plot cannot be drawn (the table and JSON are still written).
     """
-    sweep.check_writable(json_out, "--json")
+    progress = verbosity(quiet, verbose)
+    check_json_path(json_out)
     sweep.check_writable(plot, "--plot")
     if plot is not None and not plotting.available():
         err.print(f"[bold yellow]warning:[/] matplotlib is not installed, so no plot will be drawn: "
@@ -182,18 +199,16 @@ def compare(
                            methods=sweep.parse_methods(methods), sparsities=grid,
                            allocations=allocations,
                            eval_data=str(eval_data) if eval_data else None, labels=labels,
-                           max_loss=max_loss, progress=not quiet)
+                           max_loss=max_loss, progress=progress)
     if json_out is not None:
-        try:
-            json_out.write_text(json.dumps(result.to_dict(), indent=2))
-        except OSError as e:
-            raise OnnxObsError(f"could not write {json_out}: {e.strerror or e}") from e
-    if not quiet:
+        write_json(json_out, json.dumps(result.to_dict(), indent=2), "--json")
+    if progress and (json_out is None or str(json_out) != STDOUT):
         _print_compare(result)
     if plot is not None:
         if not plotting.available():
             raise OnnxObsError(f"no plot written: matplotlib is not installed ({plotting.INSTALL_HINT}); "
                                "the table and JSON are complete")
         paths = plotting.plot_compare(result, plot)
-        if not quiet:
+        if progress:
             out.print(f"wrote    {' and '.join(map(str, paths))}", highlight=False)
+

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import typer
 
-from onnx_obs.config import PruneConfig, parse_op_types, parse_pattern
+from onnx_obs.config import MIN_PARAMS, PruneConfig, parse_op_types, parse_pattern
 
-SELECT, DATA, METHOD, SOLVER = "Selection", "Calibration data", "Method", "Layer-wise OBS"
+SELECT, DATA, METHOD, SOLVER = "Selection", "Data", "Method", "Layer-wise OBS"
 FULL, STRUCT, OUTPUT = "Full-network OBS", "Structured removal", "Output"
+TIMING, CHECKS = "Timing", "Checks"
 
 ConfigOpt = typer.Option(None, "--config", help="Read the settings from this TOML file (keys as the options without dashes, e.g. sparsity = 0.6, or in the tables selection, data, layerwise, full and structured); options given on the command line override it.")
 IncludeOpt = typer.Option(None, "--include", help="Only sites whose tensor or node name matches this regex.", rich_help_panel=SELECT)
@@ -30,6 +31,10 @@ SolverOpt = typer.Option("auto", "--solver", help="OBS solver: exact (OBC), fast
 AllocationOpt = typer.Option("uniform", "--allocation", help="uniform: every site at --sparsity; auto: per-site levels that meet --sparsity over all selected weights at least predicted output error (each layer's error table from the OBS solver, scaled by a measured output sensitivity; unstructured layer-wise methods with a Hessian).", rich_help_panel=METHOD)
 MaxLayerSparsityOpt = typer.Option(0.9, "--max-layer-sparsity", help="With --allocation auto: no site gets more than this fraction of zeros.", rich_help_panel=METHOD)
 DampOpt = typer.Option(0.01, "--damp", help="Hessian damping, as a fraction of mean diag(H).", rich_help_panel=SOLVER)
+MinParamsOpt = typer.Option(MIN_PARAMS, "--min-params", help="Keep sites with fewer weights than this dense (listed as skipped) when the model has larger ones: tiny layers save nothing and are often fixed transforms. 0 prunes every site.", rich_help_panel=SELECT)
+QuietOpt = typer.Option(False, "--quiet", "-q", help="Print nothing but warnings and errors (and JSON asked for with --json -).", rich_help_panel=OUTPUT)
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Also print a progress line on stderr for every step (site, run, batch).", rich_help_panel=OUTPUT)
+JsonOpt = typer.Option(None, "--json", metavar="[FILE.json|-]", help="Write the results as JSON: to FILE.json, or to stdout when given alone or as -.", rich_help_panel=OUTPUT)
 
 # A command's option (parameter name) -> (setting of PruneConfig.replace, how its value converts)
 _SETTINGS = {
@@ -37,6 +42,7 @@ _SETTINGS = {
     "scope": ("scope", None), "hessian": ("hessian", None), "storage": ("storage", None),
     "device": ("device", None),
     "include": ("include", None), "exclude": ("exclude", None), "op_types": ("op_types", parse_op_types),
+    "min_params": ("min_params", None),
     "batch_size": ("batch_size", None), "max_samples": ("max_samples", None),
     "labels": ("labels", None), "no_batching": ("batching", lambda v: not v),
     "solver": ("solver", None), "block_size": ("block_size", None), "damp": ("damp", None),

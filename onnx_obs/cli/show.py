@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import typer
 from rich.markup import escape
 from rich.table import Table
 
-from onnx_obs.cli.app import out
-from onnx_obs.compare import Comparison
+from onnx_obs.cli.app import STDOUT, out
+from onnx_obs.compare import Comparison, check_writable
+from onnx_obs.errors import OnnxObsError
 from onnx_obs.evaluate import Evaluation, ThresholdCheck
 from onnx_obs.inspection import Inspection
 
@@ -38,8 +40,8 @@ def _print_prune(d: dict, output: Path) -> None:
     for name, dev in d["deviation"].items():
         extra = f", top-1 agreement {dev['top1_agreement']:.2%}" if "top1_agreement" in dev else ""
         out.print(f"output   {name}: relative MSE {dev['relative_mse']:.3g}, max abs error "
-                  f"{dev['max_abs_error']:.3g}{extra} (on {d['calibration_samples']} calibration "
-                  f"{_unit(d['settings'])})")
+                  f"{dev['max_abs_error']:.3g}{extra} (on "
+                  f"{_count(d['calibration_samples'], 'calibration ' + _unit(d['settings']))})")
     for k in d["skipped"]:
         out.print(escape(f"skipped  {k['name']} ({k['op_type']}): {k['reason']}"), highlight=False)
     for n in d["notes"]:
@@ -75,14 +77,24 @@ def _print_costs(d: dict) -> None:
         out.print(f"storage  {len(sparse)} of {len(d['storage'])} pruned weights stored sparse "
                   f"({sum(s['dense_bytes'] for s in sparse):,} -> {sum(s['sparse_bytes'] for s in sparse):,} bytes)")
 
-def _print_inspect(info: Inspection) -> None:
-    t = Table(title=f"{info.model}  (opset {info.opset})", title_justify="left")
-    for col in ("site", "op", "ONNX shape", "2-D shape", "params", "sparsity", "dtype", "location"):
+def _print_inspect(info: Inspection, verbose: bool = False) -> None:
+    out.print(escape(f"{info.model}  (opset {info.opset})"), highlight=False)
+    t = Table(title="inputs and outputs", title_justify="left")
+    for col in ("", "name", "dtype and shape"):
+        t.add_column(col)
+    for kind, ports in (("input", info.inputs), ("output", info.outputs)):
+        for p in ports:
+            t.add_row(kind, escape(p.name), escape(p.describe()))
+    out.print(t)
+    t = Table(title="prunable weights (sites)", title_justify="left")
+    cols = ["site", "op", "ONNX shape", "2-D shape", "params", "sparsity", "dtype", "location"]
+    for col in cols + (["nodes"] if verbose else []):
         t.add_column(col, justify="right" if col in ("params", "sparsity") else "left")
     for s in info.sites:
-        t.add_row(s.name, s.op, str(s.onnx_shape), "x".join(map(str, s.matrix_shape)),
-                  f"{s.params:,}", f"{s.sparsity:.1%}", s.dtype,
-                  s.location + (", graph input" if s.graph_input else ""))
+        t.add_row(s.name + (" (!)" if s.flags else ""), s.op, str(s.onnx_shape),
+                  "x".join(map(str, s.matrix_shape)), f"{s.params:,}", f"{s.sparsity:.1%}", s.dtype,
+                  s.location + (", graph input" if s.graph_input else ""),
+                  *([", ".join(s.nodes)] if verbose else []))
     out.print(t)
     out.print(f"{len(info.sites)} sites, {info.site_params:,} prunable of {info.model_params:,} "
               f"parameters, file {_size(info.file_size)}")
@@ -90,19 +102,26 @@ def _print_inspect(info: Inspection) -> None:
     if inputs:
         out.print(f"note     sites that are also graph inputs (a caller may override them): {inputs}; "
                   "prune skips them unless --include names them", highlight=False)
+    for s in info.sites:
+        for f in s.flags:
+            out.print(escape(f"(!)      {s.name}: {f}"), highlight=False)
     for k in info.skipped:
         out.print(escape(f"skipped  {k.name} ({k.op_type}): {k.reason}"), highlight=False)
 
 
 def _print_evaluate(r: Evaluation, checks: list[ThresholdCheck]) -> None:
     unit = "samples" if r.batching else "runs"
-    t = Table(title=f"pruned vs original on {r.samples} {unit} of {r.data}", title_justify="left")
+    t = Table(title=f"pruned vs original on {_count(r.samples, unit)} of {r.data}", title_justify="left")
     for col in ("output", "relative MSE", "max abs error", "cosine", "top-1 agreement", "top-5 agreement"):
         t.add_column(col, justify="left" if col == "output" else "right")
     for name, d in r.outputs.items():
+        where = f" over {d['positions']:,} positions" if "positions" in d else ""
         t.add_row(name, _num(d["relative_mse"]), _num(d["max_abs_error"]), f"{d['cosine']:.6f}",
-                  _pct(d.get("top1_agreement")), _pct(d.get("top5_agreement")))
+                  _pct(d.get("top1_agreement")) + where, _pct(d.get("top5_agreement")))
     out.print(t)
+    for name, value in r.metrics.items():
+        out.print(f"metric   {name} = {value:.6g} (--metric, mean over {_count(r.samples, unit)})",
+                  highlight=False)
     o, p = r.original, r.pruned
     t = Table(title=f"models ({r.device})", title_justify="left")
     for col in ("", "original", "pruned", "change"):
@@ -114,8 +133,9 @@ def _print_evaluate(r: Evaluation, checks: list[ThresholdCheck]) -> None:
     t.add_row("file size", _size(o.file_size), _size(p.file_size),
               f"x{p.file_size / o.file_size:.2f}")
     if o.latency_ms is not None:
-        full = f"batch {r.batch_size}" if r.batch_size else f"{r.samples} runs"
-        for label, a, b in ((f"full pass, {full}", o.latency_ms.pass_ms, p.latency_ms.pass_ms),
+        timed = _count(o.latency_ms.samples, unit)
+        full = f"{timed} in batches of {r.batch_size}" if r.batch_size else timed
+        for label, a, b in ((f"pass over {full}", o.latency_ms.pass_ms, p.latency_ms.pass_ms),
                             ("one sample", o.latency_ms.batch1_ms, p.latency_ms.batch1_ms)):
             if a is not None:
                 t.add_row(f"{label} (median of {r.repeats})", f"{a:.3f} ms", f"{b:.3f} ms",
@@ -132,8 +152,8 @@ def _print_compare(r: Comparison) -> None:
     metric, rows, ev = r.metric, r.rows, r.eval
     where = "the calibration data (not held out)" if ev.is_calibration else ev.source
     unit = _unit(r.settings)
-    out.print(f"{r.model}: {r.calibration.samples} calibration {unit}, scored on "
-              f"{ev.samples} {unit} of {where}", highlight=False)
+    out.print(f"{r.model}: {_count(r.calibration.samples, 'calibration ' + unit)}, scored on "
+              f"{_count(ev.samples, unit)} of {where}", highlight=False)
     t = Table()
     cols = ["method", "sparsity", "zeros", "top-1 agreement"] + (["accuracy"] if metric == "accuracy" else []) + ["relative MSE", "s"]
     for col in cols:
@@ -161,6 +181,11 @@ def _pct(x, digits: int = 2) -> str:
     return "-" if x is None else f"{100 * x:.{digits}f}%" if digits else f"{100 * x:g}%"
 
 
+def _count(n: int, unit: str) -> str:
+    """'1 run', '2 runs', '1 calibration sample'."""
+    return f"{n} {unit[:-1] if n == 1 and unit.endswith('s') else unit}"
+
+
 def _unit(settings: dict) -> str:
     """What the sample counts count: runs without batching."""
     return "samples" if settings.get("batching", True) else "runs"
@@ -177,3 +202,20 @@ def _size(n) -> str:
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
+
+
+def check_json_path(path: Path | None) -> None:
+    """Fail before any work when a --json file cannot be written."""
+    if path is not None and str(path) != STDOUT:
+        check_writable(path, "--json")
+
+
+def write_json(path: Path, text: str, flag: str) -> None:
+    """`text` to stdout for `-`, else to the file."""
+    if str(path) == STDOUT:
+        typer.echo(text)
+        return
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise OnnxObsError(f"could not write {flag} {path}: {e.strerror or e}") from e

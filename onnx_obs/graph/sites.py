@@ -1,4 +1,4 @@
-"""Prunable sites: weight tensors of Gemm / MatMul / Conv / ConvTranspose and their 2-D views.
+"""Prunable sites: weight tensors of the linear ops (graph/ops.py) and their 2-D views.
 
 A site is one stored tensor (an initializer or a Constant node's value, in the main graph or in a
 subgraph) that reaches the weight operand of one or more linear ops, possibly through Identity,
@@ -15,18 +15,17 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_obs.graph.model_io import set_raw
+from onnx_obs.graph.ops import OPS, OpSpec
+from onnx_obs.graph.protos import FLOAT_TYPES, attrs, constant_value
 
-LINEAR_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose")
 PASS_THROUGH = ("Identity", "Cast", "Transpose")
 SHAPE_READERS = ("Shape", "Size")   # read a tensor's shape only: pruning its values is no change
+RESHAPERS = ("Unsqueeze", "Squeeze", "Reshape", "Flatten")  # followed only to a recurrent op
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 QUANTIZED_OPS = {
     "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearGemm",
     "DequantizeLinear", "QuantizeLinear", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
     "MatMulNBits", "QGemm",
-}
-FLOAT_TYPES = {
-    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-    onnx.TensorProto.BFLOAT16,
 }
 # Ops whose constant inputs are weights that no site rule covers: listed as skipped.
 NO_RULE_OPS = {"LSTM", "GRU", "RNN", "Attention", "MultiHeadAttention", "Einsum", "Gather",
@@ -38,7 +37,7 @@ class Use:
     """One linear node that consumes the site as its weight.
 
     `samples` says how the activation tensor becomes input vectors: "rows" (last axis is the
-    input axis), "cols" (second-to-last axis is), "conv" or "convT" (unfolded patches).
+    input axis), "cols" (second-to-last axis is), "conv" or "convtranspose" (unfolded patches).
     """
 
     node: str
@@ -59,7 +58,7 @@ class Site:
     shape: tuple[int, ...]    # ONNX shape of the stored tensor
     dtype: str
     perm: tuple[int, ...] | None  # stored tensor -> op view, composed Transposes
-    layout: str               # "rows_cols", "cols_rows", "conv", "convT"
+    layout: str               # "rows_cols", "cols_rows", "conv", "convT" (graph/ops.py)
     groups: int
     uses: list[Use]
     tensor: onnx.TensorProto = field(repr=False)
@@ -74,16 +73,12 @@ class Site:
         return tuple(self.shape[p] for p in self.perm) if self.perm else self.shape
 
     @property
+    def spec(self) -> OpSpec:
+        return OPS[self.op_type]
+
+    @property
     def matrix_shape(self) -> tuple[int, int]:
-        s = self.op_shape
-        if self.layout == "rows_cols":
-            return s[0], s[1]
-        if self.layout == "cols_rows":
-            return s[1], s[0]
-        k = int(np.prod(s[2:], dtype=np.int64))
-        if self.layout == "conv":
-            return s[0], s[1] * k
-        return s[1] * self.groups, s[0] // self.groups * k  # convT: (C_in, C_out/g, *k)
+        return self.spec.matrix_shape(self.op_shape, self.layout, self.groups)
 
     @property
     def size(self) -> int:
@@ -95,38 +90,23 @@ class Site:
 
     def to_matrix(self, array: np.ndarray) -> np.ndarray:
         w = array.transpose(self.perm) if self.perm else array
-        if self.layout == "rows_cols":
-            return w
-        if self.layout == "cols_rows":
-            return w.T
-        if self.layout == "conv":
-            return w.reshape(w.shape[0], -1)
-        g = self.groups
-        cin, cout_g = w.shape[0], w.shape[1]
-        w = w.reshape(g, cin // g, cout_g, -1).transpose(0, 2, 1, 3)
-        return w.reshape(g * cout_g, -1)
+        return self.spec.to_matrix(w, self.layout, self.groups)
 
     def from_matrix(self, matrix: np.ndarray) -> np.ndarray:
-        s = self.op_shape
-        if self.layout == "rows_cols":
-            w = matrix
-        elif self.layout == "cols_rows":
-            w = matrix.T
-        elif self.layout == "conv":
-            w = matrix.reshape(s)
-        else:
-            g = self.groups
-            cin, cout_g = s[0], s[1]
-            w = matrix.reshape(g, cout_g, cin // g, -1).transpose(0, 2, 1, 3).reshape(s)
+        w = self.spec.from_matrix(matrix, self.op_shape, self.layout, self.groups)
         if self.perm:
             w = w.transpose(np.argsort(self.perm))
         return np.ascontiguousarray(w)
 
     def row_groups(self) -> list[slice]:
         """Row ranges that share one Hessian (one per convolution group)."""
-        rows = self.matrix_shape[0]
-        g = self.groups if self.layout in ("conv", "convT") else 1
+        rows, g = self.matrix_shape[0], self.groups
         return [slice(i * rows // g, (i + 1) * rows // g) for i in range(g)]
+
+    def channel_axis(self, which: str) -> int:
+        """Axis of the stored tensor that holds the output units ("out") or the inputs ("in")."""
+        axis = self.spec.channel_axes(self.layout)[0 if which == "out" else 1]
+        return self.perm[axis] if self.perm else axis
 
 
 @dataclass
@@ -143,10 +123,7 @@ class _Const:
     storage: str
     scope: str
     perm: tuple[int, ...] | None = None
-
-
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    reshaped: bool = False   # seen through a RESHAPER: counts only as a recurrent op's weight
 
 
 def node_label(node: onnx.NodeProto, index: int, scope: str) -> str:
@@ -158,26 +135,15 @@ def _compose(outer: tuple[int, ...] | None, inner: list[int]) -> tuple[int, ...]
     return tuple(outer[k] for k in inner) if outer else tuple(inner)
 
 
-def _linear_role(node, consts, attrs):
-    """(weight input index, layout, samples kind, activation index) or None if not a weight use."""
-    ins = list(node.input)
-    is_const = [i < len(ins) and ins[i] in consts for i in range(2)]
-    if node.op_type in ("Conv", "ConvTranspose"):
-        if is_const[1] and not is_const[0]:
-            return 1, "conv" if node.op_type == "Conv" else "convT", node.op_type.lower(), 0
-        return None
-    if node.op_type == "MatMul":
-        if is_const[1] and not is_const[0]:
-            return 1, "cols_rows", "rows", 0
-        if is_const[0] and not is_const[1]:
-            return 0, "rows_cols", "cols", 1
-        return None
-    ta, tb = attrs.get("transA", 0), attrs.get("transB", 0)
-    if is_const[1] and not is_const[0]:  # Gemm: Y = A' B', weight B'
-        return 1, "rows_cols" if tb else "cols_rows", "cols" if ta else "rows", 0
-    if is_const[0] and not is_const[1]:  # weight A' on the left, samples are columns of B'
-        return 0, "cols_rows" if ta else "rows_cols", "rows" if tb else "cols", 1
-    return None
+class _WeightNames:
+    """The constants a linear op may read as its weight: not those seen through a RESHAPER."""
+
+    def __init__(self, visible: dict):
+        self.visible = visible
+
+    def __contains__(self, name: str) -> bool:
+        c = self.visible.get(name)
+        return c is not None and not c.reshaped
 
 
 def find_sites(model: onnx.ModelProto) -> tuple[list[Site], list[Skipped]]:
@@ -196,30 +162,44 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], list[Skipped]]:
             visible[init.name] = const_of[key] = c
         for idx, node in enumerate(graph.node):
             label = node_label(node, idx, scope)
-            attrs = _attrs(node)
-            if node.op_type == "Constant" and "value" in attrs and node.output:
+            node_attrs = attrs(node)
+            value = constant_value(node)
+            if value is not None:
                 key = f"{scope}/{node.output[0]}" if scope else node.output[0]
-                c = _Const(key, node.attribute[[a.name for a in node.attribute].index("value")].t,
-                           "constant", scope)
-                visible[node.output[0]] = const_of[key] = c
+                visible[node.output[0]] = const_of[key] = _Const(key, value, "constant", scope)
                 continue
             if node.op_type in PASS_THROUGH and len(node.input) == 1 and node.input[0] in visible:
                 src = visible[node.input[0]]
                 perm = src.perm
                 if node.op_type == "Transpose":
                     rank = len(src.tensor.dims)
-                    perm = _compose(src.perm, attrs.get("perm", list(range(rank))[::-1]))
-                visible[node.output[0]] = _Const(src.key, src.tensor, src.storage, src.scope, perm)
+                    perm = _compose(src.perm, node_attrs.get("perm", list(range(rank))[::-1]))
+                visible[node.output[0]] = _Const(src.key, src.tensor, src.storage, src.scope, perm,
+                                                 src.reshaped)
                 continue
-            role = _linear_role(node, visible, attrs) if node.op_type in LINEAR_OPS else None
+            if node.op_type in RESHAPERS and node.input and node.input[0] in visible:
+                # exporters put LSTM/GRU/RNN weights behind an Unsqueeze: follow them so that
+                # they are listed as skipped; any other use is not a weight use, as before
+                src = visible[node.input[0]]
+                uses.setdefault(src.key, []).append((None, None, None))
+                visible[node.output[0]] = _Const(src.key, src.tensor, src.storage, src.scope,
+                                                 None, True)
+                continue
+            spec = OPS.get(node.op_type)
+            role = spec.role(node, _WeightNames(visible), node_attrs) if spec else None
             for pos, name in enumerate(node.input):
                 if name not in visible:
                     continue
                 c = visible[name]
-                if role and pos == role[0]:
-                    use = Use(label, node.op_type, node.input[role[3]], node.output[0], role[2],
-                              attrs, in_subgraph=bool(scope))
-                    uses.setdefault(c.key, []).append((use, role[1], c.perm))
+                if c.reshaped:
+                    if node.op_type in RECURRENT_OPS and c.tensor.data_type in FLOAT_TYPES:
+                        uses.setdefault(c.key, []).append(
+                            (None, (node.op_type, _no_rule_reason(node.op_type)), None))
+                    continue
+                if role and pos == role.weight:
+                    use = Use(label, node.op_type, node.input[role.activation], node.output[0],
+                              role.samples, node_attrs, in_subgraph=bool(scope))
+                    uses.setdefault(c.key, []).append((use, role.layout, c.perm))
                 elif node.op_type in QUANTIZED_OPS:
                     uses.setdefault(c.key, []).append(
                         (None, (node.op_type, "quantized op " + node.op_type), None))
@@ -229,7 +209,7 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], list[Skipped]]:
                         (None, (node.op_type, _no_rule_reason(node.op_type)), None))
                 elif node.op_type in SHAPE_READERS:
                     continue   # reads the shape, not the values (a zero bias sized from it)
-                elif not (node.op_type in LINEAR_OPS and pos == 2):  # a bias is not a weight
+                elif not (spec and pos == spec.bias):  # a bias is not a weight
                     uses.setdefault(c.key, []).append((None, None, None))
             for a in node.attribute:
                 if a.type == onnx.AttributeProto.GRAPH:
@@ -251,7 +231,7 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], list[Skipped]]:
             skipped.append(Skipped(key, op, reason))
             continue
         use0, layout, perm = weight_uses[0]
-        groups = int(use0.attrs.get("group", 1)) if layout in ("conv", "convT") else 1
+        groups = OPS[use0.op_type].groups(use0.attrs)
         sites.append(Site(
             name=key, tensor_name=c.tensor.name or key.rsplit("/", 1)[-1], storage=c.storage,
             scope=c.scope, shape=tuple(c.tensor.dims),
@@ -263,8 +243,9 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], list[Skipped]]:
 
 
 def _no_rule_reason(op_type: str) -> str:
-    if op_type in ("LSTM", "GRU", "RNN"):
-        return f"recurrent {op_type} weights are not pruned (no 2-D view for them)"
+    if op_type in RECURRENT_OPS:
+        return (f"recurrent {op_type} weights (W, R) are not pruned: layer-wise OBS has no "
+                "Hessian for them yet")
     if op_type == "Gather":
         return "read by Gather as a lookup table (an embedding): not pruned"
     return f"{op_type} weights are not pruned (no 2-D view for them)"
@@ -277,16 +258,10 @@ def _skip_reason(tensor, weight_uses, blockers, other) -> str | None:
         return "integer weights (quantized)"
     if other:
         return "also used outside a linear op's weight input"
-    layouts = {(layout, perm, u.attrs.get("group", 1)) for u, layout, perm in weight_uses}
+    layouts = {(layout, perm, OPS[u.op_type].groups(u.attrs)) for u, layout, perm in weight_uses}
     if len(layouts) > 1:
         return "shared by nodes that read it in different layouts"
-    layout = weight_uses[0][1]
-    rank = len(tensor.dims)
-    if layout in ("rows_cols", "cols_rows") and rank != 2:
-        return f"rank-{rank} MatMul weight (only 2-D weights are sites)"
-    if layout in ("conv", "convT") and rank < 3:
-        return f"rank-{rank} convolution weight"
-    return None
+    return OPS[weight_uses[0][0].op_type].rank_problem(len(tensor.dims))
 
 
 def read_array(site: Site, base_dir: str = "") -> np.ndarray:

@@ -14,8 +14,9 @@ import numpy as np
 from onnx_obs.calib import Calibration
 from onnx_obs.graph.capture import with_outputs
 from onnx_obs.graph.model_io import LoadedModel
+from onnx_obs.graph.ops import OPS
 from onnx_obs.graph.sites import Site
-from onnx_obs.hessian.layerwise import ConvGeometry, HessianSum, input_vectors
+from onnx_obs.hessian.layerwise import HessianSum, input_vectors
 from onnx_obs.runtime import Runner
 
 
@@ -30,7 +31,7 @@ class HessianCapture:
         self.sums: dict[tuple, tuple[HessianSum, Site, list]] = {}
         self.keys: dict[str, tuple] = {}
         for s in sites:  # sites reading the same activation in the same way share one sum
-            geometries = [_geometry(s, u) for u in s.uses]
+            geometries = [OPS[u.op_type].geometry(u.attrs, s.op_shape) for u in s.uses]
             key = tuple((u.activation, u.samples, repr(g)) for u, g in zip(s.uses, geometries))
             self.keys[s.name] = key
             if key not in self.sums:
@@ -59,9 +60,3 @@ def capture_hessians(loaded: LoadedModel, sites: list[Site], cal: Calibration, d
         capture.add_batch(feeds)
         bar.advance(task)
     return capture.hessians()
-
-
-def _geometry(site: Site, use) -> ConvGeometry | None:
-    if use.samples not in ("conv", "convtranspose"):
-        return None
-    return ConvGeometry.from_attrs(use.attrs, site.op_shape[2:])

@@ -9,42 +9,13 @@ set per convolution group. Sums are float64 and streamed batch by batch: memory 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import numpy as np
 
+from onnx_obs.graph.ops import ConvGeometry
+
 _CHUNK_ROWS = 16384         # input vectors per float64 product
 _UNFOLD_ELEMENTS = 1 << 24  # bounds one unfolded convolution chunk (64 MB of float32)
-
-
-@dataclass
-class ConvGeometry:
-    """What an unfold needs from a Conv / ConvTranspose node, as plain numbers."""
-
-    kernel: tuple[int, ...]
-    strides: tuple[int, ...]
-    dilations: tuple[int, ...]
-    pads: tuple[int, ...] | None   # begins then ends; None with auto_pad
-    auto_pad: str = "NOTSET"
-    groups: int = 1
-    output_padding: tuple[int, ...] = ()
-    output_shape: tuple[int, ...] = ()
-
-    @classmethod
-    def from_attrs(cls, attrs: dict, kernel: tuple[int, ...]) -> ConvGeometry:
-        r = len(kernel)
-        ap = attrs.get("auto_pad", "NOTSET")
-        ap = ap.decode() if isinstance(ap, bytes) else ap
-        return cls(
-            kernel=tuple(attrs.get("kernel_shape", kernel)),
-            strides=tuple(attrs.get("strides", [1] * r)),
-            dilations=tuple(attrs.get("dilations", [1] * r)),
-            pads=tuple(attrs["pads"]) if "pads" in attrs and ap in ("NOTSET", "") else None,
-            auto_pad=ap or "NOTSET",
-            groups=int(attrs.get("group", 1)),
-            output_padding=tuple(attrs.get("output_padding", [0] * r)),
-            output_shape=tuple(attrs.get("output_shape", ())),
-        )
 
 
 class HessianSum:

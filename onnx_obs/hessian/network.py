@@ -24,15 +24,14 @@ from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.backprop import build_vjp_model, supports_gradients
 from onnx_obs.graph.capture import with_outputs
 from onnx_obs.graph.model_io import LoadedModel, check_output_path, save_model
+from onnx_obs.graph.ops import OPS, ConvGeometry, find_bias
 from onnx_obs.graph.perturb import build_perturbed_model, fd_deltas
+from onnx_obs.graph.protos import NUMPY_FLOAT_TYPES, constants, readers
 from onnx_obs.graph.sites import Site, Use, site_matrix, write_matrix
 from onnx_obs.hessian import full as fullh
 from onnx_obs.hessian.inverse import inverse_hessian
-from onnx_obs.hessian.layerwise import ConvGeometry, input_vectors
+from onnx_obs.hessian.layerwise import input_vectors
 from onnx_obs.runtime import Runner
-
-_BIAS_DTYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
-
 
 # ---- the weight vector -------------------------------------------------------------------------
 
@@ -103,12 +102,9 @@ def parameters(model: onnx.ModelProto, sites: list[Site], base_dir: str, prune_b
                notes: list[str]) -> Parameters:
     """Lay out w: every site's matrix, then (with prune_biases) each of their nodes' biases."""
     graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    inits = {t.name: t for t in graph.initializer}
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output}
+    read = readers(graph)
+    inits = constants(graph, nodes=False)
     graph_inputs = {i.name for i in graph.input}
     segments, terms, start = [], [], 0
     for s in sites:
@@ -116,47 +112,38 @@ def parameters(model: onnx.ModelProto, sites: list[Site], base_dir: str, prune_b
         start += segments[-1].size
     for s, seg in zip(sites, list(segments)):
         for u in s.uses:
-            node = producer[u.output]
-            layout = "channels" if u.op_type in ("Conv", "ConvTranspose") else (
-                "rows" if node.input[0] == u.activation else "cols")
-            geometry = ConvGeometry.from_attrs(u.attrs, s.op_shape[2:]) if layout == "channels" else None
-            alpha = float(u.attrs.get("alpha", 1.0)) if u.op_type == "Gemm" else 1.0
-            term = Term(s, u, seg.slice, layout, alpha, geometry)
+            ni, spec = producer[u.output], OPS[u.op_type]
+            layout = spec.units(graph.node[ni], u.activation)
+            alpha, beta = spec.scales(u.attrs)
+            term = Term(s, u, seg.slice, layout, alpha, spec.geometry(u.attrs, s.op_shape))
             terms.append(term)
             if not prune_biases:
                 continue
-            found = _bias(node, u, layout, s.matrix_shape[0], consumers, inits, graph_inputs)
-            if isinstance(found, str):
-                notes.append(f"bias of {u.node} left out of w: {found}")
+            bias = _bias(graph.node, ni, layout, s.matrix_shape[0], read, inits, graph_inputs)
+            if isinstance(bias, str):
+                notes.append(f"bias of {u.node} left out of w: {bias}")
                 continue
-            if found is None:
+            if bias is None:
                 continue
-            tensor, beta = found
-            segments.append(Segment(tensor.name, f"{u.op_type} bias", start, tuple(tensor.dims), bias=tensor))
+            segments.append(Segment(bias.name, f"{u.op_type} bias", start, tuple(bias.dims), bias=bias))
             term.bias, term.beta = segments[-1].slice, beta
             start += segments[-1].size
     return Parameters(segments, terms, base_dir)
 
 
-def _bias(node, use: Use, layout: str, rows: int, consumers, inits, graph_inputs):
-    """(tensor, scale) of the node's per-unit bias, None if it has none, or why it cannot join w."""
-    if node.op_type in ("Gemm", "Conv", "ConvTranspose"):
-        if len(node.input) < 3 or not node.input[2]:
-            return None
-        name, beta = node.input[2], float(use.attrs.get("beta", 1.0)) if node.op_type == "Gemm" else 1.0
-    else:  # MatMul followed by Add of a constant: the delta of the MatMul output is the bias's
-        after = consumers.get(use.output, [])
-        if len(after) != 1 or after[0].op_type != "Add" or len(set(after[0].input)) != 2:
-            return None
-        name, beta = next(i for i in after[0].input if i != use.output), 1.0
-        if name not in inits:
-            return None
+def _bias(nodes, index: int, layout: str, rows: int, read, inits, graph_inputs):
+    """The per-unit bias tensor of node `index`, None if it has none, or why it cannot join w.
+    A MatMul's bias is an Add of a constant after it: the delta of the MatMul output is the bias's."""
+    found = find_bias(nodes, index, read)
+    if found is None or found.name is None or (found.added and found.name not in inits):
+        return None
+    name = found.name
     tensor = inits.get(name)
     if tensor is None or name in graph_inputs:
         return f"'{name}' is not a constant initializer of the main graph"
-    if tensor.data_type not in _BIAS_DTYPES:
+    if tensor.data_type not in NUMPY_FLOAT_TYPES:
         return f"'{name}' has an unsupported data type"
-    if len(consumers.get(name, [])) != 1:
+    if len(read.get(name, [])) != 1:
         return f"'{name}' is shared with other nodes"
     dims = list(tensor.dims)
     if layout == "rows":
@@ -167,7 +154,7 @@ def _bias(node, use: Use, layout: str, rows: int, consumers, inits, graph_inputs
         aligned = dims == [rows]
     if not aligned or int(np.prod(dims)) != rows:
         return f"'{name}' of shape {dims} is not one value per output unit"
-    return tensor, beta
+    return tensor
 
 
 # ---- derivatives ---------------------------------------------------------------------------------
@@ -208,8 +195,7 @@ class _Deltas:
 
 
 def _float_outputs(model: onnx.ModelProto) -> list[str]:
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
-    outs = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in floats]
+    outs = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in NUMPY_FLOAT_TYPES]
     if not outs:
         raise OnnxObsError("the model has no floating-point output to differentiate")
     return outs

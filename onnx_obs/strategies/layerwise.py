@@ -38,7 +38,7 @@ def run(ctx: Context) -> None:
             hessians = cache
         for s in batch:
             ctx.report.sites.append(_prune_site(ctx, s, hessians[s.name], levels.get(s.name)))
-            ctx.bar.advance(task)
+            ctx.bar.advance(task, what=s.name)
     if not levels:  # allocated levels count the existing zeros already
         note_already_sparse(ctx)
 

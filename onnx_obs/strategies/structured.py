@@ -2,13 +2,13 @@
 
 One producer layer at a time in graph order (sequential, like the layer-wise
 pipeline: each layer's consumers are captured on the model as already shrunk):
-  1. trace which columns of which consumer layers each unit feeds (graph.channels);
+  1. trace which columns of which consumer layers each unit feeds (graph.tracing);
   2. method "obs": capture the consumers' Hessians with a constant-1 input appended (so a bias
      can absorb what a removed unit contributed on average) and remove units by group OBS
      (algorithms.structured), writing the corrected consumer weights and biases;
      method "magnitude": remove the units whose producer rows have the smallest L1 norm, no
      correction;
-  3. cut the units out of every tensor they own and re-run shape inference (graph.channels).
+  3. cut the units out of every tensor they own and re-run shape inference (graph.surgery).
 Targets: --sparsity removes that fraction of the units of every layer that has removable units.
 --target-params / --target-flops plan per-layer counts for the whole model first, on the
 original model: each layer's greedy removal curve (group-OBS cost of each next unit, divided by
@@ -26,12 +26,20 @@ import numpy as np
 import onnx
 
 from onnx_obs.algorithms.layerwise import layer_error
-from onnx_obs.algorithms.structured import Consumer, group_obs, l1_order, output_energy, plan_counts
+from onnx_obs.algorithms.structured import (
+    Consumer,
+    group_obs,
+    l1_order,
+    output_energy,
+    plan_counts,
+)
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.flops import resource_model
-from onnx_obs.graph.channels import UnitGroup, read_bias, shrink, trace_units, write_bias
 from onnx_obs.graph.model_io import iter_tensors
 from onnx_obs.graph.sites import find_sites, site_matrix, write_matrix
+from onnx_obs.graph.surgery import read_bias, shrink, write_bias
+from onnx_obs.graph.tracing import trace_units
+from onnx_obs.graph.units import UnitGroup
 from onnx_obs.hessian.capture import capture_hessians
 from onnx_obs.strategies.context import Context
 
@@ -94,7 +102,7 @@ def run(ctx: Context) -> None:
         entry["removed"] = sorted(int(u) for u in removed)
         entry["seconds"] = time.perf_counter() - t0
         report.structure.append(entry)
-        bar.advance(task)
+        bar.advance(task, what=name)
     _full_check(model, original, report)
     ctx.sites = find_sites(model)[0]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from onnx_obs import api
 from onnx_obs.calib import load_calibration
-from onnx_obs.config import METHODS, PruneConfig
+from onnx_obs.config import ALLOCATIONS, METHODS, PruneConfig
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.evaluate import Quality, as_flag, data_keys, detect_labels, label_note, measure
 from onnx_obs.graph.model_io import load_any
@@ -34,11 +34,17 @@ class CompareRow:
     top1_agreement: float | None = None  # with class scores
     accuracy: float | None = None        # with labels
     loss: float | None = None            # of the sweep's metric: set once its baseline is known
+    allocation: str | None = None        # "uniform" or "auto" when the sweep sets --allocation
+
+    @property
+    def series(self) -> str:
+        """The curve the row belongs to: its method, and its allocation where the sweep sets one."""
+        return self.method if self.allocation is None else f"{self.method} {self.allocation}"
 
     def to_dict(self) -> dict:
-        """As JSON: top1_agreement and accuracy only where measured."""
+        """As JSON: top1_agreement, accuracy and allocation only where measured or set."""
         return {k: v for k, v in asdict(self).items()
-                if v is not None or k not in ("top1_agreement", "accuracy")}
+                if v is not None or k not in ("top1_agreement", "accuracy", "allocation")}
 
 
 @dataclass
@@ -114,9 +120,19 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
+def parse_allocations(text: str) -> list[str]:
+    values = list(dict.fromkeys(a.strip() for a in text.split(",") if a.strip()))
+    bad = [a for a in values if a not in ALLOCATIONS]
+    if bad or not values:
+        raise OnnxObsError(f"unknown allocation '{bad[0] if bad else text}' in --allocation: use "
+                           f"uniform, auto or both (uniform,auto)")
+    return values
+
+
 def compare(model, calib, config: PruneConfig | None = None, *, methods: list[str],
             sparsities: list[float] | None, eval_data=None, labels: str | None = None,
-            max_loss: float | None = None, progress: bool | str = False, **overrides) -> Comparison:
+            max_loss: float | None = None, progress: bool | str = False,
+            allocations: list[str] | None = None, **overrides) -> Comparison:
     """Prune `model` with every method at every sparsity and score each result on `eval_data`
     (the calibration data when None) against the original model.
 
@@ -128,6 +144,8 @@ def compare(model, calib, config: PruneConfig | None = None, *, methods: list[st
     sparsity loses at most this much of the quality metric (accuracy with labels, else top-1
     agreement, else relative MSE, which counts as a loss by itself). batching: False feeds each
     run of the calibration and evaluation data whole (calib.py); samples then count runs.
+    allocations: e.g. ["uniform", "auto"]: every method with a Hessian runs with each (one curve
+    per method and allocation; magnitude stays uniform); None: the config's allocation alone.
     """
     config = (config or PruneConfig()).replace(**overrides)
     pattern, sequential, data = config.pattern, config.layerwise.sequential, config.data
@@ -156,18 +174,22 @@ def compare(model, calib, config: PruneConfig | None = None, *, methods: list[st
                                 batching=batching)
     ref = Runner(loaded.model, loaded.base_dir, device)
     cache = None if sequential else {}
+    labelled = allocations is not None or config.layerwise.allocation != "uniform"
+    runs = [(m, a) for m in methods
+            for a in dict.fromkeys(["uniform"] if m == "magnitude" else allocations or [config.layerwise.allocation])]
     rows, baseline = [], None
     with Progress(enabled=bool(progress), verbose=progress == "verbose") as bar:
-        task = bar.add("pruning and scoring", total=len(methods) * len(grid))
-        for method in methods:
+        task = bar.add("pruning and scoring", total=len(runs) * len(grid))
+        for method, allocation in runs:
             for sparsity in grid:
                 result = api.prune(model, cal.batches, config, method=method, sparsity=sparsity,
-                                   max_samples=None, hessians=cache)
+                                   allocation=allocation, max_samples=None, hessians=cache)
                 quality = measure(ref, Runner(result.model, loaded.base_dir, device), ecal,
                                   labels_required=labels is not None)
                 baseline = quality.accuracy[0]
                 rows.append(_row(method, sparsity, pattern, result, quality))
-                bar.advance(task, what=f"{method} at {sparsity:g}")
+                rows[-1].allocation = allocation if labelled else None
+                bar.advance(task, what=f"{method} {allocation} at {sparsity:g}" if labelled else f"{method} at {sparsity:g}")
     if labels is None and eval_labels is not None:
         notes.insert(0, label_note(eval_labels, quality, "evaluation data"))
         eval_labels = eval_labels if quality.label_output else None
@@ -189,7 +211,8 @@ def compare(model, calib, config: PruneConfig | None = None, *, methods: list[st
                   "batch_size": batch_size, "max_samples": max_samples, "batching": batching},
         device=ref.provider,
         rows=rows,
-        max_loss=None if max_loss is None else highest_within(rows, methods, max_loss),
+        max_loss=None if max_loss is None else highest_within(rows, list(dict.fromkeys(r.series for r in rows)),
+                                                              max_loss),
         notes=notes + list(dict.fromkeys(cal.notes + ecal.notes)))
 
 
@@ -216,12 +239,13 @@ def _row(method: str, sparsity: float, pattern, result: api.PruneResult,
 
 
 def highest_within(rows: list[CompareRow], methods: list[str], max_loss: float) -> HighestWithin:
-    """Per method, the highest sparsity such that it and every lower tested sparsity lose at
-    most `max_loss` (None when even the lowest loses more)."""
+    """Per method (series: method and allocation where the sweep sets one), the highest sparsity
+    such that it and every lower tested sparsity lose at most `max_loss` (None when even the
+    lowest loses more)."""
     found = {}
     for method in methods:
         best = None
-        for r in sorted((r for r in rows if r.method == method), key=lambda r: r.sparsity):
+        for r in sorted((r for r in rows if r.series == method), key=lambda r: r.sparsity):
             if r.loss > max_loss:
                 break
             best = r

@@ -31,6 +31,7 @@ GRADIENTS = ("auto", "graph", "fd")
 AUTO_ALPHA = 0.01  # full-network alpha by default: this fraction of mean diag(H)
 STRUCTURES = ("neurons", "channels")   # the same thing: "channels" is the Conv spelling
 STRUCTURED_METHODS = ("obs", "magnitude")
+ALLOCATIONS = ("uniform", "auto")
 # Sites with fewer weights are kept dense (when larger ones exist): they save nothing, and the
 # tiny linear ops of real models are often fixed transforms (a detector's 16-weight DFL
 # projection, 3x3 colour matrices) that pruning breaks.
@@ -88,6 +89,8 @@ class LayerwiseOptions:
     capture_memory_mb: int = 2048  # sequential capture: boundary tensors held in memory, the rest on disk
     time_budget: float = 60.0      # solver="auto": modelled seconds of exact solves in a whole run
     max_positions: int = 0         # conv Hessians: output positions per sample (random subset); 0 = all
+    allocation: str = "uniform"    # "auto": per-site levels meeting the global target (strategies/allocation.py)
+    max_layer_sparsity: float = 0.9  # auto: no site beyond this fraction of zeros
 
 
 @dataclass
@@ -228,6 +231,28 @@ class PruneConfig:
             raise OnnxObsError(f"--capture-memory must be at least 0 MB, got {self.layerwise.capture_memory_mb}")
         if self.layerwise.block_size < 1:
             raise OnnxObsError(f"--block-size must be at least 1, got {self.layerwise.block_size}")
+        self._check_allocation()
+
+    def _check_allocation(self) -> None:
+        lw = self.layerwise
+        if lw.allocation not in ALLOCATIONS:
+            raise OnnxObsError(f"unknown allocation '{lw.allocation}': use one of {', '.join(ALLOCATIONS)}")
+        if lw.allocation == "uniform":
+            if lw.max_layer_sparsity != LayerwiseOptions.max_layer_sparsity:
+                raise OnnxObsError("--max-layer-sparsity caps the per-site levels of --allocation auto: "
+                                   "add --allocation auto, or drop it")
+            return
+        if self.mode != "layerwise" or self.pattern is not None:
+            what = ("--pattern" if self.pattern is not None else "--structure" if self.mode == "structured"
+                    else f"--hessian {self.hessian}" if self.mode == "full_network" else "--method magnitude")
+            raise OnnxObsError(f"--allocation auto chooses per-site levels of unstructured layer-wise pruning "
+                               f"from their Hessians, which {what} does not use: drop --allocation auto"
+                               + (" (--scope global ranks magnitudes across sites)" if what == "--method magnitude" else ""))
+        if not 0 < lw.max_layer_sparsity <= 1:
+            raise OnnxObsError(f"--max-layer-sparsity must be in (0, 1], got {lw.max_layer_sparsity}")
+        if self.sparsity > lw.max_layer_sparsity:
+            raise OnnxObsError(f"--sparsity {self.sparsity} is above --max-layer-sparsity "
+                               f"{lw.max_layer_sparsity}: no allocation can reach it; raise the cap")
 
     def _check_method(self, has_calibration: bool) -> None:
         method, pattern, scope = self.method, self.pattern, self.scope
@@ -362,7 +387,9 @@ class PruneConfig:
             scope=self.scope, solver=lw.solver, time_budget=lw.time_budget,
             max_positions=lw.max_positions, block_size=lw.block_size, damp=lw.damp,
             sequential=lw.sequential, batch_size=data.batch_size, max_samples=data.max_samples,
-            batching=data.batching)
+            batching=data.batching, allocation=lw.allocation)
+        if lw.allocation != "uniform":
+            settings.update(max_layer_sparsity=lw.max_layer_sparsity)
         if s.structure is not None or self.storage != "dense":
             settings.update(structure=s.structure, target_params=s.target_params,
                             target_flops=s.target_flops, target_speedup=s.target_speedup,

@@ -30,8 +30,8 @@ def plot_compare(result: Comparison, path: str | Path) -> list[Path]:
     metric = result.metric
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    for method in dict.fromkeys(r.method for r in result.rows):
-        rows = sorted((r for r in result.rows if r.method == method), key=lambda r: r.sparsity)
+    for method in dict.fromkeys(r.series for r in result.rows):
+        rows = sorted((r for r in result.rows if r.series == method), key=lambda r: r.sparsity)
         ax.plot([r.sparsity for r in rows], [getattr(r, metric) for r in rows], marker="o", label=method)
     if metric == "relative_mse":
         ax.set_yscale("log")

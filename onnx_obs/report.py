@@ -25,10 +25,17 @@ class SiteReport:
     measured_error: float | None = None    # mean ||W x - W' x||^2 over the calibration inputs
     damping: float | None = None
     seconds: float = 0.0
+    # --allocation auto: the site's chosen level, output sensitivity and predicted output error
+    target_sparsity: float | None = None
+    sensitivity: float | None = None         # relative output MSE per unit of layer error
+    predicted_output_error: float | None = None
 
     @property
     def sparsity(self) -> float:
         return self.zeros_after / self.params if self.params else 0.0
+
+
+_ALLOCATION_FIELDS = ("target_sparsity", "sensitivity", "predicted_output_error")
 
 
 @dataclass
@@ -54,6 +61,7 @@ class Report:
     quantization: list[dict] = field(default_factory=list)  # --bits: grid and errors per site
     phases: Phases = field(default_factory=Phases)       # seconds per phase (timing.PHASES)
     threads: int = 0                                     # BLAS and onnxruntime threads used
+    allocation: dict = field(default_factory=dict)       # --allocation auto: global figures
 
     @property
     def params_before(self) -> int:
@@ -66,7 +74,7 @@ class Report:
     def to_dict(self) -> dict:
         sites = []
         for s in self.sites:
-            d = asdict(s)
+            d = {k: v for k, v in asdict(s).items() if v is not None or k not in _ALLOCATION_FIELDS}
             d["sparsity"] = s.sparsity
             d["weights_removed"] = s.zeros_after - s.zeros_before
             sites.append(d)
@@ -89,6 +97,7 @@ class Report:
             **({"storage": self.storage} if self.storage else {}),
             **({"costs": self.costs} if self.costs else {}),
             **({"quantization": self.quantization} if self.quantization else {}),
+            **({"allocation": self.allocation} if self.allocation else {}),
             "totals": {
                 "sites": len(self.sites),
                 "site_params": site_params,

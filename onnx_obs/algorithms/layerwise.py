@@ -19,6 +19,7 @@ nothing more.
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ from onnx_obs.algorithms.baselines import SCORES
 from onnx_obs.algorithms.blas_threads import blas_threads_for
 from onnx_obs.algorithms.damping import damped_cholesky, damping
 from onnx_obs.algorithms.masks import nm_mask, smallest_in_groups, smallest_overall, spread_zeros
-from onnx_obs.algorithms.obc import obc_prune
+from onnx_obs.algorithms.obc import obc_prune, obc_trace
 from onnx_obs.algorithms.refit import refit_flops, refit_kept
 from onnx_obs.algorithms.sparsegpt import sparsegpt_prune
 
@@ -53,6 +54,12 @@ REFIT_MAX_FLOPS = 2**36
 # Modelled seconds of the exact solver per unit of rows * cols^3 (2^34 in about 2 s, above), for a
 # run's budget of exact solves (exact_allowed).
 EXACT_SECONDS_PER_WORK = 2.0 / 2**34
+# error_curve's greedy trace (a whole trace per row: the bulk of an exact prune's time) runs on a
+# quarter of the rows, at most as many as TRACE_MAX_WORK allows, at least 16: an allocation table
+# then costs about a quarter of the prune it plans. With 16 of 64 rows its errors came out 0.78-1.0x
+# those of all rows (tests/test_allocation.py's layers).
+TRACE_ROW_SHARE = 0.25
+TRACE_MAX_WORK = 2**32
 
 
 def exact_allowed(layers: list[list[tuple[int, int]]], budget_seconds: float) -> list[bool]:
@@ -68,6 +75,7 @@ def exact_allowed(layers: list[list[tuple[int, int]]], budget_seconds: float) ->
             break
         allowed[i], spent = True, spent + cost[i]
     return allowed
+
 
 
 @dataclass
@@ -111,8 +119,7 @@ def prune_layer(
     W, H, pattern = _check(W, H, method, sparsity, pattern, solver, block_size, damp)
     n_zeros = round(sparsity * W.size)
     rows, cols = W.shape
-    fast = method == "obs" and (solver == "fast" or (
-        solver == "auto" and (not exact or rows * cols**3 > EXACT_MAX_WORK)))
+    fast = method == "obs" and not runs_exact(method, solver, rows, cols, exact)
     # The fast solver works in the weights' own precision (float32 for float32/16 models).
     work = _float_copy(W, np.float32 if fast and W.dtype.itemsize <= 4 else np.float64)
     if work.size == 0:
@@ -146,10 +153,57 @@ def prune_layer(
                 return LayerResult(weight, ~removed, predicted, lam, "fast+refit")
             return LayerResult(weight, ~removed, predicted, lam, "fast")
         del A
-        Hinv, _ = lapack.dpotri(L, lower=1, overwrite_c=1)
-    Hinv = np.tril(Hinv) + np.tril(Hinv, -1).T
+        Hinv = _inverse(L)
     weight, removed, predicted = obc_prune(work, Hinv, work == 0.0, n_zeros=n_zeros, pattern=pattern)
     return LayerResult(weight, ~removed, predicted, lam, "exact")
+
+
+def error_curve(W: np.ndarray, H: np.ndarray, counts, *, method: str = "obs", solver: str = "auto",
+                block_size: int = 128, damp: float = 0.01) -> np.ndarray:
+    """prune_layer's predicted error at each zero count in `counts` (unstructured): a layer's
+    error-vs-sparsity table, for allocating sparsity across layers (OBC, Frantar & Alistarh 2022).
+
+    Where prune_layer would run the exact solver, one full greedy trace gives every count at once
+    (obc.obc_trace), run on evenly spaced rows (TRACE_ROW_SHARE, at least 16) and scaled up:
+    rows are independent problems with the same H, so m of R rows at k m / R zeros estimate the
+    error of all at k, times R / m. Elsewhere the layer is pruned once per count, the fast solver
+    without the refit (which lowers the error by a roughly constant factor).
+    """
+    W, H, _ = _check(W, H, method, 0.0, None, solver, block_size, damp)
+    counts = np.clip(np.asarray(counts, dtype=np.int64), 0, W.size)
+    rows, cols = W.shape
+    if not runs_exact(method, solver, rows, cols) or W.size == 0:
+        one = "fast" if method == "obs" and solver == "auto" else solver
+        return np.array([prune_layer(W, H, method=method, sparsity=k / max(W.size, 1), solver=one,
+                                     block_size=block_size, damp=damp).predicted_error for k in counts])
+    h_diag = H.diagonal().astype(np.float64)
+    dead = ~(h_diag > 0)
+    if dead.all():  # E does not depend on W
+        return np.zeros(len(counts))
+    h_diag[dead] = 0.0
+    with blas_threads_for(cols**3 / 3):
+        L, _ = damped_cholesky(_decoupled(H, dead), damping(h_diag, damp), float(h_diag.max()))
+        Hinv = _inverse(L)
+    m = min(rows, max(16, min(math.ceil(TRACE_ROW_SHARE * rows), TRACE_MAX_WORK // cols**3)))
+    work = np.array(W[np.linspace(0, rows - 1, m).round().astype(np.int64)], dtype=np.float64)
+    trace = obc_trace(work, Hinv, (work == 0.0) | dead[None, :])
+    return rows / m * np.interp(counts * m / rows, np.arange(trace.size), trace)
+
+
+def runs_exact(method: str, solver: str, rows: int, cols: int, exact: bool = True) -> bool:
+    """Whether prune_layer runs the exact solver (OBC) on a rows x cols layer (exact=False: the
+    run's --time-budget has no room for it)."""
+    return method == "obs" and (solver == "exact" or (
+        solver == "auto" and exact and rows * cols**3 <= EXACT_MAX_WORK))
+
+
+def _inverse(L: np.ndarray) -> np.ndarray:
+    """H^-1 = L^-T L^-1 (both triangles) from the lower Cholesky factor of H. (LAPACK's dpotri
+    took 15 ms for a 25x25 factor with this machine's OpenBLAS, and 2-3x longer than this for
+    256-576 columns.)"""
+    Li = np.tril(lapack.dtrtri(L, lower=1)[0])  # the upper triangle holds leftovers
+    Hinv = Li.T @ Li
+    return np.tril(Hinv) + np.tril(Hinv, -1).T
 
 
 def _remove_needed_dead(work: np.ndarray, dead: np.ndarray, n_zeros: int, pattern) -> None:

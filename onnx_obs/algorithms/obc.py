@@ -71,6 +71,17 @@ def obc_prune(
     return pruned, removed, float(losses.sum())
 
 
+def obc_trace(W: np.ndarray, Hinv: np.ndarray, forced: np.ndarray) -> np.ndarray:
+    """Predicted error of the exact solver at every zero count of W: entry k (k = 0 .. W.size) is
+    the loss of the k cheapest steps of the rows' greedy traces, as obc_prune's "global" choice
+    takes them (_global_counts): one full greedy run gives the whole curve (OBC's error table).
+    Forced weights cost nothing (dead inputs: no error on the calibration data)."""
+    _, _, losses = _greedy(W, Hinv, forced, np.full(W.shape[0], W.shape[1]))
+    slopes = _convex_slopes(losses, forced.sum(axis=1))
+    steps = np.sort(slopes, axis=None)
+    return np.concatenate([[0.0], np.cumsum(np.maximum(steps, 0.0))])
+
+
 def _global_counts(losses: np.ndarray, n_forced: np.ndarray, n_zeros: int) -> np.ndarray:
     """Per-row step counts for n_zeros removals in all, minimising the summed loss.
 
@@ -79,15 +90,23 @@ def _global_counts(losses: np.ndarray, n_forced: np.ndarray, n_zeros: int) -> np
     row a prefix of its trace and is optimal for the convexified problem (a Lagrangian choice;
     exact wherever a row's count ends on a vertex of its minorant). Forced steps go first.
     """
+    slopes = _convex_slopes(losses, n_forced)
+    rows, steps = losses.shape
+    # Stable sort of the row-major flattening: on ties, earlier steps of a row come first.
+    order = np.argsort(slopes, axis=None, kind="stable")
+    take = min(max(int(n_zeros), int(n_forced.sum())), slopes.size)
+    return np.bincount(order[:take] // steps, minlength=rows)
+
+
+def _convex_slopes(losses: np.ndarray, n_forced: np.ndarray) -> np.ndarray:
+    """Each row's step losses after its n_forced forced steps (-inf) made non-decreasing: the
+    slopes of the greatest convex minorant of the row's cumulative loss."""
     rows, steps = losses.shape
     slopes = np.full((rows, steps), -np.inf)
     for r, f in enumerate(n_forced.tolist()):
         if f < steps:
             slopes[r, f:] = isotonic_regression(losses[r, f:]).x
-    # Stable sort of the row-major flattening: on ties, earlier steps of a row come first.
-    order = np.argsort(slopes, axis=None, kind="stable")
-    take = min(max(int(n_zeros), int(n_forced.sum())), slopes.size)
-    return np.bincount(order[:take] // steps, minlength=rows)
+    return slopes
 
 
 def _greedy(

@@ -18,6 +18,7 @@ from onnx_obs import evaluate as evaluation
 from onnx_obs import plot as plotting
 from onnx_obs.cli.app import STDOUT, app, err, handled, out, verbosity
 from onnx_obs.cli.options import (CHECKS, DATA, FULL, METHOD, OUTPUT, QUANT, SOLVER, STRUCT, TIMING, ActOrderOpt,
+                                  AllocationOpt, MaxLayerSparsityOpt,
                                   BatchSizeOpt, ConfigOpt, DampOpt, DeviceOpt, ExcludeOpt, FormatOpt, GroupSizeOpt,
                                   IncludeOpt, JsonOpt, MaxSamplesOpt, MinParamsOpt, NoBatchingOpt, OpTypesOpt,
                                   PatternOpt, QuietOpt, ReportOpt, SolverOpt, SymmetricOpt, VerboseOpt, prune_config)
@@ -37,8 +38,10 @@ def prune(
     calib: Optional[Path] = typer.Option(None, "--calib", help=".npz keyed by input name (or .npy for one input), batched on axis 0; or a directory of .npz (see --no-batching).", rich_help_panel=DATA),
     config_file: Optional[Path] = ConfigOpt,
     method: str = typer.Option("obs", "--method", help="obs (layer-wise OBS with weight correction), obd, wanda or magnitude.", rich_help_panel=METHOD),
-    sparsity: float = typer.Option(0.5, "--sparsity", help="Fraction of each site's weights to remove.", rich_help_panel=METHOD),
+    sparsity: float = typer.Option(0.5, "--sparsity", help="Fraction of each site's weights to remove (with --allocation auto: of all selected weights).", rich_help_panel=METHOD),
     pattern: Optional[str] = PatternOpt,
+    allocation: str = AllocationOpt,
+    max_layer_sparsity: float = MaxLayerSparsityOpt,
     scope: str = typer.Option("layer", "--scope", help="layer: the target holds per site; global: rank all sites together (magnitude).", rich_help_panel=METHOD),
     solver: str = SolverOpt,
     block_size: int = typer.Option(128, "--block-size", help="Column block of the fast solver.", rich_help_panel=SOLVER),
@@ -218,6 +221,7 @@ def compare(
     sparsities: Optional[str] = typer.Option(None, "--sparsities", help=f"start:stop:step (stop included when on the grid) or a comma list (default {sweep.DEFAULT_SPARSITIES}).", rich_help_panel=METHOD),
     pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M semi-structured sparsity instead of --sparsities, e.g. 2:4.", rich_help_panel=METHOD),
     labels: Optional[str] = typer.Option(None, "--labels", help="Key of the evaluation data holding class labels: score by accuracy (default: a key 'label' or 'labels').", rich_help_panel=DATA),
+    allocation: Optional[str] = typer.Option(None, "--allocation", help="uniform, auto (per-site levels, see prune --allocation) or uniform,auto: one curve per method and allocation (magnitude stays uniform).", rich_help_panel=METHOD),
     sequential: bool = typer.Option(True, "--sequential/--no-sequential", help="Recapture Hessians after earlier layers are pruned (as prune does); off: capture the original model's Hessians once and share them across all runs (faster).", rich_help_panel=SOLVER),
     min_params: int = MinParamsOpt,
     include: Optional[str] = IncludeOpt, exclude: Optional[str] = ExcludeOpt, op_types: Optional[str] = OpTypesOpt,
@@ -245,12 +249,14 @@ def compare(
         err.print(f"[bold yellow]warning:[/] matplotlib is not installed, so no plot will be drawn: "
                   f"{escape(plotting.INSTALL_HINT)}", highlight=False, soft_wrap=True)
     pat = parse_pattern(pattern)
+    allocations = sweep.parse_allocations(allocation) if allocation else None
     grid = None if pat and sparsities is None else sweep.parse_sparsities(sparsities or sweep.DEFAULT_SPARSITIES)
     if eval_data is None:
         err.print("[bold yellow]warning: no --eval data: scoring on the calibration data flatters every "
                   "method that uses it; pass held-out data with --eval[/]", highlight=False, soft_wrap=True)
-    result = sweep.compare(str(model), str(calib), prune_config(ctx, None, exclude=("labels",)),
+    result = sweep.compare(str(model), str(calib), prune_config(ctx, None, exclude=("labels", "allocation")),
                            methods=sweep.parse_methods(methods), sparsities=grid,
+                           allocations=allocations,
                            eval_data=str(eval_data) if eval_data else None, labels=labels,
                            max_loss=max_loss, progress=progress)
     if json_out is not None:

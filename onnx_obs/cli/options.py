@@ -37,6 +37,8 @@ GroupSizeOpt = typer.Option(-1, "--group-size", help="Input channels per scale (
 SymmetricOpt = typer.Option(True, "--symmetric/--asymmetric", help="Signed codes with zero point 0, or unsigned codes with a zero point per scale.", rich_help_panel=QUANT)
 ActOrderOpt = typer.Option(False, "--act-order", help="GPTQ: quantize columns by decreasing diag(H) instead of left to right.", rich_help_panel=QUANT)
 FormatOpt = typer.Option("qdq", "--format", help="qdq: int8/int4 initializers + DequantizeLinear feeding the original op; matmulnbits: onnxruntime's com.microsoft MatMulNBits for MatMul/Gemm weights at 4 bits (its fast CPU kernels), other weights qdq.", rich_help_panel=OUTPUT)
+AllocationOpt = typer.Option("uniform", "--allocation", help="uniform: every site at --sparsity; auto: per-site levels that meet --sparsity over all selected weights at least predicted output error (each layer's error table from the OBS solver, scaled by a measured output sensitivity; unstructured layer-wise methods with a Hessian).", rich_help_panel=METHOD)
+MaxLayerSparsityOpt = typer.Option(0.9, "--max-layer-sparsity", help="With --allocation auto: no site gets more than this fraction of zeros.", rich_help_panel=METHOD)
 DampOpt = typer.Option(0.01, "--damp", help="Hessian damping, as a fraction of mean diag(H).", rich_help_panel=SOLVER)
 MinParamsOpt = typer.Option(MIN_PARAMS, "--min-params", help="Keep sites with fewer weights than this dense (listed as skipped) when the model has larger ones: tiny layers save nothing and are often fixed transforms. 0 prunes every site.", rich_help_panel=SELECT)
 QuietOpt = typer.Option(False, "--quiet", "-q", help="Print nothing but warnings and errors (and JSON asked for with --json -).", rich_help_panel=OUTPUT)
@@ -57,6 +59,7 @@ _SETTINGS = {
     "labels": ("labels", None), "no_batching": ("batching", lambda v: not v),
     "solver": ("solver", None), "block_size": ("block_size", None), "damp": ("damp", None),
     "sequential": ("sequential", None),
+    "allocation": ("allocation", None), "max_layer_sparsity": ("max_layer_sparsity", None),
     "alpha": ("alpha", None), "max_error_increase": ("max_error_increase", None),
     "recompute_every": ("recompute_every", None), "step": ("step", None),
     "prune_biases": ("prune_biases", None), "gradients": ("gradients", None),

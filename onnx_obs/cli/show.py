@@ -15,12 +15,16 @@ from onnx_obs.evaluate import Evaluation, ThresholdCheck
 from onnx_obs.inspection import Inspection
 
 def _print_prune(d: dict, output: Path) -> None:
-    t = Table(title=d["method"] if "quantization" in d else f"{d['method']} pruning", title_justify="left")
-    for col in ("site", "op", "2-D shape", "sparsity", "pred. error", "meas. error", "s"):
+    alloc = d.get("allocation")
+    title = d["method"] if "quantization" in d else f"{d['method']} pruning" + (", auto allocation" if alloc else "")
+    t = Table(title=title, title_justify="left")
+    cols = ("site", "op", "2-D shape", "sparsity", "pred. error", "meas. error")
+    for col in cols + (("pred. output",) if alloc else ()) + ("s",):
         t.add_column(col, justify="left" if col in ("site", "op") else "right")
     for s in d["sites"]:
+        extra = (_num(s.get("predicted_output_error")),) if alloc else ()
         t.add_row(s["name"], s["op"], "x".join(map(str, s["matrix_shape"])), f"{s['sparsity']:.1%}",
-                  _num(s["predicted_error"]), _num(s["measured_error"]), f"{s['seconds']:.2f}")
+                  _num(s["predicted_error"]), _num(s["measured_error"]), *extra, f"{s['seconds']:.2f}")
     tot = d["totals"]
     if "structure" in d:
         _print_structure(d)
@@ -29,6 +33,10 @@ def _print_prune(d: dict, output: Path) -> None:
         out.print(f"weights  {tot['nonzero_params_before']:,} -> {tot['nonzero_params_after']:,} non-zero "
                   f"in {tot['sites']} sites ({tot['sparsity']:.1%} sparse); model has {tot['model_params']:,} parameters")
     _print_quantization(d)
+    if alloc:
+        out.print(f"alloc.   levels per site (cap {alloc['max_layer_sparsity']:.0%}) predicted to add "
+                  f"{alloc['predicted_relative_mse']:.3g} relative output MSE (pred. output: each site "
+                  f"pruned alone, on {alloc['probe_samples']} samples); chosen in {alloc['seconds']:.1f} s")
     _print_costs(d)
     out.print(f"file     {_size(tot['file_size_before'])} -> {_size(tot['file_size_after'])}")
     for name, dev in d["deviation"].items():
@@ -45,7 +53,7 @@ def _print_prune(d: dict, output: Path) -> None:
     phases = tot.get("phase_seconds") or {}
     if phases:
         out.print("time     " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
-                  + f" ({tot['threads']} threads)", highlight=False)
+                  + f" ({_count(tot['threads'], 'threads')})", highlight=False)
 
 
 def _print_structure(d: dict) -> None:
@@ -171,12 +179,12 @@ def _print_compare(r: Comparison) -> None:
     for col in cols:
         t.add_column(col, justify="left" if col == "method" else "right")
     for i, row in enumerate(rows):
-        cells = [row.method, row.pattern or _pct(row.sparsity, 0), _pct(row.weight_sparsity, 1),
+        cells = [row.series, row.pattern or _pct(row.sparsity, 0), _pct(row.weight_sparsity, 1),
                  _pct(row.top1_agreement)]
         if metric == "accuracy":
             cells.append(_pct(row.accuracy))
         cells += [_num(row.relative_mse), f"{row.seconds:.2f}"]
-        last = i + 1 == len(rows) or rows[i + 1].method != row.method
+        last = i + 1 == len(rows) or rows[i + 1].series != row.series
         t.add_row(*cells, end_section=last)
     out.print(t)
     if metric == "accuracy":

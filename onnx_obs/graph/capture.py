@@ -56,3 +56,25 @@ def _mask(site, upstream) -> int:
     for u in site.uses:
         m |= upstream.get(u.activation, 0)
     return m
+
+
+def with_weight_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` in which each named main-graph weight is also a graph input whose default
+    is its stored value: a run that feeds one replaces that weight alone (initializers listed as
+    inputs are overridable from IR version 4). Constant nodes among them become initializers."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    wanted = set(names)
+    for i in reversed(range(len(m.graph.node))):
+        node = m.graph.node[i]
+        if node.op_type == "Constant" and node.output and node.output[0] in wanted:
+            init = m.graph.initializer.add()
+            init.CopyFrom(next(a.t for a in node.attribute if a.name == "value"))
+            init.name = node.output[0]
+            del m.graph.node[i]
+    inputs = {i.name for i in m.graph.input}
+    for init in m.graph.initializer:
+        if init.name in wanted and init.name not in inputs:
+            m.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, init.dims))
+    m.ir_version = max(m.ir_version, 4)
+    return m

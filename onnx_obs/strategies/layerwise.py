@@ -23,13 +23,16 @@ from onnx_obs.graph.slicing import Unsliceable
 from onnx_obs.hessian.capture import capture_hessians
 from onnx_obs.hessian.sequential import BoundaryCache, SlicedCapture
 from onnx_obs.report import SiteReport
+from onnx_obs.strategies.allocation import SiteLevel, allocate_sites
 from onnx_obs.strategies.context import Context, drop_uncaptureable
 
 
 def run(ctx: Context) -> None:
     drop_uncaptureable(ctx)
-    sweep_sites(ctx, _prune_site, "pruning sites")
-    note_already_sparse(ctx)
+    levels = allocate_sites(ctx) if ctx.config.layerwise.allocation == "auto" else {}
+    sweep_sites(ctx, lambda ctx, s, H: _prune_site(ctx, s, H, levels.get(s.name)), "pruning sites")
+    if not levels:  # allocated levels count the existing zeros already
+        note_already_sparse(ctx)
 
 
 def sweep_sites(ctx: Context, visit: Callable[[Context, Site, np.ndarray], SiteReport], what: str) -> None:
@@ -119,25 +122,35 @@ def _first_line(e: Exception) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0]
 
 
-def _prune_site(ctx: Context, s: Site, H: np.ndarray) -> SiteReport:
-    """Prune one site and write it back."""
+def _prune_site(ctx: Context, s: Site, H: np.ndarray, level: SiteLevel | None = None) -> SiteReport:
+    """Prune one site (to the uniform sparsity or its allocated level) and write it back."""
     t0 = time.perf_counter()
     w = site_matrix(s, ctx.loaded.base_dir)
-    new, r = prune_site_matrix(ctx, s, w, H)
+    new, r = prune_site_matrix(ctx, s, w, H, level)
     write_matrix(s, new, ctx.loaded.store)
     r.seconds = time.perf_counter() - t0
     return r
 
 
-def prune_site_matrix(ctx: Context, s: Site, w: np.ndarray, H: np.ndarray) -> tuple[np.ndarray, SiteReport]:
+def prune_site_matrix(ctx: Context, s: Site, w: np.ndarray, H: np.ndarray,
+                      level: SiteLevel | None = None) -> tuple[np.ndarray, SiteReport]:
     """The site's 2-D matrix w pruned, row group by row group (one per convolution group, each
-    with its own H, or None for magnitude pruning without data), and its report."""
+    with its own H, or None for magnitude pruning without data), to the uniform sparsity or to
+    its allocated level, and its report."""
     c = ctx.config
     new = np.empty_like(w)
     r = site_report(s, w, w, c.method)
     r.predicted_error = r.measured_error = 0.0
+    sparsity = c.sparsity
+    if level is not None:
+        sparsity = level.zeros / max(w.size, 1)
+        r.target_sparsity, r.sensitivity, r.predicted_output_error = sparsity, level.sensitivity, level.predicted
     groups = s.row_groups()
-    for rows, Hg, share in zip(groups, H, _group_sparsities(w, groups, c.sparsity)):
+    if level is not None and level.group_zeros is not None:
+        shares = [n / w[g].size for g, n in zip(groups, level.group_zeros.tolist())]
+    else:
+        shares = _group_sparsities(w, groups, sparsity)
+    for rows, Hg, share in zip(groups, H, shares):
         res = prune_layer(w[rows], Hg, method=c.method, sparsity=share, pattern=c.pattern,
                           solver=c.layerwise.solver, block_size=c.layerwise.block_size,
                           damp=c.layerwise.damp, exact=ctx.exact.get(s.name, True))

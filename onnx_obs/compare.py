@@ -174,7 +174,7 @@ def compare(model, calib, config: PruneConfig | None = None, *, methods: list[st
                                 batching=batching)
     ref = Runner(loaded.model, loaded.base_dir, device)
     cache = None if sequential else {}
-    labelled = allocations is not None or config.layerwise.allocation != "uniform"
+    labelled = allocations is not None or config.layerwise.allocation is not None
     runs = [(m, a) for m in methods
             for a in dict.fromkeys(["uniform"] if m == "magnitude" else allocations or [config.layerwise.allocation])]
     rows, baseline = [], None

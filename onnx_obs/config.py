@@ -89,7 +89,9 @@ class LayerwiseOptions:
     capture_memory_mb: int = 2048  # sequential capture: boundary tensors held in memory, the rest on disk
     time_budget: float = 60.0      # solver="auto": modelled seconds of exact solves in a whole run
     max_positions: int = 0         # conv Hessians: output positions per sample (random subset); 0 = all
-    allocation: str = "uniform"    # "auto": per-site levels meeting the global target (strategies/allocation.py)
+    # "uniform": every site at the sparsity; "auto": per-site levels meeting the global target
+    # (strategies/allocation.py); None: auto where it applies (PruneConfig.allocation_used)
+    allocation: str | None = None
     max_layer_sparsity: float = 0.9  # auto: no site beyond this fraction of zeros
 
 
@@ -194,6 +196,23 @@ class PruneConfig:
             return "full_network"
         return "magnitude" if self.method == "magnitude" else "layerwise"
 
+    @property
+    def allocation_used(self) -> str:
+        """The allocation a prune runs with: the one asked for, or by default (allocation None) auto
+        where it applies (unstructured layer-wise pruning with a Hessian, a sparsity the per-site
+        cap can reach) and uniform elsewhere (N:M, structured, full-network, magnitude, quantize)."""
+        lw = self.layerwise
+        if lw.allocation is not None:
+            return lw.allocation
+        return "auto" if self._allocation_blocker() is None and 0 < self.sparsity <= lw.max_layer_sparsity else "uniform"
+
+    def _allocation_blocker(self) -> str | None:
+        """The setting that rules auto allocation out, as a flag, or None."""
+        if self.pattern is not None:
+            return "--pattern"
+        return {"structured": "--structure", "quantize": "--bits", "magnitude": "--method magnitude",
+                "full_network": f"--hessian {self.hessian}"}.get(self.mode)
+
     def replace(self, **overrides) -> PruneConfig:
         """A copy with settings changed by name: a top-level setting, a group (selection=
         Selection(...)) or any group's field by its own name (damp=0.02, alpha=1e-5)."""
@@ -235,22 +254,27 @@ class PruneConfig:
 
     def _check_allocation(self) -> None:
         lw = self.layerwise
-        if lw.allocation not in ALLOCATIONS:
+        if lw.allocation is not None and lw.allocation not in ALLOCATIONS:
             raise OnnxObsError(f"unknown allocation '{lw.allocation}': use one of {', '.join(ALLOCATIONS)}")
+        capped = lw.max_layer_sparsity != LayerwiseOptions.max_layer_sparsity
         if lw.allocation == "uniform":
-            if lw.max_layer_sparsity != LayerwiseOptions.max_layer_sparsity:
+            if capped:
                 raise OnnxObsError("--max-layer-sparsity caps the per-site levels of --allocation auto: "
-                                   "add --allocation auto, or drop it")
+                                   "drop --allocation uniform, or drop --max-layer-sparsity")
             return
-        if self.mode != "layerwise" or self.pattern is not None:
-            what = ("--pattern" if self.pattern is not None else "--structure" if self.mode == "structured"
-                    else f"--hessian {self.hessian}" if self.mode == "full_network" else "--method magnitude")
+        blocker = self._allocation_blocker()
+        if lw.allocation is None and blocker is not None and not capped:
+            return  # uniform: auto allocation does not apply and was not asked for
+        if blocker is not None:
+            if lw.allocation is None:
+                raise OnnxObsError(f"--max-layer-sparsity caps the per-site levels of auto allocation, "
+                                   f"which {blocker} does not use: drop --max-layer-sparsity")
             raise OnnxObsError(f"--allocation auto chooses per-site levels of unstructured layer-wise pruning "
-                               f"from their Hessians, which {what} does not use: drop --allocation auto"
-                               + (" (--scope global ranks magnitudes across sites)" if what == "--method magnitude" else ""))
+                               f"from their Hessians, which {blocker} does not use: drop --allocation auto"
+                               + (" (--scope global ranks magnitudes across sites)" if blocker == "--method magnitude" else ""))
         if not 0 < lw.max_layer_sparsity <= 1:
             raise OnnxObsError(f"--max-layer-sparsity must be in (0, 1], got {lw.max_layer_sparsity}")
-        if self.sparsity > lw.max_layer_sparsity:
+        if self.sparsity > lw.max_layer_sparsity and (lw.allocation == "auto" or capped):
             raise OnnxObsError(f"--sparsity {self.sparsity} is above --max-layer-sparsity "
                                f"{lw.max_layer_sparsity}: no allocation can reach it; raise the cap")
 
@@ -387,8 +411,8 @@ class PruneConfig:
             scope=self.scope, solver=lw.solver, time_budget=lw.time_budget,
             max_positions=lw.max_positions, block_size=lw.block_size, damp=lw.damp,
             sequential=lw.sequential, batch_size=data.batch_size, max_samples=data.max_samples,
-            batching=data.batching, allocation=lw.allocation)
-        if lw.allocation != "uniform":
+            batching=data.batching, allocation=self.allocation_used)
+        if self.allocation_used == "auto":
             settings.update(max_layer_sparsity=lw.max_layer_sparsity)
         if s.structure is not None or self.storage != "dense":
             settings.update(structure=s.structure, target_params=s.target_params,

@@ -207,7 +207,9 @@ def test_cli_toml_and_python_give_the_same_model(cli, tmp_path, mlp_path, mlp_ca
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--max-layer-sparsity", "0.8"], ["--max-layer-sparsity", "--allocation auto"]),
+    (["--allocation", "uniform", "--max-layer-sparsity", "0.8"], ["--max-layer-sparsity", "--allocation uniform"]),
+    (["--pattern", "2:4", "--max-layer-sparsity", "0.8"], ["--max-layer-sparsity", "--pattern"]),
+    (["--sparsity", "0.85", "--max-layer-sparsity", "0.8"], ["--max-layer-sparsity 0.8"]),
     (["--allocation", "auto", "--pattern", "2:4"], ["--pattern", "drop --allocation auto"]),
     (["--allocation", "auto", "--method", "magnitude"], ["--method magnitude"]),
     (["--allocation", "auto", "--sparsity", "0.95"], ["--max-layer-sparsity 0.9"]),
@@ -256,3 +258,65 @@ def test_grouped_sites_split_their_zeros_at_least_error():
         assert e == pytest.approx(best, rel=1e-9, abs=1e-12)
         ns = np.bincount(split[:k], minlength=3)
         assert sum(o[n] for o, n in zip(own, ns)) == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("settings, used", [
+    (dict(sparsity=0.5), "auto"),
+    (dict(sparsity=0.5, method="obd"), "auto"),
+    (dict(sparsity=0.5, method="wanda", sequential=False), "auto"),
+    (dict(sparsity=0.5, max_layer_sparsity=0.7), "auto"),
+    (dict(sparsity=0.5, allocation="uniform"), "uniform"),
+    (dict(sparsity=0.0), "uniform"),                        # nothing to allocate
+    (dict(sparsity=0.95), "uniform"),                       # above the default cap
+    (dict(pattern=(2, 4)), "uniform"),
+    (dict(structure="channels", target_speedup=2.0), "uniform"),
+    (dict(hessian="full"), "uniform"),
+    (dict(method="magnitude"), "uniform"),
+    (dict(method="magnitude", scope="global"), "uniform"),
+    (dict(bits=8, sparsity=0.0), "uniform"),
+    (dict(bits=4, sparsity=0.5), "uniform"),
+])
+def test_default_allocation_is_auto_where_it_applies(settings, used):
+    from onnx_obs.config import PruneConfig
+
+    config = PruneConfig().replace(**settings)
+    config.validate(has_calibration=True)   # the default never refuses a mode: it falls back to uniform
+    assert config.allocation_used == used
+    assert config.report_settings()["allocation"] == used
+    assert ("max_layer_sparsity" in config.report_settings()) == (used == "auto")
+
+
+def test_the_default_prunes_as_the_explicit_allocation(cli, tmp_path, mlp_path, mlp_calib):
+    """Plain --sparsity gives the model of --allocation auto; --pattern that of uniform."""
+    for flags, explicit in ([["--sparsity", "0.6"], "auto"], [["--pattern", "2:4"], "uniform"]):
+        paths = []
+        for extra in ([], ["--allocation", explicit]):
+            out = tmp_path / f"{explicit}{len(extra)}.onnx"
+            report = tmp_path / f"{explicit}{len(extra)}.json"
+            res = cli(*prune_args(str(mlp_path), str(out), "--calib", str(mlp_calib), *flags, *extra,
+                                  "--report", str(report)))
+            assert res.exit_code == 0, res.stderr
+            assert json.loads(report.read_text())["settings"]["allocation"] == explicit
+            paths.append(out)
+        assert sha(paths[0]) == sha(paths[1])
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_pruning_reuses_the_allocation_hessians(monkeypatch, mlp_path, mlp_calib, sequential):
+    """The allocation captures every site once on the model as given; pruning captures again only
+    what pruning changed: with sequential capture the sites after the first wave, else nothing."""
+    from onnx_obs.hessian.capture import HessianSums
+
+    summed = {}
+    add_values = HessianSums.add_values
+
+    def counting(self, values):
+        for s in self.sites:
+            summed[s.name] = summed.get(s.name, 0) + 1
+        add_values(self, values)
+
+    monkeypatch.setattr(HessianSums, "add_values", counting)
+    result = api.prune(str(mlp_path), str(mlp_calib), sparsity=0.5, sequential=sequential)
+    batches = summed[result.report.sites[0].name]
+    assert batches == -(-result.report.calibration_samples // 32)   # one pass of the calibration data
+    assert [summed[s.name] for s in result.report.sites] == [batches] + [batches * (1 + sequential)] * 2

@@ -85,8 +85,9 @@ class SlicedCapture:
         self.plans = plan_slices(loaded.model.graph, self.fed, targets, changing)
         self.cache = BoundaryCache(memory_budget)
 
-    def capture(self, i: int) -> dict[str, np.ndarray]:
-        """Wave i's Hessians, by site name, on the model as pruned so far (waves < i)."""
+    def capture(self, i: int, hessians: bool = True) -> dict[str, np.ndarray]:
+        """Wave i's Hessians, by site name, on the model as pruned so far (waves < i); with
+        hessians=False (the caller has them) only the boundary tensors later waves read, and {}."""
         plan, sums = self.plans[i], HessianSums(self.waves[i], max_positions=self.max_positions)
         runner = None
         if plan.nodes:
@@ -104,11 +105,12 @@ class SlicedCapture:
                     values.update(zip(plan.outputs, outs))
                 for t in plan.keep:
                     self.cache.put(b, t, values[t])
-            with self.phases("hessians"):
-                sums.add_values(values)
+            if hessians:
+                with self.phases("hessians"):
+                    sums.add_values(values)
         for t in plan.drop:
             self.cache.drop(t, len(self.cal.batches))
-        return sums.hessians()
+        return sums.hessians() if hessians else {}
 
     def _get(self, batch: int, name: str) -> np.ndarray:
         return self.cal.batches[batch][name] if name in self.fed else self.cache.get(batch, name)

@@ -2,8 +2,8 @@
 output error (OBC's per-layer error tables and a knapsack over them, Frantar & Alistarh 2022),
 chosen before the usual layer-wise pruning.
 
-1. Hessians of the model as given, one capture pass for all sites (kept in the shared cache when
-   capture is not sequential, so pruning reuses them).
+1. Hessians of the model as given, one capture pass for all sites, kept in ctx.hessians: pruning
+   reuses them for every site when capture is not sequential, for the first wave when it is.
 2. Tables: e_i(k), the layer error of site i at k zeros, on a grid of levels up to
    --max-layer-sparsity (algorithms.layerwise.error_curve: every GRID from the exact solver's
    greedy trace, every FAST_GRID from one fast-solver run per level; a site's row groups summed at
@@ -52,12 +52,13 @@ def allocate_sites(ctx: Context) -> dict[str, SiteLevel]:
     """Each site's level; the global figures go into the report."""
     t0 = time.perf_counter()
     c, loaded, sites = ctx.config, ctx.loaded, ctx.sites
-    if not c.layerwise.sequential and ctx.hessians is None:
+    if ctx.hessians is None:
         ctx.hessians = {}
-    cache = ctx.hessians if not c.layerwise.sequential else {}
+    cache = ctx.hessians
     missing = [s for s in sites if s.name not in cache]
     if missing:
-        cache.update(capture_hessians(loaded, missing, ctx.cal, c.device, ctx.bar))
+        cache.update(capture_hessians(loaded, missing, ctx.cal, c.device, ctx.bar, False, ctx.report.phases,
+                                      c.layerwise.max_positions))
     probe = _Probe(ctx)
     task = ctx.bar.add("allocating sparsity", total=len(sites))
     tables, kappa = [], {}

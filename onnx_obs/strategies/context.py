@@ -24,7 +24,9 @@ class Context:
     report: Report
     bar: Progress
     force: bool = False            # overwrite existing output files (the gradient graph's too)
-    hessians: dict[str, np.ndarray] | None = None   # cache shared by non-sequential calls
+    # Hessians of the model as given, by site: shared by non-sequential calls (compare), and the
+    # allocation's, which the first sequential wave reuses (nothing is pruned before it)
+    hessians: dict[str, np.ndarray] | None = None
     exact: dict[str, bool] = field(default_factory=dict)  # site -> exact solver within --time-budget
 
 

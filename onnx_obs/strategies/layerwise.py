@@ -29,7 +29,7 @@ from onnx_obs.strategies.context import Context, drop_uncaptureable
 
 def run(ctx: Context) -> None:
     drop_uncaptureable(ctx)
-    levels = allocate_sites(ctx) if ctx.config.layerwise.allocation == "auto" else {}
+    levels = allocate_sites(ctx) if ctx.config.allocation_used == "auto" else {}
     sweep_sites(ctx, lambda ctx, s, H: _prune_site(ctx, s, H, levels.get(s.name)), "pruning sites")
     if not levels:  # allocated levels count the existing zeros already
         note_already_sparse(ctx)
@@ -53,12 +53,19 @@ def sweep_sites(ctx: Context, visit: Callable[[Context, Site, np.ndarray], SiteR
         depth = site_depths(loaded.model, sites)
         waves = [[s for s in sites if depth[s.name] == d] for d in sorted(set(depth.values()))]
         sliced = _sliced_capture(ctx, waves)
+        # the first wave sees the model as given: Hessians captured on it already serve (allocation)
+        known = ctx.hessians or {}
+        first = {s.name: known[s.name] for s in waves[0] if s.name in known}
+        ctx.hessians = None  # the rest describe the model before pruning: free them
         try:
             for i, wave in enumerate(waves):
-                hessians = None
+                hessians = first if i == 0 and len(first) == len(wave) else None
                 if sliced is not None:
                     try:
-                        hessians = sliced.capture(i)
+                        if hessians is None:
+                            hessians = sliced.capture(i)
+                        else:
+                            sliced.capture(i, hessians=False)
                     except (Unsliceable, OnnxObsError) as e:
                         ctx.report.notes.append(f"sequential capture: waves {i + 1}-{len(waves)} ran "
                                                 f"the whole model each ({_first_line(e)})")

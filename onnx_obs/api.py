@@ -105,7 +105,8 @@ def prune(model, calib=None, config: PruneConfig | None = None, *, output: str |
     report.phases["load"] = time.perf_counter() - start  # model, sites and calibration data
     with (Progress(enabled=bool(progress), verbose=progress == "verbose") as bar, spilling(loaded, output, original),
           run_threads(config.threads) as report.threads):
-        ctx = Context(loaded, sites, cal, config, report, bar, force, hessians)
+        shared = hessians if not config.layerwise.sequential else None
+        ctx = Context(loaded, sites, cal, config, report, bar, force, shared)
         STRATEGIES[config.mode].run(ctx)
         finish.run(ctx, original, output)
     report.wall_seconds = time.perf_counter() - start

@@ -112,7 +112,7 @@ def test_shared_hessians_are_captured_once_and_change_nothing(monkeypatch):
 
     capture = layerwise.capture_hessians
     monkeypatch.setattr(layerwise, "capture_hessians", lambda *a: calls.append(a) or capture(*a))
-    kw = dict(sparsity=0.5, sequential=False, max_samples=32)
+    kw = dict(sparsity=0.5, sequential=False, max_samples=32, allocation="uniform")  # capture in the sweep
     cache = {}
     api.prune(str(MLP), str(CALIB), method="wanda", hessians=cache, **kw)
     shared = api.prune(str(MLP), str(CALIB), method="obd", hessians=cache, **kw)

@@ -237,7 +237,8 @@ def test_max_samples_and_batch_size_reach_the_report(cli, tmp_path, mlp_path, ml
 
 def test_obs_prunes_the_mlp(cli, tmp_path, mlp_path, mlp_calib):
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
-    r = cli(*prune_args(mlp_path, out, "--calib", mlp_calib, "--max-samples", "64", "--report", rep))
+    r = cli(*prune_args(mlp_path, out, "--calib", mlp_calib, "--max-samples", "64", "--allocation", "uniform",
+                        "--report", rep))
     assert r.exit_code == 0, r.stderr
     report = json.loads(rep.read_text())
     new = weights_of(out)

@@ -301,7 +301,7 @@ def check_unstructured(out: Outcome, sparsity: float | None, pattern: tuple[int,
 @settings(max_examples=60, **SETTINGS)
 @given(case=cases(), sparsity=st.sampled_from([0.0, 0.3, 0.5, 0.75, 0.9]), options=layerwise_options)
 def test_unstructured_sparsity(method, solver, case, sparsity, options):
-    out = prune_written(case, method=method, solver=solver, sparsity=sparsity, **options)
+    out = prune_written(case, method=method, solver=solver, sparsity=sparsity, allocation="uniform", **options)
     check_unstructured(out, sparsity, None)
 
 

@@ -235,7 +235,7 @@ def test_opsets(opset, kind, cli, tmp_path):
     src = save(m, tmp_path / "m.onnx")
     feeds = calib_for(m, 12)
     out = tmp_path / "o.onnx"
-    r = prune(cli, src, out, "--calib", npz(tmp_path / "c.npz", feeds))
+    r = prune(cli, src, out, "--calib", npz(tmp_path / "c.npz", feeds), "--allocation", "uniform")
     assert r.exit_code == 0, r.stderr
     pruned = onnx.load(str(out))
     assert {o.domain: o.version for o in pruned.opset_import}[""] == opset
@@ -293,7 +293,8 @@ def test_dynamic_batch_and_sequence(tmp_path):
                    [init("W1", randn([6, 5])), init("W2", randn([5, 3], 1))])
     src = save(m, tmp_path / "m.onnx")
     feeds = [{"x": randn([2, s, 6], s)} for s in (3, 5, 1)]          # a sequence length per run
-    res = api.prune(str(src), feeds, method="obs", sparsity=0.5, output=tmp_path / "o.onnx", device="cpu")
+    res = api.prune(str(src), feeds, method="obs", sparsity=0.5, output=tmp_path / "o.onnx", device="cpu",
+                    allocation="uniform")
     assert res.report.calibration_samples == 6
     assert [s.zeros_after for s in res.report.sites] == [15, 8]
     y = run(tmp_path / "o.onnx", {"x": randn([4, 9, 6], 7)})["y"]
@@ -307,7 +308,7 @@ def test_external_data_model_prunes(cli, tmp_path):
     feeds = calib_for(m, 8)
     out = tmp_path / "out" / "o.onnx"
     out.parent.mkdir()
-    r = prune(cli, src, out, "--calib", npz(tmp_path / "c.npz", feeds))
+    r = prune(cli, src, out, "--calib", npz(tmp_path / "c.npz", feeds), "--allocation", "uniform")
     assert r.exit_code == 0, r.stderr
     assert (out.parent / "o.onnx.data").is_file()
     assert all((tmp_path / n).read_bytes() == b for n, b in before.items())
@@ -353,7 +354,8 @@ def test_already_zero_weights(method, tmp_path):
     m = sparse_mlp()
     src = save(m, tmp_path / "m.onnx")
     feeds = calib_for(m, 32)
-    res = api.prune(str(src), feeds, method=method, sparsity=0.5, output=tmp_path / "o.onnx", device="cpu")
+    res = api.prune(str(src), feeds, method=method, sparsity=0.5, output=tmp_path / "o.onnx", device="cpu",
+                    allocation="uniform")  # the per-site target that the existing zeros already meet
     w0, w1 = weights(src), weights(tmp_path / "o.onnx")
     by = {s.name: s for s in res.report.sites}
     for name in ("fc0.weight", "fc1.weight"):

@@ -145,7 +145,8 @@ def compare(model, calib, config: PruneConfig | None = None, *, methods: list[st
     agreement, else relative MSE, which counts as a loss by itself). batching: False feeds each
     run of the calibration and evaluation data whole (calib.py); samples then count runs.
     allocations: e.g. ["uniform", "auto"]: every method with a Hessian runs with each (one curve
-    per method and allocation; magnitude stays uniform); None: the config's allocation alone.
+    per method and allocation; magnitude stays uniform); None: the config's allocation alone (by
+    default auto where it applies, as prune).
     """
     config = (config or PruneConfig()).replace(**overrides)
     pattern, sequential, data = config.pattern, config.layerwise.sequential, config.data

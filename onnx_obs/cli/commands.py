@@ -221,7 +221,7 @@ def compare(
     sparsities: Optional[str] = typer.Option(None, "--sparsities", help=f"start:stop:step (stop included when on the grid) or a comma list (default {sweep.DEFAULT_SPARSITIES}).", rich_help_panel=METHOD),
     pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M semi-structured sparsity instead of --sparsities, e.g. 2:4.", rich_help_panel=METHOD),
     labels: Optional[str] = typer.Option(None, "--labels", help="Key of the evaluation data holding class labels: score by accuracy (default: a key 'label' or 'labels').", rich_help_panel=DATA),
-    allocation: Optional[str] = typer.Option(None, "--allocation", help="uniform, auto (per-site levels, see prune --allocation) or uniform,auto: one curve per method and allocation (magnitude stays uniform).", rich_help_panel=METHOD),
+    allocation: Optional[str] = typer.Option(None, "--allocation", help="uniform, auto (per-site levels, see prune --allocation) or uniform,auto: one curve per method and allocation (magnitude stays uniform). Default: as prune (auto for obs, obd and wanda), one curve per method.", rich_help_panel=METHOD),
     sequential: bool = typer.Option(True, "--sequential/--no-sequential", help="Recapture Hessians after earlier layers are pruned (as prune does); off: capture the original model's Hessians once and share them across all runs (faster).", rich_help_panel=SOLVER),
     min_params: int = MinParamsOpt,
     include: Optional[str] = IncludeOpt, exclude: Optional[str] = ExcludeOpt, op_types: Optional[str] = OpTypesOpt,

@@ -65,7 +65,7 @@ def allocate_sites(ctx: Context) -> dict[str, SiteLevel]:
     for s in sites:
         w, H = site_matrix(s, loaded.base_dir), cache[s.name]
         counts, errors, split = _table(s, w, H, c)
-        kappa[s.name] = probe.sensitivity(s, w, H, counts)
+        kappa[s.name] = probe.sensitivity(s, w, H, counts, errors)
         tables.append((counts, errors, split))
         ctx.bar.advance(task)
     unprobed = [s.name for s in sites if kappa[s.name] is None]
@@ -152,13 +152,20 @@ class _Probe:
             self.samples += len(first) if ctx.cal.sliceable else 1
         self.reference = [self.runner.run(feeds) for feeds in self.batches]
 
-    def sensitivity(self, s: Site, w: np.ndarray, H: np.ndarray, counts: np.ndarray) -> float | None:
-        """kappa: relative output MSE per unit of layer error, site s pruned alone (module doc)."""
+    def sensitivity(self, s: Site, w: np.ndarray, H: np.ndarray, counts: np.ndarray,
+                    errors: np.ndarray) -> float | None:
+        """kappa: relative output MSE per unit of layer error, site s pruned alone (module doc), at
+        the target level or, where the table is still 0 there (weights on inputs that are 0 on
+        every calibration sample go first, at no layer error), at its first level with an error:
+        a probe of free weights alone would measure kappa = 0/0 and leave the site unguarded."""
         if s.dtype == "bfloat16":
             return None
         c = self.ctx.config
         level = min(max(c.sparsity, 0.1), c.layerwise.max_layer_sparsity)
         k = int(np.clip(round(level * w.size), counts[0], counts[-1]))
+        costly = counts[errors > 0]
+        if interpolated_error(errors, counts, k) <= 0 and costly.size:
+            k = int(costly[0])
         if k == counts[0]:
             k = int(counts[-1])
         if k == counts[0]:  # nothing can be removed: the table is flat

@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 
 import onnx_obs.algorithms.allocation as allocation
 import onnx_obs.algorithms.layerwise as layerwise
@@ -320,3 +320,24 @@ def test_pruning_reuses_the_allocation_hessians(monkeypatch, mlp_path, mlp_calib
     batches = summed[result.report.sites[0].name]
     assert batches == -(-result.report.calibration_samples // 32)   # one pass of the calibration data
     assert [summed[s.name] for s in result.report.sites] == [batches] + [batches * (1 + sequential)] * 2
+
+
+def test_a_site_whose_first_zeros_are_free_is_still_guarded():
+    """fc1 reads 10 of its 16 inputs from ReLUs that are 0 on every sample: its first 62% of zeros
+    cost no layer error, so a probe at the 30% target measured kappa = 0 and the site went to the
+    cap, live weights and all. Probed past the free weights, it keeps them and auto stays below
+    uniform's output error."""
+    model = mlp_model(sizes=(8, 16, 4))
+    bias = next(t for t in model.graph.initializer if t.name == "fc0.bias")
+    dead = numpy_helper.to_array(bias).copy()
+    dead[:10] = -100.0
+    bias.CopyFrom(numpy_helper.from_array(dead, "fc0.bias"))
+    calib = calib_for(model, n=64)
+    errors = {}
+    for how in ("uniform", "auto"):
+        r = api.prune(model, calib, sparsity=0.3, allocation=how, min_params=0)
+        errors[how] = r.report.deviation["y"]["relative_mse"]
+        if how == "auto":
+            fc1 = next(s for s in r.report.sites if s.name == "fc1.weight")
+            assert fc1.sensitivity > 0 and fc1.zeros_after < round(0.9 * fc1.params)
+    assert errors["auto"] <= errors["uniform"]

@@ -305,6 +305,25 @@ def test_unstructured_sparsity(method, solver, case, sparsity, options):
     check_unstructured(out, sparsity, None)
 
 
+@pytest.mark.parametrize("method,solver", [m for m in UNSTRUCTURED if m[0] != "magnitude"])
+@settings(max_examples=25, **SETTINGS)
+@given(case=cases(), sparsity=st.sampled_from([0.3, 0.5, 0.75, 0.9]), options=layerwise_options)
+def test_default_allocation_meets_the_global_target(method, solver, case, sparsity, options):
+    """The default (auto) allocation: sparsity of all the pruned sites' weights together, no site
+    beyond the 0.9 cap unless its own zeros already were, the zeros there stay zeros."""
+    out = prune_written(case, method=method, solver=solver, sparsity=sparsity, **options)
+    assert out.report.to_dict()["settings"]["allocation"] == "auto"
+    before, after = weights(out.original), weights(out.pruned)
+    names = [r.name for r in out.report.sites]
+    zeros = {n: int(np.sum(after[n] == 0)) for n in names}
+    forced = {n: int(np.sum(before[n] == 0)) for n in names}
+    for n in names:
+        assert np.all(after[n][before[n] == 0] == 0)
+        assert zeros[n] <= max(round(0.9 * before[n].size) + 1, forced[n]), n
+    target = max(round(sparsity * sum(before[n].size for n in names)), sum(forced.values()))
+    assert abs(sum(zeros.values()) - target) <= len(names)
+
+
 @pytest.mark.parametrize("method,solver", UNSTRUCTURED)
 @settings(max_examples=40, **SETTINGS)
 @given(case=cases(), pattern=st.sampled_from([(2, 4), (1, 3), (3, 8)]), options=layerwise_options)

@@ -320,6 +320,8 @@ def test_pruning_reuses_the_allocation_hessians(monkeypatch, mlp_path, mlp_calib
     batches = summed[result.report.sites[0].name]
     assert batches == -(-result.report.calibration_samples // 32)   # one pass of the calibration data
     assert [summed[s.name] for s in result.report.sites] == [batches] + [batches * (1 + sequential)] * 2
+    phases = result.report.to_dict()["totals"]["phase_seconds"]
+    assert 0 < phases["allocation"] and sum(phases.values()) <= result.report.wall_seconds + 1e-3
 
 
 def test_a_site_whose_first_zeros_are_free_is_still_guarded():

@@ -73,7 +73,7 @@ def allocate_sites(ctx: Context) -> dict[str, SiteLevel]:
         probed = [k for k in kappa.values() if k is not None]
         fill = float(np.median(probed)) if probed else 1.0
         kappa.update({name: fill for name in unprobed})
-        ctx.report.notes.append(f"--allocation auto: {len(unprobed)} bfloat16 site(s) cannot be fed to "
+        ctx.report.notes.append(f"auto allocation: {len(unprobed)} bfloat16 site(s) cannot be fed to "
                                 f"onnxruntime for a sensitivity run; they take the median sensitivity")
     scaled = [kappa[s.name] * e for s, (_, e, _) in zip(sites, tables)]
     counts = [t[0] for t in tables]

@@ -29,7 +29,10 @@ from onnx_obs.strategies.context import Context, drop_uncaptureable
 
 def run(ctx: Context) -> None:
     drop_uncaptureable(ctx)
-    levels = allocate_sites(ctx) if ctx.config.allocation_used == "auto" else {}
+    levels = {}
+    if ctx.config.allocation_used == "auto":
+        with ctx.report.phases("allocation"):  # its capture counts as capture and hessians
+            levels = allocate_sites(ctx)
     sweep_sites(ctx, lambda ctx, s, H: _prune_site(ctx, s, H, levels.get(s.name)), "pruning sites")
     if not levels:  # allocated levels count the existing zeros already
         note_already_sparse(ctx)

@@ -121,8 +121,8 @@ def evaluate(original, pruned, data, *, labels: str | None = None, batch_size: i
     with as_flag("--data"):
         cal = load_calibration(data, ref_model.model, batch_size=batch_size, labels_key=labels,
                                batching=batching)
-    ref = Runner(ref_model.model, ref_model.base_dir, device, spinning=False)
-    cand = Runner(cand_model.model, cand_model.base_dir, device, spinning=False)
+    ref = Runner(ref_model.model, ref_model.base_dir, device)
+    cand = Runner(cand_model.model, cand_model.base_dir, device)
     custom = UserMetric(metric) if metric is not None else None
     with Progress(enabled=bool(progress), verbose=progress == "verbose") as bar:
         quality = measure(ref, cand, cal, bar, labels_required=not detected, metric=custom)

@@ -33,21 +33,18 @@ class Runner:
     """One onnxruntime session over a model proto whose external data lives in `base_dir`."""
 
     def __init__(self, model: onnx.ModelProto, base_dir: str = "", device: str = "cpu",
-                 prepack: bool = True, spinning: bool = True):
+                 prepack: bool = True):
         """prepack=False: weights are not copied into packed buffers at load time (onnxruntime
-        then memory-maps aligned external data), for a session that runs little or not at all.
-        spinning=False: idle worker threads sleep at once, for sessions timed against each other
-        (a session's spinning threads slowed the next one's runs up to 15x on 2 cores)."""
+        then memory-maps aligned external data), for a session that runs little or not at all."""
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = current_threads()
         # waiting threads sleep instead of spinning: a spinning pool burns the cores that other
-        # processes (and numpy's BLAS between runs) need, 5x slower runs on a busy machine
+        # processes (and numpy's BLAS between runs) need, 5x slower runs on a busy machine, and a
+        # session's spinning threads slowed the next one's timed runs up to 15x on 2 cores
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if not prepack:
             opts.add_session_config_entry("session.disable_prepacking", "1")
-        if not spinning:
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 4  # fatal only: errors reach the user as one OnnxObsError line
         self.providers = providers_for(device)
         try:

@@ -112,8 +112,8 @@ def _measure_costs(ctx: Context, original: onnx.ModelProto, counts: bool = True)
     fixed = [s.shape[0] for s in model_inputs(original) if s.shape and s.shape[0] is not None]
     sizes = [fixed[0]] if fixed else [1, 32]
     # timed one after the other: idle threads must not spin into the other session's runs
-    before = Runner(original, loaded.base_dir, device, spinning=False).session
-    after = Runner(loaded.model, loaded.base_dir, device, spinning=False).session
+    before = Runner(original, loaded.base_dir, device).session
+    after = Runner(loaded.model, loaded.base_dir, device).session
     # Runs that cannot be cut into samples (no batching, scalar inputs) are timed as they are.
     runs = ({f"batch_{size}": batch_feeds(cal.batches, size) for size in sizes} if cal.sliceable
             else {"first_run": cal.batches[0]})

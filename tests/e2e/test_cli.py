@@ -246,3 +246,14 @@ def test_obs_prunes_the_mlp(cli, tmp_path, mlp_path, mlp_calib):
         assert int(np.sum(new[s["name"]] == 0)) == s["zeros_after"]
         assert abs(s["zeros_after"] - round(0.5 * s["params"])) <= 1
     assert session(out).get_outputs()[0].name == "logits"
+
+
+def test_successful_prune_writes_nothing_on_stderr(tmp_path, mlp_path, mlp_calib):
+    """onnxruntime's own warnings (e.g. a session option set twice) must not reach the user:
+    a clean run with -q prints nothing at all (checked on a real process: they bypass Python)."""
+    out = tmp_path / "o.onnx"
+    p = subprocess.run([sys.executable, "-m", "onnx_obs", *prune_args(mlp_path, out, "--calib", mlp_calib,
+                                                                       "--structure", "channels")],
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and out.exists(), p.stderr
+    assert p.stderr == "" and p.stdout == ""

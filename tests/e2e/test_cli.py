@@ -248,12 +248,13 @@ def test_obs_prunes_the_mlp(cli, tmp_path, mlp_path, mlp_calib):
     assert session(out).get_outputs()[0].name == "logits"
 
 
-def test_successful_prune_writes_nothing_on_stderr(tmp_path, mlp_path, mlp_calib):
+@pytest.mark.parametrize("flags", [["--structure", "channels"], []])  # [] : auto allocation's probes
+def test_successful_prune_writes_nothing_on_stderr(tmp_path, mlp_path, mlp_calib, flags):
     """onnxruntime's own warnings (e.g. a session option set twice) must not reach the user:
     a clean run with -q prints nothing at all (checked on a real process: they bypass Python)."""
     out = tmp_path / "o.onnx"
     p = subprocess.run([sys.executable, "-m", "onnx_obs", *prune_args(mlp_path, out, "--calib", mlp_calib,
-                                                                       "--structure", "channels")],
+                                                                       *flags)],
                        capture_output=True, text=True)
     assert p.returncode == 0 and out.exists(), p.stderr
     assert p.stderr == "" and p.stdout == ""

@@ -52,6 +52,7 @@ class Report:
     storage: list[dict] = field(default_factory=list)    # --storage: dense/sparse per tensor
     costs: dict = field(default_factory=dict)            # params, MACs, latency before/after
     quantization: list[dict] = field(default_factory=list)  # --bits: grid and errors per site
+    activations: list[dict] = field(default_factory=list)   # --activations int8: grid per tensor
     phases: Phases = field(default_factory=Phases)       # seconds per phase (timing.PHASES)
     threads: int = 0                                     # BLAS and onnxruntime threads used
 
@@ -89,6 +90,7 @@ class Report:
             **({"storage": self.storage} if self.storage else {}),
             **({"costs": self.costs} if self.costs else {}),
             **({"quantization": self.quantization} if self.quantization else {}),
+            **({"activations": self.activations} if self.activations else {}),
             "totals": {
                 "sites": len(self.sites),
                 "site_params": site_params,

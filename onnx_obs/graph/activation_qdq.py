@@ -1,0 +1,70 @@
+"""Activation QDQ pairs: QuantizeLinear + DequantizeLinear (uint8, per tensor) on the tensors
+around the quantized sites, the pattern onnxruntime's QDQ fusion turns into integer kernels.
+
+onnxruntime 1.2x (CPU) fuses DequantizeLinear(x) and DequantizeLinear(weight) into QLinearConv /
+QGemm / QLinearMatMul when the op's output also goes through a QuantizeLinear (Conv needs it; a
+MatMul without one becomes MatMulIntegerToFloat). An output read by a single Relu is quantized
+after the Relu instead: with zero point 0 the grid clips negatives as the Relu does and
+onnxruntime drops it. Graph outputs stay float (the logits keep their precision).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnx_obs.graph.protos import readers
+from onnx_obs.graph.quant_format import add_initializer, free_name
+from onnx_obs.graph.sites import Site
+
+
+def activation_tensors(model: onnx.ModelProto, sites: list[Site]) -> list[str]:
+    """The tensors to quantize, in graph order of first mention: every use's activation input and
+    its output (or the output of the single Relu reading it), graph outputs left out."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    consts = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node
+                                                    if n.op_type == "Constant" and n.output}
+    read = readers(graph)
+    chosen: list[str] = []
+    for s in sites:
+        for u in s.uses:
+            if u.in_subgraph:
+                continue
+            after = read.get(u.output, [])
+            out = u.output
+            if len(after) == 1 and graph.node[after[0][0]].op_type == "Relu" and out not in outputs:
+                out = graph.node[after[0][0]].output[0]
+            chosen += [t for t in (u.activation, out) if t not in outputs and t not in consts]
+    return list(dict.fromkeys(chosen))
+
+
+def insert_qdq(model: onnx.ModelProto, grids: dict[str, tuple[np.float32, np.uint8]], store) -> dict[str, str]:
+    """Put QuantizeLinear -> DequantizeLinear (scale, zero point) behind every tensor in `grids`
+    and make every main-graph node read the dequantized tensor instead (graph outputs keep the
+    float one). Returns tensor -> its dequantized name. store: LoadedModel.store."""
+    graph = model.graph
+    taken = ({t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+             | {i.name for i in graph.input})
+    renamed, pairs = {}, {}
+    for name, (scale, zero) in grids.items():
+        s = add_initializer(graph, store, free_name(f"{name}_act_scale", taken), onnx.TensorProto.FLOAT,
+                            np.asarray(scale, np.float32))
+        z = add_initializer(graph, store, free_name(f"{name}_act_zero_point", taken), onnx.TensorProto.UINT8,
+                            np.asarray(zero, np.uint8))
+        q, dq = free_name(f"{name}_act_quantized", taken), free_name(f"{name}_act_dequantized", taken)
+        pairs[name] = [
+            onnx.helper.make_node("QuantizeLinear", [name, s, z], [q], name=free_name(f"{name}_QuantizeLinear", taken)),
+            onnx.helper.make_node("DequantizeLinear", [q, s, z], [dq], name=free_name(f"{name}_DequantizeLinear", taken)),
+        ]
+        renamed[name] = dq
+    nodes = [n for i in graph.input if i.name in pairs for n in pairs[i.name]]
+    for node in graph.node:
+        for k, x in enumerate(node.input):
+            if x in renamed:
+                node.input[k] = renamed[x]
+        nodes.append(node)
+        nodes += [n for o in node.output if o in pairs for n in pairs[o]]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return renamed

@@ -56,8 +56,10 @@ def run(ctx: Context) -> None:
     else:
         sweep_sites(ctx, visit, "quantizing sites")
     for s in ctx.sites:
-        write = write_matmul_nbits if s.name in nbits else write_qdq
-        write(ctx.loaded.model, s, quantized[s.name], ctx.loaded.store)
+        if s.name in nbits:
+            write_matmul_nbits(ctx.loaded.model, s, quantized[s.name], ctx.loaded.store)
+        else:
+            write_qdq(ctx.loaded.model, s, quantized[s.name], ctx.loaded.store, q.activations == "int8")
     if len(nbits) < len(ctx.sites) and q.activations == "none":
         ctx.report.notes.append(
             "onnxruntime runs DequantizeLinear on every call (and Conv loses its prepacked kernels): "

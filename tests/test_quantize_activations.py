@@ -1,0 +1,154 @@
+"""--activations int8 (graph/activation_qdq.py, algorithms/activation_ranges.py) checked
+independently: QDQ scales against numpy min-max / percentiles of the float model's activations
+(run by onnxruntime), the written model against a numpy fake-quant simulation, onnxruntime's
+optimized graph for its integer kernels."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+import graphs
+from cli_checks import assert_one_line_error, prune_args
+from onnx_obs import api
+from onnx_obs.config import PruneConfig
+from test_quantize import dequantize_by_spec, nbits_model
+
+
+def act_grids(model: onnx.ModelProto) -> dict[str, tuple[float, int]]:
+    """tensor -> (scale, zero point) of the activation QuantizeLinear reading it."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {n.input[0]: (float(inits[n.input[1]]), int(inits[n.input[2]]))
+            for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+
+def expected_grid(lo: float, hi: float) -> tuple[float, int]:
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = np.float32((hi - lo) / 255)
+    return float(scale), int(np.clip(np.round(-lo / scale), 0, 255))
+
+
+def fq(x: np.ndarray, scale: float, zero: int) -> np.ndarray:
+    """QuantizeLinear (round half to even, saturate to uint8) then DequantizeLinear."""
+    return (np.clip(np.rint(x / np.float32(scale)) + zero, 0, 255) - zero) * np.float32(scale)
+
+
+def optimized_ops(model: onnx.ModelProto, tmp_path) -> set[str]:
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+
+
+@pytest.mark.parametrize("calibration", ["minmax", "percentile"])
+def test_scales_are_the_calibration_ranges(calibration):
+    model = graphs.cnn_model()
+    feeds = graphs.calib_for(model, n=48)
+    out, report = api.quantize(model, feeds, quant_method="rtn", activations="int8", min_params=0,
+                               activation_calibration=calibration, activation_percentile=99.0)
+    acts = graphs.run_tensors(model, feeds, ["x", "r", "f"])  # the float model's tensors
+    grids = act_grids(out)
+    assert set(grids) == {"x", "r", "f"}  # inputs of conv and fc, conv's output after its Relu; y stays float
+    for name, a in acts.items():
+        lo, hi = (a.min(), a.max()) if calibration == "minmax" else np.percentile(a, [1.0, 99.0])
+        scale, zero = expected_grid(float(lo), float(hi))
+        assert grids[name][0] == pytest.approx(scale, rel=1e-6) and grids[name][1] == zero
+    assert grids["r"][1] == 0  # a Relu output: zero point 0, so onnxruntime drops the Relu
+    assert [a["name"] for a in report.activations] == ["x", "r", "f"]
+
+
+def test_model_computes_the_fake_quant_simulation(tmp_path):
+    """x -> fq -> Gemm -> Relu -> fq -> Gemm: numpy with the written grids and dequantized
+    weights against onnxruntime without fusion (same float arithmetic) and with its integer
+    kernels (requantization rounds once more: within one step of the hidden grid)."""
+    model = graphs.mlp_model(sizes=(16, 24, 5))
+    feeds = graphs.calib_for(model, n=64)
+    out, _ = api.quantize(model, feeds, activations="int8", min_params=0)
+    w = dequantize_by_spec(out)
+    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    g = act_grids(out)
+    assert set(g) == {"x", "h0"}
+    x = feeds["x"]
+    h = np.maximum(fq(x, *g["x"]) @ w["fc0.weight"].T + inits["fc0.bias"], 0)
+    want = fq(h, *g["h0"]) @ w["fc1.weight"].T + inits["fc1.bias"]
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(out.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(plain.run(None, {"x": x})[0], want, rtol=1e-4, atol=1e-4)
+    fused = graphs.session(out).run(None, {"x": x})[0]
+    step = g["h0"][0] * np.abs(w["fc1.weight"]).sum(axis=1).max()
+    assert np.abs(fused - want).max() <= step * 1.01
+    assert "QGemm" in optimized_ops(out, tmp_path)
+
+
+def test_onnxruntime_runs_integer_kernels(tmp_path):
+    conv, _ = api.quantize(graphs.cnn_model(), graphs.calib_for(graphs.cnn_model()), activations="int8",
+                           quant_method="rtn", min_params=0)
+    assert {"QLinearConv"} <= optimized_ops(conv, tmp_path)
+    model = nbits_model()
+    mm, _ = api.quantize(model, graphs.calib_for(model), activations="int8", min_params=0)
+    assert {"QLinearMatMul", "QGemm"} <= optimized_ops(mm, tmp_path)
+    weight_only, _ = api.quantize(model, graphs.calib_for(model), min_params=0)
+    assert not {"QLinearMatMul", "QGemm"} & optimized_ops(weight_only, tmp_path)
+
+
+def test_hessians_see_the_quantized_inputs(mlp_path, mlp_calib):
+    """The first layer's measured error is mean ||(W - Wq) fq(x)||^2 over the calibration inputs
+    through the written input grid (the fake-quantized activations), not over x."""
+    original = onnx.load(mlp_path)
+    model, report = api.quantize(str(mlp_path), str(mlp_calib), activations="int8", quant_method="gptq")
+    x = np.load(mlp_calib)["input"]
+    xq = fq(x, *act_grids(model)["input"]).astype(np.float64)
+    first = report.sites[0]
+    W = numpy_helper.to_array(next(t for t in original.graph.initializer if t.name == first.name))
+    dW = (W - dequantize_by_spec(model)[first.name]).astype(np.float64)
+    on = lambda a: np.mean(np.sum((dW @ a.T) ** 2, axis=0))  # noqa: E731
+    assert first.measured_error == pytest.approx(on(xq), rel=1e-5)
+    assert first.measured_error != pytest.approx(on(x.astype(np.float64)), rel=1e-3)
+
+
+def test_prune_bits_8_with_activations(mlp_path, mlp_calib, tmp_path, cli):
+    out = tmp_path / "p.onnx"
+    r = cli(*prune_args(mlp_path, out, "--calib", mlp_calib, "--sparsity", "0.3", "--bits", "8",
+                        "--activations", "int8", "--activation-calibration", "percentile",
+                        "--report", tmp_path / "r.json"))
+    assert r.exit_code == 0, r.stderr
+    d = json.loads((tmp_path / "r.json").read_text())
+    assert d["settings"]["activations"] == "int8" and len(d["activations"]) == 3
+    model = onnx.load(out)
+    weights = dequantize_by_spec(model)
+    assert all(np.mean(w == 0) >= 0.29 for n, w in weights.items() if n.endswith("weight"))
+    assert "QGemm" in optimized_ops(model, tmp_path)
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--bits", "4", "--activations", "int8"], ["--bits 8"]),
+    (["--format", "matmulnbits", "--bits", "4", "--activations", "int8"], ["--bits 8"]),
+    (["--activations", "int4"], ["--activations", "none, int8"]),
+    (["--activation-calibration", "entropy", "--activations", "int8"], ["minmax, percentile"]),
+    (["--activation-calibration", "percentile"], ["--activations int8"]),
+    (["--activations", "int8", "--activation-calibration", "percentile", "--activation-percentile", "40"],
+     ["(50, 100]"]),
+])
+def test_bad_activation_flags_fail_in_one_line(mlp_path, mlp_calib, tmp_path, cli, extra, words):
+    out = tmp_path / "q.onnx"
+    assert_one_line_error(cli("quantize", mlp_path, "--calib", mlp_calib, "-o", out, *extra), *words)
+    assert not out.exists()
+
+
+def test_activations_need_calibration_data(mlp_path, tmp_path, cli):
+    r = cli("quantize", mlp_path, "-o", tmp_path / "q.onnx", "--method", "rtn", "--activations", "int8")
+    assert_one_line_error(r, "--calib")
+
+
+def test_toml_activation_settings(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[quantize]\nbits = 8\nactivations = "int8"\nactivation_calibration = "percentile"\n')
+    q = PruneConfig.from_toml(f).quantize
+    assert (q.activations, q.activation_calibration, q.activation_percentile) == ("int8", "percentile", 99.99)

@@ -152,3 +152,26 @@ def test_toml_activation_settings(tmp_path):
     f.write_text('[quantize]\nbits = 8\nactivations = "int8"\nactivation_calibration = "percentile"\n')
     q = PruneConfig.from_toml(f).quantize
     assert (q.activations, q.activation_calibration, q.activation_percentile) == ("int8", "percentile", 99.99)
+
+
+def test_maxpool_output_shares_its_input_grid(tmp_path):
+    """Conv -> Relu -> MaxPool -> Conv -> Relu -> Flatten -> Gemm: with percentile ranges the pool's
+    output would get a grid of its own; it takes the Relu's (numpy percentiles of the Relu output),
+    so onnxruntime pools on uint8 and no float MaxPool is left."""
+    from onnx import helper
+    inits = [graphs.init("w1", graphs.randn([6, 2, 3, 3], 1)), graphs.init("w2", graphs.randn([5, 6, 3, 3], 2)),
+             graphs.init("fc", graphs.randn([3, 5 * 4 * 4], 3))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("MaxPool", ["r1"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p", "w2"], ["c2"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Flatten", ["r2"], ["f"]), helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1)]
+    model = graphs.make_model(nodes, [graphs.vi("x", shape=["n", 2, 8, 8])], [graphs.vi("y", shape=None)], inits)
+    feeds = graphs.calib_for(model, n=32)
+    out, _ = api.quantize(model, feeds, quant_method="rtn", activations="int8", min_params=0,
+                          activation_calibration="percentile", activation_percentile=99.0)
+    g = act_grids(out)
+    r1 = graphs.run_tensors(model, feeds, ["r1"])["r1"]
+    assert g["p"] == g["r1"] == expected_grid(0.0, float(np.percentile(r1, 99.0)))
+    assert g["f"] == g["r2"]
+    ops = optimized_ops(out, tmp_path)
+    assert "QLinearConv" in ops and "MaxPool" not in ops

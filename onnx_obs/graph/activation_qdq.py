@@ -5,7 +5,9 @@ onnxruntime 1.2x (CPU) fuses DequantizeLinear(x) and DequantizeLinear(weight) in
 QGemm / QLinearMatMul when the op's output also goes through a QuantizeLinear (Conv needs it; a
 MatMul without one becomes MatMulIntegerToFloat). An output read by a single Relu is quantized
 after the Relu instead: with zero point 0 the grid clips negatives as the Relu does and
-onnxruntime drops it. Graph outputs stay float (the logits keep their precision).
+onnxruntime drops it. A tensor that an order-keeping op (MaxPool, Flatten, Reshape, ...) makes
+from another quantized tensor takes that tensor's grid: onnxruntime then runs the op on uint8
+(NhwcMaxPool) or drops the pair. Graph outputs stay float (the logits keep their precision).
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ import onnx
 from onnx_obs.graph.protos import readers
 from onnx_obs.graph.quant_format import add_initializer, free_name
 from onnx_obs.graph.sites import Site
+
+# ops whose output holds values of their first input (moved, selected or the max of some)
+SAME_GRID_OPS = {"MaxPool", "GlobalMaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
+                 "Identity", "Slice", "Gather", "Split", "DepthToSpace", "SpaceToDepth"}
 
 
 def activation_tensors(model: onnx.ModelProto, sites: list[Site]) -> list[str]:
@@ -37,6 +43,24 @@ def activation_tensors(model: onnx.ModelProto, sites: list[Site]) -> list[str]:
                 out = graph.node[after[0][0]].output[0]
             chosen += [t for t in (u.activation, out) if t not in outputs and t not in consts]
     return list(dict.fromkeys(chosen))
+
+
+def grid_sources(model: onnx.ModelProto, names: list[str]) -> dict[str, str]:
+    """tensor -> the quantized tensor whose grid it shares: made from it by a chain of SAME_GRID_OPS."""
+    chosen, made_from = set(names), {}
+    for node in model.graph.node:
+        if node.op_type in SAME_GRID_OPS and node.input:
+            for out in node.output:
+                made_from[out] = node.input[0]
+    sources = {}
+    for name in names:  # the earliest quantized tensor up the chain
+        src, root = made_from.get(name), None
+        while src is not None:
+            root = src if src in chosen else root
+            src = made_from.get(src)
+        if root is not None:
+            sources[name] = root
+    return sources
 
 
 def insert_qdq(model: onnx.ModelProto, grids: dict[str, tuple[np.float32, np.uint8]], store) -> dict[str, str]:

@@ -20,7 +20,7 @@ from onnx_obs.algorithms.layerwise import layer_error
 from onnx_obs.algorithms.quantize import quantize_layer
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph import matmul_nbits
-from onnx_obs.graph.activation_qdq import activation_tensors, insert_qdq
+from onnx_obs.graph.activation_qdq import activation_tensors, grid_sources, insert_qdq
 from onnx_obs.graph.capture import with_outputs
 from onnx_obs.graph.matmul_nbits import write_matmul_nbits
 from onnx_obs.graph.quant_format import (SCALE_DTYPES, QuantizedWeight, column_groups, needed_opset,
@@ -141,11 +141,11 @@ def _quantize_activations(ctx: Context) -> None:
     if other:
         ctx.report.notes.append("--activations int8 quantizes float32 tensors; left as they are: "
                                 + ", ".join(f"{n} ({kinds[n]})" for n in other))
-    grids = {}
+    grids, shared = {}, grid_sources(loaded.model, [n for n in names if n not in other])
     for n in names:
         if n in other:
             continue
-        lo, hi = ranges[n].range()
+        lo, hi = ranges[shared.get(n, n)].range()
         grids[n] = uint8_grid(lo, hi)
         ctx.report.activations.append(dict(name=n, min=lo, max=hi, scale=float(grids[n][0]),
                                            zero_point=int(grids[n][1])))

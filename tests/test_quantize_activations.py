@@ -108,7 +108,10 @@ def test_hessians_see_the_quantized_inputs(mlp_path, mlp_calib):
     first = report.sites[0]
     W = numpy_helper.to_array(next(t for t in original.graph.initializer if t.name == first.name))
     dW = (W - dequantize_by_spec(model)[first.name]).astype(np.float64)
-    on = lambda a: np.mean(np.sum((dW @ a.T) ** 2, axis=0))  # noqa: E731
+
+    def on(a):
+        return np.mean(np.sum((dW @ a.T) ** 2, axis=0))
+
     assert first.measured_error == pytest.approx(on(xq), rel=1e-5)
     assert first.measured_error != pytest.approx(on(x.astype(np.float64)), rel=1e-3)
 

@@ -178,3 +178,26 @@ def test_maxpool_output_shares_its_input_grid(tmp_path):
     assert g["f"] == g["r2"]
     ops = optimized_ops(out, tmp_path)
     assert "QLinearConv" in ops and "MaxPool" not in ops
+
+
+def test_activation_range_and_grid():
+    from onnx_obs.algorithms.activation_ranges import SAMPLE_PER_BATCH, ActivationRange, uint8_grid
+    rng = np.random.default_rng(1)
+    batches = [rng.uniform(0.5, 2.0, (7, 5)) * (i + 1) for i in range(3)]
+    r = ActivationRange()
+    for b in batches:
+        r.add(b)
+    assert r.range() == (0.0, pytest.approx(max(b.max() for b in batches), rel=1e-6))  # 0 always inside
+    scale, zero = uint8_grid(-1.0, 3.0)
+    assert scale == np.float32(4 / 255) and zero == 64  # round(1 / (4/255)) = round(63.75)
+    assert uint8_grid(0.0, 0.0) == (1.0, 0)
+    big = [rng.standard_normal(4 * SAMPLE_PER_BATCH).astype(np.float32) for _ in range(4)]
+    p = ActivationRange("percentile", 99.0)
+    for b in big:
+        p.add(b)
+    lo, hi = np.percentile(np.concatenate(big), [1.0, 99.0])
+    assert p.range() == (pytest.approx(lo, rel=0.03), pytest.approx(hi, rel=0.03))
+    with pytest.raises(ValueError):
+        ActivationRange("entropy")
+    with pytest.raises(ValueError):
+        uint8_grid(0.5, 1.0)

@@ -52,37 +52,40 @@ def test_scales_are_the_calibration_ranges(calibration):
     feeds = graphs.calib_for(model, n=48)
     out, report = api.quantize(model, feeds, quant_method="rtn", activations="int8", min_params=0,
                                activation_calibration=calibration, activation_percentile=99.0)
-    acts = graphs.run_tensors(model, feeds, ["x", "r", "f"])  # the float model's tensors
+    acts = graphs.run_tensors(model, feeds, ["x", "r", "f", "y"])  # the float model's tensors
     grids = act_grids(out)
-    assert set(grids) == {"x", "r", "f"}  # inputs of conv and fc, conv's output after its Relu; y stays float
+    assert set(grids) == {"x", "r", "f", "y_float"}  # inputs of conv and fc, their outputs (after conv's Relu)
+    grids["y"] = grids.pop("y_float")  # the graph output keeps its name, now DequantizeLinear's
     for name, a in acts.items():
         lo, hi = (a.min(), a.max()) if calibration == "minmax" else np.percentile(a, [1.0, 99.0])
         scale, zero = expected_grid(float(lo), float(hi))
         assert grids[name][0] == pytest.approx(scale, rel=1e-6) and grids[name][1] == zero
     assert grids["r"][1] == 0  # a Relu output: zero point 0, so onnxruntime drops the Relu
-    assert [a["name"] for a in report.activations] == ["x", "r", "f"]
+    assert [a["name"] for a in report.activations] == ["x", "r", "f", "y"]
+    assert [o.name for o in out.graph.output] == ["y"]
 
 
 def test_model_computes_the_fake_quant_simulation(tmp_path):
-    """x -> fq -> Gemm -> Relu -> fq -> Gemm: numpy with the written grids and dequantized
+    """x -> fq -> Gemm -> Relu -> fq -> Gemm -> fq: numpy with the written grids and dequantized
     weights against onnxruntime without fusion (same float arithmetic) and with its integer
-    kernels (requantization rounds once more: within one step of the hidden grid)."""
+    kernels (requantization may round a hidden value the other way: one step of the hidden grid
+    through the last layer, then one step of the output grid)."""
     model = graphs.mlp_model(sizes=(16, 24, 5))
     feeds = graphs.calib_for(model, n=64)
     out, _ = api.quantize(model, feeds, activations="int8", min_params=0)
     w = dequantize_by_spec(out)
     inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     g = act_grids(out)
-    assert set(g) == {"x", "h0"}
+    assert set(g) == {"x", "h0", "y_float"}
     x = feeds["x"]
     h = np.maximum(fq(x, *g["x"]) @ w["fc0.weight"].T + inits["fc0.bias"], 0)
-    want = fq(h, *g["h0"]) @ w["fc1.weight"].T + inits["fc1.bias"]
+    want = fq(fq(h, *g["h0"]) @ w["fc1.weight"].T + inits["fc1.bias"], *g["y_float"])
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     plain = ort.InferenceSession(out.SerializeToString(), so, providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(plain.run(None, {"x": x})[0], want, rtol=1e-4, atol=1e-4)
     fused = graphs.session(out).run(None, {"x": x})[0]
-    step = g["h0"][0] * np.abs(w["fc1.weight"]).sum(axis=1).max()
+    step = g["h0"][0] * np.abs(w["fc1.weight"]).sum(axis=1).max() + g["y_float"][0]
     assert np.abs(fused - want).max() <= step * 1.01
     assert "QGemm" in optimized_ops(out, tmp_path)
 
@@ -123,7 +126,7 @@ def test_prune_bits_8_with_activations(mlp_path, mlp_calib, tmp_path, cli):
                         "--report", tmp_path / "r.json"))
     assert r.exit_code == 0, r.stderr
     d = json.loads((tmp_path / "r.json").read_text())
-    assert d["settings"]["activations"] == "int8" and len(d["activations"]) == 3
+    assert d["settings"]["activations"] == "int8" and len(d["activations"]) == 4  # 3 inputs, the logits
     model = onnx.load(out)
     weights = dequantize_by_spec(model)
     assert all(np.mean(w == 0) >= 0.29 for n, w in weights.items() if n.endswith("weight"))

@@ -7,7 +7,9 @@ MatMul without one becomes MatMulIntegerToFloat). An output read by a single Rel
 after the Relu instead: with zero point 0 the grid clips negatives as the Relu does and
 onnxruntime drops it. A tensor that an order-keeping op (MaxPool, Flatten, Reshape, ...) makes
 from another quantized tensor takes that tensor's grid: onnxruntime then runs the op on uint8
-(NhwcMaxPool) or drops the pair. Graph outputs stay float (the logits keep their precision).
+(NhwcMaxPool) or drops the pair. Graph outputs stay float, except the output of a Conv / Gemm
+(quantize_static quantizes them too): without a QuantizeLinear onnxruntime runs that layer in
+float, dequantizing its weights on every call.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from onnx_obs.graph.protos import readers
 from onnx_obs.graph.quant_format import add_initializer, free_name
 from onnx_obs.graph.sites import Site
 
+OUTPUT_QDQ_OPS = {"Conv", "Gemm"}  # fused by onnxruntime only with a QuantizeLinear on the output
 # ops whose output holds values of their first input (moved, selected or the max of some)
 SAME_GRID_OPS = {"MaxPool", "GlobalMaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
                  "Identity", "Slice", "Gather", "Split", "DepthToSpace", "SpaceToDepth"}
@@ -26,7 +29,8 @@ SAME_GRID_OPS = {"MaxPool", "GlobalMaxPool", "Flatten", "Reshape", "Transpose", 
 
 def activation_tensors(model: onnx.ModelProto, sites: list[Site]) -> list[str]:
     """The tensors to quantize, in graph order of first mention: every use's activation input and
-    its output (or the output of the single Relu reading it), graph outputs left out."""
+    its output (or the output of the single Relu reading it), graph outputs left out but those of
+    OUTPUT_QDQ_OPS."""
     graph = model.graph
     outputs = {o.name for o in graph.output}
     consts = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node
@@ -41,7 +45,10 @@ def activation_tensors(model: onnx.ModelProto, sites: list[Site]) -> list[str]:
             out = u.output
             if len(after) == 1 and graph.node[after[0][0]].op_type == "Relu" and out not in outputs:
                 out = graph.node[after[0][0]].output[0]
-            chosen += [t for t in (u.activation, out) if t not in outputs and t not in consts]
+            if u.activation not in outputs and u.activation not in consts:
+                chosen.append(u.activation)
+            if out not in outputs or u.op_type in OUTPUT_QDQ_OPS:
+                chosen.append(out)
     return list(dict.fromkeys(chosen))
 
 
@@ -63,32 +70,40 @@ def grid_sources(model: onnx.ModelProto, names: list[str]) -> dict[str, str]:
     return sources
 
 
-def insert_qdq(model: onnx.ModelProto, grids: dict[str, tuple[np.float32, np.uint8]], store) -> dict[str, str]:
+def insert_qdq(model: onnx.ModelProto, grids: dict[str, tuple[np.float32, np.uint8]], store) -> None:
     """Put QuantizeLinear -> DequantizeLinear (scale, zero point) behind every tensor in `grids`
-    and make every main-graph node read the dequantized tensor instead (graph outputs keep the
-    float one). Returns tensor -> its dequantized name. store: LoadedModel.store."""
+    and make every main-graph node read the dequantized tensor instead; a graph output keeps its
+    name, now the DequantizeLinear's (its producer writes `<name>_float`). store: LoadedModel.store."""
     graph = model.graph
     taken = ({t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
              | {i.name for i in graph.input})
-    renamed, pairs = {}, {}
+    outputs = {o.name for o in graph.output}
+    renamed, pairs, source = {}, {}, {}  # source: what the QuantizeLinear reads
     for name, (scale, zero) in grids.items():
         s = add_initializer(graph, store, free_name(f"{name}_act_scale", taken), onnx.TensorProto.FLOAT,
                             np.asarray(scale, np.float32))
         z = add_initializer(graph, store, free_name(f"{name}_act_zero_point", taken), onnx.TensorProto.UINT8,
                             np.asarray(zero, np.uint8))
-        q, dq = free_name(f"{name}_act_quantized", taken), free_name(f"{name}_act_dequantized", taken)
+        q = free_name(f"{name}_act_quantized", taken)
+        dq = name if name in outputs else free_name(f"{name}_act_dequantized", taken)
+        source[name] = free_name(f"{name}_float", taken) if name in outputs else name
         pairs[name] = [
-            onnx.helper.make_node("QuantizeLinear", [name, s, z], [q], name=free_name(f"{name}_QuantizeLinear", taken)),
+            onnx.helper.make_node("QuantizeLinear", [source[name], s, z], [q],
+                                  name=free_name(f"{name}_QuantizeLinear", taken)),
             onnx.helper.make_node("DequantizeLinear", [q, s, z], [dq], name=free_name(f"{name}_DequantizeLinear", taken)),
         ]
-        renamed[name] = dq
+        if name not in outputs:
+            renamed[name] = dq
     nodes = [n for i in graph.input if i.name in pairs for n in pairs[i.name]]
     for node in graph.node:
         for k, x in enumerate(node.input):
             if x in renamed:
                 node.input[k] = renamed[x]
+        made = [o for o in node.output if o in pairs]
+        for k, o in enumerate(node.output):
+            if o in pairs:
+                node.output[k] = source[o]
         nodes.append(node)
-        nodes += [n for o in node.output if o in pairs for n in pairs[o]]
+        nodes += [n for o in made for n in pairs[o]]
     del graph.node[:]
     graph.node.extend(nodes)
-    return renamed

@@ -22,6 +22,7 @@ from onnx_obs.graph.quant_format import add_initializer, free_name
 from onnx_obs.graph.sites import Site
 
 OUTPUT_QDQ_OPS = {"Conv", "Gemm"}  # fused by onnxruntime only with a QuantizeLinear on the output
+AVERAGE_OPS = {"GlobalAveragePool", "AveragePool"}  # run on uint8 with QDQ on both sides
 # ops whose output holds values of their first input (moved, selected or the max of some)
 SAME_GRID_OPS = {"MaxPool", "GlobalMaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
                  "Identity", "Slice", "Gather", "Split", "DepthToSpace", "SpaceToDepth"}
@@ -30,17 +31,23 @@ SAME_GRID_OPS = {"MaxPool", "GlobalMaxPool", "Flatten", "Reshape", "Transpose", 
 def activation_tensors(model: onnx.ModelProto, sites: list[Site]) -> list[str]:
     """The tensors to quantize, in graph order of first mention: every use's activation input and
     its output (or the output of the single Relu reading it), graph outputs left out but those of
-    OUTPUT_QDQ_OPS."""
+    OUTPUT_QDQ_OPS; the output of an average pooling that reaches the input through SAME_GRID_OPS."""
     graph = model.graph
     outputs = {o.name for o in graph.output}
     consts = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node
                                                     if n.op_type == "Constant" and n.output}
     read = readers(graph)
+    producer = {o: n for n in graph.node for o in n.output}
     chosen: list[str] = []
     for s in sites:
         for u in s.uses:
             if u.in_subgraph:
                 continue
+            up = producer.get(u.activation)  # a pooling before a Flatten / Reshape: its output too
+            while up is not None and up.op_type in SAME_GRID_OPS and up.input:
+                up = producer.get(up.input[0])
+            if up is not None and up.op_type in AVERAGE_OPS and up.output[0] not in outputs:
+                chosen.append(up.output[0])
             after = read.get(u.output, [])
             out = u.output
             if len(after) == 1 and graph.node[after[0][0]].op_type == "Relu" and out not in outputs:

@@ -204,3 +204,23 @@ def test_activation_range_and_grid():
         ActivationRange("entropy")
     with pytest.raises(ValueError):
         uint8_grid(0.5, 1.0)
+
+
+def test_matmul_bias_add_joins_the_layer(tmp_path):
+    """MatMul -> Add(bias) -> Relu -> MatMul -> Add(bias) = output: no QDQ pair between a MatMul
+    and its bias (onnxruntime then makes each one QGemm, the last too, its output quantized)."""
+    from onnx import helper
+    inits = [graphs.init("W1", graphs.randn([12, 10], 1)), graphs.init("b1", graphs.randn([10], 2)),
+             graphs.init("W2", graphs.randn([10, 4], 3)), graphs.init("b2", graphs.randn([4], 4))]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["m1"]), helper.make_node("Add", ["m1", "b1"], ["a1"]),
+             helper.make_node("Relu", ["a1"], ["r1"]), helper.make_node("MatMul", ["r1", "W2"], ["m2"]),
+             helper.make_node("Add", ["m2", "b2"], ["y"])]
+    model = graphs.make_model(nodes, [graphs.vi("x", shape=["n", 12])], [graphs.vi("y", shape=None)], inits)
+    feeds = graphs.calib_for(model, n=32)
+    out, _ = api.quantize(model, feeds, quant_method="rtn", activations="int8", min_params=0)
+    g = act_grids(out)
+    assert set(g) == {"x", "r1", "y_float"}
+    y = graphs.run_tensors(model, feeds, ["y"])["y"]
+    assert g["y_float"] == expected_grid(float(y.min()), float(y.max()))
+    ops = optimized_ops(out, tmp_path)
+    assert "QGemm" in ops and not {"MatMul", "Gemm", "Add"} & ops

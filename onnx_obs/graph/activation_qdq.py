@@ -5,10 +5,13 @@ onnxruntime 1.2x (CPU) fuses DequantizeLinear(x) and DequantizeLinear(weight) in
 QGemm / QLinearMatMul when the op's output also goes through a QuantizeLinear (Conv needs it; a
 MatMul without one becomes MatMulIntegerToFloat). An output read by a single Relu is quantized
 after the Relu instead: with zero point 0 the grid clips negatives as the Relu does and
-onnxruntime drops it. A tensor that an order-keeping op (MaxPool, Flatten, Reshape, ...) makes
+onnxruntime drops it. A MatMul's bias Add (a constant added) joins the layer the same way:
+onnxruntime makes MatMul + Add one Gemm, then QGemm (a QuantizeLinear between them would leave
+the Add in float, with a DequantizeLinear and QuantizeLinear around it). A tensor that an order-keeping op (MaxPool, Flatten, Reshape, ...) makes
 from another quantized tensor takes that tensor's grid: onnxruntime then runs the op on uint8
-(NhwcMaxPool) or drops the pair. Graph outputs stay float, except the output of a Conv / Gemm
-(quantize_static quantizes them too): without a QuantizeLinear onnxruntime runs that layer in
+(NhwcMaxPool) or drops the pair; so does an average pooling's output that reaches a site. Graph
+outputs stay float, except the output of a Conv / Gemm / MatMul + bias (quantize_static quantizes
+them too): without a QuantizeLinear onnxruntime runs that layer in
 float, dequantizing its weights on every call.
 """
 
@@ -30,8 +33,9 @@ SAME_GRID_OPS = {"MaxPool", "GlobalMaxPool", "Flatten", "Reshape", "Transpose", 
 
 def activation_tensors(model: onnx.ModelProto, sites: list[Site]) -> list[str]:
     """The tensors to quantize, in graph order of first mention: every use's activation input and
-    its output (or the output of the single Relu reading it), graph outputs left out but those of
-    OUTPUT_QDQ_OPS; the output of an average pooling that reaches the input through SAME_GRID_OPS."""
+    its output (after a MatMul's bias Add and a Relu, each its single reader), graph outputs left
+    out but those of OUTPUT_QDQ_OPS and MatMul + bias; the output of an average pooling that
+    reaches the input through SAME_GRID_OPS."""
     graph = model.graph
     outputs = {o.name for o in graph.output}
     consts = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node
@@ -48,13 +52,17 @@ def activation_tensors(model: onnx.ModelProto, sites: list[Site]) -> list[str]:
                 up = producer.get(up.input[0])
             if up is not None and up.op_type in AVERAGE_OPS and up.output[0] not in outputs:
                 chosen.append(up.output[0])
-            after = read.get(u.output, [])
             out = u.output
-            if len(after) == 1 and graph.node[after[0][0]].op_type == "Relu" and out not in outputs:
-                out = graph.node[after[0][0]].output[0]
+            for op in ("Add", "Relu"):  # a MatMul's bias Add and a Relu join the layer
+                after = read.get(out, [])
+                if len(after) == 1 and out not in outputs:
+                    node = graph.node[after[0][0]]
+                    bias = u.op_type == "MatMul" and any(x in consts for x in node.input)
+                    if node.op_type == op and (op == "Relu" or bias):
+                        out = node.output[0]
             if u.activation not in outputs and u.activation not in consts:
                 chosen.append(u.activation)
-            if out not in outputs or u.op_type in OUTPUT_QDQ_OPS:
+            if out not in outputs or u.op_type in OUTPUT_QDQ_OPS or out != u.output:
                 chosen.append(out)
     return list(dict.fromkeys(chosen))
 

@@ -14,7 +14,7 @@ import pytest
 from onnx import numpy_helper
 
 import graphs
-from cli_checks import assert_one_line_error, prune_args
+from cli_checks import assert_one_line_error, prune_args, sha
 from onnx_obs import api
 from onnx_obs.config import PruneConfig
 from test_quantize import dequantize_by_spec, nbits_model
@@ -120,11 +120,12 @@ def test_hessians_see_the_quantized_inputs(mlp_path, mlp_calib):
 
 
 def test_prune_bits_8_with_activations(mlp_path, mlp_calib, tmp_path, cli):
-    out = tmp_path / "p.onnx"
+    out, before = tmp_path / "p.onnx", sha(mlp_path)
     r = cli(*prune_args(mlp_path, out, "--calib", mlp_calib, "--sparsity", "0.3", "--bits", "8",
                         "--activations", "int8", "--activation-calibration", "percentile",
                         "--report", tmp_path / "r.json"))
     assert r.exit_code == 0, r.stderr
+    assert sha(mlp_path) == before
     d = json.loads((tmp_path / "r.json").read_text())
     assert d["settings"]["activations"] == "int8" and len(d["activations"]) == 4  # 3 inputs, the logits
     model = onnx.load(out)

@@ -41,7 +41,8 @@ def quantize(model, calib=None, config: PruneConfig | None = None, *, bits: int 
     """Quantize the weights of `model` to `bits` (8 or 4; default the config's, else 8) with OBQ /
     GPTQ / RTN, without pruning: `prune(model, calib, config, sparsity=0, bits=bits, ...)`, so
     every keyword of prune and every setting (group_size=128, symmetric=False,
-    quant_method="gptq", damp=...) applies; pass sparsity= to prune and quantize jointly."""
+    quant_method="gptq", damp=...) applies; pass sparsity= to prune and quantize jointly;
+    activations="int8" (8 bits) adds activation QDQ pairs so onnxruntime runs integer kernels."""
     config = config or PruneConfig()
     bits = bits or config.quantize.bits or 8
     return prune(model, calib, config, **{"sparsity": 0.0, "bits": bits, **kwargs})

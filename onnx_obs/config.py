@@ -37,6 +37,8 @@ ALLOCATIONS = ("uniform", "auto")
 # projection, 3x3 colour matrices) that pruning breaks.
 MIN_PARAMS = 64
 QUANT_FORMATS = ("qdq", "matmulnbits")
+ACTIVATIONS = ("none", "int8")
+ACTIVATION_CALIBRATIONS = ("minmax", "percentile")
 
 
 @dataclass
@@ -160,6 +162,9 @@ class QuantOptions:
     quant_method: str = "auto"     # obq, gptq, rtn, or auto (obq where affordable, else gptq)
     act_order: bool = False        # gptq: visit columns by decreasing diag H
     format: str = "qdq"            # integer initializers + DequantizeLinear, or matmulnbits
+    activations: str = "none"      # int8: uint8 QDQ pairs on the sites' inputs and outputs too
+    activation_calibration: str = "minmax"   # or percentile: ranges that drop the tails
+    activation_percentile: float = 99.99     # percentile: the range's upper percentile of values
 
 
 GROUPS = {"selection": Selection, "data": DataOptions, "layerwise": LayerwiseOptions,
@@ -391,6 +396,22 @@ class PruneConfig:
             raise OnnxObsError(f"unknown --format '{q.format}': use one of {', '.join(QUANT_FORMATS)}")
         if q.format == "matmulnbits" and q.bits != 4:
             raise OnnxObsError("--format matmulnbits stores 4-bit weights: use --bits 4 (or --format qdq)")
+        if q.activations not in ACTIVATIONS:
+            raise OnnxObsError(f"unknown --activations '{q.activations}': use one of {', '.join(ACTIVATIONS)}")
+        if q.activation_calibration not in ACTIVATION_CALIBRATIONS:
+            raise OnnxObsError(f"unknown --activation-calibration '{q.activation_calibration}': use one of "
+                               f"{', '.join(ACTIVATION_CALIBRATIONS)}")
+        if not 50 < q.activation_percentile <= 100:
+            raise OnnxObsError(f"--activation-percentile must be in (50, 100], got {q.activation_percentile:g}")
+        if q.activations == "int8":
+            if q.bits != 8 or q.format != "qdq":
+                raise OnnxObsError("--activations int8 runs onnxruntime's int8 kernels: use --bits 8 "
+                                   "--format qdq")
+            if not has_calibration:
+                raise OnnxObsError("--activations int8 takes its activation scales from calibration data: "
+                                   "pass --calib DATA.npz")
+        elif (q.activation_calibration, q.activation_percentile) != ("minmax", 99.99):
+            raise OnnxObsError("--activation-calibration and --activation-percentile need --activations int8")
         if q.quant_method != "rtn" and not has_calibration:
             raise OnnxObsError(f"quantizing with {q.quant_method} needs calibration data for its "
                                "Hessians: pass --calib DATA.npz (or use --method rtn)")

@@ -59,6 +59,7 @@ class Report:
     storage: list[dict] = field(default_factory=list)    # --storage: dense/sparse per tensor
     costs: dict = field(default_factory=dict)            # params, MACs, latency before/after
     quantization: list[dict] = field(default_factory=list)  # --bits: grid and errors per site
+    activations: list[dict] = field(default_factory=list)   # --activations int8: grid per tensor
     phases: Phases = field(default_factory=Phases)       # seconds per phase (timing.PHASES)
     threads: int = 0                                     # BLAS and onnxruntime threads used
     allocation: dict = field(default_factory=dict)       # --allocation auto: global figures
@@ -98,6 +99,7 @@ class Report:
             **({"costs": self.costs} if self.costs else {}),
             **({"quantization": self.quantization} if self.quantization else {}),
             **({"allocation": self.allocation} if self.allocation else {}),
+            **({"activations": self.activations} if self.activations else {}),
             "totals": {
                 "sites": len(self.sites),
                 "site_params": site_params,

@@ -162,6 +162,9 @@ def ort_methods(model: Path, calib: dict, out: Path) -> dict[str, Path]:
 
 OURS = {  # label -> settings of api.prune
     "obs int8 (auto)": dict(bits=8, sparsity=0.0),
+    "obs int8 + activations (auto)": dict(bits=8, sparsity=0.0, activations="int8"),
+    "obs int8 + activations, percentile": dict(bits=8, sparsity=0.0, activations="int8",
+                                               activation_calibration="percentile"),
     "obs int4 per channel (auto)": dict(bits=4, sparsity=0.0),
     "obs int4 g32 rtn": dict(bits=4, group_size=32, quant_method="rtn", sparsity=0.0),
     "obs int4 g32 gptq": dict(bits=4, group_size=32, quant_method="gptq", sparsity=0.0),
@@ -255,6 +258,12 @@ def targets(name: str, rows: list[dict]) -> None:
     print(f"target int8: agreement ours {ours8['agreement']:.2%} vs quantize_static {static['agreement']:.2%} "
           f"({'met' if ours8['agreement'] >= static['agreement'] else 'NOT met'}); file {ours8['size']:.3f}x "
           f"({'met' if ours8['size'] <= 0.27 else 'NOT met'}: at most 0.27x)")
+    for label in ("obs int8 + activations (auto)", "obs int8 + activations, percentile"):
+        a8 = by[label]
+        print(f"target int8 with activations ({label}): agreement {a8['agreement']:.2%} vs quantize_static "
+              f"{static['agreement']:.2%} ({'met' if a8['agreement'] >= static['agreement'] else 'NOT met'}); "
+              f"latency {a8['latency']:.2f}x vs quantize_static {static['latency']:.2f}x of the float model "
+              f"({'met' if a8['latency'] <= static['latency'] else 'NOT met'}: not slower); file {a8['size']:.3f}x")
     g32 = by["obs int4 g32 (auto)"]
     print(f"target file int4: {g32['size']:.3f}x ({'met' if g32['size'] <= 0.16 else 'NOT met'}: at most 0.16x)")
     joint, separate = by["obs 50% + int4 g32, joint"], by["obs 50%, then int4 g32 rtn"]

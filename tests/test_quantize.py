@@ -23,7 +23,7 @@ def dequantize_by_spec(model: onnx.ModelProto, grids: dict | None = None) -> dic
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     weights = {}
     for node in model.graph.node:
-        if node.op_type != "DequantizeLinear":
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:  # weights only
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         x = inits[node.input[0]].astype(np.int64)

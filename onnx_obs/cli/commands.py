@@ -22,7 +22,8 @@ from onnx_obs.cli.options import (CHECKS, DATA, FULL, METHOD, OUTPUT, QUANT, SOL
                                   BatchSizeOpt, ConfigOpt, DampOpt, DeviceOpt, ExcludeOpt, FormatOpt, GroupSizeOpt,
                                   IncludeOpt, JsonOpt, MaxSamplesOpt, MinParamsOpt, NoBatchingOpt, OpTypesOpt,
                                   PatternOpt, QuietOpt, ReportOpt, SolverOpt, SymmetricOpt, VerboseOpt, prune_config)
-from onnx_obs.cli.options import CaptureMemoryOpt, MaxPositionsOpt, ThreadsOpt, TimeBudgetOpt
+from onnx_obs.cli.options import (ActivationCalibrationOpt, ActivationPercentileOpt, ActivationsOpt, CaptureMemoryOpt,
+                                  MaxPositionsOpt, ThreadsOpt, TimeBudgetOpt)
 from onnx_obs.config import Selection, parse_op_types, parse_pattern
 from onnx_obs.cli.show import (_print_compare, _print_evaluate, _print_inspect, _print_prune,
                                check_json_path, write_json)
@@ -77,7 +78,8 @@ def prune(
     bits: Optional[int] = typer.Option(None, "--bits", help="Also quantize the pruned weights to 8 or 4 bits in the same pass (zeros stay zeros); see onnx-obs quantize.", rich_help_panel=QUANT),
     group_size: int = GroupSizeOpt, symmetric: bool = SymmetricOpt, act_order: bool = ActOrderOpt,
     quant_method: str = typer.Option("auto", "--quant-method", help="With --bits: obq, gptq, rtn or auto (obq where it costs about 2 s or less per layer, else gptq).", rich_help_panel=QUANT),
-    format: str = FormatOpt,
+    format: str = FormatOpt, activations: str = ActivationsOpt,
+    activation_calibration: str = ActivationCalibrationOpt, activation_percentile: float = ActivationPercentileOpt,
 ):
     """Prune MODEL and write the pruned model to -o."""
     progress = verbosity(quiet, verbose)
@@ -100,6 +102,8 @@ def quantize(
     group_size: int = GroupSizeOpt, symmetric: bool = SymmetricOpt,
     quant_method: str = typer.Option("auto", "--method", help="obq (exact greedy, Optimal Brain Quantization), gptq (fixed column order, blocked), rtn (round to nearest, no correction), or auto: obq where it costs about 2 s or less per layer, else gptq.", rich_help_panel=QUANT),
     act_order: bool = ActOrderOpt,
+    activations: str = ActivationsOpt,
+    activation_calibration: str = ActivationCalibrationOpt, activation_percentile: float = ActivationPercentileOpt,
     block_size: int = typer.Option(128, "--block-size", help="Column block of GPTQ's lazy updates.", rich_help_panel=SOLVER),
     damp: float = DampOpt,
     sequential: bool = typer.Option(True, "--sequential/--no-sequential", help="Capture each site's inputs after the sites before it are quantized.", rich_help_panel=SOLVER),

@@ -39,6 +39,9 @@ ActOrderOpt = typer.Option(False, "--act-order", help="GPTQ: quantize columns by
 FormatOpt = typer.Option("qdq", "--format", help="qdq: int8/int4 initializers + DequantizeLinear feeding the original op; matmulnbits: onnxruntime's com.microsoft MatMulNBits for MatMul/Gemm weights at 4 bits (its fast CPU kernels), other weights qdq.", rich_help_panel=OUTPUT)
 AllocationOpt = typer.Option(None, "--allocation", help="uniform: every site at --sparsity; auto: per-site levels that meet --sparsity over all selected weights at least predicted output error (each layer's error table from the OBS solver, scaled by a measured output sensitivity; unstructured layer-wise methods with a Hessian). Default: auto for unstructured layer-wise pruning (obs, obd, wanda), uniform for --pattern, --structure, --hessian full/fisher, magnitude and --bits.", rich_help_panel=METHOD)
 MaxLayerSparsityOpt = typer.Option(0.9, "--max-layer-sparsity", help="With auto allocation: no site gets more than this fraction of zeros.", rich_help_panel=METHOD)
+ActivationsOpt = typer.Option("none", "--activations", help="int8: also quantize the quantized sites' inputs and outputs (uint8 QuantizeLinear/DequantizeLinear pairs, scales from the calibration data) so onnxruntime runs integer kernels (QLinearConv, QLinearMatMul, QGemm); needs --bits 8 --format qdq. none: weights only.", rich_help_panel=QUANT)
+ActivationCalibrationOpt = typer.Option("minmax", "--activation-calibration", help="With --activations int8: minmax (the full range seen) or percentile (the range between the --activation-percentile tails, outliers clipped).", rich_help_panel=QUANT)
+ActivationPercentileOpt = typer.Option(99.99, "--activation-percentile", help="With --activation-calibration percentile: the upper percentile kept (the lower is 100 minus it).", rich_help_panel=QUANT)
 DampOpt = typer.Option(0.01, "--damp", help="Hessian damping, as a fraction of mean diag(H).", rich_help_panel=SOLVER)
 MinParamsOpt = typer.Option(MIN_PARAMS, "--min-params", help="Keep sites with fewer weights than this dense (listed as skipped) when the model has larger ones: tiny layers save nothing and are often fixed transforms. 0 prunes every site.", rich_help_panel=SELECT)
 QuietOpt = typer.Option(False, "--quiet", "-q", help="Print nothing but warnings and errors (and JSON asked for with --json -).", rich_help_panel=OUTPUT)
@@ -68,6 +71,8 @@ _SETTINGS = {
     "target_flops": ("target_flops", None), "target_speedup": ("target_speedup", None),
     "bits": ("bits", None), "group_size": ("group_size", None), "symmetric": ("symmetric", None),
     "quant_method": ("quant_method", None), "act_order": ("act_order", None), "format": ("format", None),
+    "activations": ("activations", None), "activation_calibration": ("activation_calibration", None),
+    "activation_percentile": ("activation_percentile", None),
 }
 
 

@@ -75,9 +75,10 @@ def needed_opset(site: Site, bits: int, block: int | None) -> int:
     return OPSET_HALF_SCALES if site.dtype == "float16" else OPSET_PER_AXIS
 
 
-def write_qdq(model: onnx.ModelProto, site: Site, q: QuantizedWeight, store) -> None:
+def write_qdq(model: onnx.ModelProto, site: Site, q: QuantizedWeight, store, zero_point: bool = False) -> None:
     """Replace the site's float tensor by codes + scale (+ zero point) and a DequantizeLinear
-    producing the same name. store(tensor, raw_bytes) stores a new tensor's data (LoadedModel.store)."""
+    producing the same name. store(tensor, raw_bytes) stores a new tensor's data (LoadedModel.store).
+    zero_point: write int codes' zero point (0) too; onnxruntime fuses Gemm into QGemm only then."""
     graph = model.graph
     name = site.tensor_name if site.storage == "initializer" else site.name  # what consumers read
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
@@ -95,7 +96,7 @@ def write_qdq(model: onnx.ModelProto, site: Site, q: QuantizedWeight, store) -> 
         zero = np.moveaxis(np.moveaxis(site.from_matrix(q.zero[:, q.groups]), col_axis, 0)[take], 0, col_axis)
     scale_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(q.scale.dtype))
     inputs.append(add_initializer(graph, store, free_name(f"{name}_scale", taken), scale_type, scale))
-    if not q.signed:  # int codes have zero point 0, DequantizeLinear's default
+    if not q.signed or zero_point:  # int codes have zero point 0, DequantizeLinear's default
         inputs.append(add_initializer(graph, store, free_name(f"{name}_zero_point", taken), code_type, zero))
     node = onnx.helper.make_node("DequantizeLinear", inputs, [name],
                                  name=free_name(f"{name}_DequantizeLinear", taken), **attrs)

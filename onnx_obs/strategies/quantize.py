@@ -15,15 +15,19 @@ import numpy as np
 import onnx
 from onnx import version_converter
 
+from onnx_obs.algorithms.activation_ranges import ActivationRange, uint8_grid
 from onnx_obs.algorithms.layerwise import layer_error
 from onnx_obs.algorithms.quantize import quantize_layer
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph import matmul_nbits
+from onnx_obs.graph.activation_qdq import activation_tensors, grid_sources, insert_qdq
+from onnx_obs.graph.capture import with_outputs
 from onnx_obs.graph.matmul_nbits import write_matmul_nbits
 from onnx_obs.graph.quant_format import (SCALE_DTYPES, QuantizedWeight, column_groups, needed_opset,
                                          site_block, unsupported, write_qdq)
 from onnx_obs.graph.sites import Site, find_sites, site_matrix, write_matrix
 from onnx_obs.report import SiteReport
+from onnx_obs.runtime import Runner
 from onnx_obs.strategies.context import Context, drop_uncaptureable
 from onnx_obs.strategies.layerwise import prune_site_matrix, site_report, sweep_sites
 
@@ -40,18 +44,23 @@ def run(ctx: Context) -> None:
     def visit(ctx: Context, s: Site, H: np.ndarray | None) -> SiteReport:
         return _quantize_site(ctx, s, H, site_block(s, q.group_size), quantized)
 
+    if ctx.cal is not None:
+        drop_uncaptureable(ctx)
+    if q.activations == "int8":  # before the sweep: each site's Hessian sees fake-quantized inputs
+        _quantize_activations(ctx)
     if ctx.cal is None:  # rtn alone needs no data
         task = ctx.bar.add("quantizing sites", total=len(ctx.sites))
         for s in ctx.sites:
             ctx.report.sites.append(visit(ctx, s, None))
             ctx.bar.advance(task)
     else:
-        drop_uncaptureable(ctx)
         sweep_sites(ctx, visit, "quantizing sites")
     for s in ctx.sites:
-        write = write_matmul_nbits if s.name in nbits else write_qdq
-        write(ctx.loaded.model, s, quantized[s.name], ctx.loaded.store)
-    if len(nbits) < len(ctx.sites):
+        if s.name in nbits:
+            write_matmul_nbits(ctx.loaded.model, s, quantized[s.name], ctx.loaded.store)
+        else:
+            write_qdq(ctx.loaded.model, s, quantized[s.name], ctx.loaded.store, q.activations == "int8")
+    if len(nbits) < len(ctx.sites) and q.activations == "none":
         ctx.report.notes.append(
             "onnxruntime runs DequantizeLinear on every call (and Conv loses its prepacked kernels): "
             "the session option session.disable_quant_qdq=1 folds them at load time (float speed "
@@ -109,6 +118,44 @@ def _quantize_site(ctx: Context, s: Site, H: np.ndarray | None, block: int | Non
         scales=int(clip.size), clip_mean=float(clip.mean()), clipped_fraction=float(np.mean(clip < 1)),
         predicted_error=predicted, measured_error=r.measured_error))
     return r
+
+
+def _quantize_activations(ctx: Context) -> None:
+    """Ranges of the tensors around the sites over the calibration data (the float model, as
+    onnxruntime's quantize_static calibrates), then their QDQ pairs; the sites are found again,
+    their uses now reading the dequantized tensors."""
+    q, loaded = ctx.config.quantize, ctx.loaded
+    names = activation_tensors(loaded.model, ctx.sites)
+    ranges = {n: ActivationRange(q.activation_calibration, q.activation_percentile) for n in names}
+    kinds: dict[str, np.dtype] = {}
+    runner = Runner(with_outputs(loaded.model, names), loaded.base_dir, ctx.config.device)
+    task = ctx.bar.add("activation ranges", total=len(ctx.cal.batches))
+    for feeds in ctx.cal:
+        for n, x in zip(names, runner.run(feeds)):
+            kinds[n] = x.dtype
+            if x.dtype == np.float32:
+                ranges[n].add(x)
+        ctx.bar.advance(task)
+    del runner
+    other = [n for n in names if kinds[n] != np.float32]
+    if other:
+        ctx.report.notes.append("--activations int8 quantizes float32 tensors; left as they are: "
+                                + ", ".join(f"{n} ({kinds[n]})" for n in other))
+    grids, shared = {}, grid_sources(loaded.model, [n for n in names if n not in other])
+    for n in names:
+        if n in other:
+            continue
+        lo, hi = ranges[shared.get(n, n)].range()
+        grids[n] = uint8_grid(lo, hi)
+        ctx.report.activations.append(dict(name=n, min=lo, max=hi, scale=float(grids[n][0]),
+                                           zero_point=int(grids[n][1])))
+    insert_qdq(loaded.model, grids, loaded.store)
+    chosen = {s.name for s in ctx.sites}
+    ctx.sites = [s for s in find_sites(loaded.model)[0] if s.name in chosen]
+    ctx.report.notes.append(
+        f"--activations int8: {len(grids)} tensors quantized to uint8 per tensor "
+        f"({q.activation_calibration}{f' {q.activation_percentile:g}' if q.activation_calibration == 'percentile' else ''}"
+        " ranges from the calibration data); onnxruntime fuses the QDQ pairs into integer kernels")
 
 
 def _drop_unsupported(ctx: Context) -> None:

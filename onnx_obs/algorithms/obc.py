@@ -19,6 +19,7 @@ nearest grid value, the cost is (w_q - c_q)^2 / [H^-1]_qq and the correction
 from __future__ import annotations
 
 import numpy as np
+from scipy.linalg import lapack
 from scipy.linalg.blas import dgemm
 from scipy.optimize import isotonic_regression
 
@@ -63,11 +64,14 @@ def obc_prune(
     elif allocation == "row":
         stop = spread_zeros(n_zeros, n_forced, np.full(rows, cols))
     elif allocation == "global":
-        _, _, losses = _greedy(W, Hinv, forced, np.full(rows, cols))
+        _, _, losses, order = _greedy(W, Hinv, forced, np.full(rows, cols))
         stop = _global_counts(losses, n_forced, n_zeros)
+        taken = np.arange(cols)[None, :] < stop[:, None]
+        pruned, removed = _remove_sets(W, Hinv, order, stop)
+        return pruned, removed, float(np.where(taken, losses, 0.0).sum())
     else:
         raise ValueError(f"allocation must be 'global' or 'row', got {allocation!r}")
-    pruned, removed, losses = _greedy(W, Hinv, forced, stop, groups)
+    pruned, removed, losses, _ = _greedy(W, Hinv, forced, stop, groups)
     return pruned, removed, float(losses.sum())
 
 
@@ -76,10 +80,31 @@ def obc_trace(W: np.ndarray, Hinv: np.ndarray, forced: np.ndarray) -> np.ndarray
     the loss of the k cheapest steps of the rows' greedy traces, as obc_prune's "global" choice
     takes them (_global_counts): one full greedy run gives the whole curve (OBC's error table).
     Forced weights cost nothing (dead inputs: no error on the calibration data)."""
-    _, _, losses = _greedy(W, Hinv, forced, np.full(W.shape[0], W.shape[1]))
+    _, _, losses, _ = _greedy(W, Hinv, forced, np.full(W.shape[0], W.shape[1]))
     slopes = _convex_slopes(losses, forced.sum(axis=1))
     steps = np.sort(slopes, axis=None)
     return np.concatenate([[0.0], np.cumsum(np.maximum(steps, 0.0))])
+
+
+def _remove_sets(W: np.ndarray, Hinv: np.ndarray, order: np.ndarray,
+                 stop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every row r with the weights of its first stop[r] greedy steps (order[r, :stop[r]]) removed
+    at once: OBS for a set Q (Hassibi & Stork; OBC Eq. 7), dw = -H^-1[:, Q] ([H^-1]_QQ)^-1 w_Q.
+    The steps' downdates of H^-1 compose to exactly this (the inverse of H over the remaining
+    weights), so it equals rerunning the greedy to stop[r] steps, to rounding, at the cost of one
+    Cholesky solve of |Q| unknowns per row instead of a second pass of O(cols^3) per row."""
+    w = np.array(W, dtype=np.float64, order="C")
+    removed = np.zeros(w.shape, dtype=bool)
+    with one_blas_thread():
+        for r in np.flatnonzero(stop):
+            Q = order[r, : stop[r]]
+            _, z, info = lapack.dposv(Hinv[np.ix_(Q, Q)], w[r, Q], lower=1, overwrite_a=1)
+            if info != 0:
+                raise ValueError("H^-1 is not positive definite: raise damp")
+            w[r] -= Hinv[:, Q] @ z
+            w[r, Q] = 0.0
+            removed[r, Q] = True
+    return w, removed
 
 
 def _global_counts(losses: np.ndarray, n_forced: np.ndarray, n_zeros: int) -> np.ndarray:
@@ -116,8 +141,9 @@ def _greedy(
     stop: np.ndarray,
     groups: tuple[np.ndarray, np.ndarray] | None = None,
     nearest=None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Run `stop[r]` greedy OBS steps on every row r; return (weights, removed, step losses).
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Run `stop[r]` greedy OBS steps on every row r; return (weights, removed, step losses,
+    the column removed at each step).
 
     nearest: None to prune (every target is 0), or, to quantize, nearest(w, rows) -> (the grid
     value nearest to each weight of w, the rows `rows` of the matrix; a mask of the weights that
@@ -126,6 +152,7 @@ def _greedy(
     w = np.array(W, dtype=np.float64, order="C")
     removed = np.zeros((rows, cols), dtype=bool)
     losses = np.zeros((rows, int(stop.max(initial=0))))
+    order = np.zeros(losses.shape, dtype=np.int64)
     chunk = max(1, CHUNK_BYTES // (8 * cols * cols))
     by_steps = np.argsort(stop, kind="stable")  # rows with similar step counts share a chunk
     with one_blas_thread():
@@ -133,12 +160,12 @@ def _greedy(
             r = by_steps[r0 : r0 + chunk]
             target = None if nearest is None else (lambda x, r=r: nearest(x, r))
             chunk_result = _greedy_chunk(w[r], Hinv, forced[r], stop[r], groups, losses.shape[1], target)
-            w[r], removed[r], losses[r] = chunk_result
-    return w, removed, losses
+            w[r], removed[r], losses[r], order[r] = chunk_result
+    return w, removed, losses, order
 
 
 def _greedy_chunk(w, Hinv, forced, stop, groups, n_losses, target=None):
-    """Greedy OBS on a chunk of rows; return (weights, removed, step losses).
+    """Greedy OBS on a chunk of rows; return (weights, removed, step losses, removal order).
 
     The lazy downdates (module doc) are folded into each row's own copy of H^-1 every FOLD steps
     with one matrix product, so a step costs O(cols * FOLD) per row, mostly in cache.
@@ -147,6 +174,7 @@ def _greedy_chunk(w, Hinv, forced, stop, groups, n_losses, target=None):
     steps = int(stop.max(initial=0))
     at = np.arange(n)
     losses = np.zeros((n, n_losses))
+    order = np.zeros((n, n_losses), dtype=np.int64)
     removed = np.zeros((n, cols), dtype=bool)
     fixed = np.zeros((n, cols))  # the value each weight is moved to: 0, or its grid point
     Hc = np.empty((n, cols, cols))
@@ -186,6 +214,7 @@ def _greedy_chunk(w, Hinv, forced, stop, groups, n_losses, target=None):
         k += 1
         a = dev[at, q] * s  # (w_q - c_q) / sqrt([H^-1]_qq)
         losses[:, t] = 0.5 * a * a  # Eq. 6
+        order[:, t] = q
         hit = (at[active], q[active])
         fixed[hit] = w[hit] - dev[hit]  # c_q
         w -= a[:, None] * v  # Eq. 5
@@ -197,4 +226,4 @@ def _greedy_chunk(w, Hinv, forced, stop, groups, n_losses, target=None):
         if groups is not None:
             live[at[active], group[q[active]]] -= 1
     # removed weights of earlier steps carry rounding-level changes from later steps
-    return np.where(removed, fixed, w), removed, losses
+    return np.where(removed, fixed, w), removed, losses, order

@@ -173,7 +173,7 @@ def quantize_layer(W: np.ndarray, H: np.ndarray | None, bits: int, *, symmetric:
         Hinv, _ = lapack.dpotri(L, lower=1, overwrite_c=1)
         Hinv = np.tril(Hinv) + np.tril(Hinv, -1).T
     if method == "obq":
-        weight, _, losses = _greedy(W, Hinv, pinned, np.full(rows, cols), nearest=grid.target)
+        weight, _, losses, _ = _greedy(W, Hinv, pinned, np.full(rows, cols), nearest=grid.target)
         predicted = float(losses.sum())
     else:
         U, info = lapack.dpotrf(Hinv, lower=0, clean=1)

@@ -30,6 +30,10 @@ from onnx_obs.algorithms.masks import nm_keep_counts, spread_zeros
 CHUNK_BYTES = 64 << 20
 # Greedy steps between folds of the lazy downdates into the per-row H^-1.
 FOLD = 32
+# A chunk's per-row H^-1 are packed down to the live columns once these are at most COMPACT of
+# the working width, while at least MIN_PACKED remain (smaller ones cost less than the copy).
+COMPACT = 0.75
+MIN_PACKED = 32
 
 
 def obc_prune(
@@ -158,25 +162,43 @@ def _greedy(
     with one_blas_thread():
         for r0 in range(0, rows, chunk):
             r = by_steps[r0 : r0 + chunk]
-            target = None if nearest is None else (lambda x, r=r: nearest(x, r))
+            target = None if nearest is None else _packed_target(nearest, r, cols)
             chunk_result = _greedy_chunk(w[r], Hinv, forced[r], stop[r], groups, losses.shape[1], target)
             w[r], removed[r], losses[r], order[r] = chunk_result
     return w, removed, losses, order
+
+
+def _packed_target(nearest, r: np.ndarray, cols: int):
+    """nearest(w, rows) for packed weights: x (rows `sub` of the chunk r, the columns idx)."""
+    def target(x, sub, idx):
+        full = np.zeros((sub.size, cols))
+        np.put_along_axis(full, idx, x, 1)
+        c, outside = nearest(full, r[sub])
+        return np.take_along_axis(c, idx, 1), np.take_along_axis(outside, idx, 1)
+    return target
 
 
 def _greedy_chunk(w, Hinv, forced, stop, groups, n_losses, target=None):
     """Greedy OBS on a chunk of rows; return (weights, removed, step losses, removal order).
 
     The lazy downdates (module doc) are folded into each row's own copy of H^-1 every FOLD steps
-    with one matrix product, so a step costs O(cols * FOLD) per row, mostly in cache.
+    with one matrix product, so a step costs O(cols * FOLD) per row, mostly in cache. Removed
+    weights no longer enter any live quantity (their rows and columns of H^-1 only feed their own
+    entries), so at a fold where the live columns have dropped to COMPACT of the working width,
+    every row's arrays are packed down to its live columns and finished rows leave the working
+    set: all rows still stepping have removed the same number of weights, so the packed width is
+    common. A full trace then folds about cols^3 / 3 numbers per row instead of cols^3.
     """
     n, cols = w.shape
     steps = int(stop.max(initial=0))
-    at = np.arange(n)
     losses = np.zeros((n, n_losses))
     order = np.zeros((n, n_losses), dtype=np.int64)
+    out = np.array(w)  # the weights in their own columns, written back at every packing
     removed = np.zeros((n, cols), dtype=bool)
     fixed = np.zeros((n, cols))  # the value each weight is moved to: 0, or its grid point
+    rows = np.arange(n)  # the chunk's rows in the working set
+    idx = np.repeat(np.arange(cols)[None, :], n, axis=0)  # the column of every packed slot
+    gone = np.zeros((n, cols), dtype=bool)  # packed slots removed since the last packing
     Hc = np.empty((n, cols, cols))
     Hc[:] = Hinv
     V = np.empty((n, FOLD, cols))
@@ -187,23 +209,35 @@ def _greedy_chunk(w, Hinv, forced, stop, groups, n_losses, target=None):
     if groups is not None:
         group, keep = groups
         live = np.repeat(np.bincount(group)[None, :], n, axis=0)
+    at = rows.copy()
     k = 0  # lazy steps since the last fold
     for t in range(steps):
         if k == FOLD:
-            for r in np.flatnonzero(stop > t - FOLD):  # Hc[r] -= V[r]^T V[r]
+            for r in np.flatnonzero(stop[rows] > t - FOLD):  # Hc[r] -= V[r]^T V[r]
                 dgemm(-1.0, V[r].T, V[r].T, beta=1.0, c=Hc[r].T, trans_b=1, overwrite_c=1)
             k = 0
-        active = t < stop
+            if cols - t <= COMPACT * Hc.shape[1] and cols - t >= MIN_PACKED:
+                out[rows[:, None], idx] = w
+                sel = np.flatnonzero(stop[rows] > t)
+                pos = np.nonzero(~gone[sel])[1].reshape(sel.size, cols - t)
+                rows, idx, at = rows[sel], np.take_along_axis(idx[sel], pos, 1), at[: sel.size]
+                w, d, penalty, forced = (np.take_along_axis(x[sel], pos, 1) for x in (w, d, penalty, forced))
+                Hc = np.take_along_axis(Hc[sel[:, None], pos], pos[:, None, :], 2)
+                V = np.empty((sel.size, FOLD, cols - t))
+                gone = np.zeros(w.shape, dtype=bool)
+                if groups is not None:
+                    live = live[sel]
+        active = t < stop[rows]
         if target is None:
             dev, score = w, w * w / np.maximum(d, floor) + penalty  # twice the saliency (Eq. 6)
         else:
-            c, outside = target(w)
+            c, outside = target(w, rows, idx)
             dev = np.where(forced, w, w - c)  # w_q - c_q
             score = dev * dev / np.maximum(d, floor)
             # OBQ's outlier rule: a weight pushed off the grid is quantized at once
             score = np.where(outside, -1.0 / (1.0 + score), score) + penalty
         if groups is not None:
-            score[(live <= keep)[:, group] & (penalty == 0.0)] = np.inf
+            score[np.take_along_axis(live <= keep, group[idx], 1) & (penalty == 0.0)] = np.inf
         q = score.argmin(axis=1)
         h = Hc[at, q]  # row q of H^-1 = column q (symmetric)
         if k:
@@ -213,17 +247,19 @@ def _greedy_chunk(w, Hinv, forced, stop, groups, n_losses, target=None):
         V[:, k] = v
         k += 1
         a = dev[at, q] * s  # (w_q - c_q) / sqrt([H^-1]_qq)
-        losses[:, t] = 0.5 * a * a  # Eq. 6
-        order[:, t] = q
-        hit = (at[active], q[active])
-        fixed[hit] = w[hit] - dev[hit]  # c_q
+        col = idx[at, q]
+        losses[rows, t] = 0.5 * a * a  # Eq. 6
+        order[rows, t] = col
+        hit, hit_out = (at[active], q[active]), (rows[active], col[active])
+        fixed[hit_out] = w[hit] - dev[hit]  # c_q
         w -= a[:, None] * v  # Eq. 5
         d -= v * v  # diagonal of the downdated H^-1
-        w[hit] = fixed[hit]
+        w[hit] = fixed[hit_out]
         d[hit] = 1.0
         penalty[hit] = np.inf
-        removed[hit] = True
+        gone[hit] = removed[hit_out] = True
         if groups is not None:
-            live[at[active], group[q[active]]] -= 1
+            live[at[active], group[col[active]]] -= 1
+    out[rows[:, None], idx] = w
     # removed weights of earlier steps carry rounding-level changes from later steps
-    return np.where(removed, fixed, w), removed, losses, order
+    return np.where(removed, fixed, out), removed, losses, order

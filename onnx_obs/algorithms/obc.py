@@ -146,16 +146,18 @@ def _greedy(
     forced: np.ndarray,
     stop: np.ndarray,
     groups: tuple[np.ndarray, np.ndarray] | None = None,
-    nearest=None,
+    grid: tuple[np.ndarray, np.ndarray, int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Run `stop[r]` greedy OBS steps on every row r; return (weights, removed, step losses,
     the column removed at each step).
 
     Hinv: (cols, cols), shared by the rows, or (rows, cols, cols), each row's own (a depthwise
     convolution's channels: a batch of one-row problems in one call).
-    nearest: None to prune (every target is 0), or, to quantize, nearest(w, rows) -> (the grid
-    value nearest to each weight of w, the rows `rows` of the matrix; a mask of the weights that
-    corrections pushed outside the grid's range, which go next); forced weights then go to 0."""
+    grid: None to prune (every target is 0), or, to quantize, (scale, zero, qmin, qmax) with the
+    scale and zero point of every weight (rows, cols): the target of a weight w is its nearest
+    grid value c = (clip(rint(w / scale) + zero, qmin, qmax) - zero) * scale, and weights that
+    corrections pushed beyond the grid's range by over half a step go next; forced weights go to
+    0."""
     rows, cols = W.shape
     w = np.array(W, dtype=np.float64, order="C")
     removed = np.zeros((rows, cols), dtype=bool)
@@ -166,24 +168,14 @@ def _greedy(
     with one_blas_thread():
         for r0 in range(0, rows, chunk):
             r = by_steps[r0 : r0 + chunk]
-            target = None if nearest is None else _packed_target(nearest, r, cols)
+            target = None if grid is None else (grid[0][r], grid[1][r], *grid[2:])
             Hr = Hinv if Hinv.ndim == 2 else Hinv[r]
             chunk_result = _greedy_chunk(w[r], Hr, forced[r], stop[r], groups, losses.shape[1], target)
             w[r], removed[r], losses[r], order[r] = chunk_result
     return w, removed, losses, order
 
 
-def _packed_target(nearest, r: np.ndarray, cols: int):
-    """nearest(w, rows) for packed weights: x (rows `sub` of the chunk r, the columns idx)."""
-    def target(x, sub, idx):
-        full = np.zeros((sub.size, cols))
-        np.put_along_axis(full, idx, x, 1)
-        c, outside = nearest(full, r[sub])
-        return np.take_along_axis(c, idx, 1), np.take_along_axis(outside, idx, 1)
-    return target
-
-
-def _greedy_chunk(w, Hinv, forced, stop, groups, n_losses, target=None):
+def _greedy_chunk(w, Hinv, forced, stop, groups, n_losses, grid=None):
     """Greedy OBS on a chunk of rows; return (weights, removed, step losses, removal order).
 
     The lazy downdates (module doc) are folded into each row's own copy of H^-1 every FOLD steps
@@ -227,7 +219,10 @@ def _greedy_chunk(w, Hinv, forced, stop, groups, n_losses, target=None):
                 pos = np.nonzero(~gone[sel])[1].reshape(sel.size, cols - t)
                 rows, idx, at = rows[sel], np.take_along_axis(idx[sel], pos, 1), at[: sel.size]
                 floor = floor[sel]
-                w, d, penalty, forced = (np.take_along_axis(x[sel], pos, 1) for x in (w, d, penalty, forced))
+                w, d, penalty, forced = (np.take_along_axis(x[sel], pos, 1)
+                                         for x in (w, d, penalty, forced))
+                if grid is not None:
+                    grid = (*(np.take_along_axis(x[sel], pos, 1) for x in grid[:2]), *grid[2:])
                 packed = np.empty((sel.size, cols - t, cols - t))
                 for i, (r, p) in enumerate(zip(sel, pos)):  # row by row: 8x faster than one gather
                     packed[i] = Hc[r][p][:, p]
@@ -237,11 +232,13 @@ def _greedy_chunk(w, Hinv, forced, stop, groups, n_losses, target=None):
                 if groups is not None:
                     live = live[sel]
         active = t < stop[rows]
-        if target is None:
+        if grid is None:
             # twice the saliency (Eq. 6)
             dev, score = w, w * w / np.maximum(d, floor[:, None]) + penalty
         else:
-            c, outside = target(w, rows, idx)
+            scale, zero, qmin, qmax = grid
+            c = (np.clip(np.rint(w / scale) + zero, qmin, qmax) - zero) * scale  # nearest grid value
+            outside = np.abs(w - c) > 0.5 * scale
             dev = np.where(forced, w, w - c)  # w_q - c_q
             score = dev * dev / np.maximum(d, floor[:, None])
             # OBQ's outlier rule: a weight pushed off the grid is quantized at once

@@ -7,6 +7,8 @@ helpers (blas_threads, masks) come from this checkout. Per layer shape, H = 2 X^
 random correlated activations X (n = 4 cols) plus 1% damping, as prune_layer makes it, then:
 - prune: obc_prune at 50% (the default global allocation: a full greedy trace and the removal);
 - trace: obc_trace, the error-vs-sparsity table of --allocation auto (one full greedy trace);
+- obq: 4-bit OBQ (the greedy with a grid target, one scale per row and 32 columns), layers of
+  up to 576 columns;
 - depthwise rows: G one-row groups of k*k columns, each with its own H: old = prune_layer's steps
   per group (Cholesky, inverse, obc_prune), new = algorithms.layerwise.prune_row_groups.
 For each it prints old and new seconds (the best of --repeat runs), their ratio, and whether the
@@ -31,6 +33,7 @@ import numpy as np
 from onnx_obs.algorithms import obc
 from onnx_obs.algorithms.damping import damped_cholesky, damping
 from onnx_obs.algorithms.layerwise import _decoupled, _inverse, prune_row_groups
+from onnx_obs.algorithms.quantize import make_grid
 
 REPO = Path(__file__).resolve().parent.parent
 OLD_REV = "49ec96e"  # main before the solver changes of issue 15 (follow-up 15b)
@@ -63,6 +66,22 @@ def inverse(H: np.ndarray) -> tuple[np.ndarray, float]:
     diag = H.diagonal().copy()
     L, lam = damped_cholesky(_decoupled(H, diag <= 0), damping(diag, 0.01), float(diag.max()))
     return _inverse(L), lam
+
+
+def obq_calls(old, W: np.ndarray, Hinv: np.ndarray):
+    """4-bit OBQ of W with the old greedy (a nearest-value callback on full rows, as quantize
+    called it) and the new one (per-weight scale and zero point)."""
+    grid = make_grid(W, 4, groups=np.arange(W.shape[1]) // 32)
+    stop, pinned = np.full(W.shape[0], W.shape[1]), W == 0.0
+
+    def target(x, rows):
+        c = grid.nearest(x, rows)
+        return c, np.abs(x - c) > 0.5 * grid.scale[rows][:, grid.groups]
+
+    per_weight = (grid.scale[:, grid.groups].astype(np.float64),
+                  grid.zero[:, grid.groups].astype(np.float64), grid.qmin, grid.qmax)
+    return (lambda: old._greedy(W, Hinv, pinned, stop, nearest=target),
+            lambda: obc._greedy(W, Hinv, pinned, stop, grid=per_weight))
 
 
 def best(fn, repeat: int):
@@ -109,6 +128,11 @@ def main() -> None:
         t_new, tr_new = best(lambda: obc.obc_trace(W, Hinv, forced), args.repeat)
         row(f"trace {rows}x{cols}", t_old, t_new,
             f"table max rel diff {np.abs(tr_old - tr_new).max() / tr_old.max():.1e}")
+        if cols <= 576:
+            obq_old, obq_new = obq_calls(old, W, Hinv)
+            t_old, (q_old, *_) = best(obq_old, args.repeat)
+            t_new, (q_new, *_) = best(obq_new, args.repeat)
+            row(f"obq 4-bit {rows}x{cols}", t_old, t_new, agreement(q_old, q_new, True, True))
     for channels, k in DEPTHWISE:
         Hs = [hessian(rng, k) for _ in range(channels)]
         W = rng.standard_normal((channels, k))

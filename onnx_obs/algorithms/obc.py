@@ -51,7 +51,8 @@ def obc_prune(
     are removed first, at no cost). Unstructured targets n_zeros zeros in the whole matrix:
     - allocation="global" (default): each row's greedy trace is run to the end, recording the
       loss of every step; per-row counts minimising the total loss for the total count are
-      chosen from those traces (_global_counts), and the greedy is run again to those counts.
+      chosen from those traces (_global_counts), and each row loses its chosen steps at once
+      (_remove_sets: the same result as running the greedy again to those counts).
     - allocation="row": the n_zeros are spread evenly over the rows (counts differ by at most
       one), one pass.
     N:M: greedy within the rows with the weights of full groups (see masks.nm_keep_counts) out of

@@ -207,8 +207,11 @@ def prune(path: Path, calib: Path, out: Path, pythonpath: Path, *extra: str) -> 
     report = out.with_suffix(".json")
     env = dict(os.environ, PYTHONPATH=str(pythonpath))
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "onnx_obs", "prune", str(path), "--calib", str(calib),
-                           "-o", str(out), "--force", "-q", "--report", str(report), *extra],
+    # -P: the working directory stays off sys.path, else `python -m` run from a checkout imports
+    # that checkout's onnx_obs whatever PYTHONPATH says (--old then timed the new code)
+    proc = subprocess.run([sys.executable, "-P", "-m", "onnx_obs", "prune", str(path),
+                           "--calib", str(calib), "-o", str(out), "--force", "-q",
+                           "--report", str(report), *extra],
                           env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if proc.returncode != 0:

@@ -64,11 +64,6 @@ class Grid:
         """The grid value nearest to every weight of W."""
         return self.values(self.codes(W, rows), rows)
 
-    def target(self, W: np.ndarray, rows=slice(None)) -> tuple[np.ndarray, np.ndarray]:
-        """The nearest grid values, and where W lies beyond the grid's range by over half a step."""
-        c = self.nearest(W, rows)
-        return c, np.abs(W - c) > 0.5 * self.scale[rows][:, self.groups]
-
 
 @dataclass
 class QuantResult:
@@ -173,7 +168,9 @@ def quantize_layer(W: np.ndarray, H: np.ndarray | None, bits: int, *, symmetric:
         Hinv, _ = lapack.dpotri(L, lower=1, overwrite_c=1)
         Hinv = np.tril(Hinv) + np.tril(Hinv, -1).T
     if method == "obq":
-        weight, _, losses = _greedy(W, Hinv, pinned, np.full(rows, cols), nearest=grid.target)
+        per_weight = (grid.scale[:, grid.groups].astype(np.float64),
+                      grid.zero[:, grid.groups].astype(np.float64), grid.qmin, grid.qmax)
+        weight, _, losses, _ = _greedy(W, Hinv, pinned, np.full(rows, cols), grid=per_weight)
         predicted = float(losses.sum())
     else:
         U, info = lapack.dpotrf(Hinv, lower=0, clean=1)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from onnx_obs.algorithms.layerwise import exact_allowed, layer_error, prune_layer
+from onnx_obs.algorithms.layerwise import exact_allowed, layer_error, prune_row_groups
 from onnx_obs.algorithms.masks import spread_zeros
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.capture import site_depths
@@ -160,10 +160,10 @@ def prune_site_matrix(ctx: Context, s: Site, w: np.ndarray, H: np.ndarray,
         shares = [n / w[g].size for g, n in zip(groups, level.group_zeros.tolist())]
     else:
         shares = _group_sparsities(w, groups, sparsity)
-    for rows, Hg, share in zip(groups, H, shares):
-        res = prune_layer(w[rows], Hg, method=c.method, sparsity=share, pattern=c.pattern,
-                          solver=c.layerwise.solver, block_size=c.layerwise.block_size,
-                          damp=c.layerwise.damp, exact=ctx.exact.get(s.name, True))
+    results = prune_row_groups(w, list(H), groups, shares, method=c.method, pattern=c.pattern,
+                               solver=c.layerwise.solver, block_size=c.layerwise.block_size,
+                               damp=c.layerwise.damp, exact=ctx.exact.get(s.name, True))
+    for rows, Hg, res in zip(groups, H, results):
         new[rows] = res.weight
         r.predicted_error += res.predicted_error
         if Hg is not None:  # magnitude pruning before rtn quantization runs without data

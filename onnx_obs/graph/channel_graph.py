@@ -28,6 +28,16 @@ class Coupled(Blocked):
         self.tensor, self.axis, self.positions, self.size = tensor, axis, positions, size
 
 
+class Coarsen(Blocked):
+    """A Reshape splits the channel axis into blocks of `block` positions (the heads of an
+    attention layer: [B, T, hidden] -> [B, T, heads, head_dim]) and the units are single
+    channels: the trace starts over with units of `block` consecutive rows of the producer."""
+
+    def __init__(self, message: str, block: int):
+        super().__init__(message)
+        self.block = block
+
+
 @dataclass
 class State:
     """Where the units lie in one tensor on the path: per unit, its positions along `axis`."""
@@ -47,6 +57,7 @@ class ChannelGraph:
         self.inner_refs = _subgraph_refs(model.graph)
         self.outputs = {o.name for o in model.graph.output}
         self.graph_inputs = {i.name for i in model.graph.input}
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         self.shapes = tensor_shapes(model)
         self.labels = {node_label(n, i, ""): i for i, n in enumerate(self.nodes)}
         self.math = ShapeMath(self.nodes, constants(model.graph, ints=True), self.shapes)

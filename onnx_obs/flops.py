@@ -19,7 +19,8 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from onnx_obs.graph.ops import OPS
-from onnx_obs.graph.protos import FLOAT_TYPES, attrs, infer_shapes
+from onnx_obs.graph.protos import FLOAT_TYPES, attrs
+from onnx_obs.graph.shape_fold import tensor_shapes
 from onnx_obs.graph.sites import node_label
 
 
@@ -83,12 +84,10 @@ def _batch1_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
         for d in vi.type.tensor_type.shape.dim:
             if not d.HasField("dim_value"):
                 d.dim_value = 1
-    m = infer_shapes(m)   # custom ops: count what can be counted
-    out = {}
-    for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
-        ds = vi.type.tensor_type.shape.dim
-        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in ds):
-            out[vi.name] = [d.dim_value for d in ds]
+    # Reshape targets computed from Shape (attention's view(b, t, heads, head_dim)) are folded
+    # so that what follows them gets shapes too; custom ops: count what can be counted.
+    out = {name: dims for name, dims in tensor_shapes(m).items()
+           if all(isinstance(d, int) for d in dims)}
     for name, t in _float_tensors(m.graph):
         out.setdefault(name, list(t.dims))
     return out

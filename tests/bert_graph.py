@@ -28,20 +28,41 @@ def bert_weights(seed: int = 0) -> dict[str, np.ndarray]:
     return a
 
 
-def bert_model(a: dict[str, np.ndarray] | None = None):
-    """x [batch, TOKENS, HIDDEN] -> logits [batch, TOKENS, 3]; (model, weights)."""
+def _computed_target(name: str, tail: list[str]) -> list:
+    """Nodes computing [x.shape[0], x.shape[1], *tail] as torch's legacy exporter writes
+    view(b, t, ...): Shape, Gather, Unsqueeze, Concat with constant pieces."""
+    nodes = [_node("Shape", ["x"], f"{name}_shape")]
+    for i in (0, 1):
+        nodes += [_node("Gather", [f"{name}_shape", f"index{i}"], f"{name}_d{i}", axis=0),
+                  _node("Unsqueeze", [f"{name}_d{i}", "axis0"], f"{name}_u{i}")]
+    return nodes + [_node("Concat", [f"{name}_u0", f"{name}_u1", *tail], name, axis=0)]
+
+
+def bert_model(a: dict[str, np.ndarray] | None = None, computed: bool = False):
+    """x [batch, TOKENS, HIDDEN] -> logits [batch, TOKENS, 3]; (model, weights). computed:
+    the Reshape targets are computed from x's shape as torch's legacy exporter does, with the
+    heads count and hidden width as constants ("heads_q", ..., "width") in the Concat."""
     a = bert_weights() if a is None else a
     consts = dict(a)
-    consts.update({"split_heads_q": np.array([0, 0, HEADS, HEAD_DIM], np.int64),
-                   "split_heads_k": np.array([0, 0, HEADS, HEAD_DIM], np.int64),
-                   "split_heads_v": np.array([0, 0, HEADS, HEAD_DIM], np.int64),
-                   "merge_heads": np.array([0, 0, HIDDEN], np.int64),
-                   "scale": np.array(np.sqrt(HEAD_DIM), np.float32),
+    nodes = []
+    if computed:
+        for name in ("q", "k", "v"):
+            consts[f"heads_{name}"] = np.array([HEADS], np.int64)
+            consts[f"head_dim_{name}"] = np.array([HEAD_DIM], np.int64)
+            nodes += _computed_target(f"split_heads_{name}", [f"heads_{name}", f"head_dim_{name}"])
+        consts.update({"width": np.array([HIDDEN], np.int64), "index0": np.array(0, np.int64),
+                       "index1": np.array(1, np.int64), "axis0": np.array([0], np.int64)})
+        nodes += _computed_target("merge_heads", ["width"])
+    else:
+        consts.update({"split_heads_q": np.array([0, 0, HEADS, HEAD_DIM], np.int64),
+                       "split_heads_k": np.array([0, 0, HEADS, HEAD_DIM], np.int64),
+                       "split_heads_v": np.array([0, 0, HEADS, HEAD_DIM], np.int64),
+                       "merge_heads": np.array([0, 0, HIDDEN], np.int64)})
+    consts.update({"scale": np.array(np.sqrt(HEAD_DIM), np.float32),
                    "ln1_g": np.ones(HIDDEN, np.float32), "ln1_b": np.zeros(HIDDEN, np.float32),
                    "ln2_g": np.ones(HIDDEN, np.float32), "ln2_b": np.zeros(HIDDEN, np.float32),
                    "sqrt2": np.array(np.sqrt(2), np.float32), "one": np.array(1, np.float32),
                    "half": np.array(0.5, np.float32)})
-    nodes = []
     for name, perm in [("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])]:
         nodes += [_node("MatMul", ["x", f"W{name}"], f"{name}_mm"),
                   _node("Add", [f"{name}_mm", f"b{name}"], f"{name}_lin"),

@@ -18,6 +18,7 @@ from graphs import randn, run_tensors
 from test_structured import assert_same_outputs, keep_of, lstsq_with_bias, removed_units, weights, with_weights
 
 from onnx_obs import api
+from onnx_obs.flops import count_macs
 from onnx_obs.graph.sites import find_sites
 from onnx_obs.graph.tracing import trace_units
 
@@ -37,9 +38,10 @@ def test_heads_and_ffn_groups():
     assert "LayerNormalization" in reasons["W2"] and "graph output" in reasons["Wc"]
 
 
+@pytest.mark.parametrize("computed", [False, True], ids=["constant-shapes", "computed-shapes"])
 @pytest.mark.parametrize("method", ["magnitude", "obs"])
-def test_heads_and_neurons_removed(method):
-    model, a = bert_model()
+def test_heads_and_neurons_removed(method, computed):
+    model, a = bert_model(computed=computed)
     X = randn([96, TOKENS, HIDDEN], 30)
     res = api.prune(model, {"x": X}, structure="channels", method=method, damp=0.0, sparsity=0.5)
     gone_h, gone_n = removed_units(res, "Wq"), removed_units(res, "W1")
@@ -48,7 +50,11 @@ def test_heads_and_neurons_removed(method):
     kept = HIDDEN - len(gone_h) * HEAD_DIM
     assert [w[k].shape for k in ("Wq", "bq", "Wk", "Wv", "Wo", "W1", "W2")] == [
         (HIDDEN, kept), (kept,), (HIDDEN, kept), (HIDDEN, kept), (kept, HIDDEN), (HIDDEN, FFN // 2), (FFN // 2, HIDDEN)]
-    assert w["split_heads_q"].tolist() == [0, 0, HEADS // 2, HEAD_DIM] and w["merge_heads"].tolist() == [0, 0, kept]
+    if computed:   # the Concat's constant pieces: heads counts edited, head_dim kept
+        assert [w[f"heads_{k}"].tolist() for k in "qkv"] == [[HEADS // 2]] * 3 and w["width"].tolist() == [kept]
+        assert w["head_dim_q"].tolist() == [HEAD_DIM]
+    else:
+        assert w["split_heads_q"].tolist() == [0, 0, HEADS // 2, HEAD_DIM] and w["merge_heads"].tolist() == [0, 0, kept]
     ref = {k: v.astype(np.float64).copy() for k, v in a.items()}
     cols = head_cols(gone_h)
     if method == "magnitude":
@@ -78,3 +84,10 @@ def test_heads_and_neurons_removed(method):
         ref["W2"] = np.zeros((FFN, HIDDEN))
         ref["W2"][keep_n] = Wk.T
     assert_same_outputs(res.model, with_weights(model, ref), {"x": randn([4, TOKENS, HIDDEN], 31)})
+
+
+def test_macs_counted_after_computed_reshapes():
+    """Hand count at batch 1: per token the four projections, the FFN and the head; QK^T and PV."""
+    want = TOKENS * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * FFN + 3 * HIDDEN) + 2 * TOKENS * TOKENS * HIDDEN
+    for computed in (False, True):
+        assert count_macs(bert_model(computed=computed)[0])[0] == want

@@ -91,6 +91,28 @@ class ChannelGraph:
             if o and (o in self.readers or o in self.outputs):
                 raise Blocked(f"the extra outputs of {node.op_type} '{self.label(ni)}' are used")
 
+    def shape_entry(self, name: str, index: int) -> tuple[str, int] | None:
+        """The stored constant (and its entry) that entry `index` of the 1-D shape tensor `name`
+        copies: `name` itself, or a piece of the Concat an exporter builds a target with
+        (view(b, t, heads, head_dim): Shape-read dims and constants); None if it is computed."""
+        if name in self.consts:
+            return name, index
+        ni = self.math.producer.get(name)
+        if ni is None:
+            return None
+        node = self.nodes[ni]
+        if node.op_type in ("Identity", "Cast", "Squeeze", "Unsqueeze"):   # scalar <-> [1]
+            return self.shape_entry(node.input[0], index) if index == 0 else None
+        if node.op_type == "Concat":
+            for x in node.input:
+                entries = self.math.entries(x, 0)
+                if entries is None:
+                    return None
+                if index < len(entries):
+                    return self.shape_entry(x, index)
+                index -= len(entries)
+        return None
+
     def label(self, ni: int) -> str:
         return node_label(self.nodes[ni], ni, "")
 

@@ -135,11 +135,13 @@ def _regroup(g: ChannelGraph, group: UnitGroup, ni: int, where: list[int], ins: 
         positions = [np.sort(p) for p in positions]
         size = st.size * outer * inner
     if node.op_type == "Reshape" and target[out_axis] != 0 and target[out_axis] != -1:
-        if node.input[1] not in g.consts:
+        source = g.shape_entry(node.input[1], out_axis)
+        if source is None:
             raise Blocked(f"Reshape '{g.label(ni)}' has a computed size on its channel axis")
-        if g.refs(node.input[1]) != 1:
+        if g.refs(source[0]) != 1:
             raise Blocked(f"the shape of Reshape '{g.label(ni)}' is shared")
-        group.edits.append(Edit("reshape", ni, out_axis, int(target[out_axis]), positions))
+        group.edits.append(Edit("reshape", ni, source[1], int(target[out_axis]), positions,
+                                source[0]))
     return [State(node.output[0], out_axis, positions, size)]
 
 

@@ -32,9 +32,11 @@ class Cut:
 class Edit:
     kind: str                      # "reshape" (entry of a shape), "split" (size), "group"
     node: int                      # index of the node in graph.node
-    index: int                     # reshape: entry; split: output
+    index: int                     # reshape: entry of `tensor`; split: output
     base: int                      # the value before any removal
     positions: list[np.ndarray]    # per unit: positions it removes from the counted axis
+    tensor: str = ""               # reshape: the constant holding the entry (the target or a
+                                   # piece of the Concat that computes it)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """A small BERT-like encoder trained for seconds on a synthetic sequence task and exported to ONNX
 with torch (for scripts/bench_structured.py only; the package never imports torch).
 
-The task: 10 classes; a sequence of 16 tokens (32 features each) is noise with two of the class's
+The task: 10 classes; a sequence of 32 tokens (32 features each) is noise with two of the class's
 four fixed "key" tokens at random positions, scaled at random; an order-free mean of the tokens
 is not enough to tell classes that share keys apart, attention is. Attention is hand-written
 (Linear q/k/v, view/transpose, softmax, Linear out) or torch's nn.MultiheadAttention (packed
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-CLASSES, TOKENS, FEATURES = 10, 16, 32
-HIDDEN, HEADS, FFN, LAYERS = 64, 8, 256, 2
+CLASSES, TOKENS, FEATURES = 10, 32, 32
+HIDDEN, HEADS, FFN, LAYERS = 128, 8, 512, 2
 
 
 def data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

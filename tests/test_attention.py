@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 from bert_graph import FFN, HEAD_DIM, HEADS, HIDDEN, TOKENS, bert_model
 from graphs import randn, run_tensors
-from test_structured import assert_same_outputs, keep_of, lstsq_with_bias, removed_units, weights, with_weights
+from test_structured import (
+    assert_same_outputs,
+    keep_of,
+    lstsq_with_bias,
+    removed_units,
+    weights,
+    with_weights,
+)
 
 from onnx_obs import api
 from onnx_obs.flops import count_macs
@@ -33,7 +40,7 @@ def test_heads_and_ffn_groups():
     found = {tuple(p.name for p in g.producers): ([c.site.name for c in g.consumers], g.units) for g in groups}
     assert found == {("Wq", "Wk", "Wv"): (["Wo"], HEADS), ("W1",): (["W2"], FFN)}
     heads = next(g for g in groups if g.producer.name == "Wq")
-    assert [c.columns for c in heads.consumers][0][1].tolist() == list(range(HEAD_DIM, 2 * HEAD_DIM))
+    assert heads.consumers[0].columns[1].tolist() == list(range(HEAD_DIM, 2 * HEAD_DIM))
     reasons = {x.name: x.reason for x in left}
     assert "LayerNormalization" in reasons["W2"] and "graph output" in reasons["Wc"]
 

@@ -137,7 +137,7 @@ def _unresolved(dims_out: list | None, dims_in: list | None) -> bool:
     (neither numbers nor the input's named dimensions: onnx's 'unk__N' for a computed target)."""
     if dims_out is None:
         return True
-    named = set(d for d in dims_in or [] if isinstance(d, str))
+    named = {d for d in dims_in or [] if isinstance(d, str)}
     return any(not isinstance(d, int) and d not in named for d in dims_out)
 
 

@@ -8,7 +8,10 @@ offset after a Concat: graph/passthrough.py), and collects the cuts, edits and c
 residual Add, a squeeze-and-excitation Mul), that tensor's producers are found by walking back
 and join the group: their rows go with the same units (DepGraph's coupling groups). Channels that
 reach anything else (a graph output, a LayerNorm over them, an op not handled) leave their
-producers alone, with the reason. Nodes are visited in graph (topological) order, so a node
+producers alone, with the reason. Attention heads: where a Reshape splits the channels into
+[heads, head_dim], the trace starts over with units of head_dim rows (graph/channel_graph.py
+Coarsen); the heads then ride a batch axis through QK^T, Softmax and PV, whose other operands
+bring the K and V projections into the group, and merge back before the output projection. Nodes are visited in graph (topological) order, so a node
 whose several inputs carry the same units (x * Sigmoid(x)) sees them together. Graph code: no
 linear algebra.
 """
@@ -20,7 +23,14 @@ import onnx
 
 from onnx_obs.graph.channel_graph import Blocked, ChannelGraph, Coarsen, Coupled, State
 from onnx_obs.graph.ops import OPS, find_bias, input_axis, unit_axis
-from onnx_obs.graph.passthrough import ELEMENTWISE, NORMS, PASS_THROUGH, POOLS, REGROUP, UNARY
+from onnx_obs.graph.passthrough import (
+    ELEMENTWISE,
+    NORMS,
+    PASS_THROUGH,
+    POOLS,
+    REGROUP,
+    UNARY,
+)
 from onnx_obs.graph.protos import attrs
 from onnx_obs.graph.shape_fold import regroup
 from onnx_obs.graph.sites import Site

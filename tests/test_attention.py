@@ -25,7 +25,7 @@ from test_structured import (
 )
 
 from onnx_obs import api
-from onnx_obs.flops import count_macs
+from onnx_obs.flops import count_macs, resource_model
 from onnx_obs.graph.sites import find_sites
 from onnx_obs.graph.tracing import trace_units
 
@@ -98,3 +98,17 @@ def test_macs_counted_after_computed_reshapes():
     want = TOKENS * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * FFN + 3 * HIDDEN) + 2 * TOKENS * TOKENS * HIDDEN
     for computed in (False, True):
         assert count_macs(bert_model(computed=computed)[0])[0] == want
+
+
+def test_resource_model_counts_heads_in_the_attention_matmuls():
+    """The MACs the planner predicts for removing heads and neurons equal count_macs of the
+    shrunk model (QK^T and PV shrink with the heads)."""
+    model, _ = bert_model(computed=True)
+    groups, _ = trace_units(model, find_sites(model)[0])
+    res = api.prune(model, {"x": randn([32, TOKENS, HIDDEN], 3)}, structure="channels",
+                    method="magnitude", sparsity=0.5)
+    counts = np.array([g.units - next(e["units_after"] for e in res.report.structure
+                                      if e["name"] == g.producer.name) for g in groups])
+    assert counts.tolist() == [HEADS // 2, FFN // 2]
+    predicted = resource_model(model, groups, "macs")(counts)
+    assert predicted == count_macs(res.model)[0] < count_macs(model)[0] - 2 * TOKENS * TOKENS * HIDDEN // 2

@@ -201,6 +201,7 @@ def _batched_matmul(g: ChannelGraph, group: UnitGroup, ni: int, where: list[int]
             if dims[k] != st.size:
                 raise Blocked(message)
             raise Coupled(message, name, k, st.positions, st.size)
+    group.batched[ni] = (st.size, st.positions)
     return [State(out, axis, st.positions, st.size)]
 
 

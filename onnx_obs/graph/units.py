@@ -66,6 +66,10 @@ class UnitGroup:
     consumers: list[ConsumerUse]
     path: list[str] = field(default_factory=list)   # op types followed
     producers: list[Site] = field(default_factory=list)   # all of them, the first one included
+    # MatMuls of two computed tensors the units ride through on a batch axis (attention's QK^T
+    # and PV): node index -> (size of that axis, per unit its positions on it); their MACs
+    # shrink with them.
+    batched: dict[int, tuple[int, list[np.ndarray]]] = field(default_factory=dict)
 
 
 @dataclass

@@ -186,7 +186,8 @@ def _batched_matmul(g: ChannelGraph, group: UnitGroup, ni: int, where: list[int]
     st = ins[0]
     axis = st.axis + rank_out - g.rank(st.tensor)
     for other in ins:
-        if other.axis + rank_out - g.rank(other.tensor) != axis or other.axis >= g.rank(other.tensor) - 2:
+        rank = g.rank(other.tensor)
+        if other.axis + rank_out - rank != axis or other.axis >= rank - 2:   # not a batch axis
             raise Blocked(f"MatMul '{g.label(ni)}' contracts or mixes its channels")
         if other.size != st.size or any(not np.array_equal(p, q)
                                         for p, q in zip(other.positions, st.positions)):

@@ -11,9 +11,9 @@ reach anything else (a graph output, a LayerNorm over them, an op not handled) l
 producers alone, with the reason. Attention heads: where a Reshape splits the channels into
 [heads, head_dim], the trace starts over with units of head_dim rows (graph/channel_graph.py
 Coarsen); the heads then ride a batch axis through QK^T, Softmax and PV, whose other operands
-bring the K and V projections into the group, and merge back before the output projection. Nodes are visited in graph (topological) order, so a node
-whose several inputs carry the same units (x * Sigmoid(x)) sees them together. Graph code: no
-linear algebra.
+bring the K and V projections into the group, and merge back before the output projection.
+Nodes are visited in graph (topological) order, so a node whose several inputs carry the same
+units (x * Sigmoid(x)) sees them together. Graph code: no linear algebra.
 """
 
 from __future__ import annotations

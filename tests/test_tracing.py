@@ -125,9 +125,10 @@ def test_an_op_without_a_handler_leaves_the_producer():
 
 
 @pytest.mark.parametrize("axis, opset, follows", [(1, 17, False), (-1, 17, True), (3, 17, True),
-                                                  (1, 11, False), (2, 11, True)])
+                                                  (0, 17, True), (1, 11, False), (0, 11, False),
+                                                  (2, 11, True)])
 def test_softmax_passes_units_only_over_other_axes(axis, opset, follows):
-    """Softmax over the channel axis ties them; over a later one (attention over keys) each
+    """Softmax over the channel axis ties them; over another one (attention over keys) each
     channel's slice stays its own (opset < 13 flattens from `axis` on: the channels must be before)."""
     nodes = [conv("x", "W1", "c"), helper.make_node("Softmax", ["c"], ["s"], axis=axis), conv("s", "W2", "y")]
     model = make_model(nodes, [vi("x", shape=[1, 2, 5, 5])], [vi("y", shape=None)],

@@ -164,13 +164,15 @@ def _split_axis(g: ChannelGraph, ni: int, st: State, dims_in: list, dims_out: li
 
 
 def _softmax(g: ChannelGraph, group: UnitGroup, ni: int, where: list[int], ins: list[State]):
-    """Softmax / LogSoftmax over an axis after the units' (attention scores over keys, per head):
-    each unit's slices stay its own (before opset 13 the op flattens from `axis` on)."""
+    """Softmax / LogSoftmax over another axis than the units' (attention scores over keys, per
+    head): each unit's slices stay its own (before opset 13 the op flattens from `axis` on, so
+    the units must lie before it)."""
     st, node = ins[0], g.nodes[ni]
     if where != [0]:
         return None
     rank = g.rank(node.input[0])
-    if st.axis >= attrs(node).get("axis", -1 if g.opset >= 13 else 1) % rank:
+    axis = attrs(node).get("axis", -1 if g.opset >= 13 else 1) % rank
+    if st.axis == axis or (g.opset < 13 and st.axis > axis):
         raise Blocked(f"{node.op_type} '{g.label(ni)}' normalises over its channels")
     return [State(node.output[0], st.axis, st.positions, st.size)]
 

@@ -19,7 +19,8 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from onnx_obs.graph.ops import OPS
-from onnx_obs.graph.protos import FLOAT_TYPES, attrs, infer_shapes
+from onnx_obs.graph.protos import FLOAT_TYPES, attrs
+from onnx_obs.graph.shape_fold import tensor_shapes
 from onnx_obs.graph.sites import node_label
 
 
@@ -83,12 +84,10 @@ def _batch1_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
         for d in vi.type.tensor_type.shape.dim:
             if not d.HasField("dim_value"):
                 d.dim_value = 1
-    m = infer_shapes(m)   # custom ops: count what can be counted
-    out = {}
-    for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
-        ds = vi.type.tensor_type.shape.dim
-        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in ds):
-            out[vi.name] = [d.dim_value for d in ds]
+    # Reshape targets computed from Shape (attention's view(b, t, heads, head_dim)) are folded
+    # so that what follows them gets shapes too; custom ops: count what can be counted.
+    out = {name: dims for name, dims in tensor_shapes(m).items()
+           if all(isinstance(d, int) for d in dims)}
     for name, t in _float_tensors(m.graph):
         out.setdefault(name, list(t.dims))
     return out
@@ -98,19 +97,23 @@ def resource_model(model: onnx.ModelProto, groups, kind: str,
                    orders: list[np.ndarray] | None = None) -> Callable[[np.ndarray], float]:
     """Parameters ("params") or MACs ("macs") of the model as a function of how many units each
     of `groups` (onnx_obs.graph.units.UnitGroup) loses: every cut tensor shrinks by the
-    unit's positions along its axis, and a linear node's MACs scale with its weight's size.
+    unit's positions along its axis, and a linear node's MACs scale with its weight's size
+    (a MatMul of two computed tensors, as attention's QK^T, with the heads it carries).
     With `orders` (per group, the units in the order they go) the positions are counted exactly
     (units of a group may own unequal numbers of positions, as in a C2f block); else on average."""
     cut_axes: dict[str, dict[int, list[tuple[int, np.ndarray]]]] = {}
+    # A MatMul of computed tensors the units ride through (attention heads): its MACs are
+    # proportional to the positions left on that axis.
+    batched: dict[int, list[tuple[int, np.ndarray]]] = {}
     for g, group in enumerate(groups):
-        order = orders[g] if orders is not None else np.arange(group.units)
+        order = orders[g] if orders is not None else None
         for cut in group.cuts:
-            sizes = np.array([len(cut.positions[u]) for u in order], dtype=np.float64)
-            if orders is None:
-                sizes[:] = sizes.mean()
-            cum = np.concatenate([[0.0], np.cumsum(sizes)])
-            cut_axes.setdefault(cut.tensor, {}).setdefault(cut.axis, []).append((g, cum))
+            cut_axes.setdefault(cut.tensor, {}).setdefault(cut.axis, []).append(
+                (g, _removed(cut.positions, order)))
+        for ni, (_, positions) in group.batched.items():
+            batched.setdefault(ni, []).append((g, _removed(positions, order)))
     tensors = dict(_float_tensors(model.graph))
+    scaled = []   # (MACs, size of the axis, its groups)
     if kind == "params":
         weights = {name: 1.0 for name in tensors}
         fixed = 0.0
@@ -124,6 +127,8 @@ def resource_model(model: onnx.ModelProto, groups, kind: str,
             if w in tensors and macs:
                 size = int(np.prod(tensors[w].dims, dtype=np.int64))
                 weights[w] = weights.get(w, 0.0) + macs / size
+            elif i in batched and macs:
+                scaled.append((macs, float(groups[batched[i][0][0]].batched[i][0]), batched[i]))
             else:
                 fixed += macs
     terms = [(coef, [int(d) for d in tensors[name].dims], cut_axes.get(name, {}))
@@ -131,6 +136,9 @@ def resource_model(model: onnx.ModelProto, groups, kind: str,
 
     def resource(counts: np.ndarray) -> float:
         total = fixed
+        for macs, size, axes in scaled:
+            left = size - sum(cum[min(int(counts[g]), len(cum) - 1)] for g, cum in axes)
+            total += macs * max(left, 0.0) / size
         for coef, dims, axes in terms:
             size = coef
             for axis, d in enumerate(dims):
@@ -140,6 +148,14 @@ def resource_model(model: onnx.ModelProto, groups, kind: str,
         return total
 
     return resource
+
+
+def _removed(positions: list[np.ndarray], order: np.ndarray | None) -> np.ndarray:
+    """Positions gone after each count of removed units (0, 1, ...): exactly in `order`, or on
+    average without one."""
+    sizes = np.array([len(p) for p in positions], dtype=np.float64)
+    sizes = sizes[order] if order is not None else np.full(len(sizes), sizes.mean())
+    return np.concatenate([[0.0], np.cumsum(sizes)])
 
 
 # ---------------------------------------------------------------- latency

@@ -16,12 +16,16 @@ and accuracy on the held-out eval split.
 With --arch mobilenet|resnet|c2f (both: the first two): a MobileNet-style CNN (inverted
 residuals, depthwise convs, SE gates, residual Adds), a ResNet-18-style CNN or a YOLOv8-style C2f
 backbone is trained for seconds on synthetic data
-and exported with torch (scripts/torch_models.py), then pruned by coupled channel groups with
+and exported with torch (scripts/torch_models.py); with --arch bert|bert-mha a 2-layer BERT-like
+encoder (8 heads, FFN 256; hand-written attention, or nn.MultiheadAttention whose packed export
+keeps its heads: only FFN neurons go) on a synthetic sequence task (scripts/torch_bert.py).
+Each is pruned by coupled channel groups (attention heads, FFN neurons) with
 --target-speedup 1.3 / 1.5 / 2 (MACs), structured OBS against the L1-group baseline
 (--method magnitude): measured speed-up at batch 1 and 32, params, file size, top-1 agreement and
 relative output MSE against the original on 512 held-out samples.
 
     python scripts/bench_structured.py --arch both --rounds 3
+    python scripts/bench_structured.py --arch bert --train-steps 300 --calib-samples 256
 """
 
 from __future__ import annotations
@@ -100,8 +104,9 @@ def main() -> None:
     parser.add_argument("--sample", choices=["cnn", "mlp", "both"], default="both")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
-    parser.add_argument("--arch", choices=["mobilenet", "resnet", "c2f", "both"], default=None,
-                        help="the torch-exported CNNs with coupled channels instead of the samples")
+    parser.add_argument("--arch", choices=["mobilenet", "resnet", "c2f", "bert", "bert-mha", "both"],
+                        default=None, help="the torch-exported models with coupled channels "
+                        "(CNNs, BERT-like encoders) instead of the samples")
     parser.add_argument("--train-steps", type=int, default=150)
     parser.add_argument("--calib-samples", type=int, default=256)
     args = parser.parse_args()
@@ -147,7 +152,10 @@ def run_sample(sample: str, tmp: Path, args) -> None:
 
 
 def run_arch(arch: str, tmp: Path, args) -> None:
-    from torch_models import data, train_and_export  # torch only here
+    if arch.startswith("bert"):   # torch only here
+        from torch_bert import data, train_and_export
+    else:
+        from torch_models import data, train_and_export
 
     original = tmp / "original.onnx"
     acc = train_and_export(arch, original, steps=args.train_steps)
@@ -155,15 +163,17 @@ def run_arch(arch: str, tmp: Path, args) -> None:
     calib = tmp / "calib.npz"
     np.savez(calib, input=x_cal)
     x_eval, y_eval = data(512, 999)
-    paths, seconds = {"original": original}, {}
+    paths, seconds, widths = {"original": original}, {}, {}
     for speedup in (1.3, 1.5, 2.0):
         for method, label in (("obs", "OBS"), ("magnitude", "L1 group")):
             key = f"{speedup}x {label}"
             paths[key] = tmp / f"{method}_{speedup}.onnx"
             t0 = time.perf_counter()
-            api.prune(str(original), str(calib), structure="channels", method=method,
-                      target_speedup=speedup, output=paths[key])
+            result = api.prune(str(original), str(calib), structure="channels", method=method,
+                               target_speedup=speedup, output=paths[key])
             seconds[key] = time.perf_counter() - t0
+            widths[key] = " ".join(f"{e['units_before']}->{e['units_after']}"
+                                   for e in result.report.structure)
     ref = session(original, 1).run(None, {"input": x_eval})[0]
     sessions = {k: session(p, args.threads) for k, p in paths.items()}
     times = {(k, b): [] for k in paths for b in (1, 32)}
@@ -189,6 +199,9 @@ def run_arch(arch: str, tmp: Path, args) -> None:
               f"{p.stat().st_size / 1024:>8.1f}KB{t1:>9.4f}{base[1] / t1:>6.2f}{t32:>9.3f}"
               f"{base[32] / t32:>6.2f}{agree:>8.2%}{accuracy:>8.2%}{mse:>10.4f}"
               f"{seconds.get(k, 0.0):>9.1f}")
+    print("units per group (graph order: heads of attention and FFN neurons per layer for bert):")
+    for k, w in widths.items():
+        print(f"  {k:<16}{w}")
 
 
 if __name__ == "__main__":

@@ -302,3 +302,33 @@ def test_no_producer_loses_every_row():
     ref["Wa"][:, [1, 2, 3]] = 0.0
     ref["W2"][:, [5, 6, 7, 9, 10, 11]] = 0.0
     assert_same_outputs(res.model, with_weights(model, ref), {"x": randn([8, 3, 6, 6], 81)})
+
+
+def test_channel_shuffle_removes_whole_groups():
+    """ShuffleNet's shuffle (Reshape [B, 2, 4, H, W], Transpose, Reshape back) splits the channel
+    axis into blocks of 4: a unit is a block of the producer's rows, landing on interleaved
+    channels of the consumer (block u: channels u, u + 2, ...), and both Reshapes are rewritten."""
+    a = {"W0": randn([8, 3, 3, 3], 1), "b0": randn([8], 2), "Wh": randn([4, 8, 3, 3], 3), "bh": randn([4], 4),
+         "split": np.array([0, 2, 4, 6, 6], np.int64), "merge": np.array([0, 8, 6, 6], np.int64)}
+    nodes = [conv("x", "W0", "b0", "c0", 3), relu("c0", "r0"),
+             helper.make_node("Reshape", ["r0", "split"], ["g"], name="split_groups"),
+             helper.make_node("Transpose", ["g"], ["gt"], name="shuffle", perm=[0, 2, 1, 3, 4]),
+             helper.make_node("Reshape", ["gt", "merge"], ["s"], name="merge_groups"),
+             conv("s", "Wh", "bh", "y", 3)]
+    model = make_model(nodes, [vi("x", shape=["batch", 3, 6, 6])], [vi("y", shape=["batch", 4, 6, 6])],
+                       [init(k, v) for k, v in a.items()])
+    (group,), _ = trace_units(model, find_sites(model)[0], {"W0"})
+    assert group.units == 2 and group.consumers[0].columns[1].tolist()[:2] == [9, 10]
+    X = randn([32, 3, 6, 6], 5)
+    res = prune(model, X, "magnitude", "W0")
+    (gone,) = removed_units(res, "W0")
+    rows = np.arange(4 * gone, 4 * gone + 4)
+    norms = [np.abs(a["W0"][4 * u:4 * u + 4]).sum() + np.abs(a["Wh"][:, u::2]).sum() for u in (0, 1)]
+    assert gone == int(np.argmin(norms))
+    w = weights(res.model)
+    assert w["W0"].shape == (4, 3, 3, 3) and w["Wh"].shape == (4, 4, 3, 3)
+    assert w["split"].tolist() == [0, 1, 4, 6, 6] and w["merge"].tolist() == [0, 4, 6, 6]
+    ref = {k: v.astype(np.float64).copy() for k, v in a.items() if v.dtype != np.int64}
+    ref["W0"][rows], ref["b0"][rows] = 0.0, 0.0
+    ref["Wh"][:, gone::2] = 0.0
+    assert_same_outputs(res.model, with_weights(model, ref), {"x": randn([4, 3, 6, 6], 6)})

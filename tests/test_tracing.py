@@ -116,12 +116,27 @@ def test_flatten_gives_each_channel_a_block(regroup):
 
 
 def test_an_op_without_a_handler_leaves_the_producer():
-    nodes = [conv("x", "W1", "c"), helper.make_node("Softmax", ["c"], ["s"], axis=1), conv("s", "W2", "y")]
+    nodes = [conv("x", "W1", "c"), helper.make_node("Hardmax", ["c"], ["s"], axis=1), conv("s", "W2", "y")]
     model = make_model(nodes, [vi("x", shape=[1, 2, 5, 5])], [vi("y", shape=None)],
                        [init("W1", randn([3, 2, 3, 3])), init("W2", randn([2, 3, 3, 3], 1))])
     groups, (left,) = traced(model, "W1")
-    assert not groups and "Softmax" not in PASS_THROUGH
-    assert left.reason.startswith("its channels are read by Softmax") and "cannot follow" in left.reason
+    assert not groups and "Hardmax" not in PASS_THROUGH
+    assert left.reason.startswith("its channels are read by Hardmax") and "cannot follow" in left.reason
+
+
+@pytest.mark.parametrize("axis, opset, follows", [(1, 17, False), (-1, 17, True), (3, 17, True),
+                                                  (0, 17, True), (1, 11, False), (0, 11, False),
+                                                  (2, 11, True)])
+def test_softmax_passes_units_only_over_other_axes(axis, opset, follows):
+    """Softmax over the channel axis ties them; over another one (attention over keys) each
+    channel's slice stays its own (opset < 13 flattens from `axis` on: the channels must be before)."""
+    nodes = [conv("x", "W1", "c"), helper.make_node("Softmax", ["c"], ["s"], axis=axis), conv("s", "W2", "y")]
+    model = make_model(nodes, [vi("x", shape=[1, 2, 5, 5])], [vi("y", shape=None)],
+                       [init("W1", randn([3, 2, 3, 3])), init("W2", randn([2, 3, 3, 3], 1))], opset=opset)
+    groups, left = traced(model, "W1")
+    assert bool(groups) == follows
+    if not follows:
+        assert "Softmax" in left[0].reason and "normalises over its channels" in left[0].reason
 
 
 def test_residual_add_couples_the_channels():
@@ -135,6 +150,6 @@ def test_residual_add_couples_the_channels():
 
 def test_the_registry_covers_every_op_family():
     families = (UNARY, ELEMENTWISE, POOLS, set(NORMS), REGROUP, REDUCE,
-                {"Shape", "Transpose", "Concat", "Split", "Slice", "Conv"})
+                {"Shape", "Transpose", "Concat", "Split", "Slice", "Conv", "Softmax", "LogSoftmax", "MatMul"})
     assert set(PASS_THROUGH) == set().union(*families)
     assert sum(map(len, families)) == len(PASS_THROUGH)   # no op in two families

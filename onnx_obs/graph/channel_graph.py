@@ -28,6 +28,16 @@ class Coupled(Blocked):
         self.tensor, self.axis, self.positions, self.size = tensor, axis, positions, size
 
 
+class Coarsen(Blocked):
+    """A Reshape splits the channel axis into blocks of `block` positions (the heads of an
+    attention layer: [B, T, hidden] -> [B, T, heads, head_dim]) and the units are single
+    channels: the trace starts over with units of `block` consecutive rows of the producer."""
+
+    def __init__(self, message: str, block: int):
+        super().__init__(message)
+        self.block = block
+
+
 @dataclass
 class State:
     """Where the units lie in one tensor on the path: per unit, its positions along `axis`."""
@@ -47,6 +57,7 @@ class ChannelGraph:
         self.inner_refs = _subgraph_refs(model.graph)
         self.outputs = {o.name for o in model.graph.output}
         self.graph_inputs = {i.name for i in model.graph.input}
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         self.shapes = tensor_shapes(model)
         self.labels = {node_label(n, i, ""): i for i, n in enumerate(self.nodes)}
         self.math = ShapeMath(self.nodes, constants(model.graph, ints=True), self.shapes)
@@ -79,6 +90,28 @@ class ChannelGraph:
         for o in node.output[1:]:
             if o and (o in self.readers or o in self.outputs):
                 raise Blocked(f"the extra outputs of {node.op_type} '{self.label(ni)}' are used")
+
+    def shape_entry(self, name: str, index: int) -> tuple[str, int] | None:
+        """The stored constant (and its entry) that entry `index` of the 1-D shape tensor `name`
+        copies: `name` itself, or a piece of the Concat an exporter builds a target with
+        (view(b, t, heads, head_dim): Shape-read dims and constants); None if it is computed."""
+        if name in self.consts:
+            return name, index
+        ni = self.math.producer.get(name)
+        if ni is None:
+            return None
+        node = self.nodes[ni]
+        if node.op_type in ("Identity", "Cast", "Squeeze", "Unsqueeze"):   # scalar <-> [1]
+            return self.shape_entry(node.input[0], index) if index == 0 else None
+        if node.op_type == "Concat":
+            for x in node.input:
+                entries = self.math.entries(x, 0)
+                if entries is None:
+                    return None
+                if index < len(entries):
+                    return self.shape_entry(x, index)
+                index -= len(entries)
+        return None
 
     def label(self, ni: int) -> str:
         return node_label(self.nodes[ni], ni, "")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from onnx_obs.graph.channel_graph import Blocked, ChannelGraph, Coupled, State
+from onnx_obs.graph.channel_graph import Blocked, ChannelGraph, Coarsen, Coupled, State
 from onnx_obs.graph.ops import OPS
 from onnx_obs.graph.protos import attrs
 from onnx_obs.graph.shape_fold import product, regroup, reshape_dims
@@ -128,17 +128,84 @@ def _regroup(g: ChannelGraph, group: UnitGroup, ni: int, where: list[int], ins: 
         g.math.memo.clear()
     out_axis, outer, inner = regroup(dims_in, dims_out, st.axis)
     if out_axis is None:
-        raise Blocked(f"{node.op_type} '{g.label(ni)}' splits or mixes its channel axis")
-    block = np.arange(outer)[:, None, None] * st.size * inner + np.arange(inner)
-    positions = [(block + p[None, :, None] * inner).ravel() for p in st.positions]
-    positions = [np.sort(p) for p in positions]
+        out_axis, positions, size = _split_axis(g, ni, st, dims_in, dims_out)
+    else:
+        block = np.arange(outer)[:, None, None] * st.size * inner + np.arange(inner)
+        positions = [(block + p[None, :, None] * inner).ravel() for p in st.positions]
+        positions = [np.sort(p) for p in positions]
+        size = st.size * outer * inner
     if node.op_type == "Reshape" and target[out_axis] != 0 and target[out_axis] != -1:
-        if node.input[1] not in g.consts:
+        source = g.shape_entry(node.input[1], out_axis)
+        if source is None:
             raise Blocked(f"Reshape '{g.label(ni)}' has a computed size on its channel axis")
-        if g.refs(node.input[1]) != 1:
+        if g.refs(source[0]) != 1:
             raise Blocked(f"the shape of Reshape '{g.label(ni)}' is shared")
-        group.edits.append(Edit("reshape", ni, out_axis, int(target[out_axis]), positions))
-    return [State(node.output[0], out_axis, positions, st.size * outer * inner)]
+        group.edits.append(Edit("reshape", ni, source[1], int(target[out_axis]), positions,
+                                source[0]))
+    return [State(node.output[0], out_axis, positions, size)]
+
+
+def _split_axis(g: ChannelGraph, ni: int, st: State, dims_in: list, dims_out: list):
+    """A reshape that splits the channel axis into [blocks, block size, ...] at the same axis
+    (attention's [B, T, hidden] -> [B, T, heads, head_dim]): each unit must own whole blocks,
+    which become its positions on the blocks axis; single-channel units ask the tracer to start
+    over with units of whole blocks (graph/tracing.py)."""
+    axis = st.axis
+    back, outer, block = regroup(dims_out, dims_in, axis) if axis < len(dims_out) else (None, 0, 0)
+    if back != axis or outer != 1 or block < 2:
+        raise Blocked(f"{g.nodes[ni].op_type} '{g.label(ni)}' splits or mixes its channel axis")
+    blocks = [np.unique(p // block) for p in st.positions]
+    if any(len(b) * block != len(p) for b, p in zip(blocks, st.positions)):
+        if all(len(p) == 1 and p[0] == u for u, p in enumerate(st.positions)):
+            raise Coarsen(f"Reshape '{g.label(ni)}' splits its channels into blocks of {block}",
+                          block)
+        raise Blocked(f"Reshape '{g.label(ni)}' splits its channels across units")
+    return axis, blocks, st.size // block
+
+
+def _softmax(g: ChannelGraph, group: UnitGroup, ni: int, where: list[int], ins: list[State]):
+    """Softmax / LogSoftmax over another axis than the units' (attention scores over keys, per
+    head): each unit's slices stay its own (before opset 13 the op flattens from `axis` on, so
+    the units must lie before it)."""
+    st, node = ins[0], g.nodes[ni]
+    if where != [0]:
+        return None
+    rank = g.rank(node.input[0])
+    axis = attrs(node).get("axis", -1 if g.opset >= 13 else 1) % rank
+    if st.axis == axis or (g.opset < 13 and st.axis > axis):
+        raise Blocked(f"{node.op_type} '{g.label(ni)}' normalises over its channels")
+    return [State(node.output[0], st.axis, st.positions, st.size)]
+
+
+def _batched_matmul(g: ChannelGraph, group: UnitGroup, ni: int, where: list[int],
+                    ins: list[State]):
+    """MatMul of two computed tensors (attention's QK^T and PV): units on a batch axis (the heads)
+    pass through; the other operand, if it has that axis, carries the same units (coupled: its
+    producers join the group, as in an elementwise op)."""
+    node = g.nodes[ni]
+    out = node.output[0]
+    rank_out = g.rank(out)
+    st = ins[0]
+    axis = st.axis + rank_out - g.rank(st.tensor)
+    for other in ins:
+        rank = g.rank(other.tensor)
+        if other.axis + rank_out - rank != axis or other.axis >= rank - 2:   # not a batch axis
+            raise Blocked(f"MatMul '{g.label(ni)}' contracts or mixes its channels")
+        if other.size != st.size or any(not np.array_equal(p, q)
+                                        for p, q in zip(other.positions, st.positions)):
+            raise Blocked(f"MatMul '{g.label(ni)}' combines its channels in different layouts")
+    for pos, name in enumerate(node.input):
+        if pos in where:
+            continue
+        dims = g.dims(name)
+        k = axis - (rank_out - len(dims))
+        if k >= 0 and dims[k] != 1:
+            message = f"its channels meet '{name}' in MatMul '{g.label(ni)}' (attention heads)"
+            if dims[k] != st.size:
+                raise Blocked(message)
+            raise Coupled(message, name, k, st.positions, st.size)
+    group.batched[ni] = (st.size, st.positions)
+    return [State(out, axis, st.positions, st.size)]
 
 
 def _reduce(g: ChannelGraph, group: UnitGroup, ni: int, where: list[int], ins: list[State]):
@@ -289,4 +356,7 @@ PASS_THROUGH: dict[str, Handler] = {
     "Split": _split,
     "Slice": _slice,
     "Conv": _depthwise,
+    "Softmax": _softmax,
+    "LogSoftmax": _softmax,
+    "MatMul": _batched_matmul,
 }

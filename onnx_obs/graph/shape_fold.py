@@ -101,7 +101,8 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, list]:
     """Inferred dims of every main-graph tensor: int, dim_param string, or None if unknown.
 
     onnx's inference gives up on a Reshape whose target is computed from Shape (older exports of
-    x.view(x.size(0), -1), x.flatten(2)) and on everything after it: such targets are folded into
+    x.view(x.size(0), -1), x.flatten(2), attention's view(b, t, heads, head_dim), where it makes
+    up dimension names) and on everything after it: such targets are folded into
     constants where they resolve (0 where they copy a symbolic dimension of the same position),
     on a copy, and inferred again, until no more resolve.
     """
@@ -113,7 +114,8 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, list]:
         new = {}
         for i, n in enumerate(nodes):
             if (n.op_type == "Reshape" and i not in folds and n.input[1] not in consts
-                    and shapes.get(n.output[0]) is None and not attrs(n).get("allowzero", 0)):
+                    and _unresolved(shapes.get(n.output[0]), shapes.get(n.input[0]))
+                    and not attrs(n).get("allowzero", 0)):
                 target = _constant_target(math.target(n.input[1]), shapes.get(n.input[0]))
                 if target is not None:
                     new[i] = target
@@ -128,6 +130,15 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, list]:
             copy.graph.node[i].input[1] = name
         shapes = _inferred_shapes(copy)
     return shapes
+
+
+def _unresolved(dims_out: list | None, dims_in: list | None) -> bool:
+    """Whether inference left a Reshape's output unknown: no shape, or dimensions it made up
+    (neither numbers nor the input's named dimensions: onnx's 'unk__N' for a computed target)."""
+    if dims_out is None:
+        return True
+    named = {d for d in dims_in or [] if isinstance(d, str)}
+    return any(not isinstance(d, int) and d not in named for d in dims_out)
 
 
 def _constant_target(target: list | None, dims_in: list | None) -> list[int] | None:

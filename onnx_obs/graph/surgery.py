@@ -28,9 +28,9 @@ def shrink(model: onnx.ModelProto, group: UnitGroup, removed, base_dir: str = ""
         value = e.base - sum(len(e.positions[u]) for u in removed)
         node = model.graph.node[e.node]
         if e.kind == "reshape":
-            shape = numpy_helper.to_array(consts[node.input[1]]).copy()
-            shape[e.index] = value
-            _store(consts[node.input[1]], shape)
+            shape = numpy_helper.to_array(consts[e.tensor]).copy()
+            shape.reshape(-1)[e.index] = value
+            _store(consts[e.tensor], shape)
         elif e.kind == "group":
             _set_int_attr(node, "group", value)
         else:

@@ -8,9 +8,12 @@ offset after a Concat: graph/passthrough.py), and collects the cuts, edits and c
 residual Add, a squeeze-and-excitation Mul), that tensor's producers are found by walking back
 and join the group: their rows go with the same units (DepGraph's coupling groups). Channels that
 reach anything else (a graph output, a LayerNorm over them, an op not handled) leave their
-producers alone, with the reason. Nodes are visited in graph (topological) order, so a node
-whose several inputs carry the same units (x * Sigmoid(x)) sees them together. Graph code: no
-linear algebra.
+producers alone, with the reason. Attention heads: where a Reshape splits the channels into
+[heads, head_dim], the trace starts over with units of head_dim rows (graph/channel_graph.py
+Coarsen); the heads then ride a batch axis through QK^T, Softmax and PV, whose other operands
+bring the K and V projections into the group, and merge back before the output projection.
+Nodes are visited in graph (topological) order, so a node whose several inputs carry the same
+units (x * Sigmoid(x)) sees them together. Graph code: no linear algebra.
 """
 
 from __future__ import annotations
@@ -18,10 +21,18 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnx_obs.graph.channel_graph import Blocked, ChannelGraph, Coupled, State
+from onnx_obs.graph.channel_graph import Blocked, ChannelGraph, Coarsen, Coupled, State
 from onnx_obs.graph.ops import OPS, find_bias, input_axis, unit_axis
-from onnx_obs.graph.passthrough import ELEMENTWISE, NORMS, PASS_THROUGH, POOLS, REGROUP, UNARY
+from onnx_obs.graph.passthrough import (
+    ELEMENTWISE,
+    NORMS,
+    PASS_THROUGH,
+    POOLS,
+    REGROUP,
+    UNARY,
+)
 from onnx_obs.graph.protos import attrs
+from onnx_obs.graph.shape_fold import regroup
 from onnx_obs.graph.sites import Site
 from onnx_obs.graph.units import BiasSlot, ConsumerUse, LeftAlone, UnitGroup
 
@@ -54,11 +65,17 @@ class _Tracer(ChannelGraph):
         """The group of `site` (unit u = its row u): started from it alone, each tensor its
         channels meet elementwise adds that tensor's producers (found by walking back, owning
         the rows the units meet there), and the trace starts over."""
-        own = [np.array([u], dtype=np.int64) for u in range(site.matrix_shape[0])]
+        rows = site.matrix_shape[0]
+        own = [np.array([u], dtype=np.int64) for u in range(rows)]
         seeds = {site.name: (site, own)}
         while True:
             try:
                 return self._trace(site, seeds)
+            except Coarsen as e:   # attention heads: a unit is a block of rows
+                if len(own[0]) != 1 or rows % e.block:
+                    raise Blocked(str(e)) from None
+                own = [np.arange(u * e.block, (u + 1) * e.block) for u in range(rows // e.block)]
+                seeds = {site.name: (site, own)}
             except Coupled as e:
                 try:
                     found = self._sources(e.tensor, e.axis)
@@ -66,11 +83,12 @@ class _Tracer(ChannelGraph):
                     raise Blocked(f"{e}; {why}") from None
                 if set(found) <= set(seeds):
                     raise Blocked(str(e)) from None
-                for name, s in found.items():
-                    if s.matrix_shape[0] != e.size:
+                for name, (s, block) in found.items():
+                    if s.matrix_shape[0] != e.size * block:
                         raise Blocked(f"{e}; its producer '{name}' has {s.matrix_shape[0]} "
                                       f"units for {e.size} channels") from None
-                    seeds.setdefault(name, (s, e.positions))
+                    seeds.setdefault(name, (s, [(p[:, None] * block + np.arange(block)).ravel()
+                                                for p in e.positions]))
 
     def _seed(self, group: UnitGroup, site: Site, positions: list[np.ndarray]) -> State:
         """Record a producer's own cuts (unit u: rows positions[u] of its weight and bias); the
@@ -110,7 +128,7 @@ class _Tracer(ChannelGraph):
             if len(s.uses) != 1:
                 raise Blocked(f"the weight of '{s.name}' is shared by several nodes")
         at = {self.labels[s.uses[0].node]: (s, pos) for s, pos in seeds.values()}
-        group = UnitGroup(lead, min(at), lead.matrix_shape[0], [], [], [],
+        group = UnitGroup(lead, min(at), len(seeds[lead.name][1]), [], [], [],
                           producers=[at[ni][0] for ni in sorted(at)])
         self._follow(group, at)
         if not group.consumers:
@@ -139,9 +157,11 @@ class _Tracer(ChannelGraph):
             if name in self.inner_refs:
                 raise Blocked(f"'{name}' is read inside a subgraph")
 
-    def _sources(self, name: str, axis: int) -> dict[str, Site]:
-        """The producer sites whose output channels reach `name` along `axis` unchanged, walking
-        back through the ops that keep channels in place (the forward trace then checks them)."""
+    def _sources(self, name: str, axis: int, block: int = 1) -> dict[str, tuple[Site, int]]:
+        """The producer sites whose output channels reach `name` along `axis` unchanged or
+        split into blocks (a head of attention: `block` channels of the producer per position),
+        walking back through the ops that keep channels in place (the forward trace then checks
+        them); per producer, the block size."""
         ni = self.math.producer.get(name)
         if ni is None:
             raise Blocked(f"'{name}' is a graph input or a constant, which cannot lose channels")
@@ -151,21 +171,28 @@ class _Tracer(ChannelGraph):
         if op in OPS and not OPS[op].groups(attrs(node)) > 1:
             if len(sites) != 1:
                 raise Blocked(f"'{name}' comes from {op} '{self.label(ni)}' without a prunable weight")
-            return {sites[0].name: sites[0]}
+            return {sites[0].name: (sites[0], block)}
         if op in UNARY or op in NORMS or op in POOLS or op == "Conv":   # grouped Conv: depthwise
-            return self._sources(node.input[0], axis)
+            return self._sources(node.input[0], axis, block)
         if op == "Transpose":
             perm = attrs(node).get("perm", list(range(self.rank(name)))[::-1])
-            return self._sources(node.input[0], perm[axis])
+            return self._sources(node.input[0], perm[axis], block)
         if op in REGROUP:
-            return self._sources(node.input[0], self._axis_before(node, axis))
+            try:
+                return self._sources(node.input[0], self._axis_before(node, axis), block)
+            except Blocked:
+                dims_in, dims_out = self.dims(node.input[0]), self.dims(node.output[0])
+                j, outer, inner = regroup(dims_out, dims_in, axis)
+                if j != axis or outer != 1:
+                    raise
+                return self._sources(node.input[0], axis, block * inner)
         if op in ELEMENTWISE:
             found, rank = {}, self.rank(name)
             for x in node.input:
                 dims = self.shapes.get(x) if x and x not in self.consts else None
                 k = None if dims is None else axis - (rank - len(dims))
                 if dims is not None and k >= 0 and dims[k] != 1:
-                    found.update(self._sources(x, k))
+                    found.update(self._sources(x, k, block))
             return found
         raise Blocked(f"'{name}' comes from {op} '{self.label(ni)}', which onnx-obs cannot "
                       "follow channels back through")
@@ -183,8 +210,10 @@ class _Tracer(ChannelGraph):
     def _step(self, group: UnitGroup, ni: int, where: list[int], ins: list[State]) -> list[State]:
         node = self.nodes[ni]
         op = node.op_type
-        # A linear node consumes the units, but a grouped Conv passes them on (depthwise).
-        if op in OPS and not (op in PASS_THROUGH and OPS[op].groups(attrs(node)) > 1):
+        # A linear node consumes the units, but a grouped Conv passes them on (depthwise), and
+        # so does a MatMul of two computed tensors on its batch axes (attention heads).
+        if op in OPS and not (op == "Conv" and OPS[op].groups(attrs(node)) > 1) and not (
+                op == "MatMul" and ni not in self.site_of_node):
             self._consumer(group, ni, where, ins[0])
             return []
         if op in ("LayerNormalization", "GroupNormalization"):

@@ -32,9 +32,11 @@ class Cut:
 class Edit:
     kind: str                      # "reshape" (entry of a shape), "split" (size), "group"
     node: int                      # index of the node in graph.node
-    index: int                     # reshape: entry; split: output
+    index: int                     # reshape: entry of `tensor`; split: output
     base: int                      # the value before any removal
     positions: list[np.ndarray]    # per unit: positions it removes from the counted axis
+    tensor: str = ""               # reshape: the constant holding the entry (the target or a
+                                   # piece of the Concat that computes it)
 
 
 @dataclass
@@ -64,6 +66,10 @@ class UnitGroup:
     consumers: list[ConsumerUse]
     path: list[str] = field(default_factory=list)   # op types followed
     producers: list[Site] = field(default_factory=list)   # all of them, the first one included
+    # MatMuls of two computed tensors the units ride through on a batch axis (attention's QK^T
+    # and PV): node index -> (size of that axis, per unit its positions on it); their MACs
+    # shrink with them.
+    batched: dict[int, tuple[int, list[np.ndarray]]] = field(default_factory=dict)
 
 
 @dataclass

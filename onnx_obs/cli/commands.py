@@ -259,14 +259,15 @@ def compare(
     bit_grid = sweep.parse_bits(bits) if bits is not None else None
     grid = (None if (pat or bit_grid) and sparsities is None else
             sweep.parse_sparsities(sparsities or sweep.DEFAULT_SPARSITIES))
-    methods = methods or ("obs" if bit_grid else "magnitude,wanda,obd,obs")
+    methods = sweep.parse_methods(methods or ("obs" if bit_grid else "magnitude,wanda,obd,obs"))
+    quant = sweep.parse_quant_methods(quant_methods) if bit_grid else None
     if eval_data is None:
         err.print("[bold yellow]warning: no --eval data: scoring on the calibration data flatters every "
                   "method that uses it; pass held-out data with --eval[/]", highlight=False, soft_wrap=True)
     result = sweep.compare(str(model), str(calib), prune_config(ctx, None, exclude=("labels", "allocation", "bits")),
-                           methods=sweep.parse_methods(methods), sparsities=grid,
+                           methods=methods, sparsities=grid,
                            allocations=allocations, bits=bit_grid,
-                           quant_methods=sweep.parse_quant_methods(quant_methods) if bit_grid else None,
+                           quant_methods=quant,
                            eval_data=str(eval_data) if eval_data else None, labels=labels,
                            max_loss=max_loss, progress=progress)
     if json_out is not None:

@@ -108,3 +108,19 @@ def test_evaluate_reads_a_quantized_file(tmp_path):
     assert r.pruned.accuracy == pytest.approx(np.mean(b.argmax(1) == y))
     assert r.outputs["logits"]["relative_mse"] == pytest.approx(np.sum((a - b) ** 2) / np.sum(a * a), rel=1e-6)
     assert r.outputs["logits"]["relative_mse"] > 0
+
+
+def test_shared_hessians_give_the_direct_runs_result():
+    """--no-sequential shares the original's Hessians across runs: each row must still be what
+    api.quantize computes alone with sequential=False."""
+    sweep = compare(str(MLP), str(CALIB), methods=["obs"], sparsities=[0.0, 0.5], bits=[4],
+                    quant_methods=["gptq"], eval_data=str(EVAL), max_samples=32, sequential=False)
+    with np.load(EVAL) as z:
+        x = z["input"]
+    a = logits(MLP.read_bytes(), x)
+    for r in sweep.rows:
+        extra = {"method": r.method} if r.sparsity > 0 else {}
+        res = api.quantize(str(MLP), str(CALIB), bits=4, quant_method="gptq", sparsity=r.sparsity,
+                           max_samples=32, sequential=False, **extra)
+        b = logits(res.model.SerializeToString(), x)
+        assert r.relative_mse == pytest.approx(np.sum((a - b) ** 2) / np.sum(a * a), rel=1e-9)

@@ -245,7 +245,8 @@ def compare(
     """Prune MODEL with each method at each sparsity and score every result on held-out data.
 
     Prints one row per method and sparsity: the fraction of zero weights reached, top-1 agreement
-    with the original, accuracy (with labels), relative MSE of the output and seconds. Exit
+    with the original, accuracy (with labels), relative MSE of the output and seconds. With --bits,
+    quantizes instead (one row per quantization method, sparsity and bits, with the file's size). Exit
     status 2 on bad input, or when --plot cannot be drawn (the table and JSON are still written).
     """
     progress = verbosity(quiet, verbose)

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from onnx_obs import api
 from onnx_obs.calib import load_calibration
-from onnx_obs.config import ALLOCATIONS, METHODS, PruneConfig
+from onnx_obs.config import ALLOCATIONS, BITS, METHODS, QUANT_METHODS, PruneConfig
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.evaluate import Quality, as_flag, data_keys, detect_labels, label_note, measure
-from onnx_obs.graph.model_io import load_any
+from onnx_obs.graph.model_io import load_any, save_model
 from onnx_obs.progress import Progress
 from onnx_obs.runtime import Runner
 
@@ -35,16 +36,22 @@ class CompareRow:
     accuracy: float | None = None        # with labels
     loss: float | None = None            # of the sweep's metric: set once its baseline is known
     allocation: str | None = None        # "uniform" or "auto" when the sweep sets --allocation
+    bits: int | None = None              # a --bits sweep: the weights' bits,
+    quant_method: str | None = None      # rtn, gptq or obq,
+    file_size: int | None = None         # and the bytes of the model as written
 
     @property
     def series(self) -> str:
-        """The curve the row belongs to: its method, and its allocation where the sweep sets one."""
+        """The curve the row belongs to: its method, and its allocation where the sweep sets one;
+        in a --bits sweep its quantization method (after pruning at its sparsity)."""
+        if self.bits is not None:
+            return self.quant_method if self.sparsity == 0 else f"{self.method} {self.sparsity:g} + {self.quant_method}"
         return self.method if self.allocation is None else f"{self.method} {self.allocation}"
 
     def to_dict(self) -> dict:
-        """As JSON: top1_agreement, accuracy and allocation only where measured or set."""
-        return {k: v for k, v in asdict(self).items()
-                if v is not None or k not in ("top1_agreement", "accuracy", "allocation")}
+        """As JSON: top1_agreement, accuracy, allocation and the --bits fields only where measured or set."""
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in (
+            "top1_agreement", "accuracy", "allocation", "bits", "quant_method", "file_size")}
 
 
 @dataclass
@@ -86,6 +93,7 @@ class Comparison:
     rows: list[CompareRow]    # by method, then sparsity
     max_loss: HighestWithin | None
     notes: list[str]
+    file_size: int | None = None  # a --bits sweep: the original model's bytes as written
 
     def to_dict(self) -> dict:
         return {**asdict(self), "rows": [r.to_dict() for r in self.rows]}
@@ -120,6 +128,26 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
+def parse_bits(text: str) -> list[int]:
+    """'8,4' -> [8, 4]: each of BITS, in the order given."""
+    try:
+        values = list(dict.fromkeys(int(b) for b in text.split(",") if b.strip()))
+    except ValueError:
+        values = []
+    if not values or any(b not in BITS for b in values):
+        raise OnnxObsError(f"--bits must be a comma list of {' and '.join(map(str, BITS))}, got '{text}'")
+    return values
+
+
+def parse_quant_methods(text: str) -> list[str]:
+    methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    unknown = [m for m in methods if m not in QUANT_METHODS]
+    if unknown or not methods:
+        raise OnnxObsError(f"unknown quantization method '{unknown[0] if unknown else text}' in "
+                           f"--quant-methods: use a comma list of {', '.join(QUANT_METHODS)}")
+    return methods
+
+
 def parse_allocations(text: str) -> list[str]:
     values = list(dict.fromkeys(a.strip() for a in text.split(",") if a.strip()))
     bad = [a for a in values if a not in ALLOCATIONS]
@@ -132,7 +160,8 @@ def parse_allocations(text: str) -> list[str]:
 def compare(model, calib, config: PruneConfig | None = None, *, methods: list[str],
             sparsities: list[float] | None, eval_data=None, labels: str | None = None,
             max_loss: float | None = None, progress: bool | str = False,
-            allocations: list[str] | None = None, **overrides) -> Comparison:
+            allocations: list[str] | None = None, bits: list[int] | None = None,
+            quant_methods: list[str] | None = None, **overrides) -> Comparison:
     """Prune `model` with every method at every sparsity and score each result on `eval_data`
     (the calibration data when None) against the original model.
 
@@ -147,6 +176,10 @@ def compare(model, calib, config: PruneConfig | None = None, *, methods: list[st
     allocations: e.g. ["uniform", "auto"]: every method with a Hessian runs with each (one curve
     per method and allocation; magnitude stays uniform); None: the config's allocation alone (by
     default auto where it applies, as prune).
+    bits: e.g. [8, 4]: quantize instead (api.quantize) with every quant_methods entry (default
+    gptq) at every bits, without pruning when `sparsities` is None, else pruning first with each
+    method at each sparsity (sparsity 0: quantization alone); rows also hold the written file's
+    bytes, so that error can be set against file size.
     """
     config = (config or PruneConfig()).replace(**overrides)
     pattern, sequential, data = config.pattern, config.layerwise.sequential, config.data
@@ -154,8 +187,13 @@ def compare(model, calib, config: PruneConfig | None = None, *, methods: list[st
     if pattern is not None and sparsities is not None:
         raise OnnxObsError("--pattern fixes the sparsity at N/M: drop --sparsities")
     grid = [pattern[0] / pattern[1]] if pattern is not None else sparsities
+    if bits is not None and not grid:
+        grid = [0.0]
     if not grid:
         raise OnnxObsError("no sparsities to compare: pass --sparsities")
+    if bits is not None and (pattern is not None or max_loss is not None or allocations is not None):
+        raise OnnxObsError("--bits sweeps quantization against file size: drop --pattern, "
+                           "--max-loss and --allocation")
     if max_loss is not None and max_loss < 0:
         raise OnnxObsError(f"--max-loss must be at least 0, got {max_loss}")
     loaded = load_any(model)
@@ -176,21 +214,34 @@ def compare(model, calib, config: PruneConfig | None = None, *, methods: list[st
     ref = Runner(loaded.model, loaded.base_dir, device)
     cache = None if sequential else {}
     labelled = allocations is not None or config.layerwise.allocation is not None
-    runs = [(m, a) for m in methods
-            for a in dict.fromkeys(["uniform"] if m == "magnitude" else allocations or [config.layerwise.allocation])]
+    if bits is None:
+        runs = [dict(method=m, allocation=a, sparsity=s) for m in methods
+                for a in dict.fromkeys(["uniform"] if m == "magnitude" else allocations or [config.layerwise.allocation])
+                for s in grid]
+    else:  # sparsity 0 quantizes alone: once, whatever the pruning methods
+        runs = [dict(method=m if s > 0 else "none", quant_method=q, bits=b, sparsity=s)
+                for q in quant_methods or ["gptq"] for s in grid
+                for m in (methods if s > 0 else ["none"]) for b in bits]
     rows, baseline = [], None
     with Progress(enabled=bool(progress), verbose=progress == "verbose") as bar:
-        task = bar.add("pruning and scoring", total=len(runs) * len(grid))
-        for method, allocation in runs:
-            for sparsity in grid:
-                result = api.prune(model, cal.batches, config, method=method, sparsity=sparsity,
-                                   allocation=allocation, max_samples=None, hessians=cache)
-                quality = measure(ref, Runner(result.model, loaded.base_dir, device), ecal,
-                                  labels_required=labels is not None)
-                baseline = quality.accuracy[0]
-                rows.append(_row(method, sparsity, pattern, result, quality))
-                rows[-1].allocation = allocation if labelled else None
-                bar.advance(task, what=f"{method} {allocation} at {sparsity:g}" if labelled else f"{method} at {sparsity:g}")
+        task = bar.add("pruning and scoring" if bits is None else "quantizing and scoring", total=len(runs))
+        for run in runs:
+            if bits is None:
+                result = api.prune(model, cal.batches, config, **run, max_samples=None, hessians=cache)
+            else:
+                result = api.quantize(model, cal.batches, config, max_samples=None, hessians=cache,
+                                      **{k: v for k, v in run.items() if k != "method" or v != "none"})
+            quality = measure(ref, Runner(result.model, loaded.base_dir, device), ecal,
+                              labels_required=labels is not None)
+            baseline = quality.accuracy[0]
+            rows.append(_row(run["method"], run["sparsity"], pattern, result, quality))
+            if bits is None:
+                rows[-1].allocation = run["allocation"] if labelled else None
+            else:
+                rows[-1].bits, rows[-1].quant_method = run["bits"], run["quant_method"]
+                rows[-1].file_size = written_size(result.model, loaded.base_dir)
+            bar.advance(task, what=f"{rows[-1].series} at {run['bits']} bits" if bits else
+                        f"{rows[-1].series} at {run['sparsity']:g}")
     if labels is None and eval_labels is not None:
         notes.insert(0, label_note(eval_labels, quality, "evaluation data"))
         eval_labels = eval_labels if quality.label_output else None
@@ -214,7 +265,14 @@ def compare(model, calib, config: PruneConfig | None = None, *, methods: list[st
         rows=rows,
         max_loss=None if max_loss is None else highest_within(rows, list(dict.fromkeys(r.series for r in rows)),
                                                               max_loss),
-        notes=notes + list(dict.fromkeys(cal.notes + ecal.notes)))
+        notes=notes + list(dict.fromkeys(cal.notes + ecal.notes)),
+        file_size=None if bits is None else written_size(loaded.model, loaded.base_dir))
+
+
+def written_size(model, base_dir: str) -> int:
+    """The bytes `model` takes written as prune writes it (save_model; external data included)."""
+    with tempfile.TemporaryDirectory(prefix="onnx-obs-size-") as d:
+        return save_model(model, Path(d) / "model.onnx", base_dir)
 
 
 def _own_labels(calib, model, labels: str | None) -> str | None:

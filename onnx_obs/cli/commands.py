@@ -221,11 +221,13 @@ def compare(
     model: Path = typer.Argument(..., help="The ONNX model to prune (never modified)."),
     calib: Path = typer.Option(..., "--calib", help="Calibration .npz keyed by input name (or .npy for one input), batched on axis 0; or a directory of .npz (see --no-batching).", rich_help_panel=DATA),
     eval_data: Optional[Path] = typer.Option(None, "--eval", help="Held-out data to score on (default: the calibration data, with a warning).", rich_help_panel=DATA),
-    methods: str = typer.Option("magnitude,wanda,obd,obs", "--methods", help="Comma list of methods to compare.", rich_help_panel=METHOD),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma list of methods to compare (default magnitude,wanda,obd,obs; with --bits, obs: the pruning before quantization at each sparsity above 0).", rich_help_panel=METHOD),
     sparsities: Optional[str] = typer.Option(None, "--sparsities", help=f"start:stop:step (stop included when on the grid) or a comma list (default {sweep.DEFAULT_SPARSITIES}).", rich_help_panel=METHOD),
     pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M semi-structured sparsity instead of --sparsities, e.g. 2:4.", rich_help_panel=METHOD),
     labels: Optional[str] = typer.Option(None, "--labels", help="Key of the evaluation data holding class labels: score by accuracy (default: a key 'label' or 'labels').", rich_help_panel=DATA),
     allocation: Optional[str] = typer.Option(None, "--allocation", help="uniform, auto (per-site levels, see prune --allocation) or uniform,auto: one curve per method and allocation (magnitude stays uniform). Default: as prune (auto for obs, obd and wanda), one curve per method.", rich_help_panel=METHOD),
+    bits: Optional[str] = typer.Option(None, "--bits", help="Sweep quantization instead: comma list of 8 and 4, e.g. 8,4. Each --quant-methods method at each bits, without pruning (or after pruning with --methods at each --sparsities); rows add the written file's size.", rich_help_panel=QUANT),
+    quant_methods: str = typer.Option("rtn,gptq,obq", "--quant-methods", help="With --bits: comma list of rtn, gptq, obq (auto: obq where affordable, else gptq).", rich_help_panel=QUANT),
     sequential: bool = typer.Option(True, "--sequential/--no-sequential", help="Recapture Hessians after earlier layers are pruned (as prune does); off: capture the original model's Hessians once and share them across all runs (faster).", rich_help_panel=SOLVER),
     min_params: int = MinParamsOpt,
     include: Optional[str] = IncludeOpt, exclude: Optional[str] = ExcludeOpt, op_types: Optional[str] = OpTypesOpt,
@@ -236,14 +238,15 @@ def compare(
     damp: float = DampOpt,
     device: str = DeviceOpt,
     max_loss: Optional[float] = typer.Option(None, "--max-loss", help="Per method, report the highest sparsity up to which the quality loss (accuracy or top-1 agreement, absolute, e.g. 0.01 = 1 point) stays within this.", rich_help_panel=OUTPUT),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write quality vs sparsity to this PNG and an SVG beside it (needs matplotlib: pip install onnx-obs\\[plot]).", rich_help_panel=OUTPUT),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write quality vs sparsity (with --bits: vs file size) to this PNG and an SVG beside it (needs matplotlib: pip install onnx-obs\\[plot]).", rich_help_panel=OUTPUT),
     json_out: Optional[Path] = JsonOpt,
     quiet: bool = QuietOpt, verbose: bool = VerboseOpt,
 ):
     """Prune MODEL with each method at each sparsity and score every result on held-out data.
 
     Prints one row per method and sparsity: the fraction of zero weights reached, top-1 agreement
-    with the original, accuracy (with labels), relative MSE of the output and seconds. Exit
+    with the original, accuracy (with labels), relative MSE of the output and seconds. With --bits,
+    quantizes instead (one row per quantization method, sparsity and bits, with the file's size). Exit
     status 2 on bad input, or when --plot cannot be drawn (the table and JSON are still written).
     """
     progress = verbosity(quiet, verbose)
@@ -254,13 +257,18 @@ def compare(
                   f"{escape(plotting.INSTALL_HINT)}", highlight=False, soft_wrap=True)
     pat = parse_pattern(pattern)
     allocations = sweep.parse_allocations(allocation) if allocation else None
-    grid = None if pat and sparsities is None else sweep.parse_sparsities(sparsities or sweep.DEFAULT_SPARSITIES)
+    bit_grid = sweep.parse_bits(bits) if bits is not None else None
+    grid = (None if (pat or bit_grid) and sparsities is None else
+            sweep.parse_sparsities(sparsities or sweep.DEFAULT_SPARSITIES))
+    methods = sweep.parse_methods(methods or ("obs" if bit_grid else "magnitude,wanda,obd,obs"))
+    quant = sweep.parse_quant_methods(quant_methods) if bit_grid else None
     if eval_data is None:
         err.print("[bold yellow]warning: no --eval data: scoring on the calibration data flatters every "
                   "method that uses it; pass held-out data with --eval[/]", highlight=False, soft_wrap=True)
-    result = sweep.compare(str(model), str(calib), prune_config(ctx, None, exclude=("labels", "allocation")),
-                           methods=sweep.parse_methods(methods), sparsities=grid,
-                           allocations=allocations,
+    result = sweep.compare(str(model), str(calib), prune_config(ctx, None, exclude=("labels", "allocation", "bits")),
+                           methods=methods, sparsities=grid,
+                           allocations=allocations, bits=bit_grid,
+                           quant_methods=quant,
                            eval_data=str(eval_data) if eval_data else None, labels=labels,
                            max_loss=max_loss, progress=progress)
     if json_out is not None:

@@ -175,12 +175,16 @@ def _print_compare(r: Comparison) -> None:
     out.print(f"{r.model}: {_count(r.calibration.samples, 'calibration ' + unit)}, scored on "
               f"{_count(ev.samples, unit)} of {where}", highlight=False)
     t = Table()
-    cols = ["method", "sparsity", "zeros", "top-1 agreement"] + (["accuracy"] if metric == "accuracy" else []) + ["relative MSE", "s"]
+    quant = r.file_size is not None  # a --bits sweep
+    cols = (["method"] + (["bits"] if quant else []) + ["sparsity", "zeros"] + (["file size"] if quant else [])
+            + ["top-1 agreement"] + (["accuracy"] if metric == "accuracy" else []) + ["relative MSE", "s"])
     for col in cols:
         t.add_column(col, justify="left" if col == "method" else "right")
     for i, row in enumerate(rows):
-        cells = [row.series, row.pattern or _pct(row.sparsity, 0), _pct(row.weight_sparsity, 1),
-                 _pct(row.top1_agreement)]
+        cells = ([row.series] + ([str(row.bits)] if quant else []) +
+                 [row.pattern or _pct(row.sparsity, 0), _pct(row.weight_sparsity, 1)] +
+                 ([f"{_size(row.file_size)} (x{row.file_size / r.file_size:.2f})"] if quant else []) +
+                 [_pct(row.top1_agreement)])
         if metric == "accuracy":
             cells.append(_pct(row.accuracy))
         cells += [_num(row.relative_mse), f"{row.seconds:.2f}"]
@@ -188,7 +192,10 @@ def _print_compare(r: Comparison) -> None:
         t.add_row(*cells, end_section=last)
     out.print(t)
     if metric == "accuracy":
-        out.print(f"original accuracy {_pct(r.baseline)} on the same samples", highlight=False)
+        out.print(f"original accuracy {_pct(r.baseline)} on the same samples"
+                  + (f", file size {_size(r.file_size)}" if quant else ""), highlight=False)
+    elif quant:
+        out.print(f"original file size {_size(r.file_size)}", highlight=False)
     if r.max_loss is not None:
         found = ", ".join(f"{m} {_pct(v.sparsity, 0)}" for m, v in r.max_loss.per_method.items())
         out.print(f"highest sparsity losing at most {r.max_loss.max_loss:g} of {metric}: {found}",

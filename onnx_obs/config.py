@@ -19,6 +19,7 @@ from pathlib import Path
 
 from onnx_obs.algorithms.layerwise import METHODS, SOLVERS
 from onnx_obs.algorithms.quantize import BITS, QUANT_METHODS
+from onnx_obs.hessian.layerwise import PRECISIONS
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.ops import OPS
 from onnx_obs.graph.sites import Site
@@ -91,6 +92,7 @@ class LayerwiseOptions:
     capture_memory_mb: int = 2048  # sequential capture: boundary tensors held in memory, the rest on disk
     time_budget: float = 60.0      # solver="auto": modelled seconds of exact solves in a whole run
     max_positions: int = 0         # conv Hessians: output positions per sample (random subset); 0 = all
+    hessian_precision: str = "float32"  # products x^T x of float32 activations: float32 or float64 BLAS
     # "uniform": every site at the sparsity; "auto": per-site levels meeting the global target
     # (strategies/allocation.py); None: auto where it applies (PruneConfig.allocation_used)
     allocation: str | None = None
@@ -249,6 +251,9 @@ class PruneConfig:
             raise OnnxObsError(f"--time-budget must be at least 0 s, got {self.layerwise.time_budget}")
         if self.layerwise.max_positions < 0:
             raise OnnxObsError(f"--max-positions must be at least 0 (0: all), got {self.layerwise.max_positions}")
+        if self.layerwise.hessian_precision not in PRECISIONS:
+            raise OnnxObsError(f"unknown --hessian-precision '{self.layerwise.hessian_precision}': "
+                               f"use one of {', '.join(PRECISIONS)}")
         if self.threads < 0:
             raise OnnxObsError(f"--threads must be at least 0 (0: the free cores), got {self.threads}")
         if self.layerwise.capture_memory_mb < 0:
@@ -430,7 +435,8 @@ class PruneConfig:
         settings = dict(
             sparsity=self.sparsity, pattern=f"{self.pattern[0]}:{self.pattern[1]}" if self.pattern else None,
             scope=self.scope, solver=lw.solver, time_budget=lw.time_budget,
-            max_positions=lw.max_positions, block_size=lw.block_size, damp=lw.damp,
+            max_positions=lw.max_positions, hessian_precision=lw.hessian_precision,
+            block_size=lw.block_size, damp=lw.damp,
             sequential=lw.sequential, batch_size=data.batch_size, max_samples=data.max_samples,
             batching=data.batching, allocation=self.allocation_used)
         if self.allocation_used == "auto":

@@ -42,12 +42,11 @@ class HessianSum:
     def add(self, vectors: np.ndarray) -> None:
         """vectors: (groups, n, cols). Chunks of rows are multiplied in parallel, one BLAS thread
         each, and summed in order: the sum does not depend on the thread count."""
-        if self.precision == "float64" or vectors.dtype == np.float64:
-            vectors = vectors.astype(np.float64, copy=False)
-        rows = _CHUNK_ROWS if vectors.dtype == np.float64 else _CHUNK_ROWS_F32
+        wide = self.precision == "float64" or vectors.dtype == np.float64
+        dtype, rows = (np.float64, _CHUNK_ROWS) if wide else (np.float32, _CHUNK_ROWS_F32)
         chunks = [vectors[:, s:s + rows] for s in range(0, vectors.shape[1], rows)]
         with one_blas_thread():
-            for part in map_ordered(_gram, chunks):
+            for part in map_ordered(lambda v: _gram(v, dtype), chunks):
                 self.sum += part
         self.count += vectors.shape[1]
 
@@ -55,9 +54,9 @@ class HessianSum:
         return self.sum / max(self.count, 1)
 
 
-def _gram(v: np.ndarray) -> np.ndarray:
-    """2 v^T v per group: float64 vectors in float64, any other in float32; returned as float64."""
-    v = v.astype(np.float64 if v.dtype == np.float64 else np.float32, copy=False)
+def _gram(v: np.ndarray, dtype) -> np.ndarray:
+    """2 v^T v per group, multiplied in `dtype`, returned as float64."""
+    v = v.astype(dtype, copy=False)
     return 2.0 * np.matmul(v.transpose(0, 2, 1), v).astype(np.float64)
 
 

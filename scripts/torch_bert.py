@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch_models import fit_and_export
 
 CLASSES, TOKENS, FEATURES = 10, 32, 32
 HIDDEN, HEADS, FFN, LAYERS = 128, 8, 512, 2
@@ -88,21 +89,4 @@ def train_and_export(arch: str, path: Path, steps: int = 300, seed: int = 0,
     """Train on fresh synthetic batches, export (eval mode, opset 17, dynamic batch); return the
     held-out accuracy."""
     torch.manual_seed(seed)
-    net = Bertish(ARCHS[arch])
-    opt = torch.optim.Adam(net.parameters(), 2e-3)
-    x_all, y_all = data(steps * 32, seed + 1)
-    net.train()
-    for i in range(steps):
-        xb, yb = torch.from_numpy(x_all[i * 32:(i + 1) * 32]), torch.from_numpy(y_all[i * 32:(i + 1) * 32])
-        loss = nn.functional.cross_entropy(net(xb), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
-    x, y = data(512, 999)
-    with torch.no_grad():
-        acc = float((net(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
-    torch.onnx.export(net, torch.from_numpy(x[:1]), str(path), input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                      opset_version=17, dynamo=dynamo)
-    return acc
+    return fit_and_export(Bertish(ARCHS[arch]), data, path, steps, seed, lr=2e-3, dynamo=dynamo)

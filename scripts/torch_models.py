@@ -143,9 +143,15 @@ def train_and_export(arch: str, path: Path, steps: int = 300, seed: int = 0) -> 
     """Train on fresh synthetic batches, export (eval mode, opset 17, dynamic batch); return the
     held-out accuracy."""
     torch.manual_seed(seed)
-    net = ARCHS[arch]()
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    x_all, y_all = data(steps * 32, seed + 1)
+    return fit_and_export(ARCHS[arch](), data, path, steps, seed, lr=3e-3)
+
+
+def fit_and_export(net: nn.Module, make_data, path: Path, steps: int, seed: int, lr: float,
+                   dynamo: bool = False) -> float:
+    """Adam on `steps` batches of 32 from make_data(n, seed), then export (eval mode, opset 17,
+    dynamic batch); return the accuracy on 512 held-out samples."""
+    opt = torch.optim.Adam(net.parameters(), lr)
+    x_all, y_all = make_data(steps * 32, seed + 1)
     net.train()
     for i in range(steps):
         xb, yb = torch.from_numpy(x_all[i * 32:(i + 1) * 32]), torch.from_numpy(y_all[i * 32:(i + 1) * 32])
@@ -154,10 +160,10 @@ def train_and_export(arch: str, path: Path, steps: int = 300, seed: int = 0) -> 
         loss.backward()
         opt.step()
     net.eval()
-    x, y = data(512, 999)
+    x, y = make_data(512, 999)
     with torch.no_grad():
         acc = float((net(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
     torch.onnx.export(net, torch.from_numpy(x[:1]), str(path), input_names=["input"],
                       output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                      opset_version=17, dynamo=False)
+                      opset_version=17, dynamo=dynamo)
     return acc

@@ -22,6 +22,7 @@ from onnx_obs.algorithms.quantize import BITS, QUANT_METHODS
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.ops import OPS
 from onnx_obs.graph.sparse_storage import MODES as STORAGES
+from onnx_obs.hessian.layerwise import PRECISIONS
 from onnx_obs.setting_groups import (  # noqa: F401  (the groups are part of config's API)
     SCOPES,
     HESSIANS,
@@ -123,6 +124,9 @@ class PruneConfig:
             raise OnnxObsError(f"--time-budget must be at least 0 s, got {self.layerwise.time_budget}")
         if self.layerwise.max_positions < 0:
             raise OnnxObsError(f"--max-positions must be at least 0 (0: all), got {self.layerwise.max_positions}")
+        if self.layerwise.hessian_precision not in PRECISIONS:
+            raise OnnxObsError(f"unknown --hessian-precision '{self.layerwise.hessian_precision}': "
+                               f"use one of {', '.join(PRECISIONS)}")
         if self.threads < 0:
             raise OnnxObsError(f"--threads must be at least 0 (0: the free cores), got {self.threads}")
         if self.layerwise.capture_memory_mb < 0:
@@ -304,7 +308,8 @@ class PruneConfig:
         settings = dict(
             sparsity=self.sparsity, pattern=f"{self.pattern[0]}:{self.pattern[1]}" if self.pattern else None,
             scope=self.scope, solver=lw.solver, time_budget=lw.time_budget,
-            max_positions=lw.max_positions, block_size=lw.block_size, damp=lw.damp,
+            max_positions=lw.max_positions, hessian_precision=lw.hessian_precision,
+            block_size=lw.block_size, damp=lw.damp,
             sequential=lw.sequential, batch_size=data.batch_size, max_samples=data.max_samples,
             batching=data.batching, allocation=self.allocation_used)
         if self.allocation_used == "auto":

@@ -23,7 +23,7 @@ from onnx_obs.cli.options import (CHECKS, DATA, FULL, METHOD, OUTPUT, QUANT, SOL
                                   IncludeOpt, JsonOpt, MaxSamplesOpt, MinParamsOpt, NoBatchingOpt, OpTypesOpt,
                                   PatternOpt, QuietOpt, ReportOpt, SolverOpt, SymmetricOpt, VerboseOpt, prune_config)
 from onnx_obs.cli.options import (ActivationCalibrationOpt, ActivationPercentileOpt, ActivationsOpt, CaptureMemoryOpt,
-                                  MaxPositionsOpt, ThreadsOpt, TimeBudgetOpt)
+                                  HessianPrecisionOpt, MaxPositionsOpt, ThreadsOpt, TimeBudgetOpt)
 from onnx_obs.config import Selection, parse_op_types, parse_pattern
 from onnx_obs.cli.show import (_print_compare, _print_evaluate, _print_inspect, _print_prune,
                                check_json_path, write_json)
@@ -51,6 +51,7 @@ def prune(
     capture_memory: int = CaptureMemoryOpt,
     time_budget: float = TimeBudgetOpt,
     max_positions: int = MaxPositionsOpt,
+    hessian_precision: str = HessianPrecisionOpt,
     batch_size: int = BatchSizeOpt,
     max_samples: Optional[int] = MaxSamplesOpt,
     labels: Optional[str] = typer.Option(None, "--labels", help="Key of the calibration file that holds targets (not a model input).", rich_help_panel=DATA),
@@ -108,6 +109,7 @@ def quantize(
     damp: float = DampOpt,
     sequential: bool = typer.Option(True, "--sequential/--no-sequential", help="Capture each site's inputs after the sites before it are quantized.", rich_help_panel=SOLVER),
     capture_memory: int = CaptureMemoryOpt, max_positions: int = MaxPositionsOpt,
+    hessian_precision: str = HessianPrecisionOpt,
     batch_size: int = BatchSizeOpt,
     max_samples: Optional[int] = MaxSamplesOpt,
     no_batching: bool = NoBatchingOpt,

@@ -25,9 +25,11 @@ from onnx_obs.timing import Phases
 class HessianSums:
     """One running sum per distinct (activation, layout, geometry) of `sites`, fed activation
     values by name. with_bias: every input vector gets a trailing constant 1 (H is
-    (groups, cols+1, cols+1)), the input of a bias. max_positions: see layerwise.input_vectors."""
+    (groups, cols+1, cols+1)), the input of a bias. max_positions: see layerwise.input_vectors;
+    precision: the products' type (layerwise.PRECISIONS)."""
 
-    def __init__(self, sites: list[Site], with_bias: bool = False, max_positions: int = 0):
+    def __init__(self, sites: list[Site], with_bias: bool = False, max_positions: int = 0,
+                 precision: str = "float32"):
         self.sites, self.with_bias, self.max_positions = sites, with_bias, max_positions
         self.acts = sorted({u.activation for s in sites for u in s.uses})
         self.sums: dict[tuple, tuple[HessianSum, Site, list]] = {}
@@ -37,7 +39,8 @@ class HessianSums:
             key = tuple((u.activation, u.samples, repr(g)) for u, g in zip(s.uses, geometries))
             self.keys[s.name] = key
             if key not in self.sums:
-                self.sums[key] = HessianSum(len(s.row_groups()), s.matrix_shape[1] + with_bias), s, geometries
+                self.sums[key] = (HessianSum(len(s.row_groups()), s.matrix_shape[1] + with_bias, precision),
+                                      s, geometries)
 
     def add_values(self, values: dict[str, np.ndarray]) -> None:
         """values: every name of `acts` -> its activation for one batch."""
@@ -59,8 +62,8 @@ class HessianCapture(HessianSums):
     the sites read. phases: where the run and sum times go (timing.Phases), if anywhere."""
 
     def __init__(self, loaded: LoadedModel, sites: list[Site], device: str, with_bias: bool = False,
-                 phases: Phases | None = None, max_positions: int = 0):
-        super().__init__(sites, with_bias, max_positions)
+                 phases: Phases | None = None, max_positions: int = 0, precision: str = "float32"):
+        super().__init__(sites, with_bias, max_positions, precision)
         self.phases = phases or Phases()
         with self.phases("capture"):
             # prepacked: the session runs every batch, and onnxruntime's Gemm on unpacked weights
@@ -76,9 +79,9 @@ class HessianCapture(HessianSums):
 
 def capture_hessians(loaded: LoadedModel, sites: list[Site], cal: Calibration, device: str,
                      bar, with_bias: bool = False, phases: Phases | None = None,
-                     max_positions: int = 0) -> dict[str, np.ndarray]:
+                     max_positions: int = 0, precision: str = "float32") -> dict[str, np.ndarray]:
     """Run the calibration data once and return each site's (groups, cols, cols) Hessian."""
-    capture = HessianCapture(loaded, sites, device, with_bias, phases, max_positions)
+    capture = HessianCapture(loaded, sites, device, with_bias, phases, max_positions, precision)
     task = bar.add("capturing activations", total=len(cal.batches))
     for feeds in cal:
         capture.add_batch(feeds)

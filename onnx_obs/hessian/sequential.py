@@ -76,9 +76,10 @@ class SlicedCapture:
     `capture`) when the graph cannot be cut; the caller then captures on the whole model."""
 
     def __init__(self, loaded: LoadedModel, waves: list[list[Site]], cal: Calibration, device: str,
-                 memory_budget: int, phases: Phases | None = None, max_positions: int = 0):
+                 memory_budget: int, phases: Phases | None = None, max_positions: int = 0,
+                 precision: str = "float32"):
         self.loaded, self.waves, self.cal, self.device = loaded, waves, cal, device
-        self.phases, self.max_positions = phases or Phases(), max_positions
+        self.phases, self.max_positions, self.precision = phases or Phases(), max_positions, precision
         self.fed = set(cal.batches[0])
         changing = {s.tensor_name: i for i, wave in enumerate(waves) for s in wave}
         targets = [sorted({u.activation for s in wave for u in s.uses}) for wave in waves]
@@ -88,7 +89,8 @@ class SlicedCapture:
     def capture(self, i: int, hessians: bool = True) -> dict[str, np.ndarray]:
         """Wave i's Hessians, by site name, on the model as pruned so far (waves < i); with
         hessians=False (the caller has them) only the boundary tensors later waves read, and {}."""
-        plan, sums = self.plans[i], HessianSums(self.waves[i], max_positions=self.max_positions)
+        plan, sums = self.plans[i], HessianSums(self.waves[i], max_positions=self.max_positions,
+                                                      precision=self.precision)
         runner = None
         if plan.nodes:
             with self.phases("capture"):

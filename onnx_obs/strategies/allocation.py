@@ -58,7 +58,7 @@ def allocate_sites(ctx: Context) -> dict[str, SiteLevel]:
     missing = [s for s in sites if s.name not in cache]
     if missing:
         cache.update(capture_hessians(loaded, missing, ctx.cal, c.device, ctx.bar, False, ctx.report.phases,
-                                      c.layerwise.max_positions))
+                                      c.layerwise.max_positions, c.layerwise.hessian_precision))
     probe = _Probe(ctx)
     task = ctx.bar.add("allocating sparsity", total=len(sites))
     tables, kappa = [], {}

@@ -50,7 +50,7 @@ def sweep_sites(ctx: Context, visit: Callable[[Context, Site, np.ndarray], SiteR
         missing = [s for s in sites if s.name not in cache]
         if missing:
             cache.update(capture_hessians(loaded, missing, ctx.cal, c.device, ctx.bar, False, phases,
-                                           c.layerwise.max_positions))
+                                           c.layerwise.max_positions, c.layerwise.hessian_precision))
         _visit_wave(ctx, visit, sites, cache, task)
     else:
         depth = site_depths(loaded.model, sites)
@@ -76,7 +76,7 @@ def sweep_sites(ctx: Context, visit: Callable[[Context, Site, np.ndarray], SiteR
                         sliced = None
                 if hessians is None:
                     hessians = capture_hessians(loaded, wave, ctx.cal, c.device, ctx.bar, False, phases,
-                                                c.layerwise.max_positions)
+                                                c.layerwise.max_positions, c.layerwise.hessian_precision)
                 _visit_wave(ctx, visit, wave, hessians, task)
         finally:
             if sliced is not None:
@@ -107,7 +107,7 @@ def _sliced_capture(ctx: Context, waves: list[list[Site]]) -> SlicedCapture | No
         with ctx.report.phases("capture"):
             return SlicedCapture(ctx.loaded, waves, ctx.cal, ctx.config.device,
                                  ctx.config.layerwise.capture_memory_mb << 20, ctx.report.phases,
-                                 ctx.config.layerwise.max_positions)
+                                 ctx.config.layerwise.max_positions, ctx.config.layerwise.hessian_precision)
     except Unsliceable as e:
         ctx.report.notes.append(f"sequential capture ran the whole model once per wave ({e})")
         return None

@@ -120,7 +120,7 @@ def parse_sparsities(text: str) -> list[float]:
 
 
 def parse_methods(text: str) -> list[str]:
-    methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    methods = _comma_list(text)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise OnnxObsError(f"unknown method '{unknown[0] if unknown else text}' in --methods: "
@@ -128,10 +128,15 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
+def _comma_list(text: str) -> list[str]:
+    """The distinct non-empty items of a comma list, in the order given."""
+    return list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+
+
 def parse_bits(text: str) -> list[int]:
     """'8,4' -> [8, 4]: each of BITS, in the order given."""
     try:
-        values = list(dict.fromkeys(int(b) for b in text.split(",") if b.strip()))
+        values = list(dict.fromkeys(int(b) for b in _comma_list(text)))
     except ValueError:
         values = []
     if not values or any(b not in BITS for b in values):
@@ -140,7 +145,7 @@ def parse_bits(text: str) -> list[int]:
 
 
 def parse_quant_methods(text: str) -> list[str]:
-    methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    methods = _comma_list(text)
     unknown = [m for m in methods if m not in QUANT_METHODS]
     if unknown or not methods:
         raise OnnxObsError(f"unknown quantization method '{unknown[0] if unknown else text}' in "
@@ -149,7 +154,7 @@ def parse_quant_methods(text: str) -> list[str]:
 
 
 def parse_allocations(text: str) -> list[str]:
-    values = list(dict.fromkeys(a.strip() for a in text.split(",") if a.strip()))
+    values = _comma_list(text)
     bad = [a for a in values if a not in ALLOCATIONS]
     if bad or not values:
         raise OnnxObsError(f"unknown allocation '{bad[0] if bad else text}' in --allocation: use "

@@ -210,7 +210,7 @@ class PruneConfig:
                                "with --structure")
         if len(targets) > 1:
             raise OnnxObsError("give one of --target-params, --target-flops, --target-speedup and "
-                               "--target-latency-ms, not several")
+                               "--target-latency-ms, not both (or more)")
         if targets and not targets[0] > 0:
             raise OnnxObsError(f"the target must be a positive number, got {targets[0]}")
         if s.target_speedup is not None and not s.target_speedup > 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -50,7 +51,8 @@ def quantize(model, calib=None, config: PruneConfig | None = None, *, bits: int 
 
 def prune(model, calib=None, config: PruneConfig | None = None, *, output: str | Path | None = None,
           force: bool = False, progress: bool | str = False, command: str = "",
-          hessians: dict[str, np.ndarray] | None = None, **overrides) -> PruneResult:
+          hessians: dict[str, np.ndarray] | None = None,
+          timer: Callable[[onnx.ModelProto], float] | None = None, **overrides) -> PruneResult:
     """Prune `model` (path or ModelProto, never changed) and return the pruned proto and its report.
 
     calib: calibration data (a path, a dict of arrays, a CalibrationDataReader or feed dicts;
@@ -62,6 +64,8 @@ def prune(model, calib=None, config: PruneConfig | None = None, *, output: str |
     hessians: a cache, by site name, shared by calls on the same model and calibration data with
     sequential=False (their Hessians are the original model's): read where present, else
     captured and stored in it. Ignored in sequential mode, whose Hessians depend on the pruning.
+    timer: for target_latency_ms / latency="measured", the latency in ms of a model proto (say
+    on the device it will run on); default onnxruntime here at batch 1 (latency_table.py).
     """
     start = time.perf_counter()
     config = (config or PruneConfig()).replace(**overrides)
@@ -107,7 +111,7 @@ def prune(model, calib=None, config: PruneConfig | None = None, *, output: str |
     with (Progress(enabled=bool(progress), verbose=progress == "verbose") as bar, spilling(loaded, output, original),
           run_threads(config.threads) as report.threads):
         shared = hessians if not config.layerwise.sequential else None
-        ctx = Context(loaded, sites, cal, config, report, bar, force, shared)
+        ctx = Context(loaded, sites, cal, config, report, bar, force, shared, timer=timer)
         STRATEGIES[config.mode].run(ctx)
         finish.run(ctx, original, output)
     report.wall_seconds = time.perf_counter() - start

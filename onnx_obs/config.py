@@ -186,11 +186,15 @@ class PruneConfig:
         s = self.structured
         if self.storage not in STORAGES:
             raise OnnxObsError(f"unknown storage '{self.storage}': use one of {', '.join(STORAGES)}")
-        targets = [t for t in (s.target_params, s.target_flops, s.target_speedup) if t is not None]
+        targets = [t for t in (s.target_params, s.target_flops, s.target_speedup, s.target_latency_ms)
+                   if t is not None]
         if targets and s.structure is None:
-            raise OnnxObsError("--target-params/--target-flops/--target-speedup set the size of a "
+            raise OnnxObsError("--target-params/--target-flops/--target-speedup/--target-latency-ms "
+                               "set the size of a "
                                "structured prune: "
                                "add --structure neurons (or channels)")
+        if s.latency not in ("macs", "measured"):
+            raise OnnxObsError(f"--latency must be macs or measured, got '{s.latency}'")
         if s.structure is None:
             return
         if s.structure not in STRUCTURES:
@@ -205,8 +209,8 @@ class PruneConfig:
             raise OnnxObsError("--pattern and --scope global apply to single weights: drop them "
                                "with --structure")
         if len(targets) > 1:
-            raise OnnxObsError("give one of --target-params, --target-flops and --target-speedup, not both "
-                               "(or all three)")
+            raise OnnxObsError("give one of --target-params, --target-flops, --target-speedup and "
+                               "--target-latency-ms, not both (or more)")
         if targets and not targets[0] > 0:
             raise OnnxObsError(f"the target must be a positive number, got {targets[0]}")
         if s.target_speedup is not None and not s.target_speedup > 1:
@@ -317,6 +321,7 @@ class PruneConfig:
         if s.structure is not None or self.storage != "dense":
             settings.update(structure=s.structure, target_params=s.target_params,
                             target_flops=s.target_flops, target_speedup=s.target_speedup,
+                            target_latency_ms=s.target_latency_ms, latency=s.latency,
                             storage=self.storage)
         if self.quantize.bits is not None:
             settings.update(dataclasses.asdict(self.quantize))

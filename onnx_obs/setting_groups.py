@@ -136,7 +136,9 @@ class StructureOptions:
     structure: str | None = None   # "neurons" or "channels"; None: unstructured
     target_params: int | None = None
     target_flops: float | None = None
-    target_speedup: float | None = None   # MACs divided by this (MACs stand in for latency)
+    target_speedup: float | None = None   # MACs (or measured latency) divided by this
+    target_latency_ms: float | None = None   # measured batch-1 latency to reach
+    latency: str = "macs"   # what --target-speedup divides: "macs" or "measured" (latency_table.py)
 
 
 @dataclass

@@ -20,12 +20,14 @@ and exported with torch (scripts/torch_models.py); with --arch bert|bert-mha a 2
 encoder (8 heads, FFN 256; hand-written attention, or nn.MultiheadAttention whose packed export
 keeps its heads: only FFN neurons go) on a synthetic sequence task (scripts/torch_bert.py).
 Each is pruned by coupled channel groups (attention heads, FFN neurons) with
---target-speedup 1.3 / 1.5 / 2 (MACs), structured OBS against the L1-group baseline
+--target-speedup 1.3 / 1.5 / 2 (MACs; --latency measured|both: the measured latency table,
+"lat" rows), structured OBS against the L1-group baseline
 (--method magnitude): measured speed-up at batch 1 and 32, params, file size, top-1 agreement and
 relative output MSE against the original on 512 held-out samples.
 
     python scripts/bench_structured.py --arch both --rounds 3
     python scripts/bench_structured.py --arch bert --train-steps 300 --calib-samples 256
+    python scripts/bench_structured.py --arch resnet --speedups 1.5 --latency both
 """
 
 from __future__ import annotations
@@ -109,6 +111,9 @@ def main() -> None:
                         "(CNNs, BERT-like encoders) instead of the samples")
     parser.add_argument("--train-steps", type=int, default=150)
     parser.add_argument("--calib-samples", type=int, default=256)
+    parser.add_argument("--speedups", default="1.3,1.5,2", help="--arch: the --target-speedup values")
+    parser.add_argument("--latency", choices=["macs", "measured", "both"], default="macs",
+                        help="--arch: what --target-speedup divides (both: one model per kind)")
     args = parser.parse_args()
     if args.arch:
         for arch in (["mobilenet", "resnet"] if args.arch == "both" else [args.arch]):
@@ -164,14 +169,21 @@ def run_arch(arch: str, tmp: Path, args) -> None:
     np.savez(calib, input=x_cal)
     x_eval, y_eval = data(512, 999)
     paths, seconds, widths = {"original": original}, {}, {}
-    for speedup in (1.3, 1.5, 2.0):
-        for method, label in (("obs", "OBS"), ("magnitude", "L1 group")):
-            key = f"{speedup}x {label}"
-            paths[key] = tmp / f"{method}_{speedup}.onnx"
+    kinds = ["macs", "measured"] if args.latency == "both" else [args.latency]
+    for speedup in [float(v) for v in args.speedups.split(",")]:
+        for (method, label), kind in [(m, k) for m in (("obs", "OBS"), ("magnitude", "L1 group"))
+                                      for k in kinds]:
+            key = f"{speedup}x {label}" + (" lat" if kind == "measured" else "")
+            paths[key] = tmp / f"{method}_{speedup}_{kind}.onnx"
             t0 = time.perf_counter()
+            # threads as timed below: the measured latency table must see the same kernels
             result = api.prune(str(original), str(calib), structure="channels", method=method,
-                               target_speedup=speedup, output=paths[key])
+                               target_speedup=speedup, latency=kind, threads=args.threads,
+                               output=paths[key])
             seconds[key] = time.perf_counter() - t0
+            for note in result.report.notes:
+                if note.startswith("latency"):
+                    print(f"  {key}: {note}")
             widths[key] = " ".join(f"{e['units_before']}->{e['units_after']}"
                                    for e in result.report.structure)
     ref = session(original, 1).run(None, {"input": x_eval})[0]
@@ -186,7 +198,7 @@ def run_arch(arch: str, tmp: Path, args) -> None:
     print(f"\n== {arch}: trained {args.train_steps} steps, held-out accuracy {acc:.2%}; "
           f"{args.calib_samples} calibration samples; "
           f"{args.threads} thread(s), {args.rounds} rounds ==")
-    print(f"{'model':<16}{'params':>9}{'MACs':>12}{'file':>10}{'ms b=1':>9}{'x':>6}{'ms b=32':>9}"
+    print(f"{'model':<20}{'params':>9}{'MACs':>12}{'file':>10}{'ms b=1':>9}{'x':>6}{'ms b=32':>9}"
           f"{'x':>6}{'agree':>8}{'acc':>8}{'rel MSE':>10}{'prune s':>9}")
     for k, p in paths.items():
         m = onnx.load(str(p))
@@ -195,13 +207,13 @@ def run_arch(arch: str, tmp: Path, args) -> None:
         agree = float(np.mean(out.argmax(1) == ref.argmax(1)))
         accuracy = float(np.mean(out.argmax(1) == y_eval))
         t1, t32 = np.median(times[k, 1]), np.median(times[k, 32])
-        print(f"{k:<16}{count_params(m)['params']:>9,}{count_macs(m)[0]:>12,}"
+        print(f"{k:<20}{count_params(m)['params']:>9,}{count_macs(m)[0]:>12,}"
               f"{p.stat().st_size / 1024:>8.1f}KB{t1:>9.4f}{base[1] / t1:>6.2f}{t32:>9.3f}"
               f"{base[32] / t32:>6.2f}{agree:>8.2%}{accuracy:>8.2%}{mse:>10.4f}"
               f"{seconds.get(k, 0.0):>9.1f}")
     print("units per group (graph order: heads of attention and FFN neurons per layer for bert):")
     for k, w in widths.items():
-        print(f"  {k:<16}{w}")
+        print(f"  {k:<20}{w}")
 
 
 if __name__ == "__main__":

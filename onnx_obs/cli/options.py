@@ -70,6 +70,7 @@ _SETTINGS = {
     "save_gradient_graph": ("save_gradient_graph", None),
     "structure": ("structure", None), "target_params": ("target_params", None),
     "target_flops": ("target_flops", None), "target_speedup": ("target_speedup", None),
+    "target_latency_ms": ("target_latency_ms", None), "latency": ("latency", None),
     "bits": ("bits", None), "group_size": ("group_size", None), "symmetric": ("symmetric", None),
     "quant_method": ("quant_method", None), "act_order": ("act_order", None), "format": ("format", None),
     "activations": ("activations", None), "activation_calibration": ("activation_calibration", None),

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
+import onnx
 
 from onnx_obs.calib import Calibration
 from onnx_obs.config import PruneConfig
@@ -28,6 +30,7 @@ class Context:
     # allocation's, which the first sequential wave reuses (nothing is pruned before it)
     hessians: dict[str, np.ndarray] | None = None
     exact: dict[str, bool] = field(default_factory=dict)  # site -> exact solver within --time-budget
+    timer: Callable[[onnx.ModelProto], float] | None = None   # ms per run; None: onnxruntime's
 
 
 def drop_uncaptureable(ctx: Context) -> None:

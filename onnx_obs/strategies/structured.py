@@ -11,7 +11,8 @@ pipeline: each layer's consumers are captured on the model as already shrunk):
      they own (producers' rows, consumers' columns: the whole coupling group), no correction;
   3. cut the units out of every tensor they own and re-run shape inference (graph.surgery).
 Targets: --sparsity removes that fraction of the units of every layer that has removable units.
---target-params / --target-flops / --target-speedup (MACs divided by it) plan per-layer counts for the whole model first, on the
+--target-params / --target-flops / --target-speedup (MACs divided by it; with --latency measured,
+and --target-latency-ms: batch-1 latency as the measured table of latency_table.py predicts) plan per-layer counts for the whole model first, on the
 original model: each layer's greedy removal curve (group-OBS cost of each next unit, divided by
 the layer's consumer output energy so that costs are relative output errors comparable across
 layers; for magnitude the L1 norms divided by their layer mean) is merged greedily, cheapest
@@ -44,6 +45,7 @@ from onnx_obs.graph.tracing import trace_units
 from onnx_obs.graph.protos import constants
 from onnx_obs.graph.units import LeftAlone, UnitGroup
 from onnx_obs.hessian.capture import capture_hessians
+from onnx_obs.latency_table import FRACTIONS, latency_model, onnxruntime_timer
 from onnx_obs.strategies.context import Context
 
 MAX_STEPS = 64   # greedy steps per layer at most: larger layers remove several units per step
@@ -75,13 +77,17 @@ def run(ctx: Context) -> None:
                            "--include/--exclude/--op-types")
     groups.sort(key=lambda g: g.node)
     target = target_params if target_params is not None else target_flops
-    if c.structured.target_speedup is not None:
-        target = count_macs(model)[0] / c.structured.target_speedup
-        report.notes.append(f"--target-speedup {c.structured.target_speedup:g}: at most "
-                            f"{target:,.0f} MACs per sample (MACs stand in for latency)")
-    if target is not None:
-        kind = "params" if target_params is not None else "macs"
-        counts = _plan(loaded, groups, cal, method, damp, device, bar, target, kind, report, sites)
+    kind = "params" if target_params is not None else "macs"
+    st = c.structured
+    if st.target_latency_ms is not None or (st.target_speedup is not None and st.latency == "measured"):
+        kind, target = "latency", st.target_latency_ms
+    elif st.target_speedup is not None:
+        target = count_macs(model)[0] / st.target_speedup
+        report.notes.append(f"--target-speedup {st.target_speedup:g}: at most "
+                            f"{target:,.0f} MACs per sample (MACs stand in for latency; "
+                            "--latency measured times the widths instead)")
+    if target is not None or kind == "latency":
+        counts = _plan(ctx, groups, target, kind, sites)
     else:
         asked = {g.producer.name: min(round(sparsity * g.units), g.units - 1) for g in groups}
         counts = {g.producer.name: _aligned(g.units, asked[g.producer.name], _multiple(g))
@@ -222,8 +228,10 @@ def _group_l1(loaded, group: UnitGroup, sites) -> np.ndarray:
     return norms
 
 
-def _plan(loaded, groups, cal, method, damp, device, bar, target, kind, report, sites) -> dict:
+def _plan(ctx: Context, groups, target, kind, sites) -> dict:
     """Per-layer unit counts that meet a whole-model target (see the module docstring)."""
+    loaded, cal, bar, report, c = ctx.loaded, ctx.cal, ctx.bar, ctx.report, ctx.config
+    method, damp, device = c.method, c.layerwise.damp, c.device
     if method == "obs":
         consumer_sites = list({c.site.name: c.site for g in groups for c in g.consumers}.values())
         hessians = capture_hessians(loaded, consumer_sites, cal, device, bar, with_bias=True)
@@ -240,13 +248,67 @@ def _plan(loaded, groups, cal, method, damp, device, bar, target, kind, report, 
             order, norms = norm_order(_group_l1(loaded, g, sites))
             curves.append(norms[:limit])
             orders.append(order)
+    steps = [_multiple(g) for g in groups]
+    if kind == "latency":
+        return _plan_latency(ctx, groups, curves, orders, steps, target)
     resource = resource_model(loaded.model, groups, kind, orders)
     start = resource(np.zeros(len(groups)))
     if start <= target:
         report.notes.append(f"the model already has {start:,.0f} {kind}, within the target "
                             f"{target:,.0f}: nothing removed")
     try:
-        counts = plan_counts(curves, resource, target, steps=[_multiple(g) for g in groups])
+        counts = plan_counts(curves, resource, target, steps=steps)
     except ValueError as e:   # the target is out of reach
         raise OnnxObsError(str(e)) from e
     return {g.producer.name: int(k) for g, k in zip(groups, counts)}
+
+
+def _plan_latency(ctx: Context, groups, curves, orders, steps, target_ms) -> dict:
+    """Counts by lowest error per measured ms saved (ZipLM): the latency table predicts, the
+    plan's shrunk model is timed, and while it misses the target (the prediction is an estimate,
+    latency_table.py) the target is tightened by the miss and the plan redone (3 rounds at most)."""
+    loaded, report, st = ctx.loaded, ctx.report, ctx.config.structured
+    if ctx.timer is None and ctx.cal is None:
+        raise OnnxObsError("--target-latency-ms and --latency measured time the model on its "
+                           "calibration data: pass --calib DATA.npz")
+    timer = ctx.timer or onnxruntime_timer(ctx.cal, loaded.base_dir, ctx.config.device)
+    predict, _ = latency_model(loaded.model, groups, orders, steps, timer, loaded.base_dir)
+    base = predict(np.zeros(len(groups)))
+    if target_ms is None:
+        target_ms = base / st.target_speedup
+    goal, counts, measured = target_ms, None, base
+    for _ in range(3):
+        try:
+            plan = plan_counts(curves, predict, goal, steps=steps)
+        except ValueError:   # the target is out of reach
+            if counts is not None:   # a tightened goal: keep the last plan
+                break
+            least = predict(np.array([len(c) // s * s for c, s in zip(curves, steps)]))
+            raise OnnxObsError(f"the latency target cannot be reached: the smallest model removing "
+                               f"units can leave is predicted at {least:.3f} ms at batch 1, above "
+                               f"the target {target_ms:.3f} ms: raise the target") from None
+        counts = plan
+        measured = timer(_shrunk_plan(loaded, groups, orders, counts))
+        if measured <= target_ms * 1.02:
+            break
+        goal *= target_ms / measured
+    report.notes.append(
+        f"latency at batch 1 (each group timed at {len(FRACTIONS) + 1} widths): {base:.3f} ms before, "
+        f"target {target_ms:.3f} ms; plan predicted {predict(counts):.3f} ms, timed {measured:.3f} ms")
+    if measured > target_ms * 1.02:
+        report.notes.append(f"latency target not met: the plan timed {measured:.3f} ms, above the "
+                            f"target {target_ms:.3f} ms (the units left cannot go, or timing is "
+                            "noisy: see the latency rows)")
+    return {g.producer.name: int(k) for g, k in zip(groups, counts)}
+
+
+def _shrunk_plan(loaded, groups, orders, counts) -> onnx.ModelProto:
+    """A copy of the model with each group's first counts[g] units (in orders[g]) removed, traced
+    afresh after each group as the removal loop does."""
+    model = onnx.ModelProto()
+    model.CopyFrom(loaded.model)
+    for g, group in enumerate(groups):
+        now, _ = trace_units(model, find_sites(model)[0], {group.producer.name})
+        if now and counts[g]:
+            shrink(model, now[0], orders[g][:counts[g]], loaded.base_dir)
+    return model

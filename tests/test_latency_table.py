@@ -1,0 +1,105 @@
+"""Latency-aware structured allocation (latency_table.py, --target-latency-ms): with an injected
+timer whose value is a closed formula of the weight shapes, so that the table and the plan can
+be checked exactly."""
+
+import numpy as np
+import pytest
+from onnx import helper, numpy_helper
+
+from graphs import calib_for, init, make_model, randn, vi
+from cli_checks import assert_one_line_error
+from onnx_obs import api
+from onnx_obs.errors import OnnxObsError
+from onnx_obs.graph.sites import find_sites
+from onnx_obs.graph.tracing import trace_units
+from onnx_obs.latency_table import latency_model
+
+FIXED_MS = 0.5
+
+
+def conv_chain():
+    """x[.,3,8,8] -> Conv 3->32 -> Relu -> Conv 32->32 -> Relu -> Conv 32->16 (the output)."""
+    shapes = {"W1": [32, 3, 3, 3], "W2": [32, 32, 3, 3], "W3": [16, 32, 3, 3]}
+    inits = [init(n, randn(s, seed=i) * 0.3) for i, (n, s) in enumerate(shapes.items())]
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="c1", pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["ar"], name="r1"),
+             helper.make_node("Conv", ["ar", "W2"], ["b"], name="c2", pads=[1] * 4),
+             helper.make_node("Relu", ["b"], ["br"], name="r2"),
+             helper.make_node("Conv", ["br", "W3"], ["y"], name="c3", pads=[1] * 4)]
+    return make_model(nodes, [vi("x", np.float32, ["batch", 3, 8, 8])], [vi("y", np.float32, None)], inits)
+
+
+def fake_ms(model) -> float:
+    """A deterministic 'latency': fixed overhead plus MACs over 8x8 positions (not additive over
+    groups: a Conv's cost is its input times its output channels)."""
+    size = sum(numpy_helper.to_array(t).size for t in model.graph.initializer if t.name.startswith("W"))
+    return FIXED_MS + 64 * size * 1e-5
+
+
+def formula_ms(c1: int, c2: int) -> float:
+    return FIXED_MS + 64 * 9 * (c1 * 3 + c2 * c1 + 16 * c2) * 1e-5
+
+
+def test_table_matches_the_timer_and_falls_with_width():
+    model = conv_chain()
+    sites, _ = find_sites(model)
+    groups, _ = trace_units(model, sites, {s.name for s in sites})
+    groups.sort(key=lambda g: g.node)
+    assert [g.units for g in groups] == [32, 32]
+    predict, table = latency_model(model, groups, [np.arange(32)] * 2, [8, 8], fake_ms)
+    for g, (xs, ys) in enumerate(table):
+        assert list(xs) == [0, 8, 16, 24]   # kept 32, 24, 16, 8: multiples of 8
+        want = [formula_ms(32 - k, 32) if g == 0 else formula_ms(32, 32 - k) for k in xs]
+        np.testing.assert_allclose(ys, want, rtol=1e-12)
+        assert np.all(np.diff(ys) < 0)
+    # on the table's widths the MACs overlap term makes the prediction exact for a MACs timer
+    for c1, c2 in [(8, 0), (16, 24), (24, 24), (8, 8)]:
+        np.testing.assert_allclose(predict(np.array([c1, c2])), formula_ms(32 - c1, 32 - c2), rtol=1e-9)
+    # between widths: linear in each group's own table, plus the overlap of the exact MACs
+    base = formula_ms(32, 32)
+    mid = (formula_ms(24, 32) + formula_ms(16, 32)) / 2 - base   # 12 removed: between 8 and 16
+    overlap = formula_ms(20, 24) - formula_ms(20, 32) - formula_ms(32, 24) + base
+    np.testing.assert_allclose(predict(np.array([12, 8])),
+                               base + mid + formula_ms(32, 24) - base + overlap, rtol=1e-9)
+
+
+def test_plan_meets_the_latency_target():
+    model = conv_chain()
+    target = 0.6 * formula_ms(32, 32)
+    res = api.prune(model, calib_for(model, n=32), structure="channels", target_latency_ms=target,
+                    timer=fake_ms)
+    kept = [e["units_after"] for e in res.report.structure]
+    assert fake_ms(res.model) == pytest.approx(formula_ms(*kept))
+    assert fake_ms(res.model) <= target * 1.02   # timed plan within 2% of the target
+    assert all(k % 8 == 0 for k in kept) and kept != [32, 32]
+    note = next(n for n in res.report.notes if n.startswith("latency at batch 1"))
+    assert f"target {target:.3f} ms" in note and f"timed {fake_ms(res.model):.3f} ms" in note
+    # speedup measured: the same plan as the target it implies
+    again = api.prune(model, calib_for(model, n=32), structure="channels", target_speedup=1 / 0.6,
+                      latency="measured", timer=fake_ms)
+    assert [e["units_after"] for e in again.report.structure] == kept
+
+
+def test_unreachable_latency_and_bad_setting(cli, cnn_path, cnn_calib, tmp_path):
+    model = conv_chain()
+    # predicted out of reach (the overhead alone is above the target): one error
+    with pytest.raises(OnnxObsError, match="cannot be reached"):
+        api.prune(model, calib_for(model, n=32), structure="channels",
+                  target_latency_ms=0.2 * FIXED_MS, timer=fake_ms)
+    # predicted within reach, timed not (a cost the MACs miss, like a layout reorder once both
+    # layers are narrow): the report says so
+    def reorder_ms(m):
+        w2 = next(t for t in m.graph.initializer if t.name == "W2")
+        return fake_ms(m) + (5.0 if w2.dims[0] < 32 and w2.dims[1] < 32 else 0.0)
+
+    target = 0.3 * formula_ms(32, 32)   # needs both groups narrow (formula_ms(8, 32) > target)
+    assert formula_ms(8, 32) > target and formula_ms(32, 8) > target
+    res = api.prune(model, calib_for(model, n=32), structure="channels", target_latency_ms=target,
+                    timer=reorder_ms)
+    assert reorder_ms(res.model) > target * 1.02
+    assert any(n.startswith("latency target not met") for n in res.report.notes)
+    out = tmp_path / "out.onnx"
+    r = cli("prune", cnn_path, "-o", out, "--calib", cnn_calib, "--structure", "channels",
+            "--target-speedup", "1.5", "--latency", "fast")
+    assert_one_line_error(r, "--latency must be macs or measured")
+    assert not out.exists()

@@ -120,12 +120,7 @@ def parse_sparsities(text: str) -> list[float]:
 
 
 def parse_methods(text: str) -> list[str]:
-    methods = _comma_list(text)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise OnnxObsError(f"unknown method '{unknown[0] if unknown else text}' in --methods: "
-                           f"use a comma list of {', '.join(METHODS)}")
-    return methods
+    return _choices(text, METHODS, "method", "--methods", f"a comma list of {', '.join(METHODS)}")
 
 
 def _comma_list(text: str) -> list[str]:
@@ -145,20 +140,20 @@ def parse_bits(text: str) -> list[int]:
 
 
 def parse_quant_methods(text: str) -> list[str]:
-    methods = _comma_list(text)
-    unknown = [m for m in methods if m not in QUANT_METHODS]
-    if unknown or not methods:
-        raise OnnxObsError(f"unknown quantization method '{unknown[0] if unknown else text}' in "
-                           f"--quant-methods: use a comma list of {', '.join(QUANT_METHODS)}")
-    return methods
+    return _choices(text, QUANT_METHODS, "quantization method", "--quant-methods",
+                    f"a comma list of {', '.join(QUANT_METHODS)}")
 
 
 def parse_allocations(text: str) -> list[str]:
+    return _choices(text, ALLOCATIONS, "allocation", "--allocation", "uniform, auto or both (uniform,auto)")
+
+
+def _choices(text: str, allowed, what: str, flag: str, use: str) -> list[str]:
+    """The comma list `text` of values from `allowed`, or one line naming the first unknown one."""
     values = _comma_list(text)
-    bad = [a for a in values if a not in ALLOCATIONS]
-    if bad or not values:
-        raise OnnxObsError(f"unknown allocation '{bad[0] if bad else text}' in --allocation: use "
-                           f"uniform, auto or both (uniform,auto)")
+    unknown = [v for v in values if v not in allowed]
+    if unknown or not values:
+        raise OnnxObsError(f"unknown {what} '{unknown[0] if unknown else text}' in {flag}: use {use}")
     return values
 
 

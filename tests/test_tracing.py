@@ -7,9 +7,9 @@ the model output exactly as zeroing the consumer columns the trace assigns to it
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from graphs import init, make_model, randn, run, vi
+from test_structured import with_weights
 from onnx import helper, numpy_helper
 
 from onnx_obs.graph.passthrough import (
@@ -29,15 +29,6 @@ def conv(x, w, y, b=None, **kw):
     return helper.make_node("Conv", [x, w] + ([b] if b else []), [y], name=y, **kw)
 
 
-def with_arrays(model, arrays: dict) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for t in m.graph.initializer:
-        if t.name in arrays:
-            t.CopyFrom(numpy_helper.from_array(arrays[t.name].astype(np.float32), t.name))
-    return m
-
-
 def check_columns(model, group, silence: dict, feeds) -> None:
     """Per unit: silencing it at the producer == zeroing its columns in every consumer.
     `silence`: tensor name -> axis of the producer tensors that hold one entry per unit."""
@@ -51,8 +42,8 @@ def check_columns(model, group, silence: dict, feeds) -> None:
             m = site_matrix(c.site)
             m[:, c.columns[u]] = 0
             at_consumers[c.site.tensor_name] = c.site.from_matrix(m)
-        want = run(with_arrays(model, at_producer), feeds)["y"]
-        got = run(with_arrays(model, at_consumers), feeds)["y"]
+        want = run(with_weights(model, at_producer), feeds)["y"]
+        got = run(with_weights(model, at_consumers), feeds)["y"]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 

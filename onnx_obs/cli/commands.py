@@ -85,12 +85,7 @@ def prune(
     activation_calibration: str = ActivationCalibrationOpt, activation_percentile: float = ActivationPercentileOpt,
 ):
     """Prune MODEL and write the pruned model to -o."""
-    progress = verbosity(quiet, verbose)
-    _check_report_path(report, model, output)
-    result = api.prune(str(model), str(calib) if calib else None, prune_config(ctx, config_file),
-                       output=output, force=force, progress=progress,
-                       command="onnx-obs " + shlex.join(sys.argv[1:]))
-    _show_result(result, report, progress, output)
+    _run(api.prune, ctx, model, calib, config_file, output, force, report, quiet, verbose)
 
 
 @app.command()
@@ -124,11 +119,16 @@ def quantize(
     quiet: bool = QuietOpt, verbose: bool = VerboseOpt,
 ):
     """Quantize MODEL's weights to int8 / int4 with OBQ, GPTQ or RTN and write the model to -o."""
+    _run(api.quantize, ctx, model, calib, config_file, output, force, report, quiet, verbose)
+
+
+def _run(fn, ctx: typer.Context, model: Path, calib: Path | None, config_file: Path | None, output: Path,
+         force: bool, report: Path | None, quiet: bool, verbose: bool) -> None:
+    """prune / quantize: the config from the options, the run, then the report and the summary."""
     progress = verbosity(quiet, verbose)
     _check_report_path(report, model, output)
-    result = api.quantize(str(model), str(calib) if calib else None, prune_config(ctx, config_file),
-                          output=output, force=force, progress=progress,
-                          command="onnx-obs " + shlex.join(sys.argv[1:]))
+    result = fn(str(model), str(calib) if calib else None, prune_config(ctx, config_file), output=output,
+                force=force, progress=progress, command="onnx-obs " + shlex.join(sys.argv[1:]))
     _show_result(result, report, progress, output)
 
 

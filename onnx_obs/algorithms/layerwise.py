@@ -315,6 +315,17 @@ def _decoupled(H: np.ndarray, dead: np.ndarray) -> np.ndarray:
     return A
 
 
+def check_hessian(H, W: np.ndarray) -> np.ndarray:
+    """H as an array, (cols, cols) for W and finite, or ValueError."""
+    H = np.asarray(H)
+    cols = W.shape[1]
+    if H.shape != (cols, cols):
+        raise ValueError(f"H must be ({cols}, {cols}) for W of shape {W.shape}, got {H.shape}")
+    if not np.isfinite(H).all():
+        raise ValueError("H contains NaN or infinity")
+    return H
+
+
 def _check(W, H, method, sparsity, pattern, solver, block_size, damp):
     """Validate the arguments; return W and H as arrays and pattern as a pair of ints."""
     W = np.asarray(W)
@@ -330,12 +341,7 @@ def _check(W, H, method, sparsity, pattern, solver, block_size, damp):
         if method != "magnitude":
             raise ValueError(f"method {method!r} needs a Hessian H")
     else:
-        H = np.asarray(H)
-        if H.shape != (W.shape[1], W.shape[1]):
-            cols = W.shape[1]
-            raise ValueError(f"H must be ({cols}, {cols}) for W of shape {W.shape}, got {H.shape}")
-        if not np.isfinite(H).all():
-            raise ValueError("H contains NaN or infinity")
+        H = check_hessian(H, W)
     if pattern is None:
         if not 0.0 <= sparsity <= 1.0:
             raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")

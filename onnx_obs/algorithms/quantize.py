@@ -28,7 +28,7 @@ from scipy.linalg import lapack
 
 from onnx_obs.algorithms.blas_threads import blas_threads_for
 from onnx_obs.algorithms.damping import damped_cholesky, damping
-from onnx_obs.algorithms.layerwise import EXACT_MAX_WORK, _decoupled, layer_error
+from onnx_obs.algorithms.layerwise import EXACT_MAX_WORK, _decoupled, check_hessian, layer_error
 from onnx_obs.algorithms.obc import _greedy
 
 QUANT_METHODS = ("auto", "obq", "gptq", "rtn")
@@ -226,11 +226,7 @@ def _check(W, H, bits, method, block_size, damp) -> None:
     if H is None and method != "rtn":
         raise ValueError(f"method {method!r} needs a Hessian H (rtn does not)")
     if H is not None:
-        H = np.asarray(H)
-        if H.shape != (W.shape[1], W.shape[1]):
-            raise ValueError(f"H must be ({W.shape[1]}, {W.shape[1]}) for W of shape {W.shape}, got {H.shape}")
-        if not np.isfinite(H).all():
-            raise ValueError("H contains NaN or infinity")
+        check_hessian(H, W)
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if damp < 0:

@@ -4,34 +4,53 @@ three quarters and all but the last block of its units removed, kept counts in t
 blocks of 8/16), the shrunk model is timed, and between those widths the latency is
 interpolated linearly; where groups' savings overlap (one layer losing input and output
 channels) the MACs model corrects the sum (latency_model). The strategy re-times its plan and
-tightens the target while it misses (strategies/structured.py)."""
+tightens the target while it misses (strategies/structured.py). Tables timed with onnxruntime
+are cached on disk (latency_cache.py)."""
 
 from __future__ import annotations
 
+import os
+import platform
+import time
 from typing import Callable
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
+from onnx_obs import latency_cache
 from onnx_obs.calib import Calibration
 from onnx_obs.flops import batch_feeds, latency_ms, resource_model
 from onnx_obs.graph.surgery import shrink
 from onnx_obs.runtime import Runner
+from onnx_obs.threads import current_threads
 
 Timer = Callable[[onnx.ModelProto], float]
 FRACTIONS = (0.25, 0.5, 0.75)   # of the units removed, besides all but the last block
 
 
-def onnxruntime_timer(cal: Calibration, base_dir: str = "", device: str = "cpu",
-                      budget_s: float = 0.15) -> Timer:
-    """Milliseconds per run at batch 1 (median of repeated runs), on the calibration's first sample."""
-    feeds = batch_feeds(cal.batches, 1) if cal.sliceable else cal.batches[0]
+class OnnxruntimeTimer:
+    """Milliseconds per run at batch 1 (median of repeated runs) on the calibration's first
+    sample; its fingerprint says what else the figure depends on (the cache key)."""
 
-    def timer(model: onnx.ModelProto) -> float:
-        session = Runner(model, base_dir, device).session
-        return latency_ms(session, feeds, max_runs=50, budget_s=budget_s)
+    def __init__(self, cal: Calibration, base_dir: str = "", device: str = "cpu",
+                 budget_s: float = 0.15):
+        self.feeds = batch_feeds(cal.batches, 1) if cal.sliceable else cal.batches[0]
+        self.base_dir, self.device, self.budget_s = base_dir, device, budget_s
 
-    return timer
+    def __call__(self, model: onnx.ModelProto) -> float:
+        return self.measure(model, self.feeds)
+
+    def measure(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
+        session = Runner(model, self.base_dir, self.device).session
+        return latency_ms(session, feeds, max_runs=50, budget_s=self.budget_s)
+
+    def fingerprint(self) -> dict:
+        return {"onnxruntime": ort.__version__, "threads": current_threads(), "batch": 1,
+                "device": self.device, "budget_s": self.budget_s,
+                "inputs": {k: [list(v.shape), str(v.dtype)] for k, v in sorted(self.feeds.items())},
+                "machine": [platform.machine(), platform.processor(), platform.node(),
+                            os.cpu_count()]}
 
 
 def widths(units: int, multiple: int) -> list[int]:
@@ -52,16 +71,21 @@ def shrunk_copy(model: onnx.ModelProto, group, removed, base_dir: str = "") -> o
 
 def latency_model(model: onnx.ModelProto, groups, orders: list[np.ndarray],
                   multiples: list[int], timer: Timer, base_dir: str = ""
-                  ) -> tuple[Callable[[np.ndarray], float], list[tuple[np.ndarray, np.ndarray]]]:
+                  ) -> tuple[Callable[[np.ndarray], float], list[tuple[np.ndarray, np.ndarray]],
+                             list[str]]:
     """(predicted latency as a function of the per-group counts removed, the table: per group the
-    counts timed, from 0, and their latencies). Latencies are made non-increasing in the count
-    (timing noise must not make a removal look like it costs time).
+    counts timed, from 0, and their latencies, notes for the report: where the table came from).
+    Latencies are made non-increasing in the count (timing noise must not make a removal look
+    like it costs time).
 
     Prediction: T = T0 + sum_g (T_g(k_g) - T0) + r * (M(k) - M0 - sum_g (M_g(k_g) - M0)), with
     T_g the table, M the MACs model (flops.resource_model) and r = ms per MAC over the table's
     widest removals: the last term puts back the MACs that two groups' savings both counted (a
     layer losing input and output channels saves their product, not the sum)."""
-    base = timer(model)
+    xs_all = [widths(group.units, multiples[g]) for g, group in enumerate(groups)]
+    base, raw, notes = _cached_table(model, groups, orders, xs_all, timer, base_dir)
+    table = [(np.array([0] + xs, dtype=np.float64), np.minimum.accumulate(np.array(ys)))
+             for xs, ys in zip(xs_all, raw)]
     macs = resource_model(model, groups, "macs", orders)
     zero = np.zeros(len(groups), dtype=np.int64)
     m0 = macs(zero)
@@ -74,12 +98,6 @@ def latency_model(model: onnx.ModelProto, groups, orders: list[np.ndarray],
             alone[g][k] = macs(counts)
         return alone[g][k]
 
-    table = []
-    for g, group in enumerate(groups):
-        xs = widths(group.units, multiples[g])
-        ys = [timer(shrunk_copy(model, group, orders[g][:k], base_dir)) for k in xs]
-        table.append((np.array([0] + xs, dtype=np.float64),
-                      np.minimum.accumulate(np.array([base] + ys, dtype=np.float64))))
     saved_ms = sum(base - ys[-1] for _, ys in table)
     saved_macs = sum(m0 - macs_alone(g, int(xs[-1])) for g, (xs, _) in enumerate(table))
     rate = saved_ms / saved_macs if saved_macs > 0 else 0.0
@@ -89,4 +107,38 @@ def latency_model(model: onnx.ModelProto, groups, orders: list[np.ndarray],
         return base + sum(float(np.interp(counts[g], xs, ys)) - base
                           for g, (xs, ys) in enumerate(table)) + rate * overlap
 
-    return predict, table
+    return predict, table, notes
+
+
+def _cached_table(model, groups, orders, xs_all, timer, base_dir):
+    """(latency of the model, per group its latencies at 0 and xs_all[g] removed, notes): read
+    from the disk cache when the timer has a fingerprint and an entry fits, else timed (and
+    stored)."""
+    notes, key = [], None
+    if hasattr(timer, "fingerprint"):
+        described = [([p.name for p in group.producers], group.units, xs)
+                     for group, xs in zip(groups, xs_all)]
+        key = latency_cache.table_key(model, described, timer.fingerprint())
+        entry, note = latency_cache.load(key, xs_all)
+        notes += [note] if note else []
+        if entry is not None:
+            path = latency_cache.entry_path(key)
+            return entry["base"], entry["tables"], notes + [f"latency table: cached ({path})"]
+    start = time.perf_counter()
+    base, tables = _measure(model, groups, orders, xs_all, timer, base_dir)
+    seconds = time.perf_counter() - start
+    if key is None:
+        return base, tables, [*notes, f"latency table: measured in {seconds:.1f} s (not cached)"]
+    note = latency_cache.store(key, {"base": base, "tables": tables, "seconds": seconds})
+    where = "not cached" if note else f"cached ({latency_cache.entry_path(key)})"
+    measured = f"latency table: measured in {seconds:.1f} s, {where}"
+    return base, tables, [*notes, *([note] if note else []), measured]
+
+
+def _measure(model, groups, orders, xs_all, timer, base_dir) -> tuple[float, list[list[float]]]:
+    """Each group alone shrunk to each of its widths and the whole model timed."""
+    base = float(timer(model))
+    tables = [[base] + [float(timer(shrunk_copy(model, group, orders[g][:k], base_dir)))
+                        for k in xs_all[g]]
+              for g, group in enumerate(groups)]
+    return base, tables

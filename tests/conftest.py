@@ -18,6 +18,12 @@ SAMPLES = TESTS.parent / "samples"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(autouse=True)
+def _latency_cache(tmp_path_factory, monkeypatch):
+    """Measured latency tables go to a folder of the test session, never the user's cache."""
+    monkeypatch.setenv("ONNX_OBS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "latency-cache"))
+
+
 @pytest.fixture(scope="session")
 def samples() -> Path:
     return SAMPLES

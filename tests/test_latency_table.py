@@ -12,7 +12,7 @@ from onnx_obs import api
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.sites import find_sites
 from onnx_obs.graph.tracing import trace_units
-from onnx_obs.latency_table import latency_model
+from onnx_obs.latency_table import OnnxruntimeTimer, latency_model
 
 FIXED_MS = 0.5
 
@@ -46,7 +46,8 @@ def test_table_matches_the_timer_and_falls_with_width():
     groups, _ = trace_units(model, sites, {s.name for s in sites})
     groups.sort(key=lambda g: g.node)
     assert [g.units for g in groups] == [32, 32]
-    predict, table = latency_model(model, groups, [np.arange(32)] * 2, [8, 8], fake_ms)
+    predict, table, notes = latency_model(model, groups, [np.arange(32)] * 2, [8, 8], fake_ms)
+    assert notes[0].startswith("latency table: measured in") and notes[0].endswith("s (not cached)")
     for g, (xs, ys) in enumerate(table):
         assert list(xs) == [0, 8, 16, 24]   # kept 32, 24, 16, 8: multiples of 8
         want = [formula_ms(32 - k, 32) if g == 0 else formula_ms(32, 32 - k) for k in xs]
@@ -103,3 +104,43 @@ def test_unreachable_latency_and_bad_setting(cli, cnn_path, cnn_calib, tmp_path)
             "--target-speedup", "1.5", "--latency", "fast")
     assert_one_line_error(r, "--latency must be macs or measured")
     assert not out.exists()
+
+
+def test_table_is_cached_on_disk(tmp_path, monkeypatch):
+    """onnxruntime's table (here its timings replaced by fake_ms) is read back from the cache on
+    a second run; another thread count is another key; a corrupted entry is measured again."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ONNX_OBS_CACHE_DIR", str(cache))
+    timed = []
+    monkeypatch.setattr(OnnxruntimeTimer, "measure", lambda self, m, feeds: timed.append(1) or fake_ms(m))
+    model, target = conv_chain(), 0.6 * formula_ms(32, 32)
+    cal = calib_for(model, n=32)
+
+    def run(threads):
+        timed.clear()
+        res = api.prune(model, cal, structure="channels", target_latency_ms=target, threads=threads)
+        return res, len(timed), [n for n in res.report.notes if "latency table" in n]
+
+    first, calls, notes = run(1)
+    table_calls = 1 + 2 * 3   # the model, then 2 groups at 3 widths each
+    entries = list(cache.glob("latency-*.json"))
+    want = f"latency table: measured in {notes[0].split()[4]} s, cached ({entries[0]})"
+    assert len(entries) == 1 and notes == [want]
+    second, again, notes = run(1)
+    assert again == calls - table_calls   # only the plan is timed
+    assert notes == [f"latency table: cached ({entries[0]})"]
+    assert [e["units_after"] for e in second.report.structure] == \
+        [e["units_after"] for e in first.report.structure]
+    _, other, notes = run(2)   # another thread count: another entry
+    assert other == calls and "measured in" in notes[0] and len(list(cache.glob("latency-*.json"))) == 2
+    entries[0].write_text("{not json")
+    _, redone, notes = run(1)
+    assert redone == calls and notes[0].startswith(f"latency table cache entry {entries[0]} ignored")
+    assert "measured in" in notes[1]
+    _, calls, _ = run(1)   # rewritten
+    assert calls == again
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("ONNX_OBS_CACHE_DIR", str(tmp_path / "file" / "cache"))   # cannot be made
+    _, _, notes = run(1)
+    assert notes[0].startswith(f"the latency table could not be cached in {tmp_path / 'file' / 'cache'}")
+    assert notes[1].endswith("s, not cached")

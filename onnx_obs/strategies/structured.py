@@ -45,7 +45,7 @@ from onnx_obs.graph.tracing import trace_units
 from onnx_obs.graph.protos import constants
 from onnx_obs.graph.units import LeftAlone, UnitGroup
 from onnx_obs.hessian.capture import capture_hessians
-from onnx_obs.latency_table import FRACTIONS, latency_model, onnxruntime_timer
+from onnx_obs.latency_table import FRACTIONS, OnnxruntimeTimer, latency_model
 from onnx_obs.strategies.context import Context
 
 MAX_STEPS = 64   # greedy steps per layer at most: larger layers remove several units per step
@@ -271,8 +271,9 @@ def _plan_latency(ctx: Context, groups, curves, orders, steps, target_ms) -> dic
     if ctx.timer is None and ctx.cal is None:
         raise OnnxObsError("--target-latency-ms and --latency measured time the model on its "
                            "calibration data: pass --calib DATA.npz")
-    timer = ctx.timer or onnxruntime_timer(ctx.cal, loaded.base_dir, ctx.config.device)
-    predict, _ = latency_model(loaded.model, groups, orders, steps, timer, loaded.base_dir)
+    timer = ctx.timer or OnnxruntimeTimer(ctx.cal, loaded.base_dir, ctx.config.device)
+    predict, _, notes = latency_model(loaded.model, groups, orders, steps, timer, loaded.base_dir)
+    report.notes += notes
     base = predict(np.zeros(len(groups)))
     if target_ms is None:
         target_ms = base / st.target_speedup

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -20,7 +20,11 @@ import onnxruntime as ort
 
 from onnx_obs import latency_cache
 from onnx_obs.calib import Calibration
+from onnx_obs.errors import OnnxObsError
 from onnx_obs.flops import batch_feeds, latency_ms, resource_model
+from onnx_obs.graph.capture import with_outputs
+from onnx_obs.graph.protos import infer_shapes
+from onnx_obs.graph.subgraph import group_region, region_group, region_model
 from onnx_obs.graph.surgery import shrink
 from onnx_obs.runtime import Runner
 from onnx_obs.threads import current_threads
@@ -136,9 +140,45 @@ def _cached_table(model, groups, orders, xs_all, timer, base_dir):
 
 
 def _measure(model, groups, orders, xs_all, timer, base_dir) -> tuple[float, list[list[float]]]:
-    """Each group alone shrunk to each of its widths and the whole model timed."""
+    """The whole model timed once; each group alone shrunk to each of its widths and timed: with
+    onnxruntime, only the group's own part of the graph (graph/subgraph.py; the whole model minus
+    that part's time is the same at every width), else (a caller's timer, or a part that cannot
+    be cut out) the whole model."""
     base = float(timer(model))
-    tables = [[base] + [float(timer(shrunk_copy(model, group, orders[g][:k], base_dir)))
-                        for k in xs_all[g]]
-              for g, group in enumerate(groups)]
+    parts = _parts(model, groups, timer, base_dir) if isinstance(timer, OnnxruntimeTimer) else {}
+    tables = []
+    for g, group in enumerate(groups):
+        try:
+            sub, sub_group, feeds = parts[g]
+            t0 = timer.measure(sub, feeds)
+            tables.append([base] + [base - t0 + timer.measure(
+                shrunk_copy(sub, sub_group, orders[g][:k], base_dir), feeds) for k in xs_all[g]])
+        except (KeyError, OnnxObsError):
+            tables.append([base] + [float(timer(shrunk_copy(model, group, orders[g][:k], base_dir)))
+                                    for k in xs_all[g]])
     return base, tables
+
+
+def _parts(model, groups, timer: OnnxruntimeTimer, base_dir: str) -> dict[int, tuple]:
+    """Per group that can be cut out: (its part as a model, the group renumbered for it, the
+    part's feeds: the activations it reads, from one run of the whole model at batch 1)."""
+    inferred = infer_shapes(model).graph
+    infos = [*inferred.value_info, *inferred.output, *inferred.input]
+    types = {v.name: v.type.tensor_type.elem_type for v in infos}
+    ranks = {v.name: (v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim))
+             for v in infos if v.type.tensor_type.HasField("shape")}
+    regions = {g: r for g, group in enumerate(groups)
+               if (r := group_region(model, group, types)) is not None
+               and all(o in ranks for o in r.outputs)}
+    wanted = list(dict.fromkeys(x for r in regions.values() for x in r.inputs if x not in timer.feeds))
+    values = dict(timer.feeds)
+    if wanted:
+        values.update(zip(wanted, Runner(with_outputs(model, wanted), base_dir, timer.device)
+                          .run(timer.feeds, wanted)))
+    parts = {}
+    for g, r in regions.items():
+        specs = {x: (onnx.helper.np_dtype_to_tensor_dtype(values[x].dtype), list(values[x].shape))
+                 for x in r.inputs}
+        parts[g] = (region_model(model, r, specs, ranks), region_group(groups[g], r),
+                    {x: values[x] for x in r.inputs})
+    return parts

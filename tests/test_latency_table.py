@@ -9,6 +9,7 @@ from onnx import helper, numpy_helper
 from graphs import calib_for, init, make_model, randn, vi
 from cli_checks import assert_one_line_error
 from onnx_obs import api
+from onnx_obs.calib import Calibration
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.sites import find_sites
 from onnx_obs.graph.tracing import trace_units
@@ -62,6 +63,26 @@ def test_table_matches_the_timer_and_falls_with_width():
     overlap = formula_ms(20, 24) - formula_ms(20, 32) - formula_ms(32, 24) + base
     np.testing.assert_allclose(predict(np.array([12, 8])),
                                base + mid + formula_ms(32, 24) - base + overlap, rtol=1e-9)
+
+
+def test_onnxruntime_times_each_group_on_its_own_part(monkeypatch):
+    """The default timer times each group's part of the graph, not the whole model: the table
+    (model time + part time at the width - part time as is) equals the whole-model one for a
+    timer additive over layers (fake_ms), and the parts hold the group's layers only."""
+    model = conv_chain()
+    sites, _ = find_sites(model)
+    groups, _ = trace_units(model, sites, {s.name for s in sites})
+    groups.sort(key=lambda g: g.node)
+    seen = []
+    monkeypatch.setattr(OnnxruntimeTimer, "measure",
+                        lambda self, m, feeds: seen.append([n.name for n in m.graph.node]) or fake_ms(m))
+    timer = OnnxruntimeTimer(Calibration([calib_for(model, n=4)], 4))
+    _, table, _ = latency_model(model, groups, [np.arange(32)] * 2, [8, 8], timer)
+    _, whole, _ = latency_model(model, groups, [np.arange(32)] * 2, [8, 8], fake_ms)
+    for (xs, ys), (xw, yw) in zip(table, whole):
+        np.testing.assert_array_equal(xs, xw)
+        np.testing.assert_allclose(ys, yw, rtol=1e-12)
+    assert seen == [["c1", "r1", "c2", "r2", "c3"]] + [["c1", "r1", "c2"]] * 4 + [["c2", "r2", "c3"]] * 4
 
 
 def test_plan_meets_the_latency_target():
@@ -122,7 +143,7 @@ def test_table_is_cached_on_disk(tmp_path, monkeypatch):
         return res, len(timed), [n for n in res.report.notes if "latency table" in n]
 
     first, calls, notes = run(1)
-    table_calls = 1 + 2 * 3   # the model, then 2 groups at 3 widths each
+    table_calls = 1 + 2 * (1 + 3)   # the model, then each group's part as is and at 3 widths
     entries = list(cache.glob("latency-*.json"))
     want = f"latency table: measured in {notes[0].split()[4]} s, cached ({entries[0]})"
     assert len(entries) == 1 and notes == [want]

@@ -332,3 +332,53 @@ def test_channel_shuffle_removes_whole_groups():
     ref["W0"][rows], ref["b0"][rows] = 0.0, 0.0
     ref["Wh"][:, gone::2] = 0.0
     assert_same_outputs(res.model, with_weights(model, ref), {"x": randn([4, 3, 6, 6], 6)})
+
+
+def csp_block():
+    """stem -> t = relu(conv t) -> Concat(conv a(t), conv b(t)) + stem -> head: a residual whose
+    other operand stacks two producers' channels (CSP / DenseNet-like)."""
+    a = {"W0": randn([8, 3, 3, 3], 1), "b0": randn([8], 2), "Wt": randn([6, 8, 1, 1], 3),
+         "bt": randn([6], 4), "Wa": randn([3, 6, 3, 3], 5), "ba": randn([3], 6),
+         "Wb": randn([5, 6, 1, 1], 7), "bb": randn([5], 8), "Wh": randn([4, 8, 3, 3], 9),
+         "bh": randn([4], 10)}
+    nodes = [conv("x", "W0", "b0", "c0", 3), relu("c0", "r0"), conv("r0", "Wt", "bt", "ct", 1),
+             relu("ct", "rt"), conv("rt", "Wa", "ba", "ca", 3), conv("rt", "Wb", "bb", "cb", 1),
+             helper.make_node("Concat", ["ca", "cb"], ["cat"], name="cat", axis=1),
+             helper.make_node("Add", ["r0", "cat"], ["s"], name="residual"), relu("s", "rs"),
+             conv("rs", "Wh", "bh", "y", 3)]
+    model = make_model(nodes, [vi("x", shape=["batch", 3, 6, 6])], [vi("y", shape=["batch", 4, 6, 6])],
+                       [init(k, v) for k, v in a.items()])
+    return model, a
+
+
+@pytest.mark.parametrize("method", ["magnitude", "obs"])
+def test_residual_fed_by_a_concat(method):
+    """The Concat's producers join the stem's group at their offsets: unit u < 3 is row u of Wa,
+    unit u >= 3 row u - 3 of Wb."""
+    model, a = csp_block()
+    groups, _ = trace_units(model, find_sites(model)[0])
+    found = {tuple(p.name for p in g.producers): sorted(c.site.name for c in g.consumers) for g in groups}
+    assert found == {("W0", "Wa", "Wb"): ["Wh", "Wt"], ("Wt",): ["Wa", "Wb"]}
+    X = randn([64, 3, 6, 6], 80)
+    res = prune(model, X, method, "W0|Wa|Wb")
+    gone = removed_units(res, "W0")
+    keep = keep_of(8, gone)
+    in_a, in_b = [u for u in gone if u < 3], [u - 3 for u in gone if u >= 3]
+    w = weights(res.model)
+    assert [w[k].shape[0] for k in ("W0", "b0", "Wa", "ba", "Wb", "bb")] == \
+        [4, 4, 3 - len(in_a), 3 - len(in_a), 5 - len(in_b), 5 - len(in_b)]
+    assert w["Wt"].shape == (6, 4, 1, 1) and w["Wh"].shape == (4, 4, 3, 3)
+    ref = {k: v.astype(np.float64) for k, v in a.items()}
+    if method == "magnitude":
+        norms = np.array([np.abs(a["W0"][u]).sum() + np.abs(a["Wt"][:, u]).sum() + np.abs(a["Wh"][:, u]).sum()
+                          + (np.abs(a["Wa"][u]).sum() if u < 3 else np.abs(a["Wb"][u - 3]).sum())
+                          for u in range(8)])
+        assert sorted(gone) == sorted(np.argsort(norms)[:4].tolist())
+        # the units' rows and biases zeroed: r0 and cat, hence s, are 0 on them
+        for name, rows in (("W0", gone), ("b0", gone), ("Wa", in_a), ("ba", in_a), ("Wb", in_b), ("bb", in_b)):
+            ref[name][rows] = 0.0
+    else:
+        acts = run_tensors(model, {"x": X}, ["r0", "rs"])
+        ref["Wt"], ref["bt"] = conv_fit(acts["r0"], a["Wt"], a["bt"], keep)
+        ref["Wh"], ref["bh"] = conv_fit(acts["rs"], a["Wh"], a["bh"], keep)
+    assert_same_outputs(res.model, with_weights(model, ref), {"x": randn([8, 3, 6, 6], 81)})

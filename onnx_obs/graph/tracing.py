@@ -83,11 +83,14 @@ class _Tracer(ChannelGraph):
                     raise Blocked(f"{e}; {why}") from None
                 if set(found) <= set(seeds):
                     raise Blocked(str(e)) from None
-                for name, (s, block) in found.items():
-                    if s.matrix_shape[0] != e.size * block:
+                for name, (s, block, start, span) in found.items():
+                    span = e.size if span is None else span
+                    if s.matrix_shape[0] != span * block:
                         raise Blocked(f"{e}; its producer '{name}' has {s.matrix_shape[0]} "
-                                      f"units for {e.size} channels") from None
-                    seeds.setdefault(name, (s, [(p[:, None] * block + np.arange(block)).ravel()
+                                      f"units for {span} channels") from None
+                    # unit u owns the producer's rows of its positions in [start, start + span)
+                    seeds.setdefault(name, (s, [((p[(p >= start) & (p < start + span)] - start)
+                                                 [:, None] * block + np.arange(block)).ravel()
                                                 for p in e.positions]))
 
     def _seed(self, group: UnitGroup, site: Site, positions: list[np.ndarray]) -> State:
@@ -157,11 +160,13 @@ class _Tracer(ChannelGraph):
             if name in self.inner_refs:
                 raise Blocked(f"'{name}' is read inside a subgraph")
 
-    def _sources(self, name: str, axis: int, block: int = 1) -> dict[str, tuple[Site, int]]:
-        """The producer sites whose output channels reach `name` along `axis` unchanged or
-        split into blocks (a head of attention: `block` channels of the producer per position),
-        walking back through the ops that keep channels in place (the forward trace then checks
-        them); per producer, the block size."""
+    def _sources(self, name: str, axis: int, block: int = 1
+                 ) -> dict[str, tuple[Site, int, int, int | None]]:
+        """The producer sites whose output channels reach `name` along `axis` unchanged, split
+        into blocks (a head of attention: `block` channels of the producer per position) or
+        stacked by a Concat (a CSP / DenseNet block), walking back through the ops that keep
+        channels in place (the forward trace then checks them); per producer: the block size,
+        and the positions [start, start + span) of `name` its channels fill (span None: all)."""
         ni = self.math.producer.get(name)
         if ni is None:
             raise Blocked(f"'{name}' is a graph input or a constant, which cannot lose channels")
@@ -171,7 +176,7 @@ class _Tracer(ChannelGraph):
         if op in OPS and not OPS[op].groups(attrs(node)) > 1:
             if len(sites) != 1:
                 raise Blocked(f"'{name}' comes from {op} '{self.label(ni)}' without a prunable weight")
-            return {sites[0].name: (sites[0], block)}
+            return {sites[0].name: (sites[0], block, 0, None)}
         if op in UNARY or op in NORMS or op in POOLS or op == "Conv":   # grouped Conv: depthwise
             return self._sources(node.input[0], axis, block)
         if op == "Transpose":
@@ -194,8 +199,22 @@ class _Tracer(ChannelGraph):
                 if dims is not None and k >= 0 and dims[k] != 1:
                     found.update(self._sources(x, k, block))
             return found
+        if op == "Concat" and block == 1 and attrs(node).get("axis", 0) % self.rank(name) == axis:
+            found, offset = {}, 0
+            for x in node.input:
+                size = self._size(x, axis)
+                for s, (site, b, start, span) in self._sources(x, axis).items():
+                    found[s] = (site, b, start + offset, size if span is None else span)
+                offset += size
+            return found
         raise Blocked(f"'{name}' comes from {op} '{self.label(ni)}', which onnx-obs cannot "
                       "follow channels back through")
+
+    def _size(self, name: str, axis: int) -> int:
+        size = self.dims(name)[axis]
+        if not isinstance(size, int):
+            raise Blocked(f"the channel count of '{name}' is unknown")
+        return size
 
     def _axis_before(self, node: onnx.NodeProto, axis: int) -> int:
         """The input axis of a Reshape-like node that becomes output `axis`: the same size with

@@ -24,14 +24,14 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pipeline import export  # noqa: E402
+from bench_pipeline import export
 
-from onnx_obs import api  # noqa: E402
-from onnx_obs.calib import load_calibration  # noqa: E402
-from onnx_obs.flops import latency_ms  # noqa: E402
-from onnx_obs.latency_table import OnnxruntimeTimer  # noqa: E402
-from onnx_obs.runtime import Runner  # noqa: E402
-from onnx_obs.threads import run_threads  # noqa: E402
+from onnx_obs import api
+from onnx_obs.calib import load_calibration
+from onnx_obs.flops import latency_ms
+from onnx_obs.latency_table import OnnxruntimeTimer
+from onnx_obs.runtime import Runner
+from onnx_obs.threads import run_threads
 
 
 def timed(model: onnx.ModelProto, x: np.ndarray) -> float:

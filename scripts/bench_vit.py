@@ -21,12 +21,12 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_structured import session  # noqa: E402
-from torch_models import data  # noqa: E402
-from torch_vit import train_and_export  # noqa: E402
+from bench_structured import session
+from torch_models import data
+from torch_vit import train_and_export
 
-from onnx_obs import api  # noqa: E402
-from onnx_obs.flops import count_params, latency_ms  # noqa: E402
+from onnx_obs import api
+from onnx_obs.flops import count_params, latency_ms
 
 
 def main() -> None:

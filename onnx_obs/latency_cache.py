@@ -28,7 +28,11 @@ def cache_dir() -> Path:
 
 def table_key(model: onnx.ModelProto, groups: list, fingerprint: dict) -> str:
     """`groups`: per group (producer names, unit count, removal counts timed)."""
-    h = hashlib.sha256(model.SerializeToString(deterministic=True))
+    h = hashlib.sha256()
+    g = model.graph   # piece by piece: a model with its weights inline may exceed 2 GB
+    for part in [*model.opset_import, *model.functions, *g.input, *g.output, *g.node,
+                 *g.initializer, *g.sparse_initializer]:
+        h.update(part.SerializeToString(deterministic=True))
     h.update(json.dumps([FORMAT, groups, fingerprint], sort_keys=True).encode())
     return h.hexdigest()
 

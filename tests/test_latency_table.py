@@ -8,7 +8,7 @@ from onnx import helper, numpy_helper
 
 from graphs import calib_for, init, make_model, randn, vi
 from cli_checks import assert_one_line_error
-from onnx_obs import api
+from onnx_obs import api, latency_cache
 from onnx_obs.calib import Calibration
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.sites import find_sites
@@ -152,6 +152,14 @@ def test_table_is_cached_on_disk(tmp_path, monkeypatch):
     assert notes == [f"latency table: cached ({entries[0]})"]
     assert [e["units_after"] for e in second.report.structure] == \
         [e["units_after"] for e in first.report.structure]
+    # the key: the model's bytes (one weight changed: another key), groups, timer's fingerprint
+    changed = conv_chain()
+    changed.graph.initializer[2].CopyFrom(numpy_helper.from_array(randn([16, 32, 3, 3], 9), "W3"))
+    key = latency_cache.table_key(model, [], {"threads": 1})
+    assert key == latency_cache.table_key(conv_chain(), [], {"threads": 1})
+    assert len({key, latency_cache.table_key(changed, [], {"threads": 1}),
+                latency_cache.table_key(model, [(["W1"], 32, [8])], {"threads": 1}),
+                latency_cache.table_key(model, [], {"threads": 2})}) == 4
     _, other, notes = run(2)   # another thread count: another entry
     assert other == calls and "measured in" in notes[0] and len(list(cache.glob("latency-*.json"))) == 2
     entries[0].write_text("{not json")

@@ -84,6 +84,19 @@ def test_onnxruntime_times_each_group_on_its_own_part(monkeypatch):
         np.testing.assert_allclose(ys, yw, rtol=1e-12)
     assert seen == [["c1", "r1", "c2", "r2", "c3"]] + [["c1", "r1", "c2"]] * 4 + [["c2", "r2", "c3"]] * 4
 
+    def refuse_parts(self, m, feeds):   # onnxruntime refusing a part alone: whole models instead
+        if len(m.graph.node) < 5:
+            raise OnnxObsError("refused")
+        seen.append(len(m.graph.node))
+        return fake_ms(m)
+
+    seen.clear()
+    monkeypatch.setattr(OnnxruntimeTimer, "measure", refuse_parts)
+    _, table, _ = latency_model(model, groups, [np.arange(32)] * 2, [8, 8], timer)
+    for (_, ys), (_, yw) in zip(table, whole):
+        np.testing.assert_allclose(ys, yw, rtol=1e-12)
+    assert seen == [5] * 7
+
 
 def test_plan_meets_the_latency_target():
     model = conv_chain()

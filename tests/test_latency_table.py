@@ -65,7 +65,7 @@ def test_table_matches_the_timer_and_falls_with_width():
                                base + mid + formula_ms(32, 24) - base + overlap, rtol=1e-9)
 
 
-def test_onnxruntime_times_each_group_on_its_own_part(monkeypatch):
+def test_onnxruntime_times_each_group_on_its_own_part(monkeypatch, tmp_path):
     """The default timer times each group's part of the graph, not the whole model: the table
     (model time + part time at the width - part time as is) equals the whole-model one for a
     timer additive over layers (fake_ms), and the parts hold the group's layers only."""
@@ -77,6 +77,7 @@ def test_onnxruntime_times_each_group_on_its_own_part(monkeypatch):
     monkeypatch.setattr(OnnxruntimeTimer, "measure",
                         lambda self, m, feeds: seen.append([n.name for n in m.graph.node]) or fake_ms(m))
     timer = OnnxruntimeTimer(Calibration([calib_for(model, n=4)], 4))
+    monkeypatch.setenv("ONNX_OBS_CACHE_DIR", str(tmp_path / "first"))
     _, table, _ = latency_model(model, groups, [np.arange(32)] * 2, [8, 8], timer)
     _, whole, _ = latency_model(model, groups, [np.arange(32)] * 2, [8, 8], fake_ms)
     for (xs, ys), (xw, yw) in zip(table, whole):
@@ -92,6 +93,7 @@ def test_onnxruntime_times_each_group_on_its_own_part(monkeypatch):
 
     seen.clear()
     monkeypatch.setattr(OnnxruntimeTimer, "measure", refuse_parts)
+    monkeypatch.setenv("ONNX_OBS_CACHE_DIR", str(tmp_path / "second"))
     _, table, _ = latency_model(model, groups, [np.arange(32)] * 2, [8, 8], timer)
     for (_, ys), (_, yw) in zip(table, whole):
         np.testing.assert_allclose(ys, yw, rtol=1e-12)

@@ -45,10 +45,11 @@ def test_heads_and_ffn_groups():
     assert "LayerNormalization" in reasons["W2"] and "graph output" in reasons["Wc"]
 
 
-@pytest.mark.parametrize("computed", [False, True], ids=["constant-shapes", "computed-shapes"])
+@pytest.mark.parametrize("shapes", ["constant", "computed", "shared"])
 @pytest.mark.parametrize("method", ["magnitude", "obs"])
-def test_heads_and_neurons_removed(method, computed):
-    model, a = bert_model(computed=computed)
+def test_heads_and_neurons_removed(method, shapes):
+    computed = shapes == "computed"
+    model, a = bert_model(computed=computed, shared=shapes == "shared")
     X = randn([96, TOKENS, HIDDEN], 30)
     res = api.prune(model, {"x": X}, structure="channels", method=method, damp=0.0, sparsity=0.5)
     gone_h, gone_n = removed_units(res, "Wq"), removed_units(res, "W1")
@@ -60,6 +61,9 @@ def test_heads_and_neurons_removed(method, computed):
     if computed:   # the Concat's constant pieces: heads counts edited, head_dim kept
         assert [w[f"heads_{k}"].tolist() for k in "qkv"] == [[HEADS // 2]] * 3 and w["width"].tolist() == [kept]
         assert w["head_dim_q"].tolist() == [HEAD_DIM]
+    elif shapes == "shared":   # each Reshape got its own copy of the shared target, edited alike
+        targets = [w[n.input[1]].tolist() for n in res.model.graph.node if n.op_type == "Reshape"]
+        assert targets == [[-1, TOKENS, HEADS // 2, HEAD_DIM]] * 3 + [[-1, TOKENS, kept]]
     else:
         assert w["split_heads_q"].tolist() == [0, 0, HEADS // 2, HEAD_DIM] and w["merge_heads"].tolist() == [0, 0, kept]
     ref = {k: v.astype(np.float64).copy() for k, v in a.items()}

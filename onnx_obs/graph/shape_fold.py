@@ -13,12 +13,43 @@ from onnx_obs.graph.protos import (
     constant_value,
     constants,
     infer_shapes,
+    readers,
     unique_name,
 )
 
 _SHAPE_OPS = {"Shape", "Identity", "Cast", "Squeeze", "Unsqueeze", "Reshape", "Gather", "Slice",
               "Concat", "Mul", "Div", "Add", "Sub"}
 _FOLD_ROUNDS = 8
+
+
+def unshare_reshape_shapes(model: onnx.ModelProto) -> None:
+    """Give each Reshape its own copy of a constant shape (or of a constant piece of a Concat
+    building its shape) that other nodes also read, so removing units from one Reshape's output
+    rewrites only its shape. The dynamo exporter shares one [B, T, heads, head_dim] constant among
+    the q/k/v reshapes of every layer. In place; the model computes the same."""
+    graph = model.graph
+    consts = constants(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    read = readers(graph)
+    graph_inputs = {i.name for i in graph.input}
+    reads = []   # (node, input position) that carry a reshape target
+    for node in graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2:
+            continue
+        reads.append((node, 1))
+        concat = producer.get(node.input[1])
+        if concat is not None and concat.op_type == "Concat":
+            reads += [(concat, pos) for pos in range(len(concat.input))]
+    for node, pos in reads:
+        name = node.input[pos]
+        if name not in consts or name in graph_inputs or len(read.get(name, [])) < 2:
+            continue
+        copy = onnx.TensorProto()
+        copy.CopyFrom(consts[name])
+        copy.name = unique_name(model, f"{name}_own")
+        graph.initializer.append(copy)
+        node.input[pos] = copy.name
+        read[name] = read[name][1:]   # the last reader keeps the original
 
 
 class ShapeMath:
@@ -113,10 +144,12 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, list]:
         math = ShapeMath(nodes, consts, shapes)
         new = {}
         for i, n in enumerate(nodes):
-            if (n.op_type == "Reshape" and i not in folds and n.input[1] not in consts
-                    and _unresolved(shapes.get(n.output[0]), shapes.get(n.input[0]))
-                    and not attrs(n).get("allowzero", 0)):
-                target = _constant_target(math.target(n.input[1]), shapes.get(n.input[0]))
+            if (n.op_type == "Reshape" and i not in folds
+                    and _unresolved(shapes.get(n.output[0]), shapes.get(n.input[0]))):
+                given = math.target(n.input[1])
+                if given is None or (attrs(n).get("allowzero", 0) and 0 in given):
+                    continue   # allowzero: a literal 0 is a zero-size dimension, not a copy
+                target = _constant_target(given, shapes.get(n.input[0]))
                 if target is not None:
                     new[i] = target
         if not new:
@@ -124,12 +157,28 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, list]:
         folds.update(new)
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
+        _drop_made_up(copy.graph)
         for i, target in folds.items():
             name = unique_name(copy, f"{nodes[i].output[0]}_target")
             copy.graph.initializer.append(numpy_helper.from_array(np.array(target, np.int64), name))
             copy.graph.node[i].input[1] = name
+            del copy.graph.node[i].attribute[:]   # allowzero off: the folded 0s copy (inference only)
         shapes = _inferred_shapes(copy)
     return shapes
+
+
+def _drop_made_up(graph: onnx.GraphProto) -> None:
+    """Forget dimension names that no graph input declares (made up by an earlier inference,
+    'unk__N'), in value_info and the graph outputs: they would outlive the folds."""
+    declared = {d.dim_param for i in graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
+    keep = [vi for vi in graph.value_info
+            if all(not d.dim_param or d.dim_param in declared for d in vi.type.tensor_type.shape.dim)]
+    del graph.value_info[:]
+    graph.value_info.extend(keep)
+    for out in graph.output:
+        for d in out.type.tensor_type.shape.dim:
+            if d.dim_param and d.dim_param not in declared:
+                d.ClearField("dim_param")
 
 
 def _unresolved(dims_out: list | None, dims_in: list | None) -> bool:
@@ -142,8 +191,9 @@ def _unresolved(dims_out: list | None, dims_in: list | None) -> bool:
 
 
 def _constant_target(target: list | None, dims_in: list | None) -> list[int] | None:
-    """A Reshape target as constants: a symbolic entry becomes 0 where it copies the input's
-    dimension at the same position; None if another one is left."""
+    """A Reshape target as constants: a symbolic entry, or a -1 that resolves to the input's
+    symbolic dimension at the same position (inference would name it afresh: 'unk__N'), becomes
+    0 (copy); None if another symbolic entry is left."""
     if target is None:
         return None
     out = []
@@ -153,6 +203,10 @@ def _constant_target(target: list | None, dims_in: list | None) -> list[int] | N
                 return None
             t = 0
         out.append(t)
+    if -1 in out and dims_in is not None:   # a -1 that stands for the input's own symbolic dim there
+        i = out.index(-1)
+        if i < len(dims_in) and isinstance(dims_in[i], str) and reshape_dims(dims_in, out)[i] == dims_in[i]:
+            out[i] = 0
     return out
 
 

@@ -12,9 +12,11 @@ and the FFN's second layer on the least-squares refit (numpy lstsq) from their k
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
-from bert_graph import FFN, HEAD_DIM, HEADS, HIDDEN, TOKENS, bert_model
+from bert_graph import FFN, HEAD_DIM, HEADS, HIDDEN, TOKENS, bert_model, bert_weights
 from graphs import randn, run_tensors
+from onnx import numpy_helper
 from test_structured import (
     assert_same_outputs,
     keep_of,
@@ -116,3 +118,75 @@ def test_resource_model_counts_heads_in_the_attention_matmuls():
     assert counts.tolist() == [HEADS // 2, FFN // 2]
     predicted = resource_model(model, groups, "macs")(counts)
     assert predicted == count_macs(res.model)[0] < count_macs(model)[0] - 2 * TOKENS * TOKENS * HIDDEN // 2
+
+
+def exporter_variant(model, a):
+    """The model as newer exporters write attention: a padding mask input added to the scores
+    through Where (HF BERT), NaN rows of the softmax cleared by IsNaN + Where (SDPA), and the q/k/v
+    biases one tensor behind Identity nodes (the TorchScript exporter deduplicates equal
+    initializers). Returns the variant and its weights (bq = bk = bv)."""
+    from onnx import helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    a = dict(a, bk=a["bq"], bv=a["bq"])
+    for t in [t for t in g.initializer if t.name in ("bq", "bk", "bv")]:
+        g.initializer.remove(t)
+    g.initializer.extend([numpy_helper.from_array(a["bq"].astype(np.float32), "b_shared"),
+                          numpy_helper.from_array(np.array(0, np.float32), "zero"),
+                          numpy_helper.from_array(np.array(-1e4, np.float32), "minus")])
+    for n in g.node:
+        if n.name == "probs":
+            n.input[0] = "masked"
+        if n.name == "context":
+            n.input[0] = "probs_clean"
+    g.input.append(helper.make_tensor_value_info("mask", onnx.TensorProto.FLOAT, ["batch", 1, 1, TOKENS]))
+    extra = [helper.make_node("Identity", ["b_shared"], [f"b{k}"], name=f"id_{k}") for k in "qkv"]
+    extra += [helper.make_node("Equal", ["mask", "zero"], ["pad"], name="pad"),
+              helper.make_node("Where", ["pad", "minus", "zero"], ["bias_mask"], name="bias_mask"),
+              helper.make_node("Add", ["scaled", "bias_mask"], ["masked"], name="masked"),
+              helper.make_node("IsNaN", ["probs"], ["nan"], name="nan"),
+              helper.make_node("Where", ["nan", "zero", "probs"], ["probs_clean"], name="probs_clean")]
+    nodes = extra + list(g.node)
+    del g.node[:]
+    g.node.extend(sorted(nodes, key=lambda n: 0 if n.op_type == "Identity" else 1))
+    ordered = onnx.helper.make_graph([], "g", [], [])  # topological order for onnxruntime
+    done, pending = {i.name for i in g.input} | {t.name for t in g.initializer}, list(g.node)
+    while pending:
+        n = next(n for n in pending if all(x in done for x in n.input if x))
+        ordered.node.append(n)
+        done.update(n.output)
+        pending.remove(n)
+    del g.node[:]
+    g.node.extend(ordered.node)
+    return m, a
+
+
+@pytest.mark.parametrize("method", ["magnitude", "obs"])
+def test_heads_through_a_padding_mask_nan_guard_and_deduplicated_biases(method):
+    """The variant prunes the same heads and neurons as the plain graph, and computes what the
+    variant computes with those heads' Q/K/V rows and out-projection columns zeroed (magnitude),
+    or the same as the plain graph pruned the same way (OBS: the mask is all ones here)."""
+    plain, a = bert_model(a=dict(bert_weights(), bk=bert_weights()["bq"], bv=bert_weights()["bq"]))
+    model, a = exporter_variant(plain, a)
+    X = randn([96, TOKENS, HIDDEN], 30)
+    mask = np.ones((96, 1, 1, TOKENS), np.float32)
+    res = api.prune(model, {"x": X, "mask": mask}, structure="channels", method=method, damp=0.0, sparsity=0.5)
+    gone_h = removed_units(res, "Wq")
+    assert len(gone_h) == HEADS // 2 and len(removed_units(res, "W1")) == FFN // 2
+    assert not any(s["name"] in ("Wq", "W1") for s in res.report.skipped)
+    want = api.prune(plain, {"x": X}, structure="channels", method=method, damp=0.0, sparsity=0.5)
+    assert gone_h == removed_units(want, "Wq") and removed_units(res, "W1") == removed_units(want, "W1")
+    feeds = {"x": randn([4, TOKENS, HIDDEN], 31)}
+    got = run_tensors(res.model, dict(feeds, mask=np.ones((4, 1, 1, TOKENS), np.float32)), ["y"])["y"]
+    np.testing.assert_allclose(got, run_tensors(want.model, feeds, ["y"])["y"], rtol=1e-4, atol=1e-4)
+    if method == "magnitude":
+        ref = {k: v.astype(np.float64).copy() for k, v in a.items() if k not in ("bq", "bk", "bv")}
+        cols = head_cols(gone_h)
+        for k in "qkv":
+            ref[f"W{k}"][:, cols] = 0.0
+        ref["Wo"][cols] = 0.0
+        ref["W2"][removed_units(res, "W1")] = 0.0
+        # the zeroed heads' biases are b_shared's entries: they vanish with the heads (Wo rows 0)
+        assert_same_outputs(res.model, with_weights(model, ref), dict(feeds, mask=np.ones((4, 1, 1, TOKENS), np.float32)))

@@ -122,3 +122,22 @@ def test_a_minus_one_batch_keeps_the_input_dimension_name_over_stale_made_up_nam
     out = run_tensors(model, {"x": randn([3, 5, 16], 0)}, ["h", "y"])
     assert [list(out[k].shape) for k in ("h", "y")] == [concrete(shapes[k], 3) for k in ("h", "y")]
     assert [vi.name for vi in model.graph.value_info] == ["h"]   # the model itself is left alone
+
+
+def test_shapes_computed_from_shape_slices_resolve_where_onnx_inference_makes_names_up():
+    """HF BERT's position embeddings: a table sliced to x's token count read with Shape. onnx's
+    inference names that count afresh (and every tensor after it); onnxruntime's symbolic
+    inference evaluates it. Checked against the shapes onnxruntime produces."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "one"], ["t"], axis=0),
+             helper.make_node("Unsqueeze", ["t", "axes"], ["ends"]),
+             helper.make_node("Slice", ["table", "starts", "ends", "axes"], ["pos"]),
+             helper.make_node("Add", ["x", "pos"], ["y"])]
+    model = make_model(nodes, [vi("x", shape=["batch", 5, 16])], [vi("y", shape=None)],
+                       [init("table", randn([64, 16], 0)), init("one", np.array(1, np.int64)),
+                        init("axes", np.array([0], np.int64)), init("starts", np.array([0], np.int64))])
+    del model.graph.value_info[:]
+    shapes = tensor_shapes(model)
+    assert shapes["pos"] == [5, 16] and shapes["y"] == ["batch", 5, 16]
+    out = run_tensors(model, {"x": randn([3, 5, 16], 1)}, ["pos", "y"])
+    assert [list(out[k].shape) for k in ("pos", "y")] == [concrete(shapes[k], 3) for k in ("pos", "y")]

@@ -4,6 +4,8 @@ values of small shape tensors, and where a reshape moves an axis."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -13,43 +15,12 @@ from onnx_obs.graph.protos import (
     constant_value,
     constants,
     infer_shapes,
-    readers,
     unique_name,
 )
 
 _SHAPE_OPS = {"Shape", "Identity", "Cast", "Squeeze", "Unsqueeze", "Reshape", "Gather", "Slice",
               "Concat", "Mul", "Div", "Add", "Sub"}
 _FOLD_ROUNDS = 8
-
-
-def unshare_reshape_shapes(model: onnx.ModelProto) -> None:
-    """Give each Reshape its own copy of a constant shape (or of a constant piece of a Concat
-    building its shape) that other nodes also read, so removing units from one Reshape's output
-    rewrites only its shape. The dynamo exporter shares one [B, T, heads, head_dim] constant among
-    the q/k/v reshapes of every layer. In place; the model computes the same."""
-    graph = model.graph
-    consts = constants(graph)
-    producer = {o: n for n in graph.node for o in n.output}
-    read = readers(graph)
-    graph_inputs = {i.name for i in graph.input}
-    reads = []   # (node, input position) that carry a reshape target
-    for node in graph.node:
-        if node.op_type != "Reshape" or len(node.input) < 2:
-            continue
-        reads.append((node, 1))
-        concat = producer.get(node.input[1])
-        if concat is not None and concat.op_type == "Concat":
-            reads += [(concat, pos) for pos in range(len(concat.input))]
-    for node, pos in reads:
-        name = node.input[pos]
-        if name not in consts or name in graph_inputs or len(read.get(name, [])) < 2:
-            continue
-        copy = onnx.TensorProto()
-        copy.CopyFrom(consts[name])
-        copy.name = unique_name(model, f"{name}_own")
-        graph.initializer.append(copy)
-        node.input[pos] = copy.name
-        read[name] = read[name][1:]   # the last reader keeps the original
 
 
 class ShapeMath:
@@ -164,13 +135,48 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, list]:
             copy.graph.node[i].input[1] = name
             del copy.graph.node[i].attribute[:]   # allowzero off: the folded 0s copy (inference only)
         shapes = _inferred_shapes(copy)
+    declared = _declared(model.graph)
+    if any(dims is None or not _resolved(dims, declared) for dims in shapes.values()):
+        for name, dims in _symbolic_shapes(model).items():
+            if _resolved(dims, declared) and not _resolved(shapes.get(name), declared):
+                shapes[name] = dims
     return shapes
+
+
+def _declared(graph: onnx.GraphProto) -> set[str]:
+    """The dimension names the graph inputs declare."""
+    return {d.dim_param for i in graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
+
+
+def _resolved(dims: list | None, declared: set[str]) -> bool:
+    return dims is not None and all(isinstance(d, int) or d in declared for d in dims)
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """onnxruntime's symbolic shape inference, which evaluates the shape arithmetic onnx's
+    leaves to made-up names (HuggingFace BERT's position ids and attention mask: every tensor
+    after them); empty where it fails (custom ops)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    _drop_made_up(copy.graph)
+    quiet = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(copy, auto_merge=True)
+    except Exception:  # noqa: BLE001 - any failure: no extra shapes
+        return {}
+    finally:
+        quiet.setLevel(level)
+    return _graph_shapes(inferred.graph) if inferred is not None else {}
 
 
 def _drop_made_up(graph: onnx.GraphProto) -> None:
     """Forget dimension names that no graph input declares (made up by an earlier inference,
     'unk__N'), in value_info and the graph outputs: they would outlive the folds."""
-    declared = {d.dim_param for i in graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
+    declared = _declared(graph)
     keep = [vi for vi in graph.value_info
             if all(not d.dim_param or d.dim_param in declared for d in vi.type.tensor_type.shape.dim)]
     del graph.value_info[:]
@@ -212,7 +218,10 @@ def _constant_target(target: list | None, dims_in: list | None) -> list[int] | N
 
 def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list]:
     """Dims as inferred (or, where inference fails, as the file declares them)."""
-    g = infer_shapes(model).graph
+    return _graph_shapes(infer_shapes(model).graph)
+
+
+def _graph_shapes(g: onnx.GraphProto) -> dict[str, list]:
     shapes = {}
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         tt = vi.type.tensor_type

@@ -32,7 +32,7 @@ from onnx_obs.graph.passthrough import (
     UNARY,
 )
 from onnx_obs.graph.protos import attrs
-from onnx_obs.graph.shape_fold import regroup, unshare_reshape_shapes
+from onnx_obs.graph.shape_fold import regroup
 from onnx_obs.graph.sites import Site
 from onnx_obs.graph.units import BiasSlot, ConsumerUse, LeftAlone, UnitGroup
 
@@ -45,7 +45,6 @@ def trace_units(model: onnx.ModelProto, sites: list[Site],
     several producers comes once, named by the producer its trace started from (the first in
     `sites` order that reaches all the others).
     """
-    unshare_reshape_shapes(model)
     t = _Tracer(model, sites)
     groups, left, taken = [], [], set()
     for site in sites:
@@ -178,6 +177,8 @@ class _Tracer(ChannelGraph):
         if op == "Transpose":
             perm = attrs(node).get("perm", list(range(self.rank(name)))[::-1])
             return self._sources(node.input[0], perm[axis], block)
+        if op in ("Softmax", "LogSoftmax") and self.opset >= 13 and attrs(node).get("axis", -1) % self.rank(name) != axis:
+            return self._sources(node.input[0], axis, block)   # normalised over another axis
         if op in REGROUP:
             try:
                 return self._sources(node.input[0], self._axis_before(node, axis), block)

@@ -122,9 +122,11 @@ def test_resource_model_counts_heads_in_the_attention_matmuls():
 
 def exporter_variant(model, a):
     """The model as newer exporters write attention: a padding mask input added to the scores
-    through Where (HF BERT), NaN rows of the softmax cleared by IsNaN + Where (SDPA), and the q/k/v
-    biases one tensor behind Identity nodes (the TorchScript exporter deduplicates equal
-    initializers). Returns the variant and its weights (bq = bk = bv)."""
+    through Where (HF BERT), NaN rows of the softmax cleared by IsNaN + Where and K^T as
+    Reshape [B*H, T, D] -> Transpose -> Reshape [B, H, D, T] with targets sliced from K's Shape
+    (dynamo's scaled_dot_product_attention), and the q/k/v biases one tensor behind Identity
+    nodes (the TorchScript exporter deduplicates equal initializers). Returns the variant and
+    its weights (bq = bk = bv)."""
     from onnx import helper
 
     m = onnx.ModelProto()
@@ -133,9 +135,12 @@ def exporter_variant(model, a):
     a = dict(a, bk=a["bq"], bv=a["bq"])
     for t in [t for t in g.initializer if t.name in ("bq", "bk", "bv")]:
         g.initializer.remove(t)
+    ints = {"i0": [0], "i1": [1], "i2": [2], "i3": [3], "i4": [4], "minus_one": [-1]}
+    g.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), k) for k, v in ints.items())
     g.initializer.extend([numpy_helper.from_array(a["bq"].astype(np.float32), "b_shared"),
                           numpy_helper.from_array(np.array(0, np.float32), "zero"),
                           numpy_helper.from_array(np.array(-1e4, np.float32), "minus")])
+    g.node.remove(next(n for n in g.node if n.name == "k_t"))
     for n in g.node:
         if n.name == "probs":
             n.input[0] = "masked"
@@ -147,7 +152,17 @@ def exporter_variant(model, a):
               helper.make_node("Where", ["pad", "minus", "zero"], ["bias_mask"], name="bias_mask"),
               helper.make_node("Add", ["scaled", "bias_mask"], ["masked"], name="masked"),
               helper.make_node("IsNaN", ["probs"], ["nan"], name="nan"),
-              helper.make_node("Where", ["nan", "zero", "probs"], ["probs_clean"], name="probs_clean")]
+              helper.make_node("Where", ["nan", "zero", "probs"], ["probs_clean"], name="probs_clean"),
+              helper.make_node("Transpose", ["k_heads"], ["k4"], name="k4", perm=[0, 2, 1, 3]),
+              helper.make_node("Shape", ["k4"], ["k4_shape"], name="k4_shape"),
+              helper.make_node("Slice", ["k4_shape", "i0", "i2"], ["bh"], name="bh"),
+              helper.make_node("Slice", ["k4_shape", "i2", "i3"], ["t_dim"], name="t_dim"),
+              helper.make_node("Slice", ["k4_shape", "i3", "i4"], ["d_dim"], name="d_dim"),
+              helper.make_node("Concat", ["minus_one", "t_dim", "d_dim"], ["merge_t"], name="merge_t", axis=0),
+              helper.make_node("Reshape", ["k4", "merge_t"], ["k3"], name="k3"),
+              helper.make_node("Transpose", ["k3"], ["k3t"], name="k3t", perm=[0, 2, 1]),
+              helper.make_node("Concat", ["bh", "d_dim", "t_dim"], ["split_t"], name="split_t", axis=0),
+              helper.make_node("Reshape", ["k3t", "split_t"], ["k_t"], name="k_t")]
     nodes = extra + list(g.node)
     del g.node[:]
     g.node.extend(sorted(nodes, key=lambda n: 0 if n.op_type == "Identity" else 1))
@@ -164,7 +179,7 @@ def exporter_variant(model, a):
 
 
 @pytest.mark.parametrize("method", ["magnitude", "obs"])
-def test_heads_through_a_padding_mask_nan_guard_and_deduplicated_biases(method):
+def test_heads_through_a_padding_mask_sdpa_key_transpose_and_deduplicated_biases(method):
     """The variant prunes the same heads and neurons as the plain graph, and computes what the
     variant computes with those heads' Q/K/V rows and out-projection columns zeroed (magnitude),
     or the same as the plain graph pruned the same way (OBS: the mask is all ones here)."""

@@ -7,8 +7,8 @@ import dataclasses
 import importlib
 import importlib.util
 import os
-import sys
 import statistics
+import sys
 import time
 import zipfile
 from collections.abc import Mapping
@@ -22,7 +22,8 @@ import onnx
 from onnx_obs import api
 from onnx_obs.calib import RUN_KEY, Calibration, load_calibration, model_inputs
 from onnx_obs.errors import OnnxObsError
-from onnx_obs.graph.model_io import load_any
+from onnx_obs.graph.model_io import LoadedModel, load_any
+from onnx_obs.graph.quant_format import quantized_zeros
 from onnx_obs.metrics import compare_runs, is_classifier_like, top1_correct
 from onnx_obs.progress import Progress
 from onnx_obs.runtime import Runner
@@ -133,7 +134,7 @@ def evaluate(original, pruned, data, *, labels: str | None = None, batch_size: i
         labels = labels if quality.label_output else None
     ref_summary, cand_summary = [
         ModelSummary(model=str(loaded.path) if loaded.path else "<proto>",
-                     file_size=loaded.file_size, weight_sparsity=weight_sparsity(source),
+                     file_size=loaded.file_size, weight_sparsity=weight_sparsity(source, loaded),
                      accuracy=acc, latency_ms=lat)
         for source, loaded, acc, lat in zip((original, pruned), (ref_model, cand_model),
                                             quality.accuracy, latency)]
@@ -347,11 +348,14 @@ def _batch_is_free(runner: Runner) -> bool:
                for i in runner.session.get_inputs())
 
 
-def weight_sparsity(model) -> float:
-    """Fraction of exact zeros among the prunable weights (the sites) of `model`."""
+def weight_sparsity(model, loaded: LoadedModel) -> float:
+    """Fraction of exact zeros among the prunable weights (the sites) of `model` (loaded as
+    `loaded`), quantized weights included (a code at its zero point is a zero)."""
     sites = api.inspect(model).sites
-    total = sum(s.params for s in sites)
-    return sum(s.params * s.sparsity for s in sites) / total if total else 0.0
+    zeros, total = quantized_zeros(loaded.model, loaded.base_dir)
+    zeros += sum(s.params * s.sparsity for s in sites)
+    total += sum(s.params for s in sites)
+    return zeros / total if total else 0.0
 
 
 def parse_thresholds(text: str | None, flag: str, custom: list[str] = ()) -> dict[str, float]:

@@ -175,9 +175,11 @@ def latency_ms(session: ort.InferenceSession, feeds: dict[str, np.ndarray], *,
 
 
 def batch_feeds(batches: list[dict[str, np.ndarray]], size: int) -> dict[str, np.ndarray]:
-    """The first `size` samples of the calibration data (repeated if there are fewer)."""
+    """The first `size` samples of the calibration data (repeated if there are fewer), from the
+    batches shaped like the first (runs of other sequence lengths are left out)."""
     names = list(batches[0])
-    data = {k: np.concatenate([b[k] for b in batches]) for k in names}
+    alike = [b for b in batches if all(b[k].shape[1:] == batches[0][k].shape[1:] for k in names)]
+    data = {k: np.concatenate([b[k] for b in alike]) for k in names}
     n = len(next(iter(data.values())))
     idx = np.arange(size) % n
     return {k: v[idx] for k, v in data.items()}

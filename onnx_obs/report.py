@@ -51,6 +51,7 @@ class Report:
     model_params: int = 0          # all float weights of the model, selected or not
     file_size_before: int = 0
     file_size_after: int | None = None
+    compressed_size: dict = field(default_factory=dict)  # deflate-compressed bytes before/after
     device: str = ""
     calibration_samples: int = 0
     wall_seconds: float = 0.0
@@ -110,6 +111,7 @@ class Report:
                 "sparsity": 1 - self.params_after / site_params if site_params else 0.0,
                 "file_size_before": self.file_size_before,
                 "file_size_after": self.file_size_after,
+                **({"compressed_size": self.compressed_size} if self.compressed_size else {}),
                 "wall_seconds": self.wall_seconds,
                 "phase_seconds": self.phases.ordered(),
                 "threads": self.threads,

@@ -38,10 +38,12 @@ def _computed_target(name: str, tail: list[str]) -> list:
     return nodes + [_node("Concat", [f"{name}_u0", f"{name}_u1", *tail], name, axis=0)]
 
 
-def bert_model(a: dict[str, np.ndarray] | None = None, computed: bool = False):
+def bert_model(a: dict[str, np.ndarray] | None = None, computed: bool = False, shared: bool = False):
     """x [batch, TOKENS, HIDDEN] -> logits [batch, TOKENS, 3]; (model, weights). computed:
     the Reshape targets are computed from x's shape as torch's legacy exporter does, with the
-    heads count and hidden width as constants ("heads_q", ..., "width") in the Concat."""
+    heads count and hidden width as constants ("heads_q", ..., "width") in the Concat. shared:
+    as the dynamo exporter writes them, one constant [-1, TOKENS, HEADS, HEAD_DIM] read by the
+    q, k and v Reshapes, all with allowzero=1."""
     a = bert_weights() if a is None else a
     consts = dict(a)
     nodes = []
@@ -53,6 +55,10 @@ def bert_model(a: dict[str, np.ndarray] | None = None, computed: bool = False):
         consts.update({"width": np.array([HIDDEN], np.int64), "index0": np.array(0, np.int64),
                        "index1": np.array(1, np.int64), "axis0": np.array([0], np.int64)})
         nodes += _computed_target("merge_heads", ["width"])
+    elif shared:
+        consts.update({f"split_heads_{k}": None for k in "qkv"})
+        consts.update({"split_heads": np.array([-1, TOKENS, HEADS, HEAD_DIM], np.int64),
+                       "merge_heads": np.array([-1, TOKENS, HIDDEN], np.int64)})
     else:
         consts.update({"split_heads_q": np.array([0, 0, HEADS, HEAD_DIM], np.int64),
                        "split_heads_k": np.array([0, 0, HEADS, HEAD_DIM], np.int64),
@@ -66,14 +72,15 @@ def bert_model(a: dict[str, np.ndarray] | None = None, computed: bool = False):
     for name, perm in [("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])]:
         nodes += [_node("MatMul", ["x", f"W{name}"], f"{name}_mm"),
                   _node("Add", [f"{name}_mm", f"b{name}"], f"{name}_lin"),
-                  _node("Reshape", [f"{name}_lin", f"split_heads_{name}"], f"{name}_heads"),
+                  _node("Reshape", [f"{name}_lin", "split_heads" if shared else f"split_heads_{name}"],
+                        f"{name}_heads", **({"allowzero": 1} if shared else {})),
                   _node("Transpose", [f"{name}_heads"], f"{name}_t", perm=perm)]
     nodes += [_node("MatMul", ["q_t", "k_t"], "scores"),
               _node("Div", ["scores", "scale"], "scaled"),
               _node("Softmax", ["scaled"], "probs", axis=-1),
               _node("MatMul", ["probs", "v_t"], "context"),
               _node("Transpose", ["context"], "context_t", perm=[0, 2, 1, 3]),
-              _node("Reshape", ["context_t", "merge_heads"], "merged"),
+              _node("Reshape", ["context_t", "merge_heads"], "merged", **({"allowzero": 1} if shared else {})),
               _node("MatMul", ["merged", "Wo"], "o_mm"), _node("Add", ["o_mm", "bo"], "o_lin"),
               _node("Add", ["o_lin", "x"], "res1"),
               _node("LayerNormalization", ["res1", "ln1_g", "ln1_b"], "ln1", axis=-1),
@@ -88,5 +95,5 @@ def bert_model(a: dict[str, np.ndarray] | None = None, computed: bool = False):
     model = make_model(nodes, [vi("x", shape=["batch", TOKENS, HIDDEN])],
                        [vi("y", shape=["batch", TOKENS, 3])],
                        [init(k, np.asarray(v, np.float32) if v.dtype != np.int64 else v)
-                        for k, v in consts.items()])
+                        for k, v in consts.items() if v is not None])
     return model, a

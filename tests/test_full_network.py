@@ -136,6 +136,23 @@ def test_mlp_derivatives_graph_fd_and_numpy_agree():
     assert rel_err(fd, graph) < 1e-3
 
 
+def test_matmul_bias_is_left_out_when_the_matmul_output_is_also_a_graph_output():
+    """b2 (added after mm2) does not reach the graph output m2, so dF/dm2 is not its derivative:
+    it stays out of w with the reason, and the remaining derivatives agree with finite differences
+    taken on the whole model (which see both outputs)."""
+    model, _ = mlp(np.float64)
+    model.graph.output.append(vi("m2", np.float64, ["N", 4]))
+    x = np.random.default_rng(3).normal(size=(10, 5))
+    net, notes = pipeline_net(model, x)
+    names = [s.bias.name for s in net.params.segments if s.bias is not None]
+    assert names == ["b1", "b3"]
+    assert any("'b2' is added after 'm2', which is also a graph output" in n for n in notes)
+    graph = pipeline_X(net)
+    fd = pipeline_X(pipeline_net(model, x, gradients="fd")[0])
+    assert graph.shape == (10 * 7, 30 + 24 + 12 + 6 + 3)
+    assert rel_err(graph, fd) < 1e-3
+
+
 def test_cnn_derivatives_graph_fd_and_numpy_agree():
     model, w = cnn(np.float32)  # onnxruntime has no float64 Conv
     x = np.random.default_rng(3).normal(size=(6, 2, 6, 6)).astype(np.float32)

@@ -162,3 +162,20 @@ def test_wrong_data_names_both_signatures(cli, tmp_path):
     r = cli("prune", path, "--calib", tmp_path / "img.npz", "-o", tmp_path / "o.onnx")
     assert_one_line_error(r, "input 'ids' expects int32[?, 2048], got float32[32, 3, 48, 192]")
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_an_unstructured_prune_reports_compressed_sizes_and_batch_1_latency(cli, mlp_path, mlp_calib, tmp_path):
+    """Dense zeros leave the file as large as before; what they buy is a smaller compressed file:
+    the report's figures are zlib (level 1) of the input file and of the file written."""
+    import zlib
+
+    out = tmp_path / "o.onnx"
+    r = cli("prune", mlp_path, "--calib", mlp_calib, "-o", out, "--report", tmp_path / "r.json")
+    assert r.exit_code == 0, r.stderr
+    d = json.loads((tmp_path / "r.json").read_text())
+    z = d["totals"]["compressed_size"]
+    assert z == {"before": len(zlib.compress(mlp_path.read_bytes(), 1)),
+                 "after": len(zlib.compress(out.read_bytes(), 1))}
+    assert z["after"] < 0.8 * z["before"]
+    assert list(d["costs"]) == ["latency_ms_batch_1"] and d["costs"]["latency_ms_batch_1"]["after"] > 0
+    assert "zipped" in r.stdout and "--structure channels" in r.stdout

@@ -285,3 +285,24 @@ def test_opset_raised_only_as_far_as_needed(opset, bits, group_size, need):
     assert any(f"opset raised from {opset} to {need}" in n for n in report.notes) == (opset < need)
     assert next(o.version for o in model.opset_import if o.domain == "") == opset  # input untouched
     check_quantized(model, qmodel, feeds, n_sites=2)
+
+
+@pytest.mark.parametrize("group_size,symmetric", [(-1, True), (16, False)])
+def test_zeros_of_quantized_weights_are_counted_in_both_formats(group_size, symmetric):
+    """quantized_zeros counts codes at their zero point; the independent count is exact zeros of
+    the weights dequantized by the spec (the MatMulNBits file holds the same codes, checked above)."""
+    from onnx_obs.evaluate import weight_sparsity
+    from onnx_obs.graph.model_io import from_proto
+    from onnx_obs.graph.quant_format import quantized_zeros
+
+    model = nbits_model()
+    feeds = {"x": graphs.randn([64, 40], 5)}
+    settings = dict(sparsity=0.5, bits=4, group_size=group_size, symmetric=symmetric, allocation="uniform")
+    qdq, _ = api.prune(model, feeds, **settings)
+    nbits, _ = api.prune(model, feeds, format="matmulnbits", **settings)
+    weights = dequantize_by_spec(qdq)
+    want = (sum(int(np.count_nonzero(w == 0)) for w in weights.values()), sum(w.size for w in weights.values()))
+    assert want[0] >= 0.5 * want[1]
+    assert quantized_zeros(qdq) == want
+    assert quantized_zeros(nbits) == want
+    assert weight_sparsity(nbits, from_proto(nbits)) == pytest.approx(want[0] / want[1])

@@ -106,3 +106,38 @@ def test_regroup_matches_numpy(dims_in, dims_out, axis):
     block = np.arange(outer)[:, None] * size * inner + np.arange(inner)
     assert out_axis == found[0]
     assert [sorted((block + c * inner).ravel().tolist()) for c in range(size)] == found[1]
+
+
+def test_a_minus_one_batch_keeps_the_input_dimension_name_over_stale_made_up_names():
+    """Reshape(allowzero=1, [-1, 5, 4, 4]) as the dynamo exporter writes it: inference names the
+    -1 afresh ('unk__N', here also left in value_info by an earlier inference); the fold makes it
+    the input's 'batch' again, for this tensor and the ones after it. onnxruntime agrees."""
+    nodes = [helper.make_node("Reshape", ["x", "target"], ["h"], allowzero=1),
+             helper.make_node("Transpose", ["h"], ["y"], perm=[0, 2, 1, 3])]
+    model = make_model(nodes, [vi("x", shape=["batch", 5, 16])], [vi("y", shape=None)],
+                       [init("target", np.array([-1, 5, 4, 4], np.int64))])
+    model.graph.value_info.append(helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT, ["unk__7", 5, 4, 4]))
+    shapes = tensor_shapes(model)
+    assert shapes["h"] == ["batch", 5, 4, 4] and shapes["y"] == ["batch", 4, 5, 4]
+    out = run_tensors(model, {"x": randn([3, 5, 16], 0)}, ["h", "y"])
+    assert [list(out[k].shape) for k in ("h", "y")] == [concrete(shapes[k], 3) for k in ("h", "y")]
+    assert [vi.name for vi in model.graph.value_info] == ["h"]   # the model itself is left alone
+
+
+def test_shapes_computed_from_shape_slices_resolve_where_onnx_inference_makes_names_up():
+    """HF BERT's position embeddings: a table sliced to x's token count read with Shape. onnx's
+    inference names that count afresh (and every tensor after it); onnxruntime's symbolic
+    inference evaluates it. Checked against the shapes onnxruntime produces."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "one"], ["t"], axis=0),
+             helper.make_node("Unsqueeze", ["t", "axes"], ["ends"]),
+             helper.make_node("Slice", ["table", "starts", "ends", "axes"], ["pos"]),
+             helper.make_node("Add", ["x", "pos"], ["y"])]
+    model = make_model(nodes, [vi("x", shape=["batch", 5, 16])], [vi("y", shape=None)],
+                       [init("table", randn([64, 16], 0)), init("one", np.array(1, np.int64)),
+                        init("axes", np.array([0], np.int64)), init("starts", np.array([0], np.int64))])
+    del model.graph.value_info[:]
+    shapes = tensor_shapes(model)
+    assert shapes["pos"] == [5, 16] and shapes["y"] == ["batch", 5, 16]
+    out = run_tensors(model, {"x": randn([3, 5, 16], 1)}, ["pos", "y"])
+    assert [list(out[k].shape) for k in ("pos", "y")] == [concrete(shapes[k], 3) for k in ("pos", "y")]

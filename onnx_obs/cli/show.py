@@ -39,6 +39,10 @@ def _print_prune(d: dict, output: Path) -> None:
                   f"pruned alone, on {alloc['probe_samples']} samples); chosen in {alloc['seconds']:.1f} s")
     _print_costs(d)
     out.print(f"file     {_size(tot['file_size_before'])} -> {_size(tot['file_size_after'])}")
+    if "compressed_size" in tot:
+        z = tot["compressed_size"]
+        out.print(f"zipped   {_size(z['before'])} -> {_size(z['after'])} (deflate; zeros are stored dense: "
+                  "for a smaller, faster file use --structure channels or --bits)")
     for name, dev in d["deviation"].items():
         extra = f", top-1 agreement {dev['top1_agreement']:.2%}" if "top1_agreement" in dev else ""
         out.print(f"output   {name}: relative MSE {dev['relative_mse']:.3g}, max abs error "

@@ -22,11 +22,11 @@ from onnx_obs.graph.units import Edit, UnitGroup
 UNARY = {"Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish",
          "Elu", "Selu", "Celu", "Gelu", "Erf", "Softplus", "Softsign", "Mish", "ThresholdedRelu",
          "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign",
-         "Sin", "Cos", "Identity", "Dropout", "Cast"}
+         "Sin", "Cos", "Identity", "Dropout", "Cast", "IsNaN", "IsInf", "Not"}
 # Elementwise ops of several operands: fine with constants (per channel or broadcast) and with
 # computed tensors of size 1 on the channel axis; another computed tensor couples the channels
 # (graph/tracing.py then adds its producers to the group).
-ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean"}
+ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where"}
 POOLS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
 NORMS = {"BatchNormalization": 5, "InstanceNormalization": 3}  # op -> inputs (all per channel)
 REGROUP = {"Flatten", "Reshape", "Squeeze", "Unsqueeze"}

@@ -4,6 +4,8 @@ values of small shape tensors, and where a reshape moves an axis."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -113,10 +115,12 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, list]:
         math = ShapeMath(nodes, consts, shapes)
         new = {}
         for i, n in enumerate(nodes):
-            if (n.op_type == "Reshape" and i not in folds and n.input[1] not in consts
-                    and _unresolved(shapes.get(n.output[0]), shapes.get(n.input[0]))
-                    and not attrs(n).get("allowzero", 0)):
-                target = _constant_target(math.target(n.input[1]), shapes.get(n.input[0]))
+            if (n.op_type == "Reshape" and i not in folds
+                    and _unresolved(shapes.get(n.output[0]), shapes.get(n.input[0]))):
+                given = math.target(n.input[1])
+                if given is None or (attrs(n).get("allowzero", 0) and 0 in given):
+                    continue   # allowzero: a literal 0 is a zero-size dimension, not a copy
+                target = _constant_target(given, shapes.get(n.input[0]))
                 if target is not None:
                     new[i] = target
         if not new:
@@ -124,12 +128,63 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, list]:
         folds.update(new)
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
+        _drop_made_up(copy.graph)
         for i, target in folds.items():
             name = unique_name(copy, f"{nodes[i].output[0]}_target")
             copy.graph.initializer.append(numpy_helper.from_array(np.array(target, np.int64), name))
             copy.graph.node[i].input[1] = name
+            del copy.graph.node[i].attribute[:]   # allowzero off: the folded 0s copy (inference only)
         shapes = _inferred_shapes(copy)
+    declared = _declared(model.graph)
+    if any(dims is None or not _resolved(dims, declared) for dims in shapes.values()):
+        for name, dims in _symbolic_shapes(model).items():
+            if _resolved(dims, declared) and not _resolved(shapes.get(name), declared):
+                shapes[name] = dims
     return shapes
+
+
+def _declared(graph: onnx.GraphProto) -> set[str]:
+    """The dimension names the graph inputs declare."""
+    return {d.dim_param for i in graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
+
+
+def _resolved(dims: list | None, declared: set[str]) -> bool:
+    return dims is not None and all(isinstance(d, int) or d in declared for d in dims)
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """onnxruntime's symbolic shape inference, which evaluates the shape arithmetic onnx's
+    leaves to made-up names (HuggingFace BERT's position ids and attention mask: every tensor
+    after them); empty where it fails (custom ops)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    _drop_made_up(copy.graph)
+    quiet = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(copy, auto_merge=True)
+    except Exception:  # noqa: BLE001 - any failure: no extra shapes
+        return {}
+    finally:
+        quiet.setLevel(level)
+    return _graph_shapes(inferred.graph) if inferred is not None else {}
+
+
+def _drop_made_up(graph: onnx.GraphProto) -> None:
+    """Forget dimension names that no graph input declares (made up by an earlier inference,
+    'unk__N'), in value_info and the graph outputs: they would outlive the folds."""
+    declared = _declared(graph)
+    keep = [vi for vi in graph.value_info
+            if all(not d.dim_param or d.dim_param in declared for d in vi.type.tensor_type.shape.dim)]
+    del graph.value_info[:]
+    graph.value_info.extend(keep)
+    for out in graph.output:
+        for d in out.type.tensor_type.shape.dim:
+            if d.dim_param and d.dim_param not in declared:
+                d.ClearField("dim_param")
 
 
 def _unresolved(dims_out: list | None, dims_in: list | None) -> bool:
@@ -142,8 +197,9 @@ def _unresolved(dims_out: list | None, dims_in: list | None) -> bool:
 
 
 def _constant_target(target: list | None, dims_in: list | None) -> list[int] | None:
-    """A Reshape target as constants: a symbolic entry becomes 0 where it copies the input's
-    dimension at the same position; None if another one is left."""
+    """A Reshape target as constants: a symbolic entry, or a -1 that resolves to the input's
+    symbolic dimension at the same position (inference would name it afresh: 'unk__N'), becomes
+    0 (copy); None if another symbolic entry is left."""
     if target is None:
         return None
     out = []
@@ -153,12 +209,19 @@ def _constant_target(target: list | None, dims_in: list | None) -> list[int] | N
                 return None
             t = 0
         out.append(t)
+    if -1 in out and dims_in is not None:   # a -1 that stands for the input's own symbolic dim there
+        i = out.index(-1)
+        if i < len(dims_in) and isinstance(dims_in[i], str) and reshape_dims(dims_in, out)[i] == dims_in[i]:
+            out[i] = 0
     return out
 
 
 def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list]:
     """Dims as inferred (or, where inference fails, as the file declares them)."""
-    g = infer_shapes(model).graph
+    return _graph_shapes(infer_shapes(model).graph)
+
+
+def _graph_shapes(g: onnx.GraphProto) -> dict[str, list]:
     shapes = {}
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         tt = vi.type.tensor_type

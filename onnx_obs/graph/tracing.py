@@ -182,6 +182,8 @@ class _Tracer(ChannelGraph):
         if op == "Transpose":
             perm = attrs(node).get("perm", list(range(self.rank(name)))[::-1])
             return self._sources(node.input[0], perm[axis], block)
+        if op in ("Softmax", "LogSoftmax") and self.opset >= 13 and attrs(node).get("axis", -1) % self.rank(name) != axis:
+            return self._sources(node.input[0], axis, block)   # normalised over another axis
         if op in REGROUP:
             try:
                 return self._sources(node.input[0], self._axis_before(node, axis), block)

@@ -111,6 +111,7 @@ def parameters(model: onnx.ModelProto, sites: list[Site], base_dir: str, prune_b
     read = readers(graph)
     inits = constants(graph, nodes=False)
     graph_inputs = {i.name for i in graph.input}
+    graph_outputs = {o.name for o in graph.output}
     segments, terms, start = [], [], 0
     for s in sites:
         segments.append(Segment(s.name, s.op_type, start, s.matrix_shape, site=s))
@@ -124,7 +125,7 @@ def parameters(model: onnx.ModelProto, sites: list[Site], base_dir: str, prune_b
             terms.append(term)
             if not prune_biases:
                 continue
-            bias = _bias(graph.node, ni, layout, s.matrix_shape[0], read, inits, graph_inputs)
+            bias = _bias(graph.node, ni, layout, s.matrix_shape[0], read, inits, graph_inputs, graph_outputs)
             if isinstance(bias, str):
                 notes.append(f"bias of {u.node} left out of w: {bias}")
                 continue
@@ -136,13 +137,16 @@ def parameters(model: onnx.ModelProto, sites: list[Site], base_dir: str, prune_b
     return Parameters(segments, terms, base_dir)
 
 
-def _bias(nodes, index: int, layout: str, rows: int, read, inits, graph_inputs):
+def _bias(nodes, index: int, layout: str, rows: int, read, inits, graph_inputs, graph_outputs):
     """The per-unit bias tensor of node `index`, None if it has none, or why it cannot join w.
-    A MatMul's bias is an Add of a constant after it: the delta of the MatMul output is the bias's."""
+    A MatMul's bias is an Add of a constant after it: the delta of the MatMul output is the bias's,
+    unless that output is also a graph output (the bias does not reach that output)."""
     found = find_bias(nodes, index, read)
     if found is None or found.name is None or (found.added and found.name not in inits):
         return None
     name = found.name
+    if found.added and nodes[index].output[0] in graph_outputs:
+        return f"'{name}' is added after '{nodes[index].output[0]}', which is also a graph output"
     tensor = inits.get(name)
     if tensor is None or name in graph_inputs:
         return f"'{name}' is not a constant initializer of the main graph"

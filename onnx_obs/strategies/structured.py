@@ -44,6 +44,7 @@ from onnx_obs.graph.surgery import read_bias, shrink, write_bias
 from onnx_obs.graph.tracing import trace_units
 from onnx_obs.graph.protos import constants
 from onnx_obs.graph.units import LeftAlone, UnitGroup
+from onnx_obs.graph.canonical import canonicalize
 from onnx_obs.hessian.capture import capture_hessians
 from onnx_obs.latency_table import FRACTIONS, OnnxruntimeTimer, latency_model
 from onnx_obs.strategies.context import Context
@@ -61,6 +62,8 @@ def run(ctx: Context) -> None:
     model = loaded.model
     original = onnx.ModelProto()
     original.CopyFrom(model)
+    sites, _ = find_sites(model)
+    canonicalize(model, {s.tensor_name for s in sites})
     sites, _ = find_sites(model)
     chosen = {s.name for s in sites if c.selection.picks(s)}
     groups, left = trace_units(model, sites, chosen)

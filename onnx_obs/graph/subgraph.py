@@ -49,16 +49,10 @@ def group_region(model: onnx.ModelProto, group: UnitGroup, types: dict[str, int]
                 up.add(pi)
                 stack.append(pi)
     consts = {t.name for t in graph.initializer}
-    static: dict[str, bool] = {}
-
-    def is_static(x: str) -> bool:
-        """Computed from constants alone (a Constant node, a Cast of a stored fp16 weight)."""
-        if x not in static:
-            pi = producer.get(x)
-            static[x] = x in consts or (pi is not None and all(
-                is_static(y) for y in nodes[pi].input if y))
-        return static[x]
-
+    static = set(consts)   # computed from constants alone (Constant nodes, a Cast of a weight)
+    for n in nodes:        # graph order is topological
+        if all(x in static for x in n.input if x):
+            static.update(n.output)
     region, stack = down & up, list(down & up)
     inputs: list[str] = []
     while stack:   # pull in what computes constants and non-float inputs; activations are fed
@@ -66,7 +60,7 @@ def group_region(model: onnx.ModelProto, group: UnitGroup, types: dict[str, int]
             pi = producer.get(x)
             if not x or x in consts or pi in region:
                 continue
-            if pi is not None and (is_static(x) or types.get(x) not in FLOAT_TYPES):
+            if pi is not None and (x in static or types.get(x) not in FLOAT_TYPES):
                 region.add(pi)
                 stack.append(pi)
             elif x not in inputs:

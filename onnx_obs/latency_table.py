@@ -79,8 +79,8 @@ def latency_model(model: onnx.ModelProto, groups, orders: list[np.ndarray],
                              list[str]]:
     """(predicted latency as a function of the per-group counts removed, the table: per group the
     counts timed, from 0, and their latencies, notes for the report: where the table came from).
-    Latencies are made non-increasing in the count (timing noise must not make a removal look
-    like it costs time).
+    Latencies are made non-increasing in the count (_monotone: timing noise must not make a
+    removal look like it costs time, nor hide what it saves).
 
     Prediction: T = T0 + sum_g (T_g(k_g) - T0) + r * (M(k) - M0 - sum_g (M_g(k_g) - M0)), with
     T_g the table, M the MACs model (flops.resource_model) and r = ms per MAC over the table's
@@ -88,8 +88,7 @@ def latency_model(model: onnx.ModelProto, groups, orders: list[np.ndarray],
     layer losing input and output channels saves their product, not the sum)."""
     xs_all = [widths(group.units, multiples[g]) for g, group in enumerate(groups)]
     base, raw, notes = _cached_table(model, groups, orders, xs_all, timer, base_dir)
-    table = [(np.array([0] + xs, dtype=np.float64), np.minimum.accumulate(np.array(ys)))
-             for xs, ys in zip(xs_all, raw)]
+    table = [_monotone(np.array([0] + xs, dtype=np.float64), np.array(ys)) for xs, ys in zip(xs_all, raw)]
     macs = resource_model(model, groups, "macs", orders)
     zero = np.zeros(len(groups), dtype=np.int64)
     m0 = macs(zero)
@@ -112,6 +111,17 @@ def latency_model(model: onnx.ModelProto, groups, orders: list[np.ndarray],
                           for g, (xs, ys) in enumerate(table)) + rate * overlap
 
     return predict, table, notes
+
+
+def _monotone(xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A width timed no faster than a smaller removal (noise) takes the value interpolated
+    between the widths that were faster (a running minimum would leave a flat stretch, where
+    removing units looks free of gain and a greedy planner stops)."""
+    kept = [0]
+    for i in range(1, len(ys)):
+        if ys[i] < ys[kept[-1]]:
+            kept.append(i)
+    return xs, np.interp(xs, xs[kept], ys[kept])
 
 
 def _cached_table(model, groups, orders, xs_all, timer, base_dir):

@@ -65,6 +65,26 @@ def test_table_matches_the_timer_and_falls_with_width():
                                base + mid + formula_ms(32, 24) - base + overlap, rtol=1e-9)
 
 
+def test_a_noisy_width_is_interpolated_not_flattened():
+    """A width timed slower than no removal at all (noise) takes the value halfway between its
+    neighbours, so that removing units still shows a gain there (a running minimum would make
+    the first step look free of gain and stop a greedy planner)."""
+    model = conv_chain()
+    sites, _ = find_sites(model)
+    groups, _ = trace_units(model, sites, {s.name for s in sites})
+    groups.sort(key=lambda g: g.node)
+
+    def noisy_ms(m):
+        w1 = next(t for t in m.graph.initializer if t.name == "W1")
+        return fake_ms(m) + (2.0 if w1.dims[0] == 24 else 0.0)
+
+    assert noisy_ms(model) < formula_ms(24, 32) + 2.0   # the 8-removed width timed slower
+    _, table, _ = latency_model(model, groups, [np.arange(32)] * 2, [8, 8], noisy_ms)
+    want = [formula_ms(32, 32), (formula_ms(32, 32) + formula_ms(16, 32)) / 2, formula_ms(16, 32),
+            formula_ms(8, 32)]
+    np.testing.assert_allclose(table[0][1], want, rtol=1e-12)
+
+
 def test_onnxruntime_times_each_group_on_its_own_part(monkeypatch, tmp_path):
     """The default timer times each group's part of the graph, not the whole model: the table
     (model time + part time at the width - part time as is) equals the whole-model one for a

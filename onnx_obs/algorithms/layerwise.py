@@ -30,7 +30,7 @@ from onnx_obs.algorithms.baselines import SCORES
 from onnx_obs.algorithms.blas_threads import blas_threads_for
 from onnx_obs.algorithms.damping import damped_cholesky, damping
 from onnx_obs.algorithms.masks import nm_mask, smallest_in_groups, smallest_overall, spread_zeros
-from onnx_obs.algorithms.obc import _greedy, obc_prune, obc_trace
+from onnx_obs.algorithms.obc import _convex_slopes, _greedy, obc_prune, obc_trace
 from onnx_obs.algorithms.refit import refit_flops, refit_kept
 from onnx_obs.algorithms.sparsegpt import sparsegpt_prune
 
@@ -193,17 +193,50 @@ def prune_row_groups(W: np.ndarray, H: list, groups: list[slice], sparsities: li
 def _exact_rows(W: np.ndarray, H: list, stop: np.ndarray, damp: float) -> list[LayerResult]:
     """Row r of W with stop[r] weights removed by the exact solver under its own H[r] (no dead
     inputs, no zeros): prune_layer's steps for a one-row layer, the greedy over the stack."""
-    rows, cols = W.shape
-    Hinv, lams = np.empty((rows, cols, cols)), []
+    Hinv, lams = _row_inverses(H, W.shape[1], damp)
+    weight, removed, losses, _ = _greedy(W, Hinv, np.zeros(W.shape, dtype=bool), stop)
+    return [LayerResult(weight[r : r + 1], ~removed[r : r + 1], float(losses[r, : stop[r]].sum()),
+                        lam, "exact") for r, lam in enumerate(lams)]
+
+
+def _row_inverses(H: list, cols: int, damp: float) -> tuple[np.ndarray, list[float]]:
+    """(rows, cols, cols) inverses of the damped H[r] (no dead input) and the dampings."""
+    Hinv, lams = np.empty((len(H), cols, cols)), []
     for r, Hr in enumerate(H):
         A = _decoupled(Hr, np.zeros(cols, dtype=bool))
         h_diag = A.diagonal().copy()
         L, lam = damped_cholesky(A, damping(h_diag, damp), float(h_diag.max()))
         Hinv[r] = _inverse(L)
         lams.append(lam)
-    weight, removed, losses, _ = _greedy(W, Hinv, np.zeros(W.shape, dtype=bool), stop)
-    return [LayerResult(weight[r : r + 1], ~removed[r : r + 1], float(losses[r, : stop[r]].sum()),
-                        lam, "exact") for r, lam in enumerate(lams)]
+    return Hinv, lams
+
+
+def group_traces(W: np.ndarray, H: list, groups: list[slice], *, method: str = "obs",
+                 solver: str = "auto", block_size: int = 128, damp: float = 0.01) -> list[np.ndarray]:
+    """error_curve(W[g], H[i], range(W[g].size + 1)) for every row group g = groups[i], with the
+    same results: one-row groups that the exact solver takes without special cases (as in
+    prune_row_groups) share one greedy over their stacked H^-1 (each row's trace is its
+    cumulative convexified step losses, obc_trace)."""
+    options = dict(method=method, solver=solver, block_size=block_size, damp=damp)
+    traces: list[np.ndarray | None] = [None] * len(groups)
+    batch = []
+    for i, (g, Hg) in enumerate(zip(groups, H)):
+        w = W[g]
+        if w.shape[0] == 1 and runs_exact(method, solver, 1, w.shape[1]):
+            w, Hg, _ = _check(w, Hg, method, 0.0, None, solver, block_size, damp)
+            if np.all(w != 0) and np.all(Hg.diagonal() > 0):
+                batch.append(i)
+                continue
+        traces[i] = error_curve(w, Hg, np.arange(w.size + 1), **options)
+    if batch:
+        rows = np.concatenate([np.asarray(W[groups[i]], dtype=np.float64) for i in batch])
+        Hinv, _ = _row_inverses([H[i] for i in batch], rows.shape[1], damp)
+        _, _, losses, _ = _greedy(rows, Hinv, np.zeros(rows.shape, dtype=bool), np.full(len(batch), rows.shape[1]))
+        steps = np.sort(_convex_slopes(losses, np.zeros(len(batch), dtype=np.int64)), axis=1)
+        cost = np.concatenate([np.zeros((len(batch), 1)), np.cumsum(np.maximum(steps, 0.0), axis=1)], axis=1)
+        for i, trace in zip(batch, cost):
+            traces[i] = trace
+    return traces
 
 
 def error_curve(W: np.ndarray, H: np.ndarray, counts, *, method: str = "obs", solver: str = "auto",

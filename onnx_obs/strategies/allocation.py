@@ -21,16 +21,20 @@ chosen before the usual layer-wise pruning.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from onnx_obs.algorithms.allocation import allocate, exact_counts, interpolated_error
-from onnx_obs.algorithms.layerwise import error_curve, layer_error, prune_layer, runs_exact
+from onnx_obs.algorithms.layerwise import error_curve, group_traces, layer_error, prune_layer, runs_exact
 from onnx_obs.algorithms.masks import spread_zeros
-from onnx_obs.graph.capture import with_weight_inputs
+from onnx_obs.calib import Calibration
+from onnx_obs.errors import OnnxObsError
+from onnx_obs.graph.capture import site_depths, with_outputs, with_weight_inputs
 from onnx_obs.graph.sites import Site, site_matrix
+from onnx_obs.graph.slicing import Slice, Unsliceable, slice_model, tail_plan
 from onnx_obs.hessian.capture import capture_hessians
 from onnx_obs.runtime import Runner
 from onnx_obs.strategies.context import Context
@@ -61,13 +65,14 @@ def allocate_sites(ctx: Context) -> dict[str, SiteLevel]:
                                       c.layerwise.max_positions, c.layerwise.hessian_precision))
     probe = _Probe(ctx)
     task = ctx.bar.add("allocating sparsity", total=len(sites))
-    tables, kappa = [], {}
-    for s in sites:
+    tables, kappa = {}, {}
+    # in the probe's order: its tail sessions are built once each
+    for s in sorted(sites, key=lambda s: probe.order.get(s.name, -1)):
         w, H = site_matrix(s, loaded.base_dir), cache[s.name]
-        counts, errors, split = _table(s, w, H, c)
-        kappa[s.name] = probe.sensitivity(s, w, H, counts, errors)
-        tables.append((counts, errors, split))
+        tables[s.name] = _table(s, w, H, c)
+        kappa[s.name] = probe.sensitivity(s, w, H, *tables[s.name][:2])
         ctx.bar.advance(task)
+    tables = [tables[s.name] for s in sites]
     unprobed = [s.name for s in sites if kappa[s.name] is None]
     if unprobed:
         probed = [k for k in kappa.values() if k is not None]
@@ -122,10 +127,10 @@ def _merged_table(w, H, groups, forced, counts, c) -> tuple[np.ndarray, np.ndarr
     group of each step in that order: the split of k zeros is bincount of its first k)."""
     lw = c.layerwise
     steps, owner = [], []
-    for g, (rows, Hg) in enumerate(zip(groups, H)):
+    traces = group_traces(w, list(H), groups, method=c.method, solver=lw.solver,
+                          block_size=lw.block_size, damp=lw.damp)
+    for g, (rows, trace) in enumerate(zip(groups, traces)):
         size = w[rows].size
-        trace = error_curve(w[rows], Hg, np.arange(size + 1), method=c.method, solver=lw.solver,
-                            block_size=lw.block_size, damp=lw.damp)
         step = np.diff(trace)
         step[: forced[g]] = -np.inf   # existing zeros stay zeros: first, at no cost
         steps.append(step)
@@ -135,22 +140,96 @@ def _merged_table(w, H, groups, forced, counts, c) -> tuple[np.ndarray, np.ndarr
     return cost[counts], np.concatenate(owner)[order]
 
 
+def probe_batches(cal: Calibration, n: int) -> list[dict[str, np.ndarray]]:
+    """At most n calibration samples, evenly spaced over the set (data files are often sorted by
+    class): one batch of them, or with samples that cannot be sliced, n evenly spaced runs."""
+    if not cal.sliceable:
+        pick = np.unique(np.linspace(0, len(cal.batches) - 1, min(n, len(cal.batches))).round().astype(int))
+        return [cal.batches[i] for i in pick]
+    sizes = [len(next(iter(b.values()))) for b in cal.batches]
+    total = sum(sizes)
+    if total <= n:
+        return list(cal.batches)
+    pick = np.unique(np.linspace(0, total - 1, n).round().astype(np.int64))
+    start = np.cumsum([0] + sizes[:-1])
+    batch = np.searchsorted(start, pick, side="right") - 1
+    parts = [(cal.batches[b], pick[batch == b] - start[b]) for b in np.unique(batch)]
+    return [{k: np.concatenate([feeds[k][rows] for feeds, rows in parts]) for k in cal.batches[0]}]
+
+
 class _Probe:
-    """The sensitivity runs: one onnxruntime session in which every site's weight can be fed."""
+    """The sensitivity runs. The sites (main graph, in depth order) go in about sqrt(count)
+    segments; a site's run recomputes only its segment's tail (graph.slicing.tail_plan: the nodes
+    after the segment's first weights, whose other inputs come from one run of the model as given),
+    with the segment's weights overridable, so a run costs the part of the model after the
+    segment instead of all of it. Sites in subgraphs, or whose tail cannot be cut, run the whole
+    model with every weight overridable."""
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
-        names = [s.name for s in ctx.sites if s.dtype != "bfloat16"]
-        model = with_weight_inputs(ctx.loaded.model, names)
-        self.runner = Runner(model, ctx.loaded.base_dir, ctx.config.device, prepack=False)
-        self.batches, self.samples = [], 0
-        for feeds in ctx.cal.batches:
-            if self.samples >= PROBE_SAMPLES:
-                break
-            self.batches.append(feeds)
-            first = next(iter(feeds.values()))
-            self.samples += len(first) if ctx.cal.sliceable else 1
-        self.reference = [self.runner.run(feeds) for feeds in self.batches]
+        self.batches = probe_batches(ctx.cal, PROBE_SAMPLES)
+        self.samples = (sum(len(next(iter(b.values()))) for b in self.batches) if ctx.cal.sliceable
+                        else len(self.batches))
+        model, fed = ctx.loaded.model, set(self.batches[0])
+        self.outputs = [o.name for o in model.graph.output]
+        main = [s for s in ctx.sites if s.dtype != "bfloat16" and not s.scope]
+        depth = site_depths(model, ctx.sites)
+        main.sort(key=lambda s: depth[s.name])
+        bounds = np.linspace(0, len(main), max(1, math.ceil(math.sqrt(len(main)))) + 1).round().astype(int)
+        segments = [main[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        self.order = {s.name: k for k, s in enumerate(main)}
+        self.plans = [tail_plan(model.graph, {s.name for s in seg}) for seg in segments]  # main graph: name = tensor
+        self.segment = {s.name: i for i, seg in enumerate(segments) for s in seg}
+        self.weights = [[s.name for s in seg] for seg in segments]
+        needed = sorted({t for p in self.plans for t in p.inputs} - fed)
+        runner = Runner(with_outputs(model, self.outputs + needed), ctx.loaded.base_dir, ctx.config.device)
+        self.values = []  # per batch: the graph outputs and the tails' inputs on the model as given
+        for feeds in self.batches:
+            self.values.append({**feeds, **dict(zip(self.outputs + needed, runner.run(feeds)))})
+        self.sq_ref = {o: sum(float(np.vdot(r, r)) for r in (np.asarray(v[o], dtype=np.float64) for v in self.values))
+                       for o in self.outputs if np.asarray(self.values[0][o]).dtype.kind == "f"}
+        self._runner: tuple[int, Runner | None] | None = None
+        self._whole: Runner | None = None
+
+    def _tail(self, i: int) -> Runner | None:
+        """Segment i's tail session (one held at a time: sites come in depth order), or None
+        where it cannot be built."""
+        if self._runner is None or self._runner[0] != i:
+            self._runner = None  # free the previous session first
+            plan, first = self.plans[i], self.values[0]
+            try:
+                if not all(isinstance(first.get(t), np.ndarray) for t in plan.inputs):
+                    raise Unsliceable("a tail input is not a tensor")
+                tail = slice_model(self.ctx.loaded.model, plan, {t: first[t].dtype for t in plan.inputs})
+                runner = Runner(with_weight_inputs(tail, self.weights[i]), self.ctx.loaded.base_dir,
+                                self.ctx.config.device)
+            except (Unsliceable, OnnxObsError):
+                runner = None
+            self._runner = (i, runner)
+        return self._runner[1]
+
+    def _deviation(self, s: Site, value: np.ndarray) -> float:
+        """Relative output MSE, summed over the float outputs, of the model with s's weight =
+        value (module doc): on its segment's tail where there is one, else the whole model."""
+        i = self.segment.get(s.name)
+        runner = None if i is None else self._tail(i)
+        if runner is None:
+            if self._whole is None:
+                names = [x.name for x in self.ctx.sites if x.dtype != "bfloat16"]
+                self._whole = Runner(with_weight_inputs(self.ctx.loaded.model, names),
+                                     self.ctx.loaded.base_dir, self.ctx.config.device, prepack=False)
+            runner, names, feed = self._whole, self.outputs, {s.name: value}
+        else:
+            names, feed = self.plans[i].outputs, {s.name: value}
+        names = [o for o in names if o in self.sq_ref]
+        sq_err = dict.fromkeys(names, 0.0)
+        for values in self.values if names else []:
+            # onnxruntime lists overridable weights apart from the inputs that Runner.run passes on
+            inputs = {k: v for k, v in values.items() if k in runner.input_names}
+            for o, y in zip(names, runner.session.run(names, {**inputs, **feed})):
+                d = np.asarray(values[o], dtype=np.float64) - np.asarray(y, dtype=np.float64)
+                sq_err[o] += float(np.vdot(d, d))
+        return sum(sq_err[o] / self.sq_ref[o] for o in names if self.sq_ref[o] > 0)
 
     def sensitivity(self, s: Site, w: np.ndarray, H: np.ndarray, counts: np.ndarray,
                     errors: np.ndarray) -> float | None:
@@ -181,17 +260,5 @@ class _Probe:
                               block_size=c.layerwise.block_size, damp=c.layerwise.damp).weight
             pruned[rows] = new
             e0 += layer_error(w[rows], new, Hg)
-        feed = {s.name: s.from_matrix(pruned).astype(s.dtype)}
-        sq_err = np.zeros(len(self.runner.output_names))
-        sq_ref = np.zeros(len(self.runner.output_names))
-        for feeds, ref in zip(self.batches, self.reference):
-            # onnxruntime lists overridable weights apart from the inputs that Runner.run passes on
-            inputs = {k: v for k, v in feeds.items() if k in self.runner.input_names}
-            for o, (a, b) in enumerate(zip(ref, self.runner.session.run(None, {**inputs, **feed}))):
-                if np.asarray(a).dtype.kind == "f":
-                    r = np.asarray(a, dtype=np.float64)
-                    d = r - np.asarray(b, dtype=np.float64)
-                    sq_err[o] += float(np.vdot(d, d))
-                    sq_ref[o] += float(np.vdot(r, r))
-        deviation = float(np.sum(sq_err[sq_ref > 0] / sq_ref[sq_ref > 0]))
+        deviation = self._deviation(s, s.from_matrix(pruned).astype(s.dtype))
         return deviation / e0 if e0 > 0 else 0.0

@@ -240,7 +240,7 @@ def group_traces(W: np.ndarray, H: list, groups: list[slice], *, method: str = "
 
 
 def error_curve(W: np.ndarray, H: np.ndarray, counts, *, method: str = "obs", solver: str = "auto",
-                block_size: int = 128, damp: float = 0.01) -> np.ndarray:
+                block_size: int = 128, damp: float = 0.01, levels: FastLevels | None = None) -> np.ndarray:
     """prune_layer's predicted error at each zero count in `counts` (unstructured): a layer's
     error-vs-sparsity table, for allocating sparsity across layers (OBC, Frantar & Alistarh 2022).
 
@@ -248,11 +248,15 @@ def error_curve(W: np.ndarray, H: np.ndarray, counts, *, method: str = "obs", so
     (obc.obc_trace), run on evenly spaced rows (TRACE_ROW_SHARE, at least 16) and scaled up:
     rows are independent problems with the same H, so m of R rows at k m / R zeros estimate the
     error of all at k, times R / m. Elsewhere the layer is pruned once per count, the fast solver
-    without the refit (which lowers the error by a roughly constant factor).
+    without the refit (which lowers the error by a roughly constant factor) on one factorisation
+    of H (FastLevels; `levels`: one already made for W and H).
     """
     W, H, _ = _check(W, H, method, 0.0, None, solver, block_size, damp)
     counts = np.clip(np.asarray(counts, dtype=np.int64), 0, W.size)
     rows, cols = W.shape
+    if method == "obs" and not runs_exact(method, solver, rows, cols):
+        levels = levels or FastLevels(W, H, block_size=block_size, damp=damp)
+        return np.array([levels.prune(k).predicted_error for k in counts.tolist()])
     if not runs_exact(method, solver, rows, cols) or W.size == 0:
         one = "fast" if method == "obs" and solver == "auto" else solver
         return np.array([prune_layer(W, H, method=method, sparsity=k / max(W.size, 1), solver=one,
@@ -269,6 +273,34 @@ def error_curve(W: np.ndarray, H: np.ndarray, counts, *, method: str = "obs", so
     work = np.array(W[np.linspace(0, rows - 1, m).round().astype(np.int64)], dtype=np.float64)
     trace = obc_trace(work, Hinv, (work == 0.0) | dead[None, :])
     return rows / m * np.interp(counts * m / rows, np.arange(trace.size), trace)
+
+
+class FastLevels:
+    """prune_layer(W, H, sparsity=k / W.size, solver="fast") at several zero counts k, the damped
+    H factored once: on wide layers the Cholesky factorisation costs more than SparseGPT."""
+
+    def __init__(self, W: np.ndarray, H: np.ndarray, *, block_size: int = 128, damp: float = 0.01):
+        self.W, self.H, _ = _check(W, H, "obs", 0.0, None, "fast", block_size, damp)
+        self.block_size, self.damp, self.L = block_size, damp, None
+        h_diag = self.H.diagonal().astype(np.float64)
+        self.dead = ~(h_diag > 0)
+        if self.W.size and not self.dead.all():
+            h_diag[self.dead] = 0.0
+            with blas_threads_for(self.W.shape[1] ** 3 / 3):
+                self.L, self.lam = damped_cholesky(_decoupled(self.H, self.dead), damping(h_diag, damp),
+                                                   float(h_diag.max()))
+
+    def prune(self, n_zeros: int) -> LayerResult:
+        W = self.W
+        if self.L is None:  # empty, or no live input: prune_layer's special cases
+            return prune_layer(W, self.H, sparsity=n_zeros / max(W.size, 1), solver="fast",
+                               block_size=self.block_size, damp=self.damp)
+        work = _float_copy(W, np.float32 if W.dtype.itemsize <= 4 else np.float64)
+        if self.dead.any():
+            _remove_needed_dead(work, self.dead, n_zeros, None)
+        with blas_threads_for(W.shape[0] * W.shape[1] ** 2):
+            weight, removed, predicted = sparsegpt_prune(work, self.L, n_zeros=n_zeros, block_size=self.block_size)
+        return LayerResult(weight, ~removed, predicted, self.lam, "fast")
 
 
 def runs_exact(method: str, solver: str, rows: int, cols: int, exact: bool = True) -> bool:

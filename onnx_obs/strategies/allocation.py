@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnx_obs.algorithms.allocation import allocate, exact_counts, interpolated_error
-from onnx_obs.algorithms.layerwise import error_curve, group_traces, layer_error, prune_layer, runs_exact
+from onnx_obs.algorithms.layerwise import (FastLevels, error_curve, group_traces, layer_error, prune_layer,
+                                           runs_exact)
 from onnx_obs.algorithms.masks import spread_zeros
 from onnx_obs.calib import Calibration
 from onnx_obs.errors import OnnxObsError
@@ -69,8 +70,9 @@ def allocate_sites(ctx: Context) -> dict[str, SiteLevel]:
     # in the probe's order: its tail sessions are built once each
     for s in sorted(sites, key=lambda s: probe.order.get(s.name, -1)):
         w, H = site_matrix(s, loaded.base_dir), cache[s.name]
-        tables[s.name] = _table(s, w, H, c)
-        kappa[s.name] = probe.sensitivity(s, w, H, *tables[s.name][:2])
+        counts, errors, split, fast = _table(s, w, H, c)
+        kappa[s.name] = probe.sensitivity(s, w, H, counts, errors, fast)
+        tables[s.name] = counts, errors, split  # the factorisations go
         ctx.bar.advance(task)
     tables = [tables[s.name] for s in sites]
     unprobed = [s.name for s in sites if kappa[s.name] is None]
@@ -80,7 +82,7 @@ def allocate_sites(ctx: Context) -> dict[str, SiteLevel]:
         kappa.update({name: fill for name in unprobed})
         ctx.report.notes.append(f"auto allocation: {len(unprobed)} bfloat16 site(s) cannot be fed to "
                                 f"onnxruntime for a sensitivity run; they take the median sensitivity")
-    scaled = [kappa[s.name] * e for s, (_, e, _) in zip(sites, tables)]
+    scaled = [kappa[s.name] * t[1] for s, t in zip(sites, tables)]
     counts = [t[0] for t in tables]
     total = sum(s.size for s in sites)
     target = min(round(c.sparsity * total), sum(int(k[-1]) for k in counts))
@@ -97,9 +99,10 @@ def allocate_sites(ctx: Context) -> dict[str, SiteLevel]:
     return levels
 
 
-def _table(s: Site, w: np.ndarray, H: np.ndarray, c) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(zero counts, layer errors) of site s at the grid levels up to the cap, and for grouped
-    convolutions on the exact solver the split of the zeros over the groups (_merged_table)."""
+def _table(s: Site, w: np.ndarray, H: np.ndarray, c) -> tuple:
+    """(zero counts, layer errors) of site s at the grid levels up to the cap, for grouped
+    convolutions on the exact solver the split of the zeros over the groups (_merged_table), and
+    for OBS on the fast solver each group's FastLevels (for the probe)."""
     lw = c.layerwise
     groups = s.row_groups()
     sizes = np.array([w[g].size for g in groups])
@@ -110,13 +113,16 @@ def _table(s: Site, w: np.ndarray, H: np.ndarray, c) -> tuple[np.ndarray, np.nda
     counts = np.unique(np.maximum(np.rint(levels * w.size).astype(np.int64), forced.sum()))
     if exact and len(groups) > 1:
         errors, split = _merged_table(w, H, groups, forced, counts, c)
-        return counts, errors, split
+        return counts, errors, split, None
     shares = np.array([spread_zeros(k, forced, sizes) for k in counts])  # (levels, groups)
     errors = np.zeros(len(counts))
+    fast = None
+    if c.method == "obs" and not exact:  # one factorisation per group for the table and the probe
+        fast = [FastLevels(w[rows], Hg, block_size=lw.block_size, damp=lw.damp) for rows, Hg in zip(groups, H)]
     for g, (rows, Hg) in enumerate(zip(groups, H)):
         errors += error_curve(w[rows], Hg, shares[:, g], method=c.method, solver=lw.solver,
-                              block_size=lw.block_size, damp=lw.damp)
-    return counts, errors, None
+                              block_size=lw.block_size, damp=lw.damp, levels=fast and fast[g])
+    return counts, errors, None, fast
 
 
 def _merged_table(w, H, groups, forced, counts, c) -> tuple[np.ndarray, np.ndarray]:
@@ -232,7 +238,7 @@ class _Probe:
         return sum(sq_err[o] / self.sq_ref[o] for o in names if self.sq_ref[o] > 0)
 
     def sensitivity(self, s: Site, w: np.ndarray, H: np.ndarray, counts: np.ndarray,
-                    errors: np.ndarray) -> float | None:
+                    errors: np.ndarray, fast: list[FastLevels] | None = None) -> float | None:
         """kappa: relative output MSE per unit of layer error, site s pruned alone (module doc), at
         the target level or, where the table is still 0 there (weights on inputs that are 0 on
         every calibration sample go first, at no layer error), at its first level with an error:
@@ -254,10 +260,11 @@ class _Probe:
         shares = spread_zeros(k, forced, np.array([w[g].size for g in groups]))
         pruned = np.empty_like(w)
         e0 = 0.0
-        for rows, Hg, n in zip(groups, H, shares):
-            new = prune_layer(w[rows], Hg, method=c.method, sparsity=n / max(w[rows].size, 1),
-                              solver="fast" if c.method == "obs" else c.layerwise.solver,
-                              block_size=c.layerwise.block_size, damp=c.layerwise.damp).weight
+        for g, (rows, Hg, n) in enumerate(zip(groups, H, shares)):
+            new = fast[g].prune(int(n)).weight if fast else prune_layer(
+                w[rows], Hg, method=c.method, sparsity=n / max(w[rows].size, 1),
+                solver="fast" if c.method == "obs" else c.layerwise.solver,
+                block_size=c.layerwise.block_size, damp=c.layerwise.damp).weight
             pruned[rows] = new
             e0 += layer_error(w[rows], new, Hg)
         deviation = self._deviation(s, s.from_matrix(pruned).astype(s.dtype))

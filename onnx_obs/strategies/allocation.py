@@ -9,8 +9,8 @@ chosen before the usual layer-wise pruning.
    greedy trace, every FAST_GRID from one fast-solver run per level; a site's row groups summed at
    the shares pruning gives them).
 3. Sensitivity: e_i is in the units of site i's own output. Each site is pruned alone to the
-   target level (fast solver), the others kept, and the model runs on up to PROBE_SAMPLES
-   calibration samples (one session whose weights are overridable inputs):
+   target level (fast solver), the others kept, and the model runs on some evenly spaced
+   calibration samples (PROBE_VALUES; the part of the graph after the site, _Probe):
        D_i = sum_o ||y_o - y_o^(i)||^2 / ||y_o||^2     (relative output MSE, summed over outputs)
        kappa_i = D_i / e_i^0,    e_i^0 = the probe's layer error,
    and the predicted output error of site i at k zeros is kappa_i e_i(k) (to first order
@@ -42,7 +42,12 @@ from onnx_obs.strategies.context import Context
 
 GRID = 0.025        # level step of the exact solver's tables (read off one greedy trace)
 FAST_GRID = 0.1     # level step where each level costs a fast-solver run
-PROBE_SAMPLES = 256  # calibration samples for the sensitivity runs
+# Calibration samples for the sensitivity runs: enough for PROBE_VALUES float output values, at
+# least PROBE_MIN_SAMPLES, at most PROBE_SAMPLES (a classifier with 1000 logits: 17; BERT's two
+# logits: all up to 256).
+PROBE_SAMPLES = 256
+PROBE_MIN_SAMPLES = 16
+PROBE_VALUES = 16384
 
 
 @dataclass
@@ -173,10 +178,7 @@ class _Probe:
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
-        self.batches = probe_batches(ctx.cal, PROBE_SAMPLES)
-        self.samples = (sum(len(next(iter(b.values()))) for b in self.batches) if ctx.cal.sliceable
-                        else len(self.batches))
-        model, fed = ctx.loaded.model, set(self.batches[0])
+        model, fed = ctx.loaded.model, set(ctx.cal.batches[0])
         self.outputs = [o.name for o in model.graph.output]
         main = [s for s in ctx.sites if s.dtype != "bfloat16" and not s.scope]
         depth = site_depths(model, ctx.sites)
@@ -188,14 +190,29 @@ class _Probe:
         self.segment = {s.name: i for i, seg in enumerate(segments) for s in seg}
         self.weights = [[s.name for s in seg] for seg in segments]
         needed = sorted({t for p in self.plans for t in p.inputs} - fed)
-        runner = Runner(with_outputs(model, self.outputs + needed), ctx.loaded.base_dir, ctx.config.device)
-        self.values = []  # per batch: the graph outputs and the tails' inputs on the model as given
-        for feeds in self.batches:
-            self.values.append({**feeds, **dict(zip(self.outputs + needed, runner.run(feeds)))})
+        self.phases = ctx.report.phases  # onnxruntime's time here: phase "probes"
+        with self.phases("probes"):
+            runner = Runner(with_outputs(model, self.outputs + needed), ctx.loaded.base_dir, ctx.config.device)
+            self.batches = probe_batches(ctx.cal, self._sample_count(runner))
+            self.samples = (sum(len(next(iter(b.values()))) for b in self.batches) if ctx.cal.sliceable
+                            else len(self.batches))
+            # per batch: the graph outputs and the tails' inputs on the model as given
+            self.values = [{**feeds, **dict(zip(self.outputs + needed, runner.run(feeds)))}
+                           for feeds in self.batches]
         self.sq_ref = {o: sum(float(np.vdot(r, r)) for r in (np.asarray(v[o], dtype=np.float64) for v in self.values))
                        for o in self.outputs if np.asarray(self.values[0][o]).dtype.kind == "f"}
         self._runner: tuple[int, Runner | None] | None = None
         self._whole: Runner | None = None
+
+    def _sample_count(self, runner: Runner) -> int:
+        """Probe samples: enough for PROBE_VALUES output values (at least PROBE_MIN_SAMPLES, at
+        most PROBE_SAMPLES), counted on one sample's run."""
+        cal = self.ctx.cal
+        if not cal.sliceable:
+            return PROBE_SAMPLES
+        one = probe_batches(cal, 1)[0]
+        values = sum(np.size(y) for y in runner.run(one, self.outputs) if np.asarray(y).dtype.kind == "f")
+        return min(PROBE_SAMPLES, max(PROBE_MIN_SAMPLES, math.ceil(PROBE_VALUES / max(values, 1))))
 
     def _tail(self, i: int) -> Runner | None:
         """Segment i's tail session (one held at a time: sites come in depth order), or None
@@ -207,8 +224,9 @@ class _Probe:
                 if not all(isinstance(first.get(t), np.ndarray) for t in plan.inputs):
                     raise Unsliceable("a tail input is not a tensor")
                 tail = slice_model(self.ctx.loaded.model, plan, {t: first[t].dtype for t in plan.inputs})
-                runner = Runner(with_weight_inputs(tail, self.weights[i]), self.ctx.loaded.base_dir,
-                                self.ctx.config.device)
+                with self.phases("probes"):
+                    runner = Runner(with_weight_inputs(tail, self.weights[i]), self.ctx.loaded.base_dir,
+                                    self.ctx.config.device)
             except (Unsliceable, OnnxObsError):
                 runner = None
             self._runner = (i, runner)
@@ -222,8 +240,9 @@ class _Probe:
         if runner is None:
             if self._whole is None:
                 names = [x.name for x in self.ctx.sites if x.dtype != "bfloat16"]
-                self._whole = Runner(with_weight_inputs(self.ctx.loaded.model, names),
-                                     self.ctx.loaded.base_dir, self.ctx.config.device, prepack=False)
+                with self.phases("probes"):
+                        self._whole = Runner(with_weight_inputs(self.ctx.loaded.model, names),
+                                         self.ctx.loaded.base_dir, self.ctx.config.device, prepack=False)
             runner, names, feed = self._whole, self.outputs, {s.name: value}
         else:
             names, feed = self.plans[i].outputs, {s.name: value}
@@ -232,7 +251,9 @@ class _Probe:
         for values in self.values if names else []:
             # onnxruntime lists overridable weights apart from the inputs that Runner.run passes on
             inputs = {k: v for k, v in values.items() if k in runner.input_names}
-            for o, y in zip(names, runner.session.run(names, {**inputs, **feed})):
+            with self.phases("probes"):
+                outs = runner.session.run(names, {**inputs, **feed})
+            for o, y in zip(names, outs):
                 d = np.asarray(values[o], dtype=np.float64) - np.asarray(y, dtype=np.float64)
                 sq_err[o] += float(np.vdot(d, d))
         return sum(sq_err[o] / self.sq_ref[o] for o in names if self.sq_ref[o] > 0)

@@ -407,3 +407,17 @@ def test_probes_on_tails_measure_the_whole_models_deviation(monkeypatch, build):
     assert len(tails) == len(whole) >= 2
     for a, b in zip(tails, whole):
         assert a.sensitivity > 0 and a.sensitivity == pytest.approx(b.sensitivity, rel=1e-5)
+
+
+def test_fast_table_from_sampled_rows_estimates_all_rows(monkeypatch):
+    """Fast-solver tables prune a quarter of the rows (at least 16) and scale by rows / m, as the
+    exact tables do: within 30% of the all-rows table here, which is the solver's error itself."""
+    W, H = _layer(64, 24, seed=3)
+    counts = (np.array([0.3, 0.6, 0.9]) * W.size).astype(int)
+    sampled = error_curve(W, H, counts, solver="fast")
+    monkeypatch.setattr(layerwise, "TRACE_ROW_SHARE", 1.0)
+    full = error_curve(W, H, counts, solver="fast")
+    np.testing.assert_allclose(full, [prune_layer(W, H, sparsity=k / W.size, solver="fast").predicted_error
+                                      for k in counts])
+    assert not np.allclose(sampled, full, rtol=1e-6)
+    np.testing.assert_allclose(sampled, full, rtol=0.3)

@@ -249,14 +249,18 @@ def error_curve(W: np.ndarray, H: np.ndarray, counts, *, method: str = "obs", so
     rows are independent problems with the same H, so m of R rows at k m / R zeros estimate the
     error of all at k, times R / m. Elsewhere the layer is pruned once per count, the fast solver
     without the refit (which lowers the error by a roughly constant factor) on one factorisation
-    of H (FastLevels; `levels`: one already made for W and H).
+    of H (FastLevels; `levels`: one already made for W and H), OBS on the same share of the rows
+    (scaled the same way), the baselines on all.
     """
     W, H, _ = _check(W, H, method, 0.0, None, solver, block_size, damp)
     counts = np.clip(np.asarray(counts, dtype=np.int64), 0, W.size)
     rows, cols = W.shape
     if method == "obs" and not runs_exact(method, solver, rows, cols):
         levels = levels or FastLevels(W, H, block_size=block_size, damp=damp)
-        return np.array([levels.prune(k).predicted_error for k in counts.tolist()])
+        m = min(rows, max(16, math.ceil(TRACE_ROW_SHARE * rows)))
+        some = np.linspace(0, rows - 1, m).round().astype(np.int64) if m < rows else None
+        return np.array([rows / m * levels.prune(round(k * m / rows), some).predicted_error
+                         for k in counts.tolist()])
     if not runs_exact(method, solver, rows, cols) or W.size == 0:
         one = "fast" if method == "obs" and solver == "auto" else solver
         return np.array([prune_layer(W, H, method=method, sparsity=k / max(W.size, 1), solver=one,
@@ -290,8 +294,9 @@ class FastLevels:
                 self.L, self.lam = damped_cholesky(_decoupled(self.H, self.dead), damping(h_diag, damp),
                                                    float(h_diag.max()))
 
-    def prune(self, n_zeros: int) -> LayerResult:
-        W = self.W
+    def prune(self, n_zeros: int, rows: np.ndarray | None = None) -> LayerResult:
+        """rows: prune only these rows of W (as a layer of their own, with the same H)."""
+        W = self.W if rows is None else self.W[rows]
         if self.L is None:  # empty, or no live input: prune_layer's special cases
             return prune_layer(W, self.H, sparsity=n_zeros / max(W.size, 1), solver="fast",
                                block_size=self.block_size, damp=self.damp)

@@ -29,7 +29,7 @@ import numpy as np
 
 from onnx_obs.algorithms.allocation import allocate, exact_counts, interpolated_error
 from onnx_obs.algorithms.layerwise import (FastLevels, error_curve, group_traces, layer_error, prune_layer,
-                                           runs_exact)
+                                           prune_row_groups, runs_exact)
 from onnx_obs.algorithms.masks import spread_zeros
 from onnx_obs.calib import Calibration
 from onnx_obs.errors import OnnxObsError
@@ -76,7 +76,7 @@ def allocate_sites(ctx: Context) -> dict[str, SiteLevel]:
     for s in sorted(sites, key=lambda s: probe.order.get(s.name, -1)):
         w, H = site_matrix(s, loaded.base_dir), cache[s.name]
         counts, errors, split, fast = _table(s, w, H, c)
-        kappa[s.name] = probe.sensitivity(s, w, H, counts, errors, fast)
+        kappa[s.name] = probe.sensitivity(s, w, H, counts, errors, fast, split)
         tables[s.name] = counts, errors, split  # the factorisations go
         ctx.bar.advance(task)
     tables = [tables[s.name] for s in sites]
@@ -259,11 +259,14 @@ class _Probe:
         return sum(sq_err[o] / self.sq_ref[o] for o in names if self.sq_ref[o] > 0)
 
     def sensitivity(self, s: Site, w: np.ndarray, H: np.ndarray, counts: np.ndarray,
-                    errors: np.ndarray, fast: list[FastLevels] | None = None) -> float | None:
+                    errors: np.ndarray, fast: list[FastLevels] | None = None,
+                    split: np.ndarray | None = None) -> float | None:
         """kappa: relative output MSE per unit of layer error, site s pruned alone (module doc), at
         the target level or, where the table is still 0 there (weights on inputs that are 0 on
         every calibration sample go first, at no layer error), at its first level with an error:
-        a probe of free weights alone would measure kappa = 0/0 and leave the site unguarded."""
+        a probe of free weights alone would measure kappa = 0/0 and leave the site unguarded.
+        Pruned by the fast solver (on `fast`, the table's factorisations, if given), or for grouped
+        convolutions on the exact solver as pruning will (`split`: _merged_table's)."""
         if s.dtype == "bfloat16":
             return None
         c = self.ctx.config
@@ -277,10 +280,22 @@ class _Probe:
         if k == counts[0]:  # nothing can be removed: the table is flat
             return 0.0
         groups = s.row_groups()
-        forced = [int(np.sum(w[g] == 0)) for g in groups]
-        shares = spread_zeros(k, forced, np.array([w[g].size for g in groups]))
         pruned = np.empty_like(w)
         e0 = 0.0
+        if split is not None:
+            # a grouped convolution on the exact solver: its zeros split as pruning will split
+            # them, all groups solved in one stacked greedy (one call per group cost seconds)
+            sizes = [w[g].size for g in groups]
+            shares = [n / size for n, size in zip(np.bincount(split[:k], minlength=len(groups)), sizes)]
+            lw = c.layerwise
+            results = prune_row_groups(w, list(H), groups, shares, method=c.method, solver=lw.solver,
+                                       block_size=lw.block_size, damp=lw.damp)
+            for rows, Hg, r in zip(groups, H, results):
+                pruned[rows] = r.weight
+                e0 += layer_error(w[rows], r.weight, Hg)
+            return self._deviation(s, s.from_matrix(pruned).astype(s.dtype)) / e0 if e0 > 0 else 0.0
+        forced = [int(np.sum(w[g] == 0)) for g in groups]
+        shares = spread_zeros(k, forced, np.array([w[g].size for g in groups]))
         for g, (rows, Hg, n) in enumerate(zip(groups, H, shares)):
             new = fast[g].prune(int(n)).weight if fast else prune_layer(
                 w[rows], Hg, method=c.method, sparsity=n / max(w[rows].size, 1),

@@ -31,7 +31,7 @@ from onnx_obs.algorithms.allocation import allocate, exact_counts, interpolated_
 from onnx_obs.algorithms.layerwise import (FastLevels, error_curve, group_traces, layer_error, prune_layer,
                                            prune_row_groups, runs_exact)
 from onnx_obs.algorithms.masks import spread_zeros
-from onnx_obs.calib import Calibration
+from onnx_obs.calib import Calibration, model_inputs
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.capture import site_depths, with_outputs, with_weight_inputs
 from onnx_obs.graph.sites import Site, site_matrix
@@ -153,14 +153,15 @@ def _merged_table(w, H, groups, forced, counts, c) -> tuple[np.ndarray, np.ndarr
 
 def probe_batches(cal: Calibration, n: int) -> list[dict[str, np.ndarray]]:
     """At most n calibration samples, evenly spaced over the set (data files are often sorted by
-    class): one batch of them, or with samples that cannot be sliced, n evenly spaced runs."""
+    class): one batch of them, or with samples that cannot be sliced, n evenly spaced runs.
+    n = PROBE_SAMPLES: the first batches up to n samples, as they are."""
     if not cal.sliceable:
         pick = np.unique(np.linspace(0, len(cal.batches) - 1, min(n, len(cal.batches))).round().astype(int))
         return [cal.batches[i] for i in pick]
     sizes = [len(next(iter(b.values()))) for b in cal.batches]
     total = sum(sizes)
-    if total <= n:
-        return list(cal.batches)
+    if total <= n or n >= PROBE_SAMPLES:
+        return cal.batches[: int(np.searchsorted(np.cumsum(sizes), n)) + 1]
     pick = np.unique(np.linspace(0, total - 1, n).round().astype(np.int64))
     start = np.cumsum([0] + sizes[:-1])
     batch = np.searchsorted(start, pick, side="right") - 1
@@ -206,9 +207,12 @@ class _Probe:
 
     def _sample_count(self, runner: Runner) -> int:
         """Probe samples: enough for PROBE_VALUES output values (at least PROBE_MIN_SAMPLES, at
-        most PROBE_SAMPLES), counted on one sample's run."""
+        most PROBE_SAMPLES), counted on one sample's run; PROBE_SAMPLES where the samples cannot
+        be regrouped (no batching, or a fixed batch size: the calibration batches as they are)."""
         cal = self.ctx.cal
-        if not cal.sliceable:
+        fed = set(cal.batches[0])
+        specs = [i for i in model_inputs(self.ctx.loaded.model) if i.name in fed]
+        if not cal.sliceable or not all(i.shape and i.shape[0] is None for i in specs):
             return PROBE_SAMPLES
         one = probe_batches(cal, 1)[0]
         values = sum(np.size(y) for y in runner.run(one, self.outputs) if np.asarray(y).dtype.kind == "f")

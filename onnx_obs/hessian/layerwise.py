@@ -51,6 +51,17 @@ class HessianSum:
                 self.sum += part
         self.count += vectors.shape[1]
 
+    def add_columns(self, columns: np.ndarray) -> None:
+        """add(columns.transpose(0, 2, 1)) without the transposing copy: columns (groups, cols,
+        n), a convolution sample's unfolded patches as they lie in memory. Chunks of n as add's."""
+        wide = self.precision == "float64" or columns.dtype == np.float64
+        dtype, rows = (np.float64, _CHUNK_ROWS) if wide else (np.float32, _CHUNK_ROWS_F32)
+        chunks = [columns[:, :, s:s + rows] for s in range(0, columns.shape[2], rows)]
+        with one_blas_thread():
+            for part in map_ordered(lambda v: _gram_columns(v, dtype), chunks):
+                self.sum += part
+        self.count += columns.shape[2]
+
     def hessian(self) -> np.ndarray:
         return self.sum / max(self.count, 1)
 
@@ -59,6 +70,23 @@ def _gram(v: np.ndarray, dtype) -> np.ndarray:
     """2 v^T v per group, multiplied in `dtype`, returned as float64."""
     v = v.astype(dtype, copy=False)
     return 2.0 * np.matmul(v.transpose(0, 2, 1), v).astype(np.float64)
+
+
+def _gram_columns(c: np.ndarray, dtype) -> np.ndarray:
+    """2 c c^T per group, multiplied in `dtype`, returned as float64."""
+    c = c.astype(dtype, copy=False)
+    return 2.0 * np.matmul(c, c.transpose(0, 2, 1)).astype(np.float64)
+
+
+def conv_columns(x: np.ndarray, geometry: ConvGeometry):
+    """Yield one (groups, C/groups * K, positions) block per sample of a Conv input batch: the
+    transposed input vectors of input_vectors(x, "conv", ..., geometry) (all positions), sample
+    by sample, a plain reshape of the sample's unfolded patches."""
+    xp, out = _padded(x, geometry)
+    c, groups = x.shape[1], geometry.groups
+    for n in range(len(x)):
+        taps = _taps(xp[n:n + 1], geometry.kernel, geometry.dilations, geometry.strides, out)
+        yield taps.reshape(groups, c // groups * taps.shape[2], -1)
 
 
 def input_vectors(x: np.ndarray, samples: str, cols: int,

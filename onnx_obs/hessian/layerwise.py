@@ -78,6 +78,11 @@ def _gram_columns(c: np.ndarray, dtype) -> np.ndarray:
     return 2.0 * np.matmul(c, c.transpose(0, 2, 1)).astype(np.float64)
 
 
+def conv_positions(x: np.ndarray, geometry: ConvGeometry) -> int:
+    """Output positions per sample of a Conv on the batch x."""
+    return math.prod(_padded(x[:1, :1], geometry)[1])
+
+
 def conv_columns(x: np.ndarray, geometry: ConvGeometry):
     """Yield one (groups, C/groups * K, positions) block per sample of a Conv input batch: the
     transposed input vectors of input_vectors(x, "conv", ..., geometry) (all positions), sample

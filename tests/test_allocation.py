@@ -421,3 +421,16 @@ def test_fast_table_from_sampled_rows_estimates_all_rows(monkeypatch):
                                       for k in counts])
     assert not np.allclose(sampled, full, rtol=1e-6)
     np.testing.assert_allclose(sampled, full, rtol=0.3)
+
+
+def test_probes_beyond_the_memory_budget_run_the_whole_model(monkeypatch):
+    """Cut tensors over --capture-memory are not held: every sensitivity run is a whole-model
+    run (with a note), and the sensitivities are those of the tails."""
+    model = residual_model()
+    calib = calib_for(model, n=24)
+    tails = api.prune(model, calib, sparsity=0.5, allocation="auto", min_params=0).report
+    whole = api.prune(model, calib, sparsity=0.5, allocation="auto", min_params=0, capture_memory_mb=0).report
+    assert any("each runs the whole model" in n for n in whole.notes)
+    assert not any("each runs the whole model" in n for n in tails.notes)
+    for a, b in zip(tails.sites, whole.sites):
+        assert a.sensitivity == pytest.approx(b.sensitivity, rel=1e-5)

@@ -197,9 +197,18 @@ class _Probe:
             self.batches = probe_batches(ctx.cal, self._sample_count(runner))
             self.samples = (sum(len(next(iter(b.values()))) for b in self.batches) if ctx.cal.sliceable
                             else len(self.batches))
-            # per batch: the graph outputs and the tails' inputs on the model as given
-            self.values = [{**feeds, **dict(zip(self.outputs + needed, runner.run(feeds)))}
-                           for feeds in self.batches]
+            # per batch: the graph outputs and the tails' inputs on the model as given, these
+            # within --capture-memory (beyond it every site's run is a whole-model run)
+            budget, held, self.values = ctx.config.layerwise.capture_memory_mb << 20, 0, []
+            for feeds in self.batches:
+                self.values.append({**feeds, **dict(zip(self.outputs + needed, runner.run(feeds)))})
+                held += sum(np.asarray(self.values[-1][t]).nbytes for t in needed)
+                if needed and held > budget:
+                    ctx.report.notes.append(
+                        f"auto allocation: the sensitivity runs' cut tensors exceed --capture-memory "
+                        f"{ctx.config.layerwise.capture_memory_mb} MB; each runs the whole model")
+                    self.values = [{k: v[k] for k in list(feeds) + self.outputs} for v in self.values]
+                    self.segment, needed = {}, []
         self.sq_ref = {o: sum(float(np.vdot(r, r)) for r in (np.asarray(v[o], dtype=np.float64) for v in self.values))
                        for o in self.outputs if np.asarray(self.values[0][o]).dtype.kind == "f"}
         self._runner: tuple[int, Runner | None] | None = None

@@ -2,8 +2,10 @@
 
 For each model, in the same run: one onnxruntime forward pass of the calibration data (batches
 of 32, as prune feeds them), the default `onnx-obs prune` (layer-wise OBS, 50%), and
-`--method magnitude` with the same data; the prune's phase breakdown (from its report) and the
-relative output MSE on the calibration data. With --old DIR the default prune also runs from
+`--method magnitude` with the same data; the prune's phase breakdown (from its report: onnxruntime's time in
+capture and in the allocation's sensitivity probes, each in forward passes), the CPU seconds of
+both prunes (the figure least moved by other jobs) and the relative output MSE on the
+calibration data. With --old DIR the default prune also runs from
 that checkout (PYTHONPATH=DIR, e.g. a detached worktree of main) for before/after figures. With
 --compete every run shares the machine with one CPU-bound process (a pure-Python busy loop).
 
@@ -206,7 +208,7 @@ def forward_seconds(path: Path, calib: Path) -> float:
 def prune(path: Path, calib: Path, out: Path, pythonpath: Path, *extra: str) -> dict:
     report = out.with_suffix(".json")
     env = dict(os.environ, PYTHONPATH=str(pythonpath))
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), os.times()
     # -P: the working directory stays off sys.path, else `python -m` run from a checkout imports
     # that checkout's onnx_obs whatever PYTHONPATH says (--old then timed the new code)
     proc = subprocess.run([sys.executable, "-P", "-m", "onnx_obs", "prune", str(path),
@@ -214,11 +216,13 @@ def prune(path: Path, calib: Path, out: Path, pythonpath: Path, *extra: str) -> 
                            "--report", str(report), *extra],
                           env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
+    end = os.times()  # the child's CPU seconds: the figure least moved by other jobs' load
+    cpu = end.children_user + end.children_system - cpu.children_user - cpu.children_system
     if proc.returncode != 0:
-        return {"wall": wall, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+        return {"wall": wall, "cpu": cpu, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     r = json.loads(report.read_text())
     tot = r["totals"]
-    return {"wall": wall, "phases": tot.get("phase_seconds", {}), "threads": tot.get("threads"),
+    return {"wall": wall, "cpu": cpu, "phases": tot.get("phase_seconds", {}), "threads": tot.get("threads"),
             "mse": float(np.mean([v["relative_mse"] for v in r["deviation"].values()])),
             "notes": [n for n in r["notes"] if "sequential capture" in n]}
 
@@ -267,7 +271,9 @@ def main() -> None:
             else:
                 print("           phases " + ", ".join(f"{k} {v:.1f}" for k, v in obs["phases"].items())
                       + f" s; threads {obs['threads']}; onnxruntime in capture "
-                      f"{obs['phases'].get('capture', 0) / fwd:.1f} forward passes"
+                      f"{obs['phases'].get('capture', 0) / fwd:.1f} + allocation probes "
+                      f"{obs['phases'].get('probes', 0) / fwd:.1f} forward passes; CPU "
+                      f"{obs['cpu']:.1f} s (magnitude {mag.get('cpu', float('nan')):.1f} s)"
                       + (f"; {obs['notes'][0]}" if obs["notes"] else ""), flush=True)
         print(f"load average {os.getloadavg()[0]:.2f} at end")
     finally:

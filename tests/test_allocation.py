@@ -343,3 +343,94 @@ def test_a_site_whose_first_zeros_are_free_is_still_guarded():
             fc1 = next(s for s in r.report.sites if s.name == "fc1.weight")
             assert fc1.sensitivity > 0 and fc1.zeros_after < round(0.9 * fc1.params)
     assert errors["auto"] <= errors["uniform"]
+
+
+def test_group_traces_equal_each_groups_own_table():
+    """The stacked greedy over one-row groups gives each group's error_curve trace; groups with an
+    existing zero or a dead input, and a two-row group, take error_curve itself."""
+    from onnx_obs.algorithms.layerwise import group_traces
+
+    layers = [_layer(1, 7, seed=g) for g in range(5)] + [_layer(2, 7, seed=9)]
+    w = np.vstack([W for W, _ in layers])
+    for W, Hg in layers[2:4]:   # live, non-zero rows: the stacked path
+        W[0, 4] = 1.5
+        Hg[1, 1] = Hg[0, 0]
+    w = np.vstack([W for W, _ in layers])
+    groups = [slice(g, g + 1) for g in range(5)] + [slice(5, 7)]
+    traces = group_traces(w, [Hg for _, Hg in layers], groups)
+    for (W, Hg), g, trace in zip(layers, groups, traces):
+        np.testing.assert_allclose(trace, error_curve(w[g], Hg, np.arange(W.size + 1)), rtol=1e-12, atol=1e-15)
+
+
+def residual_model():
+    """x [b, 6] -> fc0 -> Relu -> fc1 -> + (residual from the Relu) -> fc2 -> y, fc1's weight a
+    Constant node: the probe's tails start inside the residual block."""
+    inits = [init("fc0", randn([6, 8], 1)), init("fc2", randn([8, 3], 3))]
+    nodes = [helper.make_node("MatMul", ["x", "fc0"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]),
+             constant("fc1", randn([8, 8], 2) * 0.5),
+             helper.make_node("MatMul", ["r", "fc1"], ["b"]),
+             helper.make_node("Add", ["b", "r"], ["c"]),
+             helper.make_node("MatMul", ["c", "fc2"], ["y"])]
+    return make_model(nodes, [vi("x", np.float32, ["b", 6])], [vi("y", np.float32, ["b", 3])], inits)
+
+
+def test_tail_plan_recomputes_what_a_weight_changes():
+    from onnx_obs.graph.slicing import tail_plan
+
+    g = residual_model().graph
+    plan = tail_plan(g, {"fc1"})
+    assert [g.node[k].output[0] for k in plan.nodes] == ["b", "c", "y"]
+    assert plan.inputs == ["fc1", "r"] and plan.outputs == ["y"]
+
+
+@pytest.mark.parametrize("build", [residual_model, depthwise_model])
+def test_probes_on_tails_measure_the_whole_models_deviation(monkeypatch, build):
+    """Each site's sensitivity from its segment's tail equals the one from whole-model runs (the
+    probe's fallback), and that is onnxruntime's output deviation of the model with that site
+    pruned alone, per unit of its layer error."""
+    import onnx_obs.strategies.allocation as strategy
+
+    model = build()
+    calib = calib_for(model, n=24)
+    built, tail = [], strategy._Probe._tail
+    monkeypatch.setattr(strategy._Probe, "_tail", lambda self, i: built.append(tail(self, i)) or built[-1])
+    tails = api.prune(model, calib, sparsity=0.5, allocation="auto", min_params=0).report.sites
+    assert built and all(r is not None for r in built)
+
+    def unsliceable(*args):
+        raise strategy.Unsliceable("test")
+
+    monkeypatch.setattr(strategy, "tail_plan", lambda graph, weights: strategy.Slice([], [], [], []))
+    monkeypatch.setattr(strategy, "slice_model", unsliceable)
+    whole = api.prune(model, calib, sparsity=0.5, allocation="auto", min_params=0).report.sites
+    assert len(tails) == len(whole) >= 2
+    for a, b in zip(tails, whole):
+        assert a.sensitivity > 0 and a.sensitivity == pytest.approx(b.sensitivity, rel=1e-5)
+
+
+def test_fast_table_from_sampled_rows_estimates_all_rows(monkeypatch):
+    """Fast-solver tables prune a quarter of the rows (at least 16) and scale by rows / m, as the
+    exact tables do: within 30% of the all-rows table here, which is the solver's error itself."""
+    W, H = _layer(64, 24, seed=3)
+    counts = (np.array([0.3, 0.6, 0.9]) * W.size).astype(int)
+    sampled = error_curve(W, H, counts, solver="fast")
+    monkeypatch.setattr(layerwise, "TRACE_ROW_SHARE", 1.0)
+    full = error_curve(W, H, counts, solver="fast")
+    np.testing.assert_allclose(full, [prune_layer(W, H, sparsity=k / W.size, solver="fast").predicted_error
+                                      for k in counts])
+    assert not np.allclose(sampled, full, rtol=1e-6)
+    np.testing.assert_allclose(sampled, full, rtol=0.3)
+
+
+def test_probes_beyond_the_memory_budget_run_the_whole_model(monkeypatch):
+    """Cut tensors over --capture-memory are not held: every sensitivity run is a whole-model
+    run (with a note), and the sensitivities are those of the tails."""
+    model = residual_model()
+    calib = calib_for(model, n=24)
+    tails = api.prune(model, calib, sparsity=0.5, allocation="auto", min_params=0).report
+    whole = api.prune(model, calib, sparsity=0.5, allocation="auto", min_params=0, capture_memory_mb=0).report
+    assert any("each runs the whole model" in n for n in whole.notes)
+    assert not any("each runs the whole model" in n for n in tails.notes)
+    for a, b in zip(tails.sites, whole.sites):
+        assert a.sensitivity == pytest.approx(b.sensitivity, rel=1e-5)

@@ -228,3 +228,48 @@ def test_max_positions_sums_a_seeded_subset_of_positions():
     assert len(set(pick.tolist())) == 15 and [p // 36 for p in pick] == [0] * 5 + [1] * 5 + [2] * 5
     np.testing.assert_allclose(sub.hessians()["W"][0], hessian(vecs[pick][None])[0], rtol=1e-10)
     assert not np.allclose(sub.hessians()["W"][0], full.hessians()["W"][0])
+
+
+@pytest.mark.parametrize("geometry", [
+    dict(kernel=(3, 3), strides=(1, 1), dilations=(1, 1), pads=(1, 1, 1, 1), groups=1),
+    dict(kernel=(3, 3), strides=(2, 2), dilations=(1, 1), pads=(1, 1, 1, 1), groups=8),
+    dict(kernel=(5, 3), strides=(1, 2), dilations=(2, 1), pads=(0, 1, 2, 0), groups=2),
+    dict(kernel=(3,), strides=(2,), dilations=(1,), pads=(1, 0), groups=4),
+])
+def test_drawn_positions_are_unfolded_alone_as_the_full_unfold_would_give_them(geometry):
+    """With max_positions, only the drawn output positions are unfolded: the same vectors, in the
+    same order, as unfolding everything and keeping those positions."""
+    from onnx_obs.graph.ops import ConvGeometry
+    from onnx_obs.hessian.layerwise import _group_rows, _some_positions, conv_patches, input_vectors
+
+    g = ConvGeometry(**geometry)
+    x = randn([5, 8] + [11, 9][: len(g.kernel)], 4)
+    cols = 8 // g.groups * int(np.prod(g.kernel))
+    full = _group_rows(conv_patches(x, g), g.groups)
+    for keep in (0, 3, 20, 10_000):
+        got = np.concatenate(list(input_vectors(x, "conv", cols, g, keep, 7)), axis=1)
+        np.testing.assert_array_equal(got, _some_positions(full, 5, keep, 7))
+
+
+@pytest.mark.parametrize("geometry", [
+    dict(kernel=(3, 3), strides=(1, 1), dilations=(1, 1), pads=(1, 1, 1, 1), groups=8),
+    dict(kernel=(5, 3), strides=(1, 2), dilations=(2, 1), pads=(0, 1, 2, 0), groups=2),
+    dict(kernel=(3,), strides=(2,), dilations=(1,), pads=(1, 0), groups=1),
+])
+def test_conv_columns_sum_the_same_hessian_without_transposing(geometry):
+    """Conv Hessians summed from each sample's patches as they lie (groups, cols, positions) equal
+    those from the transposed input vectors: to rounding in float64, and within float32's."""
+    from onnx_obs.graph.ops import ConvGeometry
+    from onnx_obs.hessian.layerwise import HessianSum, conv_columns, input_vectors
+
+    g = ConvGeometry(**geometry)
+    x = randn([4, 8] + [11, 9][: len(g.kernel)], 5)
+    cols = 8 // g.groups * int(np.prod(g.kernel))
+    vectors = np.concatenate(list(input_vectors(x.astype(np.float64), "conv", cols, g)), axis=1)
+    want = 2 * np.matmul(vectors.transpose(0, 2, 1), vectors) / vectors.shape[1]
+    for precision, rtol in (("float64", 1e-12), ("float32", 1e-6)):
+        acc = HessianSum(g.groups, cols, precision)
+        for columns in conv_columns(x, g):
+            acc.add_columns(columns)
+        assert acc.count == vectors.shape[1]
+        np.testing.assert_allclose(acc.hessian(), want, rtol=rtol, atol=rtol * np.abs(want).max())

@@ -457,3 +457,23 @@ def test_exact_allowed_spends_the_budget_on_the_cheapest_layers():
             prefix.append(i)
         assert [i for i, a in enumerate(allowed) if a] == sorted(prefix)
     assert exact_allowed(layers, 100.0) == [True, True, True, False, True]
+
+
+def test_fast_levels_prune_as_prune_layer_at_every_count():
+    """One factorisation of H serves every count: bitwise what prune_layer's fast solver gives,
+    dead inputs and existing zeros included."""
+    from onnx_obs.algorithms.layerwise import FastLevels
+
+    rng = np.random.default_rng(4)
+    W = rng.standard_normal((12, 40)).astype(np.float32)
+    W[3, 7] = 0.0
+    X = rng.standard_normal((40, 120))
+    X[5] = 0.0
+    H = 2 * X @ X.T / X.shape[1]
+    levels = FastLevels(W, H, block_size=16)
+    for k in (0, 1, 100, 240, 431):
+        got = levels.prune(k)
+        want = prune_layer(W, H, sparsity=k / W.size, solver="fast", block_size=16)
+        np.testing.assert_array_equal(got.weight, want.weight)
+        np.testing.assert_array_equal(got.mask, want.mask)
+        assert (got.predicted_error, got.damping) == (want.predicted_error, want.damping)

@@ -30,7 +30,7 @@ from onnx_obs.algorithms.baselines import SCORES
 from onnx_obs.algorithms.blas_threads import blas_threads_for
 from onnx_obs.algorithms.damping import damped_cholesky, damping
 from onnx_obs.algorithms.masks import nm_mask, smallest_in_groups, smallest_overall, spread_zeros
-from onnx_obs.algorithms.obc import _greedy, obc_prune, obc_trace
+from onnx_obs.algorithms.obc import _convex_slopes, _greedy, obc_prune, obc_trace
 from onnx_obs.algorithms.refit import refit_flops, refit_kept
 from onnx_obs.algorithms.sparsegpt import sparsegpt_prune
 
@@ -193,21 +193,54 @@ def prune_row_groups(W: np.ndarray, H: list, groups: list[slice], sparsities: li
 def _exact_rows(W: np.ndarray, H: list, stop: np.ndarray, damp: float) -> list[LayerResult]:
     """Row r of W with stop[r] weights removed by the exact solver under its own H[r] (no dead
     inputs, no zeros): prune_layer's steps for a one-row layer, the greedy over the stack."""
-    rows, cols = W.shape
-    Hinv, lams = np.empty((rows, cols, cols)), []
+    Hinv, lams = _row_inverses(H, W.shape[1], damp)
+    weight, removed, losses, _ = _greedy(W, Hinv, np.zeros(W.shape, dtype=bool), stop)
+    return [LayerResult(weight[r : r + 1], ~removed[r : r + 1], float(losses[r, : stop[r]].sum()),
+                        lam, "exact") for r, lam in enumerate(lams)]
+
+
+def _row_inverses(H: list, cols: int, damp: float) -> tuple[np.ndarray, list[float]]:
+    """(rows, cols, cols) inverses of the damped H[r] (no dead input) and the dampings."""
+    Hinv, lams = np.empty((len(H), cols, cols)), []
     for r, Hr in enumerate(H):
         A = _decoupled(Hr, np.zeros(cols, dtype=bool))
         h_diag = A.diagonal().copy()
         L, lam = damped_cholesky(A, damping(h_diag, damp), float(h_diag.max()))
         Hinv[r] = _inverse(L)
         lams.append(lam)
-    weight, removed, losses, _ = _greedy(W, Hinv, np.zeros(W.shape, dtype=bool), stop)
-    return [LayerResult(weight[r : r + 1], ~removed[r : r + 1], float(losses[r, : stop[r]].sum()),
-                        lam, "exact") for r, lam in enumerate(lams)]
+    return Hinv, lams
+
+
+def group_traces(W: np.ndarray, H: list, groups: list[slice], *, method: str = "obs",
+                 solver: str = "auto", block_size: int = 128, damp: float = 0.01) -> list[np.ndarray]:
+    """error_curve(W[g], H[i], range(W[g].size + 1)) for every row group g = groups[i], with the
+    same results: one-row groups that the exact solver takes without special cases (as in
+    prune_row_groups) share one greedy over their stacked H^-1 (each row's trace is its
+    cumulative convexified step losses, obc_trace)."""
+    options = dict(method=method, solver=solver, block_size=block_size, damp=damp)
+    traces: list[np.ndarray | None] = [None] * len(groups)
+    batch = []
+    for i, (g, Hg) in enumerate(zip(groups, H)):
+        w = W[g]
+        if w.shape[0] == 1 and runs_exact(method, solver, 1, w.shape[1]):
+            w, Hg, _ = _check(w, Hg, method, 0.0, None, solver, block_size, damp)
+            if np.all(w != 0) and np.all(Hg.diagonal() > 0):
+                batch.append(i)
+                continue
+        traces[i] = error_curve(w, Hg, np.arange(w.size + 1), **options)
+    if batch:
+        rows = np.concatenate([np.asarray(W[groups[i]], dtype=np.float64) for i in batch])
+        Hinv, _ = _row_inverses([H[i] for i in batch], rows.shape[1], damp)
+        _, _, losses, _ = _greedy(rows, Hinv, np.zeros(rows.shape, dtype=bool), np.full(len(batch), rows.shape[1]))
+        steps = np.sort(_convex_slopes(losses, np.zeros(len(batch), dtype=np.int64)), axis=1)
+        cost = np.concatenate([np.zeros((len(batch), 1)), np.cumsum(np.maximum(steps, 0.0), axis=1)], axis=1)
+        for i, trace in zip(batch, cost):
+            traces[i] = trace
+    return traces
 
 
 def error_curve(W: np.ndarray, H: np.ndarray, counts, *, method: str = "obs", solver: str = "auto",
-                block_size: int = 128, damp: float = 0.01) -> np.ndarray:
+                block_size: int = 128, damp: float = 0.01, levels: FastLevels | None = None) -> np.ndarray:
     """prune_layer's predicted error at each zero count in `counts` (unstructured): a layer's
     error-vs-sparsity table, for allocating sparsity across layers (OBC, Frantar & Alistarh 2022).
 
@@ -215,11 +248,19 @@ def error_curve(W: np.ndarray, H: np.ndarray, counts, *, method: str = "obs", so
     (obc.obc_trace), run on evenly spaced rows (TRACE_ROW_SHARE, at least 16) and scaled up:
     rows are independent problems with the same H, so m of R rows at k m / R zeros estimate the
     error of all at k, times R / m. Elsewhere the layer is pruned once per count, the fast solver
-    without the refit (which lowers the error by a roughly constant factor).
+    without the refit (which lowers the error by a roughly constant factor) on one factorisation
+    of H (FastLevels; `levels`: one already made for W and H), OBS on the same share of the rows
+    (scaled the same way), the baselines on all.
     """
     W, H, _ = _check(W, H, method, 0.0, None, solver, block_size, damp)
     counts = np.clip(np.asarray(counts, dtype=np.int64), 0, W.size)
     rows, cols = W.shape
+    if method == "obs" and not runs_exact(method, solver, rows, cols):
+        levels = levels or FastLevels(W, H, block_size=block_size, damp=damp)
+        m = min(rows, max(16, math.ceil(TRACE_ROW_SHARE * rows)))
+        some = np.linspace(0, rows - 1, m).round().astype(np.int64) if m < rows else None
+        return np.array([rows / m * levels.prune(round(k * m / rows), some).predicted_error
+                         for k in counts.tolist()])
     if not runs_exact(method, solver, rows, cols) or W.size == 0:
         one = "fast" if method == "obs" and solver == "auto" else solver
         return np.array([prune_layer(W, H, method=method, sparsity=k / max(W.size, 1), solver=one,
@@ -236,6 +277,35 @@ def error_curve(W: np.ndarray, H: np.ndarray, counts, *, method: str = "obs", so
     work = np.array(W[np.linspace(0, rows - 1, m).round().astype(np.int64)], dtype=np.float64)
     trace = obc_trace(work, Hinv, (work == 0.0) | dead[None, :])
     return rows / m * np.interp(counts * m / rows, np.arange(trace.size), trace)
+
+
+class FastLevels:
+    """prune_layer(W, H, sparsity=k / W.size, solver="fast") at several zero counts k, the damped
+    H factored once: on wide layers the Cholesky factorisation costs more than SparseGPT."""
+
+    def __init__(self, W: np.ndarray, H: np.ndarray, *, block_size: int = 128, damp: float = 0.01):
+        self.W, self.H, _ = _check(W, H, "obs", 0.0, None, "fast", block_size, damp)
+        self.block_size, self.damp, self.L = block_size, damp, None
+        h_diag = self.H.diagonal().astype(np.float64)
+        self.dead = ~(h_diag > 0)
+        if self.W.size and not self.dead.all():
+            h_diag[self.dead] = 0.0
+            with blas_threads_for(self.W.shape[1] ** 3 / 3):
+                self.L, self.lam = damped_cholesky(_decoupled(self.H, self.dead), damping(h_diag, damp),
+                                                   float(h_diag.max()))
+
+    def prune(self, n_zeros: int, rows: np.ndarray | None = None) -> LayerResult:
+        """rows: prune only these rows of W (as a layer of their own, with the same H)."""
+        W = self.W if rows is None else self.W[rows]
+        if self.L is None:  # empty, or no live input: prune_layer's special cases
+            return prune_layer(W, self.H, sparsity=n_zeros / max(W.size, 1), solver="fast",
+                               block_size=self.block_size, damp=self.damp)
+        work = _float_copy(W, np.float32 if W.dtype.itemsize <= 4 else np.float64)
+        if self.dead.any():
+            _remove_needed_dead(work, self.dead, n_zeros, None)
+        with blas_threads_for(W.shape[0] * W.shape[1] ** 2):
+            weight, removed, predicted = sparsegpt_prune(work, self.L, n_zeros=n_zeros, block_size=self.block_size)
+        return LayerResult(weight, ~removed, predicted, self.lam, "fast")
 
 
 def runs_exact(method: str, solver: str, rows: int, cols: int, exact: bool = True) -> bool:

@@ -123,3 +123,23 @@ def slice_model(model: onnx.ModelProto, plan: Slice, input_dtypes: dict[str, np.
     m = onnx.helper.make_model(graph, opset_imports=model.opset_import, functions=model.functions)
     m.ir_version = model.ir_version
     return m
+
+
+def tail_plan(graph: onnx.GraphProto, weights: set[str]) -> Slice:
+    """The nodes whose values change when the tensors `weights` change: every node reading one
+    (directly or inside its subgraphs) and every node after those, in graph order. Its inputs are
+    the other tensors those nodes read (unchanged: computed by the other nodes, fed, or
+    non-weight Constant outputs; initializers stay initializers), its outputs the graph outputs
+    that change. A model of it (slice_model) recomputes what a change of `weights` affects from
+    the unchanged values of one run of the whole model."""
+    changed, nodes = set(weights), []
+    for k, n in enumerate(graph.node):
+        if any(t in changed for t in list(n.input) + sorted(implicit_inputs(n))):
+            nodes.append(k)
+            changed |= {o for o in n.output if o}
+    produced = {o for k in nodes for o in graph.node[k].output if o}
+    stored = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
+    read = {t for k in nodes for t in list(graph.node[k].input) + sorted(implicit_inputs(graph.node[k])) if t}
+    inputs = sorted(t for t in read - produced if t not in stored)
+    outputs = [o.name for o in graph.output if o.name in produced]
+    return Slice(nodes, inputs, outputs, [])

@@ -17,7 +17,7 @@ from onnx_obs.graph.capture import with_outputs
 from onnx_obs.graph.model_io import LoadedModel
 from onnx_obs.graph.ops import OPS
 from onnx_obs.graph.sites import Site
-from onnx_obs.hessian.layerwise import HessianSum, input_vectors
+from onnx_obs.hessian.layerwise import HessianSum, conv_columns, conv_positions, input_vectors
 from onnx_obs.runtime import Runner
 from onnx_obs.timing import Phases
 
@@ -46,7 +46,16 @@ class HessianSums:
         """values: every name of `acts` -> its activation for one batch."""
         for acc, s, geometries in self.sums.values():
             for u, geometry in zip(s.uses, geometries):
-                for vectors in input_vectors(values[u.activation], u.samples, s.matrix_shape[1], geometry,
+                x = values[u.activation]
+                if (u.samples == "conv" and not self.max_positions and not self.with_bias
+                        and conv_positions(x, geometry) >= acc.sum.shape[1]):
+                    # no transposing copy; where a sample has fewer positions than columns, its
+                    # product (cols^2 numbers to add for positions * cols^2 products) would cost
+                    # more to sum than the copy saves: the vectors of many samples go together
+                    for columns in conv_columns(x, geometry):
+                        acc.add_columns(columns)
+                    continue
+                for vectors in input_vectors(x, u.samples, s.matrix_shape[1], geometry,
                                              self.max_positions, acc.count):
                     if self.with_bias:
                         vectors = np.concatenate([vectors, np.ones(vectors.shape[:2] + (1,), vectors.dtype)],

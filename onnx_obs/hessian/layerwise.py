@@ -16,6 +16,7 @@ PRECISIONS: the products' floating type ("float32": float32 for float32/float16 
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 
@@ -50,6 +51,17 @@ class HessianSum:
                 self.sum += part
         self.count += vectors.shape[1]
 
+    def add_columns(self, columns: np.ndarray) -> None:
+        """add(columns.transpose(0, 2, 1)) without the transposing copy: columns (groups, cols,
+        n), a convolution sample's unfolded patches as they lie in memory. Chunks of n as add's."""
+        wide = self.precision == "float64" or columns.dtype == np.float64
+        dtype, rows = (np.float64, _CHUNK_ROWS) if wide else (np.float32, _CHUNK_ROWS_F32)
+        chunks = [columns[:, :, s:s + rows] for s in range(0, columns.shape[2], rows)]
+        with one_blas_thread():
+            for part in map_ordered(lambda v: _gram_columns(v, dtype), chunks):
+                self.sum += part
+        self.count += columns.shape[2]
+
     def hessian(self) -> np.ndarray:
         return self.sum / max(self.count, 1)
 
@@ -58,6 +70,28 @@ def _gram(v: np.ndarray, dtype) -> np.ndarray:
     """2 v^T v per group, multiplied in `dtype`, returned as float64."""
     v = v.astype(dtype, copy=False)
     return 2.0 * np.matmul(v.transpose(0, 2, 1), v).astype(np.float64)
+
+
+def _gram_columns(c: np.ndarray, dtype) -> np.ndarray:
+    """2 c c^T per group, multiplied in `dtype`, returned as float64."""
+    c = c.astype(dtype, copy=False)
+    return 2.0 * np.matmul(c, c.transpose(0, 2, 1)).astype(np.float64)
+
+
+def conv_positions(x: np.ndarray, geometry: ConvGeometry) -> int:
+    """Output positions per sample of a Conv on the batch x."""
+    return math.prod(_padded(x[:1, :1], geometry)[1])
+
+
+def conv_columns(x: np.ndarray, geometry: ConvGeometry):
+    """Yield one (groups, C/groups * K, positions) block per sample of a Conv input batch: the
+    transposed input vectors of input_vectors(x, "conv", ..., geometry) (all positions), sample
+    by sample, a plain reshape of the sample's unfolded patches."""
+    xp, out = _padded(x, geometry)
+    c, groups = x.shape[1], geometry.groups
+    for n in range(len(x)):
+        taps = _taps(xp[n:n + 1], geometry.kernel, geometry.dilations, geometry.strides, out)
+        yield taps.reshape(groups, c // groups * taps.shape[2], -1)
 
 
 def input_vectors(x: np.ndarray, samples: str, cols: int,
@@ -73,6 +107,18 @@ def input_vectors(x: np.ndarray, samples: str, cols: int,
         yield x.reshape(1, -1, cols)
     elif samples == "cols":
         yield (x.reshape(1, cols) if x.ndim == 1 else np.swapaxes(x, -1, -2)).reshape(1, -1, cols)
+    elif samples == "conv" and max_positions > 0:
+        xp, out = _padded(x, geometry)
+        positions = math.prod(out)
+        step = max(1, _UNFOLD_ELEMENTS // (x.shape[1] * math.prod(geometry.kernel) * positions))  # as below
+        for start in range(0, len(x), step):
+            n = min(step, len(x) - start)
+            if max_positions >= positions:
+                yield _group_rows(_taps(xp[start:start + n], geometry.kernel, geometry.dilations,
+                                        geometry.strides, out), geometry.groups)
+            else:
+                yield _picked_patches(xp[start:start + n], geometry, out,
+                                      _pick(n, positions, max_positions, seed + start))
     elif samples in ("conv", "convtranspose"):
         unfold = conv_patches if samples == "conv" else conv_transpose_patches
         per_sample = unfold(x[:1], geometry).size
@@ -86,13 +132,30 @@ def input_vectors(x: np.ndarray, samples: str, cols: int,
 
 def _some_positions(vectors: np.ndarray, n: int, keep: int, seed: int) -> np.ndarray:
     """(groups, n * positions, cols) -> (groups, n * keep, cols): per sample, `keep` positions
-    drawn without replacement."""
+    drawn without replacement (_pick)."""
     positions = vectors.shape[1] // n
     if keep <= 0 or keep >= positions:
         return vectors
-    pick = np.random.default_rng(seed).random((n, positions)).argsort(axis=1)[:, :keep]
-    pick = np.sort(pick, axis=1) + positions * np.arange(n)[:, None]
+    pick = _pick(n, positions, keep, seed) + positions * np.arange(n)[:, None]
     return vectors[:, pick.ravel()]
+
+
+def _pick(n: int, positions: int, keep: int, seed: int) -> np.ndarray:
+    """(n, keep): per sample, `keep` of `positions` drawn without replacement, ascending."""
+    return np.sort(np.random.default_rng(seed).random((n, positions)).argsort(axis=1)[:, :keep], axis=1)
+
+
+def _picked_patches(xp: np.ndarray, g: ConvGeometry, out: list[int], pick: np.ndarray) -> np.ndarray:
+    """Conv input vectors of a padded batch xp (N, C, *spatial) at the output positions `pick`
+    (N, keep; flat indices into `out`) only: (groups, N * keep, C/groups * K), the rows of
+    _group_rows(conv_patches(...)) that _some_positions keeps, without unfolding the others."""
+    n, c = xp.shape[:2]
+    where = np.unravel_index(pick, out)
+    batch = np.arange(n)[:, None]
+    taps = [xp[(batch, slice(None), *(o * s + k * d for o, s, k, d in zip(where, g.strides, offset, g.dilations)))]
+            for offset in itertools.product(*[range(k) for k in g.kernel])]   # each (N, keep, C)
+    vectors = np.stack(taps, axis=-1).reshape(n * pick.shape[1], g.groups, c // g.groups * len(taps))
+    return vectors.transpose(1, 0, 2)
 
 
 def _group_rows(patches: np.ndarray, groups: int) -> np.ndarray:
@@ -111,6 +174,12 @@ def same_pads(in_size: int, stride: int, extent: int, mode: str) -> tuple[int, i
 
 def conv_patches(x: np.ndarray, g: ConvGeometry) -> np.ndarray:
     """im2col of a batch x (N, C, *spatial) for Conv: (N, C, prod(kernel), *out)."""
+    xp, out = _padded(x, g)
+    return _taps(xp, g.kernel, g.dilations, g.strides, out)
+
+
+def _padded(x: np.ndarray, g: ConvGeometry) -> tuple[np.ndarray, list[int]]:
+    """x padded as the Conv pads it, and the output's spatial size."""
     r = len(g.kernel)
     extents = [(k - 1) * d + 1 for k, d in zip(g.kernel, g.dilations)]
     if g.pads is not None:
@@ -120,8 +189,7 @@ def conv_patches(x: np.ndarray, g: ConvGeometry) -> np.ndarray:
     else:
         pads = [(0, 0)] * r
     xp = np.pad(x, [(0, 0), (0, 0)] + pads)
-    out = [(n - e) // s + 1 for n, e, s in zip(xp.shape[2:], extents, g.strides)]
-    return _taps(xp, g.kernel, g.dilations, g.strides, out)
+    return xp, [(n - e) // s + 1 for n, e, s in zip(xp.shape[2:], extents, g.strides)]
 
 
 def conv_transpose_patches(x: np.ndarray, g: ConvGeometry) -> np.ndarray:

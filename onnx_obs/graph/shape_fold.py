@@ -155,8 +155,12 @@ def _resolved(dims: list | None, declared: set[str]) -> bool:
 def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list]:
     """onnxruntime's symbolic shape inference, which evaluates the shape arithmetic onnx's
     leaves to made-up names (HuggingFace BERT's position ids and attention mask: every tensor
-    after them); empty where it fails (custom ops)."""
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    after them); empty where it fails (custom ops) or sympy, which it needs and onnxruntime does
+    not install, is missing (`pip install onnx-obs[shapes]`)."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:
+        return {}
 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)

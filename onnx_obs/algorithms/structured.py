@@ -81,6 +81,21 @@ def group_obs(consumers: list[Consumer], n_remove: int, *, damp: float = 0.01,
     return UnitRemoval(np.array(order, dtype=np.int64), np.array(costs), W, [lam for _, lam in inv])
 
 
+def refit_without(consumers: list[Consumer], removed, damp: float = 0.01) -> list[np.ndarray]:
+    """Each consumer's weights with the columns of the `removed` units deleted and the others
+    corrected in one set step (Eq. 5 for the set Q: the least-squares optimum over the columns
+    left, whatever order group_obs would remove them in); removed columns exactly zero."""
+    out = []
+    for c in consumers:
+        W = np.array(c.weight, dtype=np.float64)
+        Q = np.concatenate([c.columns[u] for u in removed] or [[]]).astype(np.int64)
+        if Q.size:
+            Hi, _ = damped_inverse(np.asarray(c.hessian, dtype=np.float64), damp)
+            _remove_columns(W, Hi, Q)
+        out.append(W)
+    return out
+
+
 def _unit_costs(W: np.ndarray, Hi: np.ndarray, columns: list[np.ndarray],
                 alive: np.ndarray) -> np.ndarray:
     """dE_Q of each alive unit alone (inf for removed units), batched over units of equal |Q|."""

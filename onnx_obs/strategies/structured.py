@@ -47,6 +47,7 @@ from onnx_obs.graph.units import LeftAlone, UnitGroup
 from onnx_obs.hessian.capture import capture_hessians
 from onnx_obs.latency_table import FRACTIONS, latency_model, onnxruntime_timer
 from onnx_obs.strategies.context import Context
+from onnx_obs.strategies.group_sensitivity import GroupProbe, probe_counts, scale_curve
 
 MAX_STEPS = 64   # greedy steps per layer at most: larger layers remove several units per step
 CHANNEL_BLOCKS = ((16, 128), (8, 16))   # (multiple, from how many units on): see _multiple
@@ -168,15 +169,17 @@ def _full_check(model, original, report) -> None:
                            "nothing written; please report this") from e
 
 
-def _consumers(loaded, group: UnitGroup, hessians: dict) -> list[Consumer]:
+def _consumers(loaded, group: UnitGroup, hessians: dict, model=None) -> list[Consumer]:
     """The algorithm's view of each consumer: W (with its bias as a last column where the bias
-    can absorb a correction) and the matching Hessian (H of [x; 1], or of x alone)."""
+    can absorb a correction) and the matching Hessian (H of [x; 1], or of x alone); `model`: a
+    copy of loaded.model the group was traced on."""
+    model = loaded.model if model is None else model
     out = []
     for c in group.consumers:
         W = site_matrix(c.site, loaded.base_dir)
         H = hessians[c.site.name][0]
         if c.bias is not None:
-            W = np.hstack([W, read_bias(loaded.model, c.bias, loaded.base_dir)[:, None]])
+            W = np.hstack([W, read_bias(model, c.bias, loaded.base_dir)[:, None]])
         else:
             H = H[:-1, :-1]
         out.append(Consumer(W, H, c.columns))
@@ -249,6 +252,8 @@ def _plan(ctx: Context, groups, target, kind, sites) -> dict:
             curves.append(norms[:limit])
             orders.append(order)
     steps = [_multiple(g) for g in groups]
+    if method == "obs" and cal is not None:
+        curves = _measured_curves(ctx, groups, curves, orders, steps, hessians)
     if kind == "latency":
         return _plan_latency(ctx, groups, curves, orders, steps, target)
     resource = resource_model(loaded.model, groups, kind, orders)
@@ -261,6 +266,21 @@ def _plan(ctx: Context, groups, target, kind, sites) -> dict:
     except ValueError as e:   # the target is out of reach
         raise OnnxObsError(str(e)) from e
     return {g.producer.name: int(k) for g, k in zip(groups, counts)}
+
+
+def _measured_curves(ctx: Context, groups, curves, orders, steps, hessians) -> list[np.ndarray]:
+    """The curves scaled by each group's measured output sensitivity (strategies/group_sensitivity)."""
+    loaded, c = ctx.loaded, ctx.config
+    probe = GroupProbe(loaded, ctx.cal, c.device)
+    task = ctx.bar.add("measuring group sensitivity", total=len(groups))
+    scaled = []
+    for g, curve, order, step in zip(groups, curves, orders, steps):
+        counts = probe_counts(len(curve), step)
+        measured = [probe.error(g.producer.name, lambda m, grp, h: _consumers(loaded, grp, h, m),
+                                hessians, order[:k], c.layerwise.damp) for k in counts]
+        scaled.append(scale_curve(curve, counts, measured))
+        ctx.bar.advance(task, what=g.producer.name)
+    return scaled
 
 
 def _plan_latency(ctx: Context, groups, curves, orders, steps, target_ms) -> dict:

@@ -18,12 +18,19 @@ CLASSES = 10
 SIZE = 16
 
 
-def data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def data(n: int, seed: int, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """n samples at size x size pixels: the 16x16 templates enlarged (each pixel repeated in a
+    block) and noise whose std grows with the block side, so that averaging each block gives back
+    the 16x16 task exactly: a larger input costs more compute, the task stays as hard."""
     templates = np.random.default_rng(0).standard_normal((CLASSES, 3, SIZE, SIZE)).astype(np.float32)
+    r = size // SIZE
+    if r * SIZE != size:
+        raise ValueError(f"size must be a multiple of {SIZE}")
+    templates = templates.repeat(r, axis=2).repeat(r, axis=3)
     rng = np.random.default_rng(seed)
     y = rng.integers(0, CLASSES, n)
     scale = rng.uniform(0.5, 1.5, (n, 1, 1, 1)).astype(np.float32)
-    x = scale * templates[y] + 2.0 * rng.standard_normal((n, 3, SIZE, SIZE)).astype(np.float32)
+    x = scale * templates[y] + 2.0 * r * rng.standard_normal((n, 3, size, size)).astype(np.float32)
     return x.astype(np.float32), y
 
 
@@ -139,11 +146,11 @@ class YOLOish(nn.Module):
 ARCHS = {"mobilenet": MobileNetish, "resnet": ResNetish, "c2f": YOLOish}
 
 
-def train_and_export(arch: str, path: Path, steps: int = 300, seed: int = 0) -> float:
-    """Train on fresh synthetic batches, export (eval mode, opset 17, dynamic batch); return the
-    held-out accuracy."""
+def train_and_export(arch: str, path: Path, steps: int = 300, seed: int = 0, size: int = SIZE) -> float:
+    """Train on fresh synthetic batches of size x size inputs, export (eval mode, opset 17,
+    dynamic batch); return the held-out accuracy."""
     torch.manual_seed(seed)
-    return fit_and_export(ARCHS[arch](), data, path, steps, seed, lr=3e-3)
+    return fit_and_export(ARCHS[arch](), lambda n, s: data(n, s, size), path, steps, seed, lr=3e-3)
 
 
 def fit_and_export(net: nn.Module, make_data, path: Path, steps: int, seed: int, lr: float,

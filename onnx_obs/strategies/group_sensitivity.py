@@ -24,7 +24,7 @@ from onnx_obs.graph.tracing import trace_units
 from onnx_obs.runtime import Runner
 
 PROBE_SAMPLES = 256             # calibration samples for the sensitivity runs
-PROBE_FRACTIONS = (0.25, 0.5)   # of a group's units removed at each probe (then rounded to its step)
+PROBE_FRACTIONS = (0.25, 0.5, 0.75)  # of a group's units removed at each probe (then rounded to its step)
 
 
 def probe_counts(length: int, step: int) -> list[int]:

@@ -35,20 +35,23 @@ from onnx_obs.algorithms.structured import (
     norm_order,
     output_energy,
     plan_counts,
+    refit_to_targets,
 )
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.flops import count_macs, resource_model
 from onnx_obs.graph.model_io import iter_tensors
+from onnx_obs.graph.protos import constants
 from onnx_obs.graph.sites import find_sites, site_matrix, write_matrix
 from onnx_obs.graph.surgery import read_bias, shrink, write_bias
 from onnx_obs.graph.tracing import trace_units
-from onnx_obs.graph.protos import constants
-from onnx_obs.graph.units import LeftAlone, UnitGroup
+from onnx_obs.graph.units import ConsumerUse, LeftAlone, UnitGroup
 from onnx_obs.hessian.capture import capture_hessians
+from onnx_obs.hessian.targets import capture_targets, supported
 from onnx_obs.latency_table import FRACTIONS, latency_model, onnxruntime_timer
 from onnx_obs.strategies.context import Context
 from onnx_obs.strategies.group_sensitivity import GroupProbe, probe_counts, scale_curve
 
+PLAN_ROUNDS = 3  # MAC/parameter targets: planned and removed in rounds (see _plan)
 MAX_STEPS = 64   # greedy steps per layer at most: larger layers remove several units per step
 CHANNEL_BLOCKS = ((16, 128), (8, 16))   # (multiple, from how many units on): see _multiple
 
@@ -56,27 +59,21 @@ CHANNEL_BLOCKS = ((16, 128), (8, 16))   # (multiple, from how many units on): se
 def run(ctx: Context) -> None:
     """Remove units from the model in place; fill report.structure and report.skipped; leave the
     sites of the shrunk model in ctx.sites."""
-    loaded, cal, report, bar, c = ctx.loaded, ctx.cal, ctx.report, ctx.bar, ctx.config
-    method, sparsity, damp, device = c.method, c.sparsity, c.layerwise.damp, c.device
+    loaded, report, bar, c = ctx.loaded, ctx.report, ctx.bar, ctx.config
+    method, sparsity = c.method, c.sparsity
     target_params, target_flops = c.structured.target_params, c.structured.target_flops
     model = loaded.model
     original = onnx.ModelProto()
     original.CopyFrom(model)
     sites, _ = find_sites(model)
     chosen = {s.name for s in sites if c.selection.picks(s)}
-    groups, left = trace_units(model, sites, chosen)
-    for g in [g for g in groups if any(p.name not in chosen for p in g.producers)]:
-        groups.remove(g)
-        others = ", ".join(p.name for p in g.producers if p.name not in chosen)
-        left += [LeftAlone(p.name, p.op_type, f"coupled with {others}, not selected")
-                 for p in g.producers if p.name in chosen]
+    groups, left = _traced(model, sites, chosen)
     report.skipped += [{"name": x.name, "op_type": x.op_type, "reason": "units kept: " + x.reason}
                        for x in left]
     if not groups:
         why = f" ({left[0].name}: {left[0].reason})" if left else ""
         raise OnnxObsError(f"no selected layer has units that can be removed{why}: check "
                            "--include/--exclude/--op-types")
-    groups.sort(key=lambda g: g.node)
     target = target_params if target_params is not None else target_flops
     kind = "params" if target_params is not None else "macs"
     st = c.structured
@@ -87,58 +84,109 @@ def run(ctx: Context) -> None:
         report.notes.append(f"--target-speedup {st.target_speedup:g}: at most "
                             f"{target:,.0f} MACs per sample (MACs stand in for latency; "
                             "--latency measured times the widths instead)")
-    if target is not None or kind == "latency":
-        counts = _plan(ctx, groups, target, kind, sites)
-    else:
-        asked = {g.producer.name: min(round(sparsity * g.units), g.units - 1) for g in groups}
-        counts = {g.producer.name: _aligned(g.units, asked[g.producer.name], _multiple(g))
-                  for g in groups}
-        moved = [f"{g.producer.name} {g.units} -> {g.units - counts[g.producer.name]}"
-                 for g in groups if counts[g.producer.name] != asked[g.producer.name]]
-        if moved:
-            report.notes.append(
-                "channels kept at multiples of 8 or 16, which onnxruntime's fast CPU convolutions "
-                f"need (else the smaller model can run slower): {', '.join(moved)}")
-    task = bar.add("removing units", total=len(groups))
-    for name in [g.producer.name for g in groups]:
-        t0 = time.perf_counter()
-        sites, _ = find_sites(model)
-        now, lost = trace_units(model, sites, {name})
-        if not now:
-            report.notes.append(f"{name}: units kept: {lost[0].reason}")
-            continue
-        group, n = now[0], counts[name]
-        entry = {"name": name, "op": group.producer.op_type,
-                 "producers": [p.name for p in group.producers], "units_before": group.units,
-                 "units_after": group.units - n,
-                 "consumers": [c.site.name for c in group.consumers],
-                 "predicted_error": 0.0, "measured_error": 0.0, "relative_error": 0.0}
-        if method == "obs":
-            removed = _obs_step(loaded, group, n, cal, damp, device, bar, entry) if n else []
+    rounds = PLAN_ROUNDS if target is not None and kind != "latency" and method == "obs" else 1
+    state = _Removal(original)
+    given = {g.producer.name: g.units for g in groups}
+    for r in range(rounds):
+        if r:
+            sites = find_sites(model)[0]
+            groups, _ = _traced(model, sites, chosen)
+        if target is not None or kind == "latency":
+            counts = _plan(ctx, groups, target, kind, sites, rounds - r, given)
         else:
-            removed = norm_order(_group_l1(loaded, group, sites))[0][:n]
-            entry["predicted_error"] = entry["measured_error"] = entry["relative_error"] = None
-        removed = _none_emptied(model, group, list(removed), report)
-        shrink(model, group, removed, loaded.base_dir)
-        entry["removed"] = sorted(int(u) for u in removed)
-        entry["seconds"] = time.perf_counter() - t0
-        report.structure.append(entry)
-        bar.advance(task, what=name)
+            asked = {g.producer.name: min(round(sparsity * g.units), g.units - 1) for g in groups}
+            counts = {g.producer.name: _aligned(g.units, asked[g.producer.name], _multiple(g))
+                      for g in groups}
+            moved = [f"{g.producer.name} {g.units} -> {g.units - counts[g.producer.name]}"
+                     for g in groups if counts[g.producer.name] != asked[g.producer.name]]
+            if moved:
+                report.notes.append(
+                    "channels kept at multiples of 8 or 16, which onnxruntime's fast CPU convolutions "
+                    f"need (else the smaller model can run slower): {', '.join(moved)}")
+        task = bar.add("removing units" + (f" (round {r + 1} of {rounds})" if rounds > 1 else ""),
+                       total=len(groups))
+        for name in [g.producer.name for g in groups]:
+            _remove_group(ctx, state, name, counts[name])
+            bar.advance(task, what=name)
+    report.structure += state.entries.values()
     _full_check(model, original, report)
     ctx.sites = find_sites(model)[0]
 
 
-def _multiple(group: UnitGroup) -> int:
+def _traced(model, sites, chosen) -> tuple[list[UnitGroup], list[LeftAlone]]:
+    """The coupling groups whose producers are all selected, in graph order, and what is left."""
+    groups, left = trace_units(model, sites, chosen)
+    for g in [g for g in groups if any(p.name not in chosen for p in g.producers)]:
+        groups.remove(g)
+        others = ", ".join(p.name for p in g.producers if p.name not in chosen)
+        left += [LeftAlone(p.name, p.op_type, f"coupled with {others}, not selected")
+                 for p in g.producers if p.name in chosen]
+    return sorted(groups, key=lambda g: g.node), left
+
+
+class _Removal:
+    """What the removal rounds share: the original model (the refit's targets), each site's
+    original rows still present, each group's original unit indices still present and its
+    report entry (one per group over all rounds)."""
+
+    def __init__(self, original: onnx.ModelProto):
+        self.original = original
+        self.rows: dict[str, np.ndarray] = {}
+        self.units: dict[str, np.ndarray] = {}
+        self.entries: dict[str, dict] = {}
+
+
+def _remove_group(ctx: Context, state: _Removal, name: str, n: int) -> None:
+    """Trace the group named `name` on the model as it is now, remove n of its units (OBS with
+    the refit, or by L1 norm) and record them in its report entry."""
+    loaded, report, model = ctx.loaded, ctx.report, ctx.loaded.model
+    t0 = time.perf_counter()
+    sites, _ = find_sites(model)
+    now, lost = trace_units(model, sites, {name})
+    if not now:
+        report.notes.append(f"{name}: units kept: {lost[0].reason}")
+        return
+    group = now[0]
+    entry = {"name": name, "op": group.producer.op_type,
+             "producers": [p.name for p in group.producers], "units_before": group.units,
+             "units_after": group.units - n,
+             "consumers": [c.site.name for c in group.consumers],
+             "predicted_error": 0.0, "measured_error": 0.0, "relative_error": 0.0}
+    if ctx.config.method == "obs":
+        removed = _obs_step(ctx, state.original, state.rows, group, n, entry)
+    else:
+        removed = norm_order(_group_l1(loaded, group, sites))[0][:n]
+        entry["predicted_error"] = entry["measured_error"] = entry["relative_error"] = None
+    removed = _none_emptied(model, group, list(removed), report)
+    _track_rows(state.rows, group, removed)
+    shrink(model, group, removed, loaded.base_dir)
+    units = state.units.get(name, np.arange(group.units))
+    state.units[name] = np.delete(units, np.asarray(removed, dtype=np.int64))
+    entry["removed"] = sorted(int(units[u]) for u in removed)
+    entry["seconds"] = time.perf_counter() - t0
+    if name in state.entries:   # a later round: one entry per group
+        first = state.entries[name]
+        entry["units_before"] = first["units_before"]
+        entry["removed"] = sorted(first["removed"] + entry["removed"])
+        for key in ("predicted_error", "measured_error", "relative_error", "seconds"):
+            if entry[key] is not None:
+                entry[key] += first[key]
+    state.entries[name] = entry
+
+
+def _multiple(group: UnitGroup, units: int | None = None) -> int:
     """The multiple a layer's kept unit count should stay at: onnxruntime's fastest CPU
     convolutions (MLAS NCHWc) need channel counts in blocks of 8 (AVX2) or 16 (AVX-512), and a
     Conv that loses them runs in plain NCHW between layout reorders, slower than before removal
     (a MobileNet-style CNN with 30% of its channels removed: 0.39 -> 1.05 ms at batch 32).
     Counts already in such blocks stay so (blocks of 16 from 128 units on, where they cost at
-    most 1/8 of the units; else of 8); 1 for layers without a Conv or not in blocks."""
+    most 1/8 of the units; else of 8); 1 for layers without a Conv or not in blocks. `units`:
+    the count the group had in the model as given (later rounds keep its blocks)."""
     if group.producer.layout not in ("conv", "convT") and not any(
             c.site.layout == "conv" for c in group.consumers):
         return 1
-    return next((m for m, least in CHANNEL_BLOCKS if group.units % m == 0 and group.units >= least), 1)
+    units = group.units if units is None else units
+    return next((m for m, least in CHANNEL_BLOCKS if units % m == 0 and units >= least), 1)
 
 
 def _aligned(units: int, n: int, multiple: int) -> int:
@@ -186,11 +234,27 @@ def _consumers(loaded, group: UnitGroup, hessians: dict, model=None) -> list[Con
     return out
 
 
-def _obs_step(loaded, group, n, cal, damp, device, bar, entry) -> np.ndarray:
-    hessians = capture_hessians(loaded, [c.site for c in group.consumers], cal, device, bar, with_bias=True)
+def _obs_step(ctx: Context, original, rows, group, n, entry) -> np.ndarray:
+    """Choose n units by group OBS; the consumers that can (hessian/targets.supported) are refit
+    to the original model's outputs on the columns left, the others keep OBS's correction."""
+    loaded, cal, c = ctx.loaded, ctx.cal, ctx.config
+    damp = c.layerwise.damp
+    hessians = capture_hessians(loaded, [c.site for c in group.consumers], cal, c.device, ctx.bar,
+                                with_bias=True)
     consumers = _consumers(loaded, group, hessians)
     result = group_obs(consumers, n, damp=damp, step=math.ceil(n / MAX_STEPS))
-    for c, con, W in zip(group.consumers, consumers, result.weights):
+    weights = list(result.weights)
+    refit = [j for j, u in enumerate(group.consumers) if _refittable(loaded.model, u)]
+    if refit:
+        sites = [group.consumers[j].site for j in refit]
+        stats = capture_targets(loaded.model, original, loaded.base_dir, sites,
+                                {s.name: rows.get(s.name, np.arange(s.matrix_shape[0])) for s in sites},
+                                [group.consumers[j].bias is not None for j in refit], cal.batches, c.device)
+        for j, s in zip(refit, sites):
+            H, B = stats[s.name]
+            gone = np.concatenate([consumers[j].columns[u] for u in result.order] or [[]])
+            weights[j] = refit_to_targets(B, H, gone, damp)
+    for c, con, W in zip(group.consumers, consumers, weights):
         entry["measured_error"] += layer_error(con.weight, W, con.hessian)
         if c.bias is not None:
             write_bias(loaded.model, c.bias, W[:, -1])
@@ -200,6 +264,23 @@ def _obs_step(loaded, group, n, cal, damp, device, bar, entry) -> np.ndarray:
     energy = output_energy(consumers)
     entry["relative_error"] = entry["measured_error"] / energy if energy > 0 else 0.0
     return result.order
+
+
+def _refittable(model, use: ConsumerUse) -> bool:
+    """Whether the consumer's node output is its whole output (its bias, if any, inside it)."""
+    return supported(use.site) and (use.bias is None or (
+        use.bias.tensor is not None and model.graph.node[use.bias.node].output[0] == use.site.uses[0].output))
+
+
+def _track_rows(rows: dict, group: UnitGroup, removed) -> None:
+    """Drop the removed units' rows from rows[producer] (original row indices still present)."""
+    if not removed:
+        return
+    for p in group.producers:
+        cut = next((c for c in group.cuts if c.tensor == p.tensor_name and not p.scope), None)
+        if cut is not None:
+            kept = rows.get(p.name, np.arange(p.matrix_shape[0]))
+            rows[p.name] = np.delete(kept, np.concatenate([cut.positions[u] for u in removed]))
 
 
 def _none_emptied(model, group: UnitGroup, removed: list[int], report) -> list[int]:
@@ -231,8 +312,12 @@ def _group_l1(loaded, group: UnitGroup, sites) -> np.ndarray:
     return norms
 
 
-def _plan(ctx: Context, groups, target, kind, sites) -> dict:
-    """Per-layer unit counts that meet a whole-model target (see the module docstring)."""
+def _plan(ctx: Context, groups, target, kind, sites, rounds_left: int = 1,
+          given: dict | None = None) -> dict:
+    """Per-layer unit counts that meet a whole-model target (see the module docstring); with
+    rounds_left > 1 the count still above the target is cut by its rounds_left-th root (equal
+    ratios per round), the rest left to the next rounds, planned on the model as shrunk.
+    given: each group's unit count in the model as given (its blocks, _multiple)."""
     loaded, cal, bar, report, c = ctx.loaded, ctx.cal, ctx.bar, ctx.report, ctx.config
     method, damp, device = c.method, c.layerwise.damp, c.device
     if method == "obs":
@@ -251,13 +336,15 @@ def _plan(ctx: Context, groups, target, kind, sites) -> dict:
             order, norms = norm_order(_group_l1(loaded, g, sites))
             curves.append(norms[:limit])
             orders.append(order)
-    steps = [_multiple(g) for g in groups]
+    steps = [_multiple(g, (given or {}).get(g.producer.name)) for g in groups]
     if method == "obs" and cal is not None:
         curves = _measured_curves(ctx, groups, curves, orders, steps, hessians)
     if kind == "latency":
         return _plan_latency(ctx, groups, curves, orders, steps, target)
     resource = resource_model(loaded.model, groups, kind, orders)
     start = resource(np.zeros(len(groups)))
+    if start > target and rounds_left > 1:
+        target = start * (target / start) ** (1.0 / rounds_left)
     if start <= target:
         report.notes.append(f"the model already has {start:,.0f} {kind}, within the target "
                             f"{target:,.0f}: nothing removed")

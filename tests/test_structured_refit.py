@@ -12,8 +12,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from graphs import init, make_model, randn, vi
-from onnx import helper
-from test_structured import gemm, lstsq_with_bias, relu, removed_units, structured, weights
+from test_structured import (
+    gemm,
+    lstsq_with_bias,
+    relu,
+    removed_units,
+    structured,
+    weights,
+)
 
 from onnx_obs import api
 from onnx_obs.algorithms.structured import plan_counts

@@ -84,15 +84,17 @@ def run(ctx: Context) -> None:
         report.notes.append(f"--target-speedup {st.target_speedup:g}: at most "
                             f"{target:,.0f} MACs per sample (MACs stand in for latency; "
                             "--latency measured times the widths instead)")
-    rounds = PLAN_ROUNDS if target is not None and kind != "latency" and method == "obs" else 1
+    if kind == "latency" and target is None:   # --target-speedup S: the model as given, timed / S
+        target = _timer(ctx)(model) / st.target_speedup
+    rounds = PLAN_ROUNDS if target is not None and method == "obs" else 1
     state = _Removal(original)
     given = {g.producer.name: g.units for g in groups}
     for r in range(rounds):
         if r:
             sites = find_sites(model)[0]
             groups, _ = _traced(model, sites, chosen)
-        if target is not None or kind == "latency":
-            counts = _plan(ctx, groups, target, kind, sites, rounds - r, given)
+        if target is not None:
+            counts = _plan(ctx, groups, target, kind, sites, rounds - r, given, first=not r)
         else:
             asked = {g.producer.name: min(round(sparsity * g.units), g.units - 1) for g in groups}
             counts = {g.producer.name: _aligned(g.units, asked[g.producer.name], _multiple(g))
@@ -313,7 +315,7 @@ def _group_l1(loaded, group: UnitGroup, sites) -> np.ndarray:
 
 
 def _plan(ctx: Context, groups, target, kind, sites, rounds_left: int = 1,
-          given: dict | None = None) -> dict:
+          given: dict | None = None, first: bool = True) -> dict:
     """Per-layer unit counts that meet a whole-model target (see the module docstring); with
     rounds_left > 1 the count still above the target is cut by its rounds_left-th root (equal
     ratios per round), the rest left to the next rounds, planned on the model as shrunk.
@@ -340,7 +342,7 @@ def _plan(ctx: Context, groups, target, kind, sites, rounds_left: int = 1,
     if method == "obs" and cal is not None:
         curves = _measured_curves(ctx, groups, curves, orders, steps, hessians)
     if kind == "latency":
-        return _plan_latency(ctx, groups, curves, orders, steps, target)
+        return _plan_latency(ctx, groups, curves, orders, steps, target, rounds_left, first)
     resource = resource_model(loaded.model, groups, kind, orders)
     start = resource(np.zeros(len(groups)))
     if start > target and rounds_left > 1:
@@ -370,19 +372,31 @@ def _measured_curves(ctx: Context, groups, curves, orders, steps, hessians) -> l
     return scaled
 
 
-def _plan_latency(ctx: Context, groups, curves, orders, steps, target_ms) -> dict:
-    """Counts by lowest error per measured ms saved (ZipLM): the latency table predicts, the
-    plan's shrunk model is timed, and while it misses the target (the prediction is an estimate,
-    latency_table.py) the target is tightened by the miss and the plan redone (3 rounds at most)."""
-    loaded, report, st = ctx.loaded, ctx.report, ctx.config.structured
+def _timer(ctx: Context):
     if ctx.timer is None and ctx.cal is None:
         raise OnnxObsError("--target-latency-ms and --latency measured time the model on its "
                            "calibration data: pass --calib DATA.npz")
-    timer = ctx.timer or onnxruntime_timer(ctx.cal, loaded.base_dir, ctx.config.device)
+    return ctx.timer or onnxruntime_timer(ctx.cal, ctx.loaded.base_dir, ctx.config.device)
+
+
+def _plan_latency(ctx: Context, groups, curves, orders, steps, final_ms, rounds_left=1,
+                  first=True) -> dict:
+    """Counts by lowest error per measured ms saved (ZipLM): the latency table predicts, the
+    plan's shrunk model is timed, and while it misses the target (the prediction is an estimate,
+    latency_table.py) the target is tightened by the miss and the plan redone (3 rounds at most).
+    With rounds_left > 1 the target is this round's share of the way to final_ms (as _plan)."""
+    loaded, report = ctx.loaded, ctx.report
+    timer = _timer(ctx)
     predict, _ = latency_model(loaded.model, groups, orders, steps, timer, loaded.base_dir)
     base = predict(np.zeros(len(groups)))
-    if target_ms is None:
-        target_ms = base / st.target_speedup
+    least = predict(np.array([len(c) // s * s for c, s in zip(curves, steps)]))
+    if first and least > final_ms:
+        raise OnnxObsError(f"the latency target cannot be reached: the smallest model removing "
+                           f"units can leave is predicted at {least:.3f} ms at batch 1, above "
+                           f"the target {final_ms:.3f} ms: raise the target")
+    target_ms = final_ms
+    if base > final_ms and rounds_left > 1:
+        target_ms = base * (final_ms / base) ** (1.0 / rounds_left)
     goal, counts, measured = target_ms, None, base
     for _ in range(3):
         try:
@@ -390,7 +404,10 @@ def _plan_latency(ctx: Context, groups, curves, orders, steps, target_ms) -> dic
         except ValueError:   # the target is out of reach
             if counts is not None:   # a tightened goal: keep the last plan
                 break
-            least = predict(np.array([len(c) // s * s for c, s in zip(curves, steps)]))
+            if not first:   # a later round: keep what the earlier ones removed
+                report.notes.append(f"latency target not met: the model as shrunk so far times "
+                                    f"{base:.3f} ms, and what is left cannot reach {final_ms:.3f} ms")
+                return {g.producer.name: 0 for g in groups}
             raise OnnxObsError(f"the latency target cannot be reached: the smallest model removing "
                                f"units can leave is predicted at {least:.3f} ms at batch 1, above "
                                f"the target {target_ms:.3f} ms: raise the target") from None
@@ -399,6 +416,8 @@ def _plan_latency(ctx: Context, groups, curves, orders, steps, target_ms) -> dic
         if measured <= target_ms * 1.02:
             break
         goal *= target_ms / measured
+    if rounds_left > 1:
+        return {g.producer.name: int(k) for g, k in zip(groups, counts)}
     report.notes.append(
         f"latency at batch 1 (each group timed at {len(FRACTIONS) + 1} widths): {base:.3f} ms before, "
         f"target {target_ms:.3f} ms; plan predicted {predict(counts):.3f} ms, timed {measured:.3f} ms")

@@ -5,18 +5,24 @@ channels meet in residual Adds or gates, graph/tracing.py) (sequential, like the
 pipeline: each layer's consumers are captured on the model as already shrunk):
   1. trace which columns of which consumer layers each unit feeds (graph.tracing);
   2. method "obs": capture the consumers' Hessians with a constant-1 input appended (so a bias
-     can absorb what a removed unit contributed on average) and remove units by group OBS
-     (algorithms.structured), writing the corrected consumer weights and biases;
+     can absorb what a removed unit contributed on average) and choose units by group OBS
+     (algorithms.structured); each consumer whose node output is its whole output is then refit
+     by least squares to the ORIGINAL model's output from its inputs in the shrunk model
+     (hessian/targets.py: it also makes up for the groups removed before), the others keep
+     OBS's correction;
      method "magnitude": remove the units with the smallest L1 norm over every weight entry
      they own (producers' rows, consumers' columns: the whole coupling group), no correction;
   3. cut the units out of every tensor they own and re-run shape inference (graph.surgery).
 Targets: --sparsity removes that fraction of the units of every layer that has removable units.
 --target-params / --target-flops / --target-speedup (MACs divided by it; with --latency measured,
-and --target-latency-ms: batch-1 latency as the measured table of latency_table.py predicts) plan per-layer counts for the whole model first, on the
-original model: each layer's greedy removal curve (group-OBS cost of each next unit, divided by
-the layer's consumer output energy so that costs are relative output errors comparable across
-layers; for magnitude the L1 norms divided by their layer mean) is merged greedily, cheapest
-relative error per parameter (or MAC) saved first, until the target is met.
+and --target-latency-ms: batch-1 latency as the measured table of latency_table.py predicts)
+plan per-layer counts for the whole model: each layer's greedy removal curve (group-OBS cost of
+each next unit, divided by the layer's consumer output energy; for obs then scaled by the
+group's measured output sensitivity, strategies/group_sensitivity.py, so that costs are relative
+errors of the model's output; for magnitude the L1 norms divided by their layer mean) is merged
+greedily, cheapest error per parameter (MAC, ms) saved first, until the target is met. With obs
+the way to the target is cut into PLAN_ROUNDS equal ratios, each planned and removed on the
+model as shrunk by the rounds before (curves, sensitivities and timings measured afresh).
 """
 
 from __future__ import annotations

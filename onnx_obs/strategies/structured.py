@@ -57,7 +57,7 @@ from onnx_obs.latency_table import FRACTIONS, latency_model, onnxruntime_timer
 from onnx_obs.strategies.context import Context
 from onnx_obs.strategies.group_sensitivity import GroupProbe, probe_counts, scale_curve
 
-PLAN_ROUNDS = 3  # MAC/parameter targets: planned and removed in rounds (see _plan)
+PLAN_ROUNDS = 3  # structured OBS with a target: planned and removed in rounds (see _plan)
 MAX_STEPS = 64   # greedy steps per layer at most: larger layers remove several units per step
 CHANNEL_BLOCKS = ((16, 128), (8, 16))   # (multiple, from how many units on): see _multiple
 

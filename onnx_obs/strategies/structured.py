@@ -245,29 +245,32 @@ def _consumers(loaded, group: UnitGroup, hessians: dict, model=None) -> list[Con
 def _obs_step(ctx: Context, original, rows, group, n, entry) -> np.ndarray:
     """Choose n units by group OBS; the consumers that can (hessian/targets.supported) are refit
     to the original model's outputs on the columns left, the others keep OBS's correction."""
-    loaded, cal, c = ctx.loaded, ctx.cal, ctx.config
-    damp = c.layerwise.damp
-    hessians = capture_hessians(loaded, [c.site for c in group.consumers], cal, c.device, ctx.bar,
+    loaded, cal, device, damp = ctx.loaded, ctx.cal, ctx.config.device, ctx.config.layerwise.damp
+    refit = [j for j, u in enumerate(group.consumers) if _refittable(loaded.model, u)]
+    if not n and not refit:
+        return []
+    hessians = capture_hessians(loaded, [u.site for u in group.consumers], cal, device, ctx.bar,
                                 with_bias=True)
     consumers = _consumers(loaded, group, hessians)
     result = group_obs(consumers, n, damp=damp, step=math.ceil(n / MAX_STEPS))
     weights = list(result.weights)
-    refit = [j for j, u in enumerate(group.consumers) if _refittable(loaded.model, u)]
     if refit:
         sites = [group.consumers[j].site for j in refit]
         stats = capture_targets(loaded.model, original, loaded.base_dir, sites,
                                 {s.name: rows.get(s.name, np.arange(s.matrix_shape[0])) for s in sites},
-                                [group.consumers[j].bias is not None for j in refit], cal.batches, c.device)
+                                [group.consumers[j].bias is not None for j in refit], cal.batches, device)
         for j, s in zip(refit, sites):
             H, B = stats[s.name]
             gone = np.concatenate([consumers[j].columns[u] for u in result.order] or [[]])
             weights[j] = refit_to_targets(B, H, gone, damp)
-    for c, con, W in zip(group.consumers, consumers, weights):
+    for j, (u, con, W) in enumerate(zip(group.consumers, consumers, weights)):
+        if not n and j not in refit:   # nothing removed: only the refit changes a consumer
+            continue
         entry["measured_error"] += layer_error(con.weight, W, con.hessian)
-        if c.bias is not None:
-            write_bias(loaded.model, c.bias, W[:, -1])
+        if u.bias is not None:
+            write_bias(loaded.model, u.bias, W[:, -1])
             W = W[:, :-1]
-        write_matrix(c.site, W)
+        write_matrix(u.site, W)
     entry["predicted_error"] = float(result.costs.sum())
     energy = output_energy(consumers)
     entry["relative_error"] = entry["measured_error"] / energy if energy > 0 else 0.0

@@ -25,7 +25,11 @@ Each is pruned by coupled channel groups (attention heads, FFN neurons) with
 (--method magnitude): measured speed-up at batch 1 and 32, params, file size, top-1 agreement and
 relative output MSE against the original on 512 held-out samples.
 
-    python scripts/bench_structured.py --arch both --rounds 3
+--width W multiplies the CNNs' channel counts (2: less bound by per-node overhead at batch 1);
+--size S enlarges the inputs (the same task; training slows down a lot on CPU).
+
+    python scripts/bench_structured.py --arch both --rounds 3 --calib-samples 1024 --train-steps 600
+    python scripts/bench_structured.py --arch mobilenet --width 2 --train-steps 600 --speedups 1.5,2
     python scripts/bench_structured.py --arch bert --train-steps 300 --calib-samples 256
     python scripts/bench_structured.py --arch resnet --speedups 1.5 --latency both
 """

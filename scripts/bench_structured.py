@@ -25,7 +25,11 @@ Each is pruned by coupled channel groups (attention heads, FFN neurons) with
 (--method magnitude): measured speed-up at batch 1 and 32, params, file size, top-1 agreement and
 relative output MSE against the original on 512 held-out samples.
 
-    python scripts/bench_structured.py --arch both --rounds 3
+--width W multiplies the CNNs' channel counts (2: less bound by per-node overhead at batch 1);
+--size S enlarges the inputs (the same task; training slows down a lot on CPU).
+
+    python scripts/bench_structured.py --arch both --rounds 3 --calib-samples 1024 --train-steps 600
+    python scripts/bench_structured.py --arch mobilenet --width 2 --train-steps 600 --speedups 1.5,2
     python scripts/bench_structured.py --arch bert --train-steps 300 --calib-samples 256
     python scripts/bench_structured.py --arch resnet --speedups 1.5 --latency both
 """
@@ -37,6 +41,7 @@ import re
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +115,10 @@ def main() -> None:
                         default=None, help="the torch-exported models with coupled channels "
                         "(CNNs, BERT-like encoders) instead of the samples")
     parser.add_argument("--train-steps", type=int, default=150)
+    parser.add_argument("--width", type=float, default=1.0, help="--arch mobilenet|resnet: channel "
+                        "multiplier (2: a model with 2-4x the MACs per layer, less overhead-bound)")
+    parser.add_argument("--size", type=int, default=16, help="--arch mobilenet|resnet|c2f: input "
+                        "side in pixels (a multiple of 16: the same task, enlarged; slow to train)")
     parser.add_argument("--calib-samples", type=int, default=256)
     parser.add_argument("--speedups", default="1.3,1.5,2", help="--arch: the --target-speedup values")
     parser.add_argument("--latency", choices=["macs", "measured", "both"], default="macs",
@@ -163,7 +172,11 @@ def run_arch(arch: str, tmp: Path, args) -> None:
         from torch_models import data, train_and_export
 
     original = tmp / "original.onnx"
-    acc = train_and_export(arch, original, steps=args.train_steps)
+    if arch.startswith("bert"):
+        acc = train_and_export(arch, original, steps=args.train_steps)
+    else:
+        acc = train_and_export(arch, original, steps=args.train_steps, size=args.size, width=args.width)
+        data = partial(data, size=args.size)
     x_cal, _ = data(args.calib_samples, 7)
     calib = tmp / "calib.npz"
     np.savez(calib, input=x_cal)
@@ -195,7 +208,8 @@ def run_arch(arch: str, tmp: Path, args) -> None:
             for k, sess in sessions.items():
                 times[k, b].append(latency_ms(sess, feeds, max_runs=300, budget_s=1.0))
     base = {b: np.median(times["original", b]) for b in (1, 32)}
-    print(f"\n== {arch}: trained {args.train_steps} steps, held-out accuracy {acc:.2%}; "
+    print(f"\n== {arch} (width x{args.width:g}, {args.size} px): trained {args.train_steps} steps, "
+          f"held-out accuracy {acc:.2%}; "
           f"{args.calib_samples} calibration samples; "
           f"{args.threads} thread(s), {args.rounds} rounds ==")
     print(f"{'model':<20}{'params':>9}{'MACs':>12}{'file':>10}{'ms b=1':>9}{'x':>6}{'ms b=32':>9}"

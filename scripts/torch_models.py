@@ -18,12 +18,19 @@ CLASSES = 10
 SIZE = 16
 
 
-def data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def data(n: int, seed: int, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """n samples at size x size pixels: the 16x16 templates enlarged (each pixel repeated in a
+    block) and noise whose std grows with the block side, so that averaging each block gives back
+    the 16x16 task exactly: a larger input costs more compute, the task stays as hard."""
     templates = np.random.default_rng(0).standard_normal((CLASSES, 3, SIZE, SIZE)).astype(np.float32)
+    r = size // SIZE
+    if r * SIZE != size:
+        raise ValueError(f"size must be a multiple of {SIZE}")
+    templates = templates.repeat(r, axis=2).repeat(r, axis=3)
     rng = np.random.default_rng(seed)
     y = rng.integers(0, CLASSES, n)
     scale = rng.uniform(0.5, 1.5, (n, 1, 1, 1)).astype(np.float32)
-    x = scale * templates[y] + 2.0 * rng.standard_normal((n, 3, SIZE, SIZE)).astype(np.float32)
+    x = scale * templates[y] + 2.0 * r * rng.standard_normal((n, 3, size, size)).astype(np.float32)
     return x.astype(np.float32), y
 
 
@@ -56,16 +63,23 @@ class InvertedResidual(nn.Module):
         return x + y if self.residual else y
 
 
+def wide(c: int, width: float) -> int:
+    """A channel count times the width multiplier, in multiples of 8 (as MobileNet's)."""
+    return max(8, round(c * width / 8) * 8)
+
+
 class MobileNetish(nn.Module):
     """MobileNetV2/V3-style: inverted residual blocks with SE and residual Adds."""
 
-    def __init__(self):
+    def __init__(self, width: float = 1.0):
         super().__init__()
         cfg = [(16, 16, 1), (16, 24, 2), (24, 24, 1), (24, 40, 2), (40, 40, 1), (40, 64, 2), (64, 64, 1)]
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), bn(16), nn.ReLU6())
+        cfg = [(wide(a, width), wide(b, width), s) for a, b, s in cfg]
+        c0, c1, c2 = wide(16, width), wide(64, width), wide(128, width)
+        self.stem = nn.Sequential(nn.Conv2d(3, c0, 3, 1, 1, bias=False), bn(c0), nn.ReLU6())
         self.blocks = nn.Sequential(*[InvertedResidual(*c) for c in cfg])
-        self.head = nn.Sequential(nn.Conv2d(64, 128, 1, bias=False), bn(128), nn.ReLU6())
-        self.fc = nn.Linear(128, CLASSES)
+        self.head = nn.Sequential(nn.Conv2d(c1, c2, 1, bias=False), bn(c2), nn.ReLU6())
+        self.fc = nn.Linear(c2, CLASSES)
 
     def forward(self, x):
         return self.fc(self.head(self.blocks(self.stem(x))).mean((2, 3)))
@@ -87,15 +101,17 @@ class Basic(nn.Module):
 class ResNetish(nn.Module):
     """ResNet-18 layout (4 stages of 2 basic blocks) at widths 16-128 for 16x16 inputs."""
 
-    def __init__(self):
+    def __init__(self, width: float = 1.0):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), bn(16), nn.ReLU())
-        layers, c = [], 16
+        c = wide(16, width)
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 1, 1, bias=False), bn(c), nn.ReLU())
+        layers = []
         for w, s in [(16, 1), (32, 2), (64, 2), (128, 2)]:
+            w = wide(w, width)
             layers += [Basic(c, w, s), Basic(w, w, 1)]
             c = w
         self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(128, CLASSES)
+        self.fc = nn.Linear(c, CLASSES)
 
     def forward(self, x):
         return self.fc(self.layers(self.stem(x)).mean((2, 3)))
@@ -139,11 +155,13 @@ class YOLOish(nn.Module):
 ARCHS = {"mobilenet": MobileNetish, "resnet": ResNetish, "c2f": YOLOish}
 
 
-def train_and_export(arch: str, path: Path, steps: int = 300, seed: int = 0) -> float:
-    """Train on fresh synthetic batches, export (eval mode, opset 17, dynamic batch); return the
-    held-out accuracy."""
+def train_and_export(arch: str, path: Path, steps: int = 300, seed: int = 0, size: int = SIZE,
+                     width: float = 1.0) -> float:
+    """Train on fresh synthetic batches of size x size inputs (channels times `width`: mobilenet
+    and resnet), export (eval mode, opset 17, dynamic batch); return the held-out accuracy."""
     torch.manual_seed(seed)
-    return fit_and_export(ARCHS[arch](), data, path, steps, seed, lr=3e-3)
+    net = ARCHS[arch](width) if width != 1.0 else ARCHS[arch]()
+    return fit_and_export(net, lambda n, s: data(n, s, size), path, steps, seed, lr=3e-3)
 
 
 def fit_and_export(net: nn.Module, make_data, path: Path, steps: int, seed: int, lr: float,

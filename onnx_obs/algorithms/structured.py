@@ -81,6 +81,34 @@ def group_obs(consumers: list[Consumer], n_remove: int, *, damp: float = 0.01,
     return UnitRemoval(np.array(order, dtype=np.int64), np.array(costs), W, [lam for _, lam in inv])
 
 
+def refit_without(consumers: list[Consumer], removed, damp: float = 0.01) -> list[np.ndarray]:
+    """Each consumer's weights with the columns of the `removed` units deleted and the others
+    corrected in one set step (Eq. 5 for the set Q: the least-squares optimum over the columns
+    left, whatever order group_obs would remove them in); removed columns exactly zero."""
+    out = []
+    for c in consumers:
+        W = np.array(c.weight, dtype=np.float64)
+        Q = np.concatenate([c.columns[u] for u in removed] or [[]]).astype(np.int64)
+        if Q.size:
+            Hi, _ = damped_inverse(np.asarray(c.hessian, dtype=np.float64), damp)
+            _remove_columns(W, Hi, Q)
+        out.append(W)
+    return out
+
+
+def refit_to_targets(B: np.ndarray, H: np.ndarray, removed: np.ndarray, damp: float = 0.01) -> np.ndarray:
+    """argmin_W' sum_k ||t_k - W' x_k||^2 with the `removed` columns of W' zero, from
+    H = (2/n) sum x x^T and B = (2/n) sum t x^T: W'_F = B_F (H_FF + lambda I)^-1 (normal
+    equations; lambda as damped_inverse). The targets t are the original model's outputs, so
+    the layer also makes up, as far as its inputs allow, for what earlier removals changed."""
+    keep = np.setdiff1d(np.arange(H.shape[0]), np.asarray(removed, dtype=np.int64))
+    W = np.zeros(B.shape)
+    if keep.size:
+        Hi, _ = damped_inverse(H[np.ix_(keep, keep)], damp)
+        W[:, keep] = B[:, keep] @ Hi
+    return W
+
+
 def _unit_costs(W: np.ndarray, Hi: np.ndarray, columns: list[np.ndarray],
                 alive: np.ndarray) -> np.ndarray:
     """dE_Q of each alive unit alone (inf for removed units), batched over units of equal |Q|."""
@@ -131,30 +159,32 @@ def plan_counts(curves: list[np.ndarray], resource: Callable[[np.ndarray], float
     curves[l][k] is the (normalised) cost of removing the (k+1)-th unit of layer l, its length
     the most units that may go. Greedy: each step removes the next steps[l] units (default 1) of
     the layer with the smallest cost per unit of resource saved, saving measured exactly on the
-    current counts; a layer's count stays a multiple of its step.
+    current counts; a layer's count stays a multiple of its step. Where the next step saves
+    nothing (a flat stretch of a measured latency table) the move is the fewest steps that do.
     """
     steps = steps or [1] * len(curves)
     counts = np.zeros(len(curves), dtype=np.int64)
     current = resource(counts)
     while current > target:
-        best, best_score, best_value = -1, np.inf, current
+        best, best_score, best_value, best_move = -1, np.inf, current, 0
         for layer, curve in enumerate(curves):
-            k, step = counts[layer], steps[layer]
-            if k + step > len(curve):
+            k, move = counts[layer], steps[layer]
+            while k + move <= len(curve):
+                counts[layer] += move
+                value = resource(counts)
+                counts[layer] -= move
+                if current - value > 0:
+                    break
+                move += steps[layer]
+            else:
                 continue
-            counts[layer] += step
-            value = resource(counts)
-            counts[layer] -= step
-            saved = current - value
-            if saved <= 0:
-                continue
-            score = max(float(np.sum(curve[k:k + step])), 0.0) / saved
+            score = max(float(np.sum(curve[k:k + move])), 0.0) / (current - value)
             if score < best_score:
-                best, best_score, best_value = layer, score, value
+                best, best_score, best_value, best_move = layer, score, value, move
         if best < 0:
             raise ValueError(f"the target cannot be reached by removing units: the smallest "
                                f"model they leave still has {current:,.0f}; raise the target")
-        counts[best] += steps[best]
+        counts[best] += best_move
         current = best_value
     # Steps of several units overshoot: give back the costliest steps that keep the target met.
     while True:

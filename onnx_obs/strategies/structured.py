@@ -132,6 +132,9 @@ def _traced(model, sites, chosen) -> tuple[list[UnitGroup], list[LeftAlone]]:
         others = ", ".join(p.name for p in g.producers if p.name not in chosen)
         left += [LeftAlone(p.name, p.op_type, f"coupled with {others}, not selected")
                  for p in g.producers if p.name in chosen]
+    # a depthwise conv has no units of its own, but one that a group cuts loses channels with it
+    cut = {c.tensor for g in groups for c in g.cuts}
+    left = [x for x in left if not (x.reason.startswith("depthwise Conv") and x.name in cut)]
     return sorted(groups, key=lambda g: g.node), left
 
 

@@ -23,7 +23,7 @@ from onnx_obs.metrics import compare_runs
 from onnx_obs.runtime import Runner
 from onnx_obs.strategies.context import Context
 
-COMPRESS_MAX_BYTES = 512 * 2**20
+COMPRESS_MAX_BYTES = 256 * 2**20
 
 
 def run(ctx: Context, original: onnx.ModelProto, output) -> None:
@@ -35,9 +35,12 @@ def run(ctx: Context, original: onnx.ModelProto, output) -> None:
         _store(ctx)
         if c.structured.structure is not None or c.storage != "dense" or c.quantize.bits is not None:
             report.costs = _measure_costs(ctx, original, counts=c.quantize.bits is None)
-        else:   # zeros in dense tensors: say what they buy (a compressed file), not only that
+        elif _inline_and_small(original, loaded.model):
+            # zeros in dense tensors: say what they buy (a compressed file), not only that; large
+            # models skip it (two more sessions, two copies of the model in memory)
             report.costs = _measure_costs(ctx, original, counts=False, sizes=[1], budget_s=0.25)
-            report.compressed_size = _compressed_sizes(original, loaded.model)
+            report.compressed_size = {"before": len(zlib.compress(original.SerializeToString(), 1)),
+                                      "after": len(zlib.compress(loaded.model.SerializeToString(), 1))}
     if output is not None:
         with report.phases("write"):
             report.file_size_after = save_model(loaded.model, output, loaded.base_dir)
@@ -104,16 +107,13 @@ def _store(ctx: Context) -> None:
                                "weights: use --storage dense")
 
 
-def _compressed_sizes(original: onnx.ModelProto, pruned: onnx.ModelProto) -> dict:
-    """Bytes of both models deflate-compressed (zlib level 1, as a zip or a compressed download
-    would hold them): where dense zeros make a file smaller. Empty for weights held in external
-    data files or models over COMPRESS_MAX_BYTES (the compression would take seconds)."""
+def _inline_and_small(original: onnx.ModelProto, pruned: onnx.ModelProto) -> bool:
+    """Whether both models hold their weights inline and the original is at most
+    COMPRESS_MAX_BYTES: then its deflate-compressed size (zlib level 1, as a zip or a compressed
+    download holds it) and its speed are cheap to measure."""
     external = any(t.data_location == onnx.TensorProto.EXTERNAL
                    for m in (original, pruned) for t in m.graph.initializer)
-    if external or original.ByteSize() > COMPRESS_MAX_BYTES:
-        return {}
-    return {"before": len(zlib.compress(original.SerializeToString(), 1)),
-            "after": len(zlib.compress(pruned.SerializeToString(), 1))}
+    return not external and original.ByteSize() <= COMPRESS_MAX_BYTES
 
 
 def _measure_costs(ctx: Context, original: onnx.ModelProto, counts: bool = True,

@@ -83,6 +83,22 @@ def compare_runs(ref_runner, cand_runner, batches, observe=None) -> dict[str, di
     return {k: v.summary() for k, v in stats.items()}
 
 
+def relative_mse(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) -> float:
+    """sum over float outputs of ||y - y'||^2 / ||y||^2, every batch pooled (reference[b][o]:
+    output o of batch b; outputs likewise): how far a changed model's outputs moved."""
+    err: dict[int, float] = {}
+    ref: dict[int, float] = {}
+    for ys, zs in zip(reference, outputs):
+        for o, (y, z) in enumerate(zip(ys, zs)):
+            if np.asarray(y).dtype.kind != "f":
+                continue
+            y = np.asarray(y, dtype=np.float64)
+            d = y - np.asarray(z, dtype=np.float64)
+            err[o] = err.get(o, 0.0) + float(np.vdot(d, d))
+            ref[o] = ref.get(o, 0.0) + float(np.vdot(y, y))
+    return sum(err[o] / ref[o] for o in err if ref[o] > 0)
+
+
 def top1_correct(scores: np.ndarray, labels: np.ndarray) -> int:
     """How many rows of class scores put their maximum on the label (an index, or one-hot)."""
     target = labels.argmax(1) if labels.ndim == 2 else labels

@@ -25,6 +25,8 @@ from onnx_obs import api
 from onnx_obs.algorithms.structured import plan_counts
 from onnx_obs.calib import Calibration
 from onnx_obs.flops import count_params
+from onnx_obs.graph.sites import find_sites
+from onnx_obs.graph.tracing import trace_units
 from onnx_obs.strategies.group_sensitivity import GroupProbe, probe_counts, scale_curve
 from onnx_obs.strategies.structured import _consumers
 
@@ -66,21 +68,30 @@ def test_consumers_are_refit_to_the_original_outputs():
     np.testing.assert_allclose(w["b3"], b3, rtol=1e-4, atol=1e-4 * np.abs(b3).max())
 
 
-def test_group_sensitivity_is_the_relative_output_error_of_the_group_alone():
+@pytest.mark.parametrize("consumer_bias", [True, False])
+def test_group_sensitivity_is_the_relative_output_error_of_the_group_alone(consumer_bias):
+    """Several probes of one traced group (the planner's use); a consumer without a bias gets one
+    in each probe's copy of the model, and only there."""
     model, a = mlp3()
+    if not consumer_bias:
+        del next(n for n in model.graph.node if "W2" in n.input).input[2]
+        model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "b2"))
+        a["b2"] = np.zeros(10)
     X = randn([256, 8], 8).astype(np.float64)   # PROBE_SAMPLES: the probe runs them all
     cal = Calibration([{"x": X.astype(np.float32)}], len(X))
     loaded = SimpleNamespace(model=model, base_dir="")
     R1 = np.maximum(X @ a["W1"].T + a["b1"], 0)
     A = np.hstack([R1, np.ones((len(X), 1))])
     hessians = {"W2": (2.0 / len(X) * A.T @ A)[None]}
-    gone = [0, 3, 7]
-    got = GroupProbe(loaded, cal, "cpu").error(
-        "W1", lambda m, g, h: _consumers(loaded, g, h, m), hessians, gone, 0.0)
-    Y = np.maximum(R1 @ a["W2"].T + a["b2"], 0) @ a["W3"].T + a["b3"]
-    W2, b2 = lstsq_with_bias(R1[:, keep(12, gone)], R1 @ a["W2"].T + a["b2"])
-    Yg = np.maximum(R1[:, keep(12, gone)] @ W2.T + b2, 0) @ a["W3"].T + a["b3"]
-    assert got == pytest.approx(np.sum((Y - Yg) ** 2) / np.sum(Y ** 2), rel=1e-4)
+    group = trace_units(model, find_sites(model)[0], {"W1"})[0][0]
+    probe = GroupProbe(loaded, cal, "cpu")
+    for gone in ([0, 3, 7], [1, 2]):
+        got = probe.error(group, _consumers(loaded, group, hessians), gone, 0.0)
+        Y = np.maximum(R1 @ a["W2"].T + a["b2"], 0) @ a["W3"].T + a["b3"]
+        W2, b2 = lstsq_with_bias(R1[:, keep(12, gone)], R1 @ a["W2"].T + a["b2"])
+        Yg = np.maximum(R1[:, keep(12, gone)] @ W2.T + b2, 0) @ a["W3"].T + a["b3"]
+        assert got == pytest.approx(np.sum((Y - Yg) ** 2) / np.sum(Y ** 2), rel=1e-4)
+    assert len(model.graph.initializer) == 5 + consumer_bias   # the model as given is unchanged
 
 
 def test_scaled_curve_sums_to_the_measured_errors_at_the_probes():

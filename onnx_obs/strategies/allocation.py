@@ -28,15 +28,23 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnx_obs.algorithms.allocation import allocate, exact_counts, interpolated_error
-from onnx_obs.algorithms.layerwise import (FastLevels, error_curve, group_traces, layer_error, prune_layer,
-                                           prune_row_groups, runs_exact)
+from onnx_obs.algorithms.layerwise import (
+    FastLevels,
+    error_curve,
+    group_traces,
+    layer_error,
+    prune_layer,
+    prune_row_groups,
+    runs_exact,
+)
 from onnx_obs.algorithms.masks import spread_zeros
 from onnx_obs.calib import Calibration, model_inputs
 from onnx_obs.errors import OnnxObsError
 from onnx_obs.graph.capture import site_depths, with_outputs, with_weight_inputs
 from onnx_obs.graph.sites import Site, site_matrix
-from onnx_obs.graph.slicing import Slice, Unsliceable, slice_model, tail_plan
+from onnx_obs.graph.slicing import Unsliceable, slice_model, tail_plan
 from onnx_obs.hessian.capture import capture_hessians
+from onnx_obs.metrics import relative_mse
 from onnx_obs.runtime import Runner
 from onnx_obs.strategies.context import Context
 
@@ -209,8 +217,7 @@ class _Probe:
                         f"{ctx.config.layerwise.capture_memory_mb} MB; each runs the whole model")
                     self.values = [{k: v[k] for k in list(feeds) + self.outputs} for v in self.values]
                     self.segment, needed = {}, []
-        self.sq_ref = {o: sum(float(np.vdot(r, r)) for r in (np.asarray(v[o], dtype=np.float64) for v in self.values))
-                       for o in self.outputs if np.asarray(self.values[0][o]).dtype.kind == "f"}
+        self.floats = {o for o in self.outputs if np.asarray(self.values[0][o]).dtype.kind == "f"}
         self._runner: tuple[int, Runner | None] | None = None
         self._whole: Runner | None = None
 
@@ -254,22 +261,20 @@ class _Probe:
             if self._whole is None:
                 names = [x.name for x in self.ctx.sites if x.dtype != "bfloat16"]
                 with self.phases("probes"):
-                        self._whole = Runner(with_weight_inputs(self.ctx.loaded.model, names),
+                    self._whole = Runner(with_weight_inputs(self.ctx.loaded.model, names),
                                          self.ctx.loaded.base_dir, self.ctx.config.device, prepack=False)
-            runner, names, feed = self._whole, self.outputs, {s.name: value}
+            runner, names = self._whole, self.outputs
         else:
-            names, feed = self.plans[i].outputs, {s.name: value}
-        names = [o for o in names if o in self.sq_ref]
-        sq_err = dict.fromkeys(names, 0.0)
+            names = self.plans[i].outputs
+        names = [o for o in names if o in self.floats]
+        reference, outputs = [], []
         for values in self.values if names else []:
             # onnxruntime lists overridable weights apart from the inputs that Runner.run passes on
             inputs = {k: v for k, v in values.items() if k in runner.input_names}
             with self.phases("probes"):
-                outs = runner.session.run(names, {**inputs, **feed})
-            for o, y in zip(names, outs):
-                d = np.asarray(values[o], dtype=np.float64) - np.asarray(y, dtype=np.float64)
-                sq_err[o] += float(np.vdot(d, d))
-        return sum(sq_err[o] / self.sq_ref[o] for o in names if self.sq_ref[o] > 0)
+                outputs.append(runner.session.run(names, {**inputs, s.name: value}))
+            reference.append([values[o] for o in names])
+        return relative_mse(reference, outputs)
 
     def sensitivity(self, s: Site, w: np.ndarray, H: np.ndarray, counts: np.ndarray,
                     errors: np.ndarray, fast: list[FastLevels] | None = None,
@@ -292,29 +297,25 @@ class _Probe:
             k = int(counts[-1])
         if k == counts[0]:  # nothing can be removed: the table is flat
             return 0.0
-        groups = s.row_groups()
-        pruned = np.empty_like(w)
-        e0 = 0.0
+        groups, lw = s.row_groups(), c.layerwise
         if split is not None:
             # a grouped convolution on the exact solver: its zeros split as pruning will split
             # them, all groups solved in one stacked greedy (one call per group cost seconds)
             sizes = [w[g].size for g in groups]
             shares = [n / size for n, size in zip(np.bincount(split[:k], minlength=len(groups)), sizes)]
-            lw = c.layerwise
-            results = prune_row_groups(w, list(H), groups, shares, method=c.method, solver=lw.solver,
-                                       block_size=lw.block_size, damp=lw.damp)
-            for rows, Hg, r in zip(groups, H, results):
-                pruned[rows] = r.weight
-                e0 += layer_error(w[rows], r.weight, Hg)
-            return self._deviation(s, s.from_matrix(pruned).astype(s.dtype)) / e0 if e0 > 0 else 0.0
-        forced = [int(np.sum(w[g] == 0)) for g in groups]
-        shares = spread_zeros(k, forced, np.array([w[g].size for g in groups]))
-        for g, (rows, Hg, n) in enumerate(zip(groups, H, shares)):
-            new = fast[g].prune(int(n)).weight if fast else prune_layer(
-                w[rows], Hg, method=c.method, sparsity=n / max(w[rows].size, 1),
-                solver="fast" if c.method == "obs" else c.layerwise.solver,
-                block_size=c.layerwise.block_size, damp=c.layerwise.damp).weight
-            pruned[rows] = new
-            e0 += layer_error(w[rows], new, Hg)
+            new = [r.weight for r in prune_row_groups(w, list(H), groups, shares, method=c.method,
+                                                      solver=lw.solver, block_size=lw.block_size, damp=lw.damp)]
+        else:
+            forced = [int(np.sum(w[g] == 0)) for g in groups]
+            shares = spread_zeros(k, forced, np.array([w[g].size for g in groups]))
+            new = [fast[g].prune(int(n)).weight if fast else prune_layer(
+                       w[rows], Hg, method=c.method, sparsity=n / max(w[rows].size, 1),
+                       solver="fast" if c.method == "obs" else lw.solver,
+                       block_size=lw.block_size, damp=lw.damp).weight
+                   for g, (rows, Hg, n) in enumerate(zip(groups, H, shares))]
+        pruned = np.empty_like(w)
+        for rows, part in zip(groups, new):
+            pruned[rows] = part
+        e0 = sum(layer_error(w[rows], part, Hg) for rows, part, Hg in zip(groups, new, H))
         deviation = self._deviation(s, s.from_matrix(pruned).astype(s.dtype))
         return deviation / e0 if e0 > 0 else 0.0

@@ -14,13 +14,15 @@ levels (constant beyond them), so that the planner's cumulative costs track D_g.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 
 from onnx_obs.algorithms.structured import refit_without
 from onnx_obs.graph.sites import find_sites, write_matrix
 from onnx_obs.graph.surgery import shrink, write_bias
-from onnx_obs.graph.tracing import trace_units
+from onnx_obs.metrics import relative_mse
 from onnx_obs.runtime import Runner
 
 PROBE_SAMPLES = 256             # calibration samples for the sensitivity runs
@@ -68,34 +70,18 @@ class GroupProbe:
         runner = Runner(loaded.model, loaded.base_dir, device)
         self.reference = [runner.run(f) for f in self.batches]
 
-    def error(self, group_name: str, consumers_of, hessians: dict, removed, damp: float) -> float:
-        """D (module doc) with the units `removed` of the group named group_name cut out and its
-        consumers corrected by OBS; consumers_of(model, group, hessians) gives algorithms'
-        Consumer list for a traced group (strategies/structured._consumers)."""
+    def error(self, group, consumers: list, removed, damp: float) -> float:
+        """D (module doc) with the units `removed` of `group` (traced on the model as given) cut
+        out and its consumers (algorithms' Consumer list, as strategies/structured._consumers
+        makes it) corrected by OBS, on a copy of the model."""
         model = onnx.ModelProto()
         model.CopyFrom(self.loaded.model)
-        group = trace_units(model, find_sites(model)[0], {group_name})[0][0]
-        consumers = consumers_of(model, group, hessians)
+        sites = {s.name: s for s in find_sites(model)[0]}   # the copy's tensors
         for c, W in zip(group.consumers, refit_without(consumers, removed, damp)):
-            if c.bias is not None:
-                write_bias(model, c.bias, W[:, -1])
+            if c.bias is not None:   # a copy of the slot: a bias write_bias adds is this model's only
+                write_bias(model, dataclasses.replace(c.bias), W[:, -1])
                 W = W[:, :-1]
-            write_matrix(c.site, W)
+            write_matrix(sites[c.site.name], W)
         shrink(model, group, removed, self.loaded.base_dir)
         runner = Runner(model, self.loaded.base_dir, self.device)
         return relative_mse(self.reference, [runner.run(f) for f in self.batches])
-
-
-def relative_mse(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) -> float:
-    """sum over float outputs of ||y - y'||^2 / ||y||^2, every batch pooled."""
-    err: dict[int, float] = {}
-    ref: dict[int, float] = {}
-    for ys, zs in zip(reference, outputs):
-        for o, (y, z) in enumerate(zip(ys, zs)):
-            if np.asarray(y).dtype.kind != "f":
-                continue
-            y = np.asarray(y, dtype=np.float64)
-            d = y - np.asarray(z, dtype=np.float64)
-            err[o] = err.get(o, 0.0) + float(np.vdot(d, d))
-            ref[o] = ref.get(o, 0.0) + float(np.vdot(y, y))
-    return sum(err[o] / ref[o] for o in err if ref[o] > 0)

@@ -231,17 +231,15 @@ def _full_check(model, original, report) -> None:
                            "nothing written; please report this") from e
 
 
-def _consumers(loaded, group: UnitGroup, hessians: dict, model=None) -> list[Consumer]:
+def _consumers(loaded, group: UnitGroup, hessians: dict) -> list[Consumer]:
     """The algorithm's view of each consumer: W (with its bias as a last column where the bias
-    can absorb a correction) and the matching Hessian (H of [x; 1], or of x alone); `model`: a
-    copy of loaded.model the group was traced on."""
-    model = loaded.model if model is None else model
+    can absorb a correction) and the matching Hessian (H of [x; 1], or of x alone)."""
     out = []
     for c in group.consumers:
         W = site_matrix(c.site, loaded.base_dir)
         H = hessians[c.site.name][0]
         if c.bias is not None:
-            W = np.hstack([W, read_bias(model, c.bias, loaded.base_dir)[:, None]])
+            W = np.hstack([W, read_bias(loaded.model, c.bias, loaded.base_dir)[:, None]])
         else:
             H = H[:-1, :-1]
         out.append(Consumer(W, H, c.columns))
@@ -340,11 +338,12 @@ def _plan(ctx: Context, groups, target, kind, sites, rounds_left: int = 1,
     if method == "obs":
         consumer_sites = list({c.site.name: c.site for g in groups for c in g.consumers}.values())
         hessians = capture_hessians(loaded, consumer_sites, cal, device, bar, with_bias=True)
-    curves, orders = [], []
+    curves, orders, consumer_lists = [], [], []
     for g in groups:
         limit = g.units - 1
         if method == "obs":
             consumers = _consumers(loaded, g, hessians)
+            consumer_lists.append(consumers)
             result = group_obs(consumers, limit, damp=damp, step=math.ceil(limit / MAX_STEPS))
             energy = output_energy(consumers)
             curves.append(result.costs / energy if energy > 0 else result.costs)
@@ -355,7 +354,7 @@ def _plan(ctx: Context, groups, target, kind, sites, rounds_left: int = 1,
             orders.append(order)
     steps = [_multiple(g, (given or {}).get(g.producer.name)) for g in groups]
     if method == "obs" and cal is not None:
-        curves = _measured_curves(ctx, groups, curves, orders, steps, hessians)
+        curves = _measured_curves(ctx, groups, consumer_lists, curves, orders, steps)
     if kind == "latency":
         return _plan_latency(ctx, groups, curves, orders, steps, target, rounds_left, first)
     resource = resource_model(loaded.model, groups, kind, orders)
@@ -372,16 +371,15 @@ def _plan(ctx: Context, groups, target, kind, sites, rounds_left: int = 1,
     return {g.producer.name: int(k) for g, k in zip(groups, counts)}
 
 
-def _measured_curves(ctx: Context, groups, curves, orders, steps, hessians) -> list[np.ndarray]:
+def _measured_curves(ctx: Context, groups, consumer_lists, curves, orders, steps) -> list[np.ndarray]:
     """The curves scaled by each group's measured output sensitivity (strategies/group_sensitivity)."""
-    loaded, c = ctx.loaded, ctx.config
-    probe = GroupProbe(loaded, ctx.cal, c.device)
+    c = ctx.config
+    probe = GroupProbe(ctx.loaded, ctx.cal, c.device)
     task = ctx.bar.add("measuring group sensitivity", total=len(groups))
     scaled = []
-    for g, curve, order, step in zip(groups, curves, orders, steps):
+    for g, consumers, curve, order, step in zip(groups, consumer_lists, curves, orders, steps):
         counts = probe_counts(len(curve), step)
-        measured = [probe.error(g.producer.name, lambda m, grp, h: _consumers(loaded, grp, h, m),
-                                hessians, order[:k], c.layerwise.damp) for k in counts]
+        measured = [probe.error(g, consumers, order[:k], c.layerwise.damp) for k in counts]
         scaled.append(scale_curve(curve, counts, measured))
         ctx.bar.advance(task, what=g.producer.name)
     return scaled

@@ -19,6 +19,7 @@ from onnx_obs import api
 from onnx_obs.algorithms.allocation import allocate, exact_counts, interpolated_error
 from onnx_obs.algorithms.layerwise import error_curve, prune_layer
 from onnx_obs.graph.capture import with_weight_inputs
+from onnx_obs.graph.slicing import Slice
 
 
 def _tables(rng, sites, options, top):
@@ -401,7 +402,7 @@ def test_probes_on_tails_measure_the_whole_models_deviation(monkeypatch, build):
     def unsliceable(*args):
         raise strategy.Unsliceable("test")
 
-    monkeypatch.setattr(strategy, "tail_plan", lambda graph, weights: strategy.Slice([], [], [], []))
+    monkeypatch.setattr(strategy, "tail_plan", lambda graph, weights: Slice([], [], [], []))
     monkeypatch.setattr(strategy, "slice_model", unsliceable)
     whole = api.prune(model, calib, sparsity=0.5, allocation="auto", min_params=0).report.sites
     assert len(tails) == len(whole) >= 2

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import onnx
 
+from onnx_obs.errors import first_line
+
 FORMAT = 2   # bump when what a table holds changes (2: groups timed on their own part)
 
 
@@ -55,7 +57,7 @@ def load(key: str, widths: list[list[int]]) -> tuple[dict | None, str | None]:
         if not ok:
             raise ValueError("it does not match this model's groups")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return None, f"latency table cache entry {path} ignored ({_first_line(e)}): measured again"
+        return None, f"latency table cache entry {path} ignored ({first_line(e)}): measured again"
     return entry, None
 
 
@@ -73,11 +75,7 @@ def store(key: str, entry: dict) -> str | None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     except OSError as e:
-        return (f"the latency table could not be cached in {path.parent} ({_first_line(e)}): "
+        return (f"the latency table could not be cached in {path.parent} ({first_line(e)}): "
                 "set ONNX_OBS_CACHE_DIR to a writable folder")
     return None
 
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnx_obs.errors import OnnxObsError
+from onnx_obs.errors import OnnxObsError, first_line
 from onnx_obs.threads import current_threads
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -52,7 +52,7 @@ class Runner:
         except OnnxObsError:
             raise
         except Exception as e:  # onnxruntime raises several private exception types
-            raise OnnxObsError(f"onnxruntime cannot load the model: {_first_line(e)}") from e
+            raise OnnxObsError(f"onnxruntime cannot load the model: {first_line(e)}") from e
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -66,7 +66,7 @@ class Runner:
             return self.session.run(outputs, feeds)
         except Exception as e:
             raise OnnxObsError(f"onnxruntime failed to run the model on {_describe_feeds(feeds)}: "
-                               f"{_first_line(e)}") from e
+                               f"{first_line(e)}") from e
 
 
 def _describe_feeds(feeds: dict) -> str:
@@ -102,8 +102,3 @@ def _locations(model) -> set[str]:
             if t.data_location == onnx.TensorProto.EXTERNAL
             for e in t.external_data if e.key == "location"}
 
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(e).__name__

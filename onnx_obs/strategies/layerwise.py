@@ -16,7 +16,7 @@ import numpy as np
 
 from onnx_obs.algorithms.layerwise import exact_allowed, layer_error, prune_row_groups
 from onnx_obs.algorithms.masks import spread_zeros
-from onnx_obs.errors import OnnxObsError
+from onnx_obs.errors import OnnxObsError, first_line
 from onnx_obs.graph.capture import site_depths
 from onnx_obs.graph.sites import Site, site_matrix, write_matrix
 from onnx_obs.graph.slicing import Unsliceable
@@ -71,7 +71,7 @@ def sweep_sites(ctx: Context, visit: Callable[[Context, Site, np.ndarray], SiteR
                             sliced.capture(i, hessians=False)
                     except (Unsliceable, OnnxObsError) as e:
                         ctx.report.notes.append(f"sequential capture: waves {i + 1}-{len(waves)} ran "
-                                                f"the whole model each ({_first_line(e)})")
+                                                f"the whole model each ({first_line(e)})")
                         sliced.close()
                         sliced = None
                 if hessians is None:
@@ -127,9 +127,6 @@ def _visit_wave(ctx: Context, visit, wave: list[Site], hessians: dict[str, np.nd
             ctx.report.sites.append(visit(ctx, s, hessians[s.name]))
         ctx.bar.advance(task, what=s.name)
 
-
-def _first_line(e: Exception) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def _prune_site(ctx: Context, s: Site, H: np.ndarray, level: SiteLevel | None = None) -> SiteReport:

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnx_obs.graph.protos import attrs
 from onnx_obs.graph.sites import Site
 
 _CODE_TYPES = {(8, True): onnx.TensorProto.INT8, (8, False): onnx.TensorProto.UINT8,
@@ -115,46 +116,35 @@ def quantized_zeros(model: onnx.ModelProto, base_dir: str = "") -> tuple[int, in
     """(zeros, weights) over the quantized weights of a written model: codes equal to their zero
     point in each DequantizeLinear reading an initializer, and in each MatMulNBits' packed codes
     (4 bits; zero point 8 unless given). Activation pairs (a tensor input) are not weights."""
-    tensors = {t.name: t for t in model.graph.initializer}
-    inits = _Arrays(tensors, base_dir)
+    inits = {t.name: t for t in model.graph.initializer}
+
+    def value(name: str) -> np.ndarray:
+        return numpy_helper.to_array(inits[name], base_dir).astype(np.int64)
+
     zeros = total = 0
     for node in model.graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0] in inits:
-            codes = inits[node.input[0]].astype(np.int64)
-            zero = (inits[node.input[2]].astype(np.int64)
-                    if len(node.input) > 2 and node.input[2] in inits else np.zeros((), np.int64))
+            codes = value(node.input[0])
+            zero = value(node.input[2]) if len(node.input) > 2 and node.input[2] in inits else np.zeros((), np.int64)
             zeros += int(np.count_nonzero(codes == _spread(zero, codes.shape, node)))
             total += codes.size
         elif node.op_type == "MatMulNBits" and node.input[1] in inits:
-            a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+            a = attrs(node)
             n, k, block = a["N"], a["K"], a["block_size"]
-            packed = inits[node.input[1]].reshape(n, -1)
-            codes = _unpack(packed)[:, :k].astype(np.int64)
+            codes = _unpack(value(node.input[1]).reshape(n, -1))[:, :k]
             zero = np.full((n, 1), 8, np.int64)
             if len(node.input) > 3 and node.input[3] in inits:
-                per_row = _unpack(inits[node.input[3]].reshape(n, -1))
-                zero = np.repeat(per_row.astype(np.int64), block, axis=1)[:, :k]
+                zero = np.repeat(_unpack(value(node.input[3]).reshape(n, -1)), block, axis=1)[:, :k]
             zeros += int(np.count_nonzero(codes == zero))
             total += codes.size
     return zeros, total
-
-
-class _Arrays(dict):
-    """Initializers by name, read as arrays (external data from base_dir) when looked up."""
-
-    def __init__(self, tensors: dict, base_dir: str):
-        super().__init__(tensors)
-        self.base_dir = base_dir
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(super().__getitem__(name), self.base_dir)
 
 
 def _spread(zero: np.ndarray, shape: tuple[int, ...], node: onnx.NodeProto) -> np.ndarray:
     """A DequantizeLinear zero point broadcast to the codes' shape (scalar, per axis or blocked)."""
     if zero.ndim == 0:
         return zero
-    a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+    a = attrs(node)
     axis = a.get("axis", 1) % len(shape)
     if zero.ndim == 1:
         return zero.reshape([-1 if i == axis else 1 for i in range(len(shape))])

@@ -30,7 +30,7 @@ from onnx_obs.algorithms.baselines import SCORES
 from onnx_obs.algorithms.blas_threads import blas_threads_for
 from onnx_obs.algorithms.damping import damped_cholesky, damping
 from onnx_obs.algorithms.masks import nm_mask, smallest_in_groups, smallest_overall, spread_zeros
-from onnx_obs.algorithms.obc import _convex_slopes, _greedy, obc_prune, obc_trace
+from onnx_obs.algorithms.obc import _greedy, obc_prune, obc_row_traces, obc_trace
 from onnx_obs.algorithms.refit import refit_flops, refit_kept
 from onnx_obs.algorithms.sparsegpt import sparsegpt_prune
 
@@ -215,8 +215,7 @@ def group_traces(W: np.ndarray, H: list, groups: list[slice], *, method: str = "
                  solver: str = "auto", block_size: int = 128, damp: float = 0.01) -> list[np.ndarray]:
     """error_curve(W[g], H[i], range(W[g].size + 1)) for every row group g = groups[i], with the
     same results: one-row groups that the exact solver takes without special cases (as in
-    prune_row_groups) share one greedy over their stacked H^-1 (each row's trace is its
-    cumulative convexified step losses, obc_trace)."""
+    prune_row_groups) share one greedy over their stacked H^-1 (obc.obc_row_traces)."""
     options = dict(method=method, solver=solver, block_size=block_size, damp=damp)
     traces: list[np.ndarray | None] = [None] * len(groups)
     batch = []
@@ -231,10 +230,7 @@ def group_traces(W: np.ndarray, H: list, groups: list[slice], *, method: str = "
     if batch:
         rows = np.concatenate([np.asarray(W[groups[i]], dtype=np.float64) for i in batch])
         Hinv, _ = _row_inverses([H[i] for i in batch], rows.shape[1], damp)
-        _, _, losses, _ = _greedy(rows, Hinv, np.zeros(rows.shape, dtype=bool), np.full(len(batch), rows.shape[1]))
-        steps = np.sort(_convex_slopes(losses, np.zeros(len(batch), dtype=np.int64)), axis=1)
-        cost = np.concatenate([np.zeros((len(batch), 1)), np.cumsum(np.maximum(steps, 0.0), axis=1)], axis=1)
-        for i, trace in zip(batch, cost):
+        for i, trace in zip(batch, obc_row_traces(rows, Hinv)):
             traces[i] = trace
     return traces
 

@@ -87,10 +87,21 @@ def obc_trace(W: np.ndarray, Hinv: np.ndarray, forced: np.ndarray) -> np.ndarray
     the loss of the k cheapest steps of the rows' greedy traces, as obc_prune's "global" choice
     takes them (_global_counts): one full greedy run gives the whole curve (OBC's error table).
     Forced weights cost nothing (dead inputs: no error on the calibration data)."""
-    _, _, losses, _ = _greedy(W, Hinv, forced, np.full(W.shape[0], W.shape[1]))
-    slopes = _convex_slopes(losses, forced.sum(axis=1))
-    steps = np.sort(slopes, axis=None)
+    steps = np.sort(_trace_slopes(W, Hinv, forced), axis=None)
     return np.concatenate([[0.0], np.cumsum(np.maximum(steps, 0.0))])
+
+
+def obc_row_traces(W: np.ndarray, Hinv: np.ndarray) -> np.ndarray:
+    """(rows, cols + 1): obc_trace of each row of W alone (Hinv: its own (rows, cols, cols) or
+    one shared), from one greedy run over all rows (no forced weights)."""
+    steps = np.sort(_trace_slopes(W, Hinv, np.zeros(W.shape, dtype=bool)), axis=1)
+    return np.concatenate([np.zeros((len(W), 1)), np.cumsum(np.maximum(steps, 0.0), axis=1)], axis=1)
+
+
+def _trace_slopes(W: np.ndarray, Hinv: np.ndarray, forced: np.ndarray) -> np.ndarray:
+    """Every row's greedy step losses to the end, convexified (_convex_slopes)."""
+    _, _, losses, _ = _greedy(W, Hinv, forced, np.full(W.shape[0], W.shape[1]))
+    return _convex_slopes(losses, forced.sum(axis=1))
 
 
 def _remove_sets(W: np.ndarray, Hinv: np.ndarray, order: np.ndarray,

@@ -405,9 +405,7 @@ def _plan_latency(ctx: Context, groups, curves, orders, steps, final_ms, rounds_
     base = predict(np.zeros(len(groups)))
     least = predict(np.array([len(c) // s * s for c, s in zip(curves, steps)]))
     if first and least > final_ms:
-        raise OnnxObsError(f"the latency target cannot be reached: the smallest model removing "
-                           f"units can leave is predicted at {least:.3f} ms at batch 1, above "
-                           f"the target {final_ms:.3f} ms: raise the target")
+        raise _unreachable(least, final_ms)
     target_ms = final_ms
     if base > final_ms and rounds_left > 1:
         target_ms = base * (final_ms / base) ** (1.0 / rounds_left)
@@ -422,24 +420,29 @@ def _plan_latency(ctx: Context, groups, curves, orders, steps, final_ms, rounds_
                 report.notes.append(f"latency target not met: the model as shrunk so far times "
                                     f"{base:.3f} ms, and what is left cannot reach {final_ms:.3f} ms")
                 return {g.producer.name: 0 for g in groups}
-            raise OnnxObsError(f"the latency target cannot be reached: the smallest model removing "
-                               f"units can leave is predicted at {least:.3f} ms at batch 1, above "
-                               f"the target {target_ms:.3f} ms: raise the target") from None
+            raise _unreachable(least, target_ms) from None
         counts = plan
         measured = timer(_shrunk_plan(loaded, groups, orders, counts))
         if measured <= target_ms * 1.02:
             break
         goal *= target_ms / measured
-    if rounds_left > 1:
-        return {g.producer.name: int(k) for g, k in zip(groups, counts)}
-    report.notes.append(
-        f"latency at batch 1 (each group timed at {len(FRACTIONS) + 1} widths): {base:.3f} ms before, "
-        f"target {target_ms:.3f} ms; plan predicted {predict(counts):.3f} ms, timed {measured:.3f} ms")
-    if measured > target_ms * 1.02:
-        report.notes.append(f"latency target not met: the plan timed {measured:.3f} ms, above the "
-                            f"target {target_ms:.3f} ms (the units left cannot go, or timing is "
-                            "noisy: see the latency rows)")
+    if rounds_left == 1:   # the last round: how the plan met the final target
+        report.notes.append(
+            f"latency at batch 1 (each group timed at {len(FRACTIONS) + 1} widths): {base:.3f} ms before, "
+            f"target {target_ms:.3f} ms; plan predicted {predict(counts):.3f} ms, timed {measured:.3f} ms")
+        if measured > target_ms * 1.02:
+            report.notes.append(f"latency target not met: the plan timed {measured:.3f} ms, above the "
+                                f"target {target_ms:.3f} ms (the units left cannot go, or timing is "
+                                "noisy: see the latency rows)")
     return {g.producer.name: int(k) for g, k in zip(groups, counts)}
+
+
+def _unreachable(least: float, target_ms: float) -> OnnxObsError:
+    why = ("above" if least > target_ms else
+           "yet no plan removing units group by group gets below")   # the table's groups interact
+    return OnnxObsError(f"the latency target cannot be reached: the smallest model removing units "
+                        f"can leave is predicted at {least:.3f} ms at batch 1, {why} the target "
+                        f"{target_ms:.3f} ms: raise the target")
 
 
 def _shrunk_plan(loaded, groups, orders, counts) -> onnx.ModelProto:

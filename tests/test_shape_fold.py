@@ -141,3 +141,4 @@ def test_shapes_computed_from_shape_slices_resolve_where_onnx_inference_makes_na
     assert shapes["pos"] == [5, 16] and shapes["y"] == ["batch", 5, 16]
     out = run_tensors(model, {"x": randn([3, 5, 16], 1)}, ["pos", "y"])
     assert [list(out[k].shape) for k in ("pos", "y")] == [concrete(shapes[k], 3) for k in ("pos", "y")]
+

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnx_obs.graph.protos import attrs, constants, unique_name
+from onnx_obs.graph.protos import attrs, constants, readers, unique_name
 from onnx_obs.graph.shape_fold import tensor_shapes
 
 MAX_ELEMENTS = 1 << 16   # larger shared constants stay shared: copies would grow the file
@@ -24,15 +24,15 @@ def canonicalize(model: onnx.ModelProto, weights: set[str]) -> None:
     """In place, both rewrites; node indices change, so find sites after. `weights`: see
     unshare_constants."""
     unshare_constants(model, weights)
-    if _fold_key_transposes(model):
-        _drop_dead_nodes(model.graph)
+    _fold_key_transposes(model)
+    _drop_dead_nodes(model.graph)   # Identity nodes left unread, a folded K^T's shape arithmetic
 
 
 def unshare_constants(model: onnx.ModelProto, weights: set[str]) -> None:
     """In place: every read of a shared constant (directly or through Identity nodes) other than
     one direct read gets its own initializer copy. `weights`: tensors left shared whatever their
     size (the sites: a weight shared by two layers is tied, not duplicated). Identity nodes
-    whose readers all moved to copies are removed."""
+    whose readers all moved to copies are left unread."""
     graph = model.graph
     consts = constants(graph)
     graph_inputs = {i.name for i in graph.input}
@@ -65,32 +65,22 @@ def unshare_constants(model: onnx.ModelProto, weights: set[str]) -> None:
             copy.name = unique_name(model, f"{root}_own")
             graph.initializer.append(copy)
             node.input[pos] = copy.name
-    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    dead = [node for node in graph.node if node.op_type == "Identity" and node.output
-            and node.output[0] in alias and node.output[0] not in read]
-    for node in dead:
-        graph.node.remove(node)
 
 
-def _fold_key_transposes(model: onnx.ModelProto) -> bool:
+def _fold_key_transposes(model: onnx.ModelProto) -> None:
     """Reshape [B, H, T, D] -> [B*H, T, D], Transpose (0, 2, 1), Reshape -> [B, H, D, T] becomes
-    Transpose (0, 1, 3, 2), where the two tensors between are read by the chain only. Whether any
-    was rewritten."""
+    Transpose (0, 1, 3, 2), where the two tensors between are read by the chain only."""
     graph = model.graph
     shapes = tensor_shapes(model)
     producer = {o: n for n in graph.node for o in n.output}
-    reads: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            reads[name] = reads.get(name, 0) + 1
+    reads = readers(graph)
     outputs = {o.name for o in graph.output}
-    folded = False
     for last in [n for n in graph.node if n.op_type == "Reshape"]:
         turn = producer.get(last.input[0])
         first = producer.get(turn.input[0]) if turn is not None and turn.op_type == "Transpose" else None
         if first is None or first.op_type != "Reshape" or attrs(turn).get("perm") != [0, 2, 1]:
             continue
-        if any(reads.get(t, 0) != 1 or t in outputs for t in (first.output[0], turn.output[0])):
+        if any(len(reads.get(t, [])) != 1 or t in outputs for t in (first.output[0], turn.output[0])):
             continue
         x, merged, out = (shapes.get(t) for t in (first.input[0], first.output[0], last.output[0]))
         if (x is None or merged is None or out is None or len(x) != 4 or len(merged) != 3
@@ -101,8 +91,6 @@ def _fold_key_transposes(model: onnx.ModelProto) -> bool:
                                                        name=f"{last.name}_as_transpose", perm=[0, 1, 3, 2]))
         for node in (first, turn, last):
             graph.node.remove(node)
-        folded = True
-    return folded
 
 
 def _drop_dead_nodes(graph: onnx.GraphProto) -> None:

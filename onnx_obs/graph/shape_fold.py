@@ -165,6 +165,11 @@ def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list]:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     _drop_made_up(copy.graph)
+    for t in [t for t in copy.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]:
+        # shapes need the dims of such weights, not their data (which onnx would look for
+        # relative to where the process runs)
+        copy.graph.initializer.remove(t)
+        copy.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     quiet = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)

@@ -4,8 +4,11 @@ BLAS (numpy's and scipy's OpenBLAS) and onnxruntime each default to one thread p
 another process holds a core, their threads wait for it (onnxruntime's spinning ones burn the
 core meanwhile), and every small product pays a scheduler slice: on the shared 2-core machine a
 digits CNN prune took 17 s with two BLAS threads against 2 s with one. A run therefore uses the
-CPUs it may run on (affinity mask, cgroup quota) less those the 1-minute load average says other
-work keeps busy, or the number asked for (`--threads`); onnxruntime sessions never spin. The
+CPUs it may run on (affinity mask, cgroup quota) that are idle now, or the number asked for
+(`--threads`); onnxruntime sessions never spin. "Idle now" is measured over a short window of
+/proc/stat, not read off the load average: the 1-minute average still counts work that ended
+seconds ago (a prune right after another one, or after exporting its model, saw a load of 1 on an
+idle 2-core machine and ran on one thread, 1.6x slower). The
 pruned model does not depend on the count: Hessian sums are products on one BLAS thread each,
 summed in a fixed order (`map_ordered`), and the solvers' and onnxruntime's larger products split
 their outputs, not their sums, across threads (tests/test_threads.py checks byte equality).
@@ -14,6 +17,7 @@ their outputs, not their sums, across threads (tests/test_threads.py checks byte
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -30,13 +34,44 @@ def available_cores() -> int:
 
 
 def free_cores() -> int:
-    """available_cores() less the cores that the load average says are busy (at least 1)."""
+    """available_cores() less those other work keeps busy now (at least 1)."""
     n = available_cores()
+    idle = idle_cpus()
+    if idle is None:  # no /proc/stat: the load average, which lags by up to a minute
+        try:
+            idle = n - os.getloadavg()[0]
+        except OSError:
+            idle = n
+    return max(1, min(n, int(idle + 0.5)))
+
+
+def idle_cpus(window: float = 0.2, stat: str = "/proc/stat") -> float | None:
+    """How many of this process's CPUs (affinity mask) sat idle over the next `window` seconds,
+    from the per-CPU jiffies in /proc/stat; None where it cannot be read."""
     try:
-        busy = int(os.getloadavg()[0] + 0.5)
-    except OSError:
-        busy = 0
-    return max(1, n - busy)
+        mine = os.sched_getaffinity(0)
+        before = _cpu_jiffies(stat)
+        time.sleep(window)
+        after = _cpu_jiffies(stat)
+    except (OSError, AttributeError, ValueError):
+        return None
+    idle = 0.0
+    for cpu in mine & before.keys() & after.keys():
+        (i0, t0), (i1, t1) = before[cpu], after[cpu]
+        idle += (i1 - i0) / (t1 - t0) if t1 > t0 else 1.0
+    return idle if mine & before.keys() else None
+
+
+def _cpu_jiffies(stat: str) -> dict[int, tuple[int, int]]:
+    """{cpu: (idle + iowait jiffies, all jiffies)} from the cpuN lines of /proc/stat."""
+    out = {}
+    with open(stat) as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                name, *fields = line.split()
+                ticks = [int(x) for x in fields]
+                out[int(name[3:])] = (ticks[3] + ticks[4], sum(ticks[:8]))
+    return out
 
 
 def _cgroup_quota() -> int | None:

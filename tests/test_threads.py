@@ -15,17 +15,35 @@ from onnx_obs.hessian.layerwise import HessianSum
 from onnx_obs.runtime import Runner
 
 
-def test_cores_follow_affinity_quota_and_load(monkeypatch):
+def test_cores_follow_affinity_quota_and_idle_cpus(monkeypatch):
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
     monkeypatch.setattr(threads, "_cgroup_quota", lambda: None)
-    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    monkeypatch.setattr(threads, "idle_cpus", lambda: 5.8)
     assert threads.available_cores() == 6 and threads.free_cores() == 6
     monkeypatch.setattr(threads, "_cgroup_quota", lambda: 3)
-    assert threads.available_cores() == 3
-    monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.6, 0.0, 0.0))  # ~2 cores busy
+    assert threads.available_cores() == 3 and threads.free_cores() == 3
+    monkeypatch.setattr(threads, "idle_cpus", lambda: 1.4)   # the others busy
     assert threads.free_cores() == 1
-    monkeypatch.setattr(threads.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    monkeypatch.setattr(threads, "idle_cpus", lambda: 0.1)
     assert threads.free_cores() == 1   # never fewer than one
+    monkeypatch.setattr(threads, "idle_cpus", lambda: None)  # no /proc/stat: the load average
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.6, 0.0, 0.0))
+    assert threads.free_cores() == 1
+
+
+def test_idle_cpus_reads_per_cpu_jiffies_of_the_affinity_mask(monkeypatch, tmp_path):
+    # cpu0 idle 90 of 100 jiffies, cpu1 idle 25 of 100, cpu2 (outside the mask) idle throughout
+    lines = [["cpu  0 0 0 0 0 0 0 0 0 0", "cpu0 10 0 0 100 0 0 0 0 0 0", "cpu1 10 0 0 100 0 0 0 0 0 0",
+              "cpu2 0 0 0 100 0 0 0 0 0 0", "intr 1 2 3"],
+             ["cpu  0 0 0 0 0 0 0 0 0 0", "cpu0 15 0 5 180 10 0 0 0 0 0", "cpu1 80 0 5 120 5 0 0 0 0 0",
+              "cpu2 0 0 0 200 0 0 0 0 0 0", "intr 1 2 3"]]
+    files = [tmp_path / "a", tmp_path / "b"]
+    for f, text in zip(files, lines):
+        f.write_text("\n".join(text) + "\n")
+    reads = iter(files)
+    monkeypatch.setattr(threads, "_cpu_jiffies", lambda stat, real=threads._cpu_jiffies: real(next(reads)))
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert threads.idle_cpus(window=0) == pytest.approx(90 / 100 + 25 / 100)
 
 
 def test_run_threads_sets_blas_and_sessions_then_restores(mlp_path):

@@ -27,7 +27,7 @@ NoBatchingOpt = typer.Option(False, "--no-batching", help="Feed the arrays whole
 BatchSizeOpt = typer.Option(32, "--batch-size", help="Samples per onnxruntime run.", rich_help_panel=DATA)
 MaxSamplesOpt = typer.Option(None, "--max-samples", help="Use at most this many calibration samples.", rich_help_panel=DATA)
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda (onnxruntime-gpu).")
-ThreadsOpt = typer.Option(0, "--threads", help="Threads for numpy's BLAS and onnxruntime; 0: the cores this process may use (affinity, cgroup quota) less those the load average shows busy.")
+ThreadsOpt = typer.Option(0, "--threads", help="Threads for numpy's BLAS and onnxruntime; 0: the cores this process may use (affinity, cgroup quota) that are idle when the run starts.")
 TimeBudgetOpt = typer.Option(60.0, "--time-budget", help="With --solver auto: seconds of exact solves for the whole run (modelled from layer sizes, so the output does not depend on the machine); the smallest layers get the exact solver first, the rest fast + refit.", rich_help_panel=SOLVER)
 MaxPositionsOpt = typer.Option(0, "--max-positions", help="Convolution Hessians from at most this many output positions per calibration sample (a seeded random subset), for large images; 0: all.", rich_help_panel=SOLVER)
 HessianPrecisionOpt = typer.Option("float32", "--hessian-precision", help="Products x^T x of float32 activations in float32 BLAS (faster; chunks of 4096 rows summed in float64, about 1e-6 relative error in H) or float64. float64 models always use float64.", rich_help_panel=SOLVER)

@@ -76,7 +76,7 @@ class LayerwiseOptions:
     damp: float = 0.01             # fraction of mean diag(H) added to the diagonal
     sequential: bool = True        # capture each site's inputs after the sites before it are pruned
     capture_memory_mb: int = 2048  # sequential capture: boundary tensors held in memory, the rest on disk
-    time_budget: float = 60.0      # solver="auto": modelled seconds of exact solves in a whole run
+    time_budget: float = 10.0      # solver="auto": modelled seconds of exact solves in a whole run
     max_positions: int = 0         # conv Hessians: output positions per sample (random subset); 0 = all
     hessian_precision: str = "float32"  # products x^T x of float32 activations: float32 or float64 BLAS
     # "uniform": every site at the sparsity; "auto": per-site levels meeting the global target

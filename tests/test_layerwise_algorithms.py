@@ -459,6 +459,32 @@ def test_exact_allowed_spends_the_budget_on_the_cheapest_layers():
     assert exact_allowed(layers, 100.0) == [True, True, True, False, True]
 
 
+def test_exact_allowed_with_values_admits_most_value_per_second_then_fills():
+    """With each layer's value: layers by value / modelled seconds, best first, each admitted if it
+    still fits (a cheaper one further down may fill what a dearer one left)."""
+    from onnx_obs.algorithms.layerwise import EXACT_SECONDS_PER_WORK, exact_allowed
+
+    layers = [[(256, 256)], [(768, 256)], [(64, 64)], [(1024, 256)], [(128, 128)]]
+    secs = [r * c**3 * EXACT_SECONDS_PER_WORK for (r, c), in layers]
+    value = [0.04, 9.0, 0.001, 2.0, 0.001]
+    for budget in (0.1, 1.0, 2.0, 4.0):
+        allowed = exact_allowed(layers, budget, value)
+        picked = [i for i, a in enumerate(allowed) if a]
+        assert sum(secs[i] for i in picked) <= budget
+        spent, expect = 0.0, []
+        for i in sorted(range(len(layers)), key=lambda i: -value[i] / secs[i]):
+            if spent + secs[i] <= budget:
+                expect.append(i)
+                spent += secs[i]
+        assert picked == sorted(expect)
+        # the highest value-per-second layer that fits alone is always in
+        best = max((i for i in range(len(layers)) if secs[i] <= budget), key=lambda i: value[i] / secs[i])
+        assert best in picked
+    # the big QKV-like layer (most value) goes before the cheap ones of little value
+    assert exact_allowed(layers, secs[1], value) == [False, True, False, False, False]
+    assert any(exact_allowed(layers, b, value) != exact_allowed(layers, b) for b in (1.0, 2.0))
+
+
 def test_fast_levels_prune_as_prune_layer_at_every_count():
     """One factorisation of H serves every count: bitwise what prune_layer's fast solver gives,
     dead inputs and existing zeros included."""

@@ -62,17 +62,25 @@ TRACE_ROW_SHARE = 0.25
 TRACE_MAX_WORK = 2**32
 
 
-def exact_allowed(layers: list[list[tuple[int, int]]], budget_seconds: float) -> list[bool]:
+def exact_allowed(layers: list[list[tuple[int, int]]], budget_seconds: float,
+                  value: list[float] | None = None) -> list[bool]:
     """Per layer (the (rows, cols) of its row groups): whether solver="auto" may solve it exactly,
-    so that the modelled exact seconds of all layers stay within budget_seconds. Layers within
-    EXACT_MAX_WORK are admitted cheapest first: exact buys about the same error ratio over
-    fast + refit on every layer (1.3x), so the cheapest give the most layers per second."""
+    so that the modelled exact seconds of all layers stay within budget_seconds. Exact buys about
+    the same error ratio over fast + refit on every layer (1.3x), so the error it removes is in
+    proportion to the layer's share of the output error: with `value` (each layer's predicted
+    output error, e.g. from the allocation) layers are admitted by value per second, else (every
+    layer worth the same) cheapest first. Only layers within EXACT_MAX_WORK are eligible."""
     cost = [sum(r * c**3 for r, c in groups) * EXACT_SECONDS_PER_WORK
             if all(r * c**3 <= EXACT_MAX_WORK for r, c in groups) else None for groups in layers]
+    eligible = [i for i, c in enumerate(cost) if c is not None]
+    if value is None:
+        eligible.sort(key=lambda i: (cost[i], i))
+    else:
+        eligible.sort(key=lambda i: (-value[i] / max(cost[i], 1e-9), cost[i], i))
     allowed, spent = [False] * len(layers), 0.0
-    for i in sorted((i for i, c in enumerate(cost) if c is not None), key=lambda i: (cost[i], i)):
+    for i in eligible:
         if spent + cost[i] > budget_seconds:
-            break
+            continue  # a cheaper one further down may still fit
         allowed[i], spent = True, spent + cost[i]
     return allowed
 

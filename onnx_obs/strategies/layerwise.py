@@ -33,18 +33,21 @@ def run(ctx: Context) -> None:
     if ctx.config.allocation_used == "auto":
         with ctx.report.phases("allocation"):  # its capture counts as capture and hessians
             levels = allocate_sites(ctx)
-    sweep_sites(ctx, lambda ctx, s, H: _prune_site(ctx, s, H, levels.get(s.name)), "pruning sites")
+    value = {name: level.predicted for name, level in levels.items()} or None
+    sweep_sites(ctx, lambda ctx, s, H: _prune_site(ctx, s, H, levels.get(s.name)), "pruning sites", value)
     if not levels:  # allocated levels count the existing zeros already
         note_already_sparse(ctx)
 
 
-def sweep_sites(ctx: Context, visit: Callable[[Context, Site, np.ndarray], SiteReport], what: str) -> None:
+def sweep_sites(ctx: Context, visit: Callable[[Context, Site, np.ndarray], SiteReport], what: str,
+                value: dict[str, float] | None = None) -> None:
     """Call visit(ctx, site, H) for every site with its (groups, cols, cols) Hessian and add the
     reports it returns. Sequential: in waves of equal depth, each captured on the model as changed
-    so far, by one pass over graph slices where the graph can be cut."""
+    so far, by one pass over graph slices where the graph can be cut. value: each site's predicted
+    output error (auto allocation), where the exact solver's budget goes (_exact_budget)."""
     c, loaded, sites, phases = ctx.config, ctx.loaded, ctx.sites, ctx.report.phases
     task = ctx.bar.add(what, total=len(sites))
-    ctx.exact = _exact_budget(ctx)
+    ctx.exact = _exact_budget(ctx, value)
     if not c.layerwise.sequential:
         cache = ctx.hessians if ctx.hessians is not None else {}
         missing = [s for s in sites if s.name not in cache]
@@ -84,13 +87,15 @@ def sweep_sites(ctx: Context, visit: Callable[[Context, Site, np.ndarray], SiteR
                 sliced.close()
 
 
-def _exact_budget(ctx: Context) -> dict[str, bool]:
-    """Which sites solver="auto" may solve exactly within --time-budget (a note if not all)."""
+def _exact_budget(ctx: Context, value: dict[str, float] | None) -> dict[str, bool]:
+    """Which sites solver="auto" may solve exactly within --time-budget (a note if not all):
+    those of most predicted output error per second where `value` gives it, else the cheapest."""
     c = ctx.config
     if c.method != "obs" or c.layerwise.solver != "auto":
         return {}
     layers = [[(g.stop - g.start, s.matrix_shape[1]) for g in s.row_groups()] for s in ctx.sites]
-    allowed = dict(zip([s.name for s in ctx.sites], exact_allowed(layers, c.layerwise.time_budget)))
+    worth = None if value is None else [value.get(s.name, 0.0) for s in ctx.sites]
+    allowed = dict(zip([s.name for s in ctx.sites], exact_allowed(layers, c.layerwise.time_budget, worth)))
     eligible = exact_allowed(layers, float("inf"))
     moved = sum(e and not a for e, a in zip(eligible, allowed.values()))
     if moved:

@@ -122,7 +122,7 @@ class PruneConfig:
             raise OnnxObsError(f"unknown solver '{self.layerwise.solver}': use one of {', '.join(SOLVERS)}")
         if not self.layerwise.time_budget >= 0:
             raise OnnxObsError(f"--time-budget must be at least 0 s, got {self.layerwise.time_budget}")
-        if self.layerwise.max_positions < 0:
+        if self.layerwise.max_positions is not None and self.layerwise.max_positions < 0:
             raise OnnxObsError(f"--max-positions must be at least 0 (0: all), got {self.layerwise.max_positions}")
         if self.layerwise.hessian_precision not in PRECISIONS:
             raise OnnxObsError(f"unknown --hessian-precision '{self.layerwise.hessian_precision}': "
@@ -312,7 +312,7 @@ class PruneConfig:
         settings = dict(
             sparsity=self.sparsity, pattern=f"{self.pattern[0]}:{self.pattern[1]}" if self.pattern else None,
             scope=self.scope, solver=lw.solver, time_budget=lw.time_budget,
-            max_positions=lw.max_positions, hessian_precision=lw.hessian_precision,
+            max_positions="auto" if lw.max_positions is None else lw.max_positions, hessian_precision=lw.hessian_precision,
             block_size=lw.block_size, damp=lw.damp,
             sequential=lw.sequential, batch_size=data.batch_size, max_samples=data.max_samples,
             batching=data.batching, allocation=self.allocation_used)

@@ -77,7 +77,9 @@ class LayerwiseOptions:
     sequential: bool = True        # capture each site's inputs after the sites before it are pruned
     capture_memory_mb: int = 2048  # sequential capture: boundary tensors held in memory, the rest on disk
     time_budget: float = 10.0      # solver="auto": modelled seconds of exact solves in a whole run
-    max_positions: int = 0         # conv Hessians: output positions per sample (random subset); 0 = all
+    # conv Hessians: output positions per sample (random subset); 0 = all; None = enough for
+    # hessian.layerwise.VECTORS_PER_COLUMN vectors per column over the calibration set
+    max_positions: int | None = None
     hessian_precision: str = "float32"  # products x^T x of float32 activations: float32 or float64 BLAS
     # "uniform": every site at the sparsity; "auto": per-site levels meeting the global target
     # (strategies/allocation.py); None: auto where it applies (PruneConfig.allocation_used)

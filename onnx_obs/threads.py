@@ -45,7 +45,7 @@ def free_cores() -> int:
     return max(1, min(n, int(idle + 0.5)))
 
 
-def idle_cpus(window: float = 0.2, stat: str = "/proc/stat") -> float | None:
+def idle_cpus(window: float = 0.1, stat: str = "/proc/stat") -> float | None:
     """How many of this process's CPUs (affinity mask) sat idle over the next `window` seconds,
     from the per-CPU jiffies in /proc/stat; None where it cannot be read."""
     try:

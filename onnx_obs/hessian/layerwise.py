@@ -28,6 +28,11 @@ _CHUNK_ROWS = 16384         # input vectors per float64 product
 _CHUNK_ROWS_F32 = 4096      # input vectors per float32 product (bounds its rounding error)
 PRECISIONS = ("float32", "float64")
 _UNFOLD_ELEMENTS = 1 << 24  # bounds one unfolded convolution chunk (64 MB of float32)
+# A convolution's Hessian by default sums at most this many input vectors per column over the
+# calibration set (positions_per_sample): beyond it the sums of wide-image early layers cost
+# seconds and the estimate of H barely moves (scripts/bench_pipeline.py: output MSE on ResNet-18,
+# the EfficientNet-like net and the detector, README).
+VECTORS_PER_COLUMN = 64
 
 
 class HessianSum:
@@ -76,6 +81,12 @@ def _gram_columns(c: np.ndarray, dtype) -> np.ndarray:
     """2 c c^T per group, multiplied in `dtype`, returned as float64."""
     c = c.astype(dtype, copy=False)
     return 2.0 * np.matmul(c, c.transpose(0, 2, 1)).astype(np.float64)
+
+
+def positions_per_sample(cols: int, samples: int) -> int:
+    """Output positions per sample that give a convolution of `cols` columns about
+    VECTORS_PER_COLUMN * cols input vectors over `samples` calibration samples."""
+    return max(1, math.ceil(VECTORS_PER_COLUMN * cols / max(samples, 1)))
 
 
 def conv_positions(x: np.ndarray, geometry: ConvGeometry) -> int:

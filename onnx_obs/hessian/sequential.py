@@ -76,7 +76,7 @@ class SlicedCapture:
     `capture`) when the graph cannot be cut; the caller then captures on the whole model."""
 
     def __init__(self, loaded: LoadedModel, waves: list[list[Site]], cal: Calibration, device: str,
-                 memory_budget: int, phases: Phases | None = None, max_positions: int = 0,
+                 memory_budget: int, phases: Phases | None = None, max_positions: int | None = 0,
                  precision: str = "float32"):
         self.loaded, self.waves, self.cal, self.device = loaded, waves, cal, device
         self.phases, self.max_positions, self.precision = phases or Phases(), max_positions, precision
@@ -90,7 +90,7 @@ class SlicedCapture:
         """Wave i's Hessians, by site name, on the model as pruned so far (waves < i); with
         hessians=False (the caller has them) only the boundary tensors later waves read, and {}."""
         plan, sums = self.plans[i], HessianSums(self.waves[i], max_positions=self.max_positions,
-                                                      precision=self.precision)
+                                                precision=self.precision, samples=self.cal.num_samples)
         runner = None
         if plan.nodes:
             with self.phases("capture"):

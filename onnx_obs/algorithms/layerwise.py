@@ -340,9 +340,13 @@ def _remove_needed_dead(work: np.ndarray, dead: np.ndarray, n_zeros: int, patter
 
 def layer_error(W_old: np.ndarray, W_new: np.ndarray, H: np.ndarray) -> float:
     """Layer-wise error of W_new against W_old: 1/2 sum_r dW_r^T H dW_r with the undamped H,
-    which equals mean_k ||(W_old - W_new) x_k||^2 for H = (2/n) sum_k x_k x_k^T."""
-    dW = np.asarray(W_old, dtype=np.float64) - np.asarray(W_new, dtype=np.float64)
-    return _half_quadratic(dW, np.asarray(H, dtype=np.float64))
+    which equals mean_k ||(W_old - W_new) x_k||^2 for H = (2/n) sum_k x_k x_k^T. Float32 weights
+    (both) in a float32 product, summed in float64: a report figure, 2x faster than float64 on the
+    large layers, where it had taken as long as their refit."""
+    single = np.result_type(W_old, W_new).itemsize <= 4
+    dtype = np.float32 if single else np.float64
+    dW = (np.asarray(W_old, dtype=np.float64) - np.asarray(W_new, dtype=np.float64)).astype(dtype)
+    return _half_quadratic(dW, np.asarray(H, dtype=dtype))
 
 
 def _baseline(work, h_diag, lam, method, n_zeros, pattern, H=None) -> LayerResult:
@@ -373,7 +377,7 @@ def _float_copy(W: np.ndarray, dtype) -> np.ndarray:
 
 def _half_quadratic(dW: np.ndarray, H: np.ndarray) -> float:
     """1/2 sum_r dW_r^T H dW_r."""
-    return 0.5 * float(np.einsum("ij,ij->", dW @ H, dW))
+    return 0.5 * float(np.einsum("ij,ij->", dW @ H, dW, dtype=np.float64))
 
 
 def _decoupled(H: np.ndarray, dead: np.ndarray) -> np.ndarray:

@@ -503,3 +503,11 @@ def test_fast_levels_prune_as_prune_layer_at_every_count():
         np.testing.assert_array_equal(got.weight, want.weight)
         np.testing.assert_array_equal(got.mask, want.mask)
         assert (got.predicted_error, got.damping) == (want.predicted_error, want.damping)
+    # all counts in one stacked pass, on all rows and on some: each as its own prune_layer run
+    counts = [0, 1, 100, 240, 431]
+    some = np.array([0, 3, 4, 9])
+    want = [prune_layer(W, H, sparsity=k / W.size, solver="fast", block_size=16).predicted_error for k in counts]
+    np.testing.assert_allclose(levels.errors(counts), want, rtol=1e-6)
+    want = [prune_layer(W[some], H, sparsity=k / W[some].size, solver="fast", block_size=16).predicted_error
+            for k in (0, 5, 80)]
+    np.testing.assert_allclose(levels.errors([0, 5, 80], some), want, rtol=1e-6)

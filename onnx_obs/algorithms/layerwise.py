@@ -60,6 +60,8 @@ EXACT_SECONDS_PER_WORK = 2.0 / 2**34
 # those of all rows (tests/test_allocation.py's layers).
 TRACE_ROW_SHARE = 0.25
 TRACE_MAX_WORK = 2**32
+# Weights of the levels FastLevels.errors stacks into one SparseGPT pass.
+LEVELS_BYTES = 64 << 20
 
 
 def exact_allowed(layers: list[list[tuple[int, int]]], budget_seconds: float,
@@ -263,8 +265,7 @@ def error_curve(W: np.ndarray, H: np.ndarray, counts, *, method: str = "obs", so
         levels = levels or FastLevels(W, H, block_size=block_size, damp=damp)
         m = min(rows, max(16, math.ceil(TRACE_ROW_SHARE * rows)))
         some = np.linspace(0, rows - 1, m).round().astype(np.int64) if m < rows else None
-        return np.array([rows / m * levels.prune(round(k * m / rows), some).predicted_error
-                         for k in counts.tolist()])
+        return rows / m * levels.errors([round(k * m / rows) for k in counts.tolist()], some)
     if not runs_exact(method, solver, rows, cols) or W.size == 0:
         one = "fast" if method == "obs" and solver == "auto" else solver
         return np.array([prune_layer(W, H, method=method, sparsity=k / max(W.size, 1), solver=one,
@@ -310,6 +311,27 @@ class FastLevels:
         with blas_threads_for(W.shape[0] * W.shape[1] ** 2):
             weight, removed, predicted = sparsegpt_prune(work, self.L, n_zeros=n_zeros, block_size=self.block_size)
         return LayerResult(weight, ~removed, predicted, self.lam, "fast")
+
+    def errors(self, counts: list[int], rows: np.ndarray | None = None) -> np.ndarray:
+        """prune(k, rows).predicted_error for every k of counts, the levels stacked into one
+        SparseGPT pass (sparsegpt_prune with a list of counts), at most LEVELS_BYTES at a time."""
+        W = self.W if rows is None else self.W[rows]
+        if self.L is None or not counts:
+            return np.array([self.prune(k, rows).predicted_error for k in counts])
+        dtype = np.float32 if W.dtype.itemsize <= 4 else np.float64
+        per = max(1, LEVELS_BYTES // max(W.size * np.dtype(dtype).itemsize, 1))
+        out = []
+        for start in range(0, len(counts), per):
+            part = counts[start:start + per]
+            stacked = np.empty((len(part) * W.shape[0], W.shape[1]), dtype=dtype, order="F")
+            for i, k in enumerate(part):
+                work = stacked[i * W.shape[0]:(i + 1) * W.shape[0]]
+                work[:] = W
+                if self.dead.any():
+                    _remove_needed_dead(work, self.dead, k, None)
+            with blas_threads_for(stacked.shape[0] * W.shape[1] ** 2):
+                out.append(sparsegpt_prune(stacked, self.L, n_zeros=part, block_size=self.block_size)[2])
+        return np.concatenate(out)
 
 
 def runs_exact(method: str, solver: str, rows: int, cols: int, exact: bool = True) -> bool:

@@ -47,10 +47,10 @@ def sparsegpt_prune(
     W0: np.ndarray,
     L: np.ndarray,
     *,
-    n_zeros: int = 0,
+    n_zeros: int | list[int] = 0,
     pattern: tuple[int, int] | None = None,
     block_size: int = 128,
-) -> tuple[np.ndarray, np.ndarray, float]:
+) -> tuple[np.ndarray, np.ndarray, float | np.ndarray]:
     """Return (pruned weights, mask of removed weights, predicted error = sum of saliencies).
 
     W0: the original weights, float64 or float32 in Fortran order (read only); weights that are exactly zero
@@ -61,6 +61,10 @@ def sparsegpt_prune(
     the saliency w^2 / [H_FF^-1]_ii at the block's start (Alg. 1 line 9). N:M: a group's mask is
     chosen when its last column is reached, from the then-current weights.
     S, and the returned weights, have W0's dtype (module doc: precision).
+    n_zeros a list (unstructured): W0 is that many slabs of equal rows, stacked, each pruned to its
+    own count as if alone, and the predicted errors come per slab: one layer at several sparsity
+    levels in one pass over the columns, whose per-column steps cost Python overhead rather than
+    arithmetic on the few rows of an allocation table.
     """
     rows, cols = W0.shape
     dtype = W0.dtype.type
@@ -71,16 +75,19 @@ def sparsegpt_prune(
     inv_diag = (1.0 / diag).astype(dtype)
     blas = get_blas_funcs(("gemm", "ger", "trsm"), dtype=dtype)
     starts = list(reversed(range(0, cols, block)))
+    counts = [n_zeros] if np.isscalar(n_zeros) else list(n_zeros)
+    slabs = [slice(i * (rows // len(counts)), (i + 1) * (rows // len(counts))) for i in range(len(counts))]
     if pattern is None:
-        forced_cols = np.count_nonzero(W0 == 0.0, axis=0)
-        forced_blocks = [forced_cols[i1 : i1 + block].sum() for i1 in starts]
-        sizes = [rows * (min(i1 + block, cols) - i1) for i1 in starts]
-        quotas = spread_zeros(n_zeros, forced_blocks, sizes)
+        sizes = [rows // len(counts) * (min(i1 + block, cols) - i1) for i1 in starts]
+        quotas = []
+        for n, rs in zip(counts, slabs):
+            forced_cols = np.count_nonzero(W0[rs] == 0.0, axis=0)
+            quotas.append(spread_zeros(n, [forced_cols[i1 : i1 + block].sum() for i1 in starts], sizes))
     S = np.zeros((rows, cols), dtype=dtype, order="F")
     removed = np.zeros((rows, cols), dtype=bool, order="F")
     Z = np.empty((rows, block), dtype=dtype, order="F")
     current = np.empty((rows, block), dtype=dtype, order="F")
-    predicted = 0.0
+    predicted = np.zeros(len(counts))
     for b, i1 in enumerate(starts):
         i2 = min(i1 + block, cols)
         w0, S_b, drop = W0[:, i1:i2], S[:, i1:i2], removed[:, i1:i2]
@@ -88,15 +95,18 @@ def sparsegpt_prune(
         L_bb = L_rows[:, i1:]
         forced = w0 == 0.0
         if pattern is None:  # Alg. 1 line 9: adaptive mask over the whole block
-            drop[:] = smallest_overall(_saliency(w0, S_b, L_bb, blas), forced, quotas[b])
+            saliency = _saliency(w0, S_b, L_bb, blas)
+            for quota, rs in zip(quotas, slabs):
+                drop[rs] = smallest_overall(saliency[rs], forced[rs], quota[b])
         with one_blas_thread():
             _visit_block(w0, forced, S_b, L_bb, inv_diag[i1:i2], drop, Z, current, sub, pattern, blas)
         if i1 > 0:  # the block's changes reach every column still to visit
             blas[0](1.0, Z[:, : i2 - i1], L_rows[:, :i1], beta=1.0, c=S[:, :i1], overwrite_c=True)
         pruned = np.where(drop, current[:, : i2 - i1], 0.0)  # w_i of the removed weights
-        norms = np.einsum("ij,ij->j", pruned, pruned, dtype=np.float64)
-        predicted += 0.5 * float(norms @ diag[i1:i2] ** 2)  # Eq. 6
-    return S, removed, predicted
+        for i, rs in enumerate(slabs):
+            norms = np.einsum("ij,ij->j", pruned[rs], pruned[rs], dtype=np.float64)
+            predicted[i] += 0.5 * float(norms @ diag[i1:i2] ** 2)  # Eq. 6
+    return S, removed, (float(predicted[0]) if np.isscalar(n_zeros) else predicted)
 
 
 def _visit_block(w0, forced, S, L, inv_diag, drop, Z, current, sub, pattern, blas) -> None:

@@ -112,7 +112,8 @@ def prune(model, calib=None, config: PruneConfig | None = None, *, output: str |
           run_threads(config.threads) as report.threads):
         shared = hessians if not config.layerwise.sequential else None
         ctx = Context(loaded, sites, cal, config, report, bar, force, shared, timer=timer)
-        STRATEGIES[config.mode].run(ctx)
+        with report.phases("other"):  # what the strategy's own phases leave out (graph surgery...)
+            STRATEGIES[config.mode].run(ctx)
         finish.run(ctx, original, output)
     report.wall_seconds = time.perf_counter() - start
     return PruneResult(loaded.model, report)

@@ -504,6 +504,11 @@ def test_target_flops_on_the_cnn(cnn_path, cnn_calib):
                     max_samples=64)
     macs = res.report.costs["macs"]
     assert macs["before"] == 1_821_952 and 800_000 < macs["after"] <= 900_000
+    # the phases of a structured run: its captures, group solves and sensitivity runs are timed
+    phases = res.report.to_dict()["totals"]["phase_seconds"]
+    assert {"load", "capture", "hessians", "solves", "probes", "other", "validation"} <= set(phases)
+    assert all(v > 0 for v in phases.values())
+    assert sum(phases.values()) <= res.report.wall_seconds + 1e-3
 
 
 @pytest.mark.parametrize("kwargs, words", [

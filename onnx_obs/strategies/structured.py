@@ -254,9 +254,10 @@ def _obs_step(ctx: Context, original, rows, group, n, entry) -> np.ndarray:
     if not n and not refit:
         return []
     hessians = capture_hessians(loaded, [u.site for u in group.consumers], cal, device, ctx.bar,
-                                with_bias=True)
+                                with_bias=True, phases=ctx.report.phases)
     consumers = _consumers(loaded, group, hessians)
-    result = group_obs(consumers, n, damp=damp, step=math.ceil(n / MAX_STEPS))
+    with ctx.report.phases("solves"):
+        result = group_obs(consumers, n, damp=damp, step=math.ceil(n / MAX_STEPS))
     weights = list(result.weights)
     if refit:
         sites = [group.consumers[j].site for j in refit]
@@ -337,14 +338,16 @@ def _plan(ctx: Context, groups, target, kind, sites, rounds_left: int = 1,
     method, damp, device = c.method, c.layerwise.damp, c.device
     if method == "obs":
         consumer_sites = list({c.site.name: c.site for g in groups for c in g.consumers}.values())
-        hessians = capture_hessians(loaded, consumer_sites, cal, device, bar, with_bias=True)
+        hessians = capture_hessians(loaded, consumer_sites, cal, device, bar, with_bias=True,
+                                    phases=report.phases)
     curves, orders, consumer_lists = [], [], []
     for g in groups:
         limit = g.units - 1
         if method == "obs":
             consumers = _consumers(loaded, g, hessians)
             consumer_lists.append(consumers)
-            result = group_obs(consumers, limit, damp=damp, step=math.ceil(limit / MAX_STEPS))
+            with report.phases("solves"):
+                result = group_obs(consumers, limit, damp=damp, step=math.ceil(limit / MAX_STEPS))
             energy = output_energy(consumers)
             curves.append(result.costs / energy if energy > 0 else result.costs)
             orders.append(result.order)
@@ -354,9 +357,11 @@ def _plan(ctx: Context, groups, target, kind, sites, rounds_left: int = 1,
             orders.append(order)
     steps = [_multiple(g, (given or {}).get(g.producer.name)) for g in groups]
     if method == "obs" and cal is not None:
-        curves = _measured_curves(ctx, groups, consumer_lists, curves, orders, steps)
+        with report.phases("probes"):
+            curves = _measured_curves(ctx, groups, consumer_lists, curves, orders, steps)
     if kind == "latency":
-        return _plan_latency(ctx, groups, curves, orders, steps, target, rounds_left, first)
+        with report.phases("latency"):
+            return _plan_latency(ctx, groups, curves, orders, steps, target, rounds_left, first)
     resource = resource_model(loaded.model, groups, kind, orders)
     start = resource(np.zeros(len(groups)))
     if start > target and rounds_left > 1:

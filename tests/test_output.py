@@ -27,6 +27,9 @@ def test_a_log_gets_plain_progress_lines(cli, mlp_path, mlp_calib, tmp_path, mon
     lines = [l for l in r.stderr.splitlines() if l.startswith("onnx-obs: pruning sites")]
     assert [l.split(" (")[0] for l in lines] == [f"onnx-obs: pruning sites {i}/3" for i in (1, 2, 3)]
     assert "(0.weight)" in lines[0] and "s left" in lines[0] and "s left" not in lines[-1]
+    # one task for the whole run, a step per site in each stage (allocation tables, pruning)
+    run = [l.split(" (")[0] for l in r.stderr.splitlines() if l.startswith("onnx-obs: whole run")]
+    assert run == [f"onnx-obs: whole run {i}/6" for i in range(1, 7)]
     quiet = cli("prune", mlp_path, "--calib", mlp_calib, "-o", tmp_path / "q.onnx", "-q")
     assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == ""
 

@@ -46,7 +46,7 @@ from onnx_obs.graph.slicing import Unsliceable, slice_model, tail_plan
 from onnx_obs.hessian.capture import capture_hessians
 from onnx_obs.metrics import relative_mse
 from onnx_obs.runtime import Runner
-from onnx_obs.strategies.context import Context
+from onnx_obs.strategies.context import Context, advance_run
 
 GRID = 0.025        # level step of the exact solver's tables (read off one greedy trace)
 FAST_GRID = 0.1     # level step where each level costs a fast-solver run
@@ -89,6 +89,7 @@ def allocate_sites(ctx: Context) -> dict[str, SiteLevel]:
         kappa[s.name] = probe.sensitivity(s, w, H, counts, errors, fast, split)
         tables[s.name] = counts, errors, split  # the factorisations go
         ctx.bar.advance(task)
+        advance_run(ctx, s.name)
     tables = [tables[s.name] for s in sites]
     unprobed = [s.name for s in sites if kappa[s.name] is None]
     if unprobed:

@@ -30,7 +30,20 @@ class Context:
     # allocation's, which the first sequential wave reuses (nothing is pruned before it)
     hessians: dict[str, np.ndarray] | None = None
     exact: dict[str, bool] = field(default_factory=dict)  # site -> exact solver within --time-budget
+    run_task: int | None = None    # the progress task of the whole run (its steps: per site and stage)
     timer: Callable[[onnx.ModelProto], float] | None = None   # ms per run; None: onnxruntime's
+
+
+def run_progress(ctx: Context, stages: int) -> None:
+    """Start the bar of the whole run, first: a step per site and stage (allocation, pruning), so
+    that its time-left estimate covers all of it, not only the stage running now."""
+    if ctx.run_task is None:
+        ctx.run_task = ctx.bar.add("whole run", total=stages * len(ctx.sites))
+
+
+def advance_run(ctx: Context, what: str = "") -> None:
+    if ctx.run_task is not None:
+        ctx.bar.advance(ctx.run_task, what=what)
 
 
 def drop_uncaptureable(ctx: Context) -> None:

@@ -24,12 +24,13 @@ from onnx_obs.hessian.capture import capture_hessians
 from onnx_obs.hessian.sequential import BoundaryCache, SlicedCapture
 from onnx_obs.report import SiteReport
 from onnx_obs.strategies.allocation import SiteLevel, allocate_sites
-from onnx_obs.strategies.context import Context, drop_uncaptureable
+from onnx_obs.strategies.context import Context, advance_run, drop_uncaptureable, run_progress
 
 
 def run(ctx: Context) -> None:
     drop_uncaptureable(ctx)
     levels = {}
+    run_progress(ctx, 2 if ctx.config.allocation_used == "auto" else 1)
     if ctx.config.allocation_used == "auto":
         with ctx.report.phases("allocation"):  # its capture counts as capture and hessians
             levels = allocate_sites(ctx)
@@ -46,6 +47,7 @@ def sweep_sites(ctx: Context, visit: Callable[[Context, Site, np.ndarray], SiteR
     so far, by one pass over graph slices where the graph can be cut. value: each site's predicted
     output error (auto allocation), where the exact solver's budget goes (_exact_budget)."""
     c, loaded, sites, phases = ctx.config, ctx.loaded, ctx.sites, ctx.report.phases
+    run_progress(ctx, 1)
     task = ctx.bar.add(what, total=len(sites))
     ctx.exact = _exact_budget(ctx, value)
     if not c.layerwise.sequential:
@@ -131,6 +133,7 @@ def _visit_wave(ctx: Context, visit, wave: list[Site], hessians: dict[str, np.nd
         with ctx.report.phases("solves"):
             ctx.report.sites.append(visit(ctx, s, hessians[s.name]))
         ctx.bar.advance(task, what=s.name)
+        advance_run(ctx, s.name)
 
 
 

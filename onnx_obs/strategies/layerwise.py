@@ -24,7 +24,12 @@ from onnx_obs.hessian.capture import capture_hessians
 from onnx_obs.hessian.sequential import BoundaryCache, SlicedCapture
 from onnx_obs.report import SiteReport
 from onnx_obs.strategies.allocation import SiteLevel, allocate_sites
-from onnx_obs.strategies.context import Context, advance_run, drop_uncaptureable, run_progress
+from onnx_obs.strategies.context import (
+    Context,
+    advance_run,
+    drop_uncaptureable,
+    run_progress,
+)
 
 
 def run(ctx: Context) -> None:

@@ -9,11 +9,14 @@ CPUs it may run on (affinity mask, cgroup quota) that are idle now, or the numbe
 /proc/stat, not read off the load average: the 1-minute average still counts work that ended
 seconds ago (a prune right after another one, or after exporting its model, saw a load of 1 on an
 idle 2-core machine and ran on one thread: ResNet-18 took 103 s instead of 81 s).
-The Hessian sums do not depend on the count (products on one BLAS thread each, summed in a fixed
-order, `map_ordered`), nor do layers small enough for one BLAS thread (tests/test_threads.py checks
-byte equality). OpenBLAS's multi-threaded products and Cholesky factorisations of wide layers do
-round differently with the count (about 1e-6 relative on a 256x2304 layer), which can flip
-near-tied mask choices: the same thread count (`--threads`) gives the same file.
+The pruned model does not depend on the count (tests/test_threads.py checks byte equality).
+OpenBLAS's own threads would break that: its threaded products and Cholesky factorisations round
+differently with the count (about 1e-6 relative on a 256x2304 layer, enough to flip near-tied
+mask choices: ResNet-18's output MSE moved from 0.01116 on two threads to 0.01096 on one). So the
+solvers run BLAS on one thread and split their large products themselves, into pieces whose
+shapes do not depend on the count (Hessian chunks of rows, `panel_matmul`'s column panels), run
+`current_threads()` at a time and put together in a fixed order (`map_ordered`); factorisations
+stay on one thread.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
-from onnx_obs.algorithms.blas_threads import blas_threads
+import numpy as np
+
+from onnx_obs.algorithms.blas_threads import blas_threads, one_blas_thread
 
 _current: int | None = None   # the running prune's thread count, for onnxruntime sessions
 
@@ -108,6 +113,22 @@ def map_ordered(fn, items: list) -> list:
         return [fn(x) for x in items]
     with ThreadPoolExecutor(n) as pool:
         return list(pool.map(fn, items))
+
+
+PANEL = 256  # columns per piece of panel_matmul: fixed, so the pieces are the same whatever the count
+
+
+def panel_matmul(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """A @ B (Fortran order), its column panels of PANEL each on one BLAS thread,
+    current_threads() at a time: the same numbers whatever the thread count (module doc)."""
+    out = np.empty((A.shape[0], B.shape[1]), dtype=np.result_type(A, B), order="F")
+
+    def panel(j: int) -> None:
+        np.matmul(A, B[:, j:j + PANEL], out=out[:, j:j + PANEL])
+
+    with one_blas_thread():
+        map_ordered(panel, list(range(0, B.shape[1], PANEL)))
+    return out
 
 
 @contextmanager

@@ -11,8 +11,8 @@ Prints, in one run:
   repository's samples;
 - peak resident memory.
 
-The floor and fast mode run with the same BLAS threads (prune_layer keeps layers under
-blas_threads.SMALL_WORK on one thread; the floor is timed under the same rule). CPU seconds
+The floor is factorised on one BLAS thread, as prune_layer factorises; its products split
+themselves over the run's threads (onnx_obs.threads.panel_matmul). CPU seconds
 (process time, all threads) are printed next to wall seconds: on a machine shared with other
 jobs they show how much of the wall time was waiting.
 
@@ -38,7 +38,7 @@ from onnx_obs.hessian.capture import capture_hessians
 from onnx_obs.calib import load_calibration
 from onnx_obs.graph.sites import find_sites, site_matrix
 from onnx_obs.progress import Progress
-from onnx_obs.algorithms.blas_threads import blas_threads_for
+from onnx_obs.algorithms.blas_threads import one_blas_thread
 from onnx_obs.algorithms import layerwise
 from onnx_obs.algorithms.layerwise import layer_error, prune_layer
 from onnx_obs.algorithms.obc import obc_prune
@@ -64,13 +64,13 @@ def build_hessian(X: np.ndarray, chunk: int = 1024) -> np.ndarray:
     return np.tril(H) + np.tril(H, -1).T
 
 
-def floor_seconds(H: np.ndarray, rows: int, damp: float = 0.01) -> tuple[float, float]:
+def floor_seconds(H: np.ndarray, damp: float = 0.01) -> tuple[float, float]:
     """(wall, cpu) seconds of one float64 Cholesky factorisation plus inverse (dpotrf + dpotri)
-    of the damped H, with the BLAS threads prune_layer would use for a layer of `rows` rows."""
+    of the damped H, on one BLAS thread as prune_layer factorises."""
     cols = H.shape[0]
     A = np.array(H, order="F")
     A.flat[:: cols + 1] += damp * H.diagonal().mean()
-    with blas_threads_for(cols**3 / 3 + rows * cols**2):
+    with one_blas_thread():
         (L, info), wall, cpu = timed(lapack.dpotrf, A, lower=1, clean=0, overwrite_a=1)
         _, wall2, cpu2 = timed(lapack.dpotri, L, lower=1, overwrite_c=1)
     assert info == 0
@@ -90,7 +90,7 @@ def bench_fast(rng, cols: int, samples: int) -> None:
     W = rng.standard_normal((cols, cols), dtype=np.float32)
     H, t_h, c_h = timed(build_hessian, X)
     print(f"build H:             {t_h:8.3f} s wall {c_h:8.3f} s cpu")
-    floor, c_floor = floor_seconds(H, cols)
+    floor, c_floor = floor_seconds(H)
     print(f"floor (chol + inv):  {floor:8.3f} s wall {c_floor:8.3f} s cpu")
     for call in ("first call", "repeat"):  # the first call also pays the OS for fresh memory pages
         result, t_fast, c_fast = timed(prune_layer, W, H, sparsity=0.5, solver="fast")

@@ -94,3 +94,41 @@ def test_pruned_bytes_do_not_depend_on_threads(which, sequential, samples, tmp_p
 def test_negative_threads_refused(mlp_path, mlp_calib):
     with pytest.raises(OnnxObsError, match="--threads must be at least 0"):
         api.prune(str(mlp_path), str(mlp_calib), threads=-1)
+
+
+def test_panel_matmul_is_the_product_and_the_same_on_any_thread_count():
+    rng = np.random.default_rng(1)
+    A = rng.standard_normal((70, 600)).astype(np.float32)
+    B = np.asfortranarray(rng.standard_normal((600, 530)).astype(np.float32))
+    out = []
+    for n in (1, 2, 3):
+        with threads.run_threads(n):
+            out.append(threads.panel_matmul(A, B))
+    np.testing.assert_allclose(out[0], A.astype(np.float64) @ B.astype(np.float64), rtol=1e-4, atol=1e-3)
+    for other in out[1:]:
+        np.testing.assert_array_equal(other, out[0])
+
+
+def test_wide_layers_prune_to_the_same_bytes_on_any_thread_count():
+    """OpenBLAS's threads round a wide layer's products and factorisation differently with their
+    count (a 256x2304 layer moved by 1e-6); the solvers split the work themselves, so a
+    128x2000 layer (fast + refit), its allocation table (stacked levels) and a 48x400 layer
+    (exact) come out bitwise equal on 1 and 2 threads."""
+    from onnx_obs.algorithms.layerwise import FastLevels, prune_layer
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((2400, 2000)).astype(np.float32)
+    X[:, 1:] += 0.5 * X[:, :-1]  # correlated inputs
+    H = (2.0 / len(X)) * (X.T @ X).astype(np.float64)
+    W = rng.standard_normal((128, 2000)).astype(np.float32)
+    small, Hs = W[:48, :400], H[:400, :400]
+    runs = []
+    for n in (1, 2):
+        with threads.run_threads(n):
+            wide = prune_layer(W, H, sparsity=0.5)
+            exact = prune_layer(small, Hs, sparsity=0.5)
+            table = FastLevels(W, H).errors([1000, 60000, 120000])
+        assert (wide.solver, exact.solver) == ("fast+refit", "exact")
+        runs.append((wide.weight, wide.predicted_error, exact.weight, table))
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)

@@ -23,10 +23,6 @@ try:
 except ImportError:  # optional
     ThreadpoolController = None
 
-# Floating-point operations below which a whole solve stays on one thread (~50 ms of work).
-SMALL_WORK = 2**31
-
-
 class _OpenBLAS:
     """get/set the thread count of every OpenBLAS loaded in this process (Linux: /proc/self/maps)."""
 
@@ -100,8 +96,3 @@ def _openblas_limit(c: _OpenBLAS, n: int):
         yield
     finally:
         c.set(before)
-
-
-def blas_threads_for(flops: float) -> AbstractContextManager:
-    """One BLAS thread for work under SMALL_WORK flops, the default threads above."""
-    return one_blas_thread() if flops < SMALL_WORK else nullcontext()

@@ -27,12 +27,13 @@ import numpy as np
 from scipy.linalg import lapack
 
 from onnx_obs.algorithms.baselines import SCORES
-from onnx_obs.algorithms.blas_threads import blas_threads_for
+from onnx_obs.algorithms.blas_threads import one_blas_thread
 from onnx_obs.algorithms.damping import damped_cholesky, damping
 from onnx_obs.algorithms.masks import nm_mask, smallest_in_groups, smallest_overall, spread_zeros
 from onnx_obs.algorithms.obc import _greedy, obc_prune, obc_row_traces, obc_trace
 from onnx_obs.algorithms.refit import refit_flops, refit_kept
 from onnx_obs.algorithms.sparsegpt import sparsegpt_prune
+from onnx_obs.threads import panel_matmul
 
 METHODS = ("obs", *SCORES)   # OBS with correction, then the no-correction baselines
 SOLVERS = ("auto", "exact", "fast")
@@ -149,7 +150,7 @@ def prune_layer(
     lam = damping(h_diag, damp)
     if method != "obs":
         return _baseline(work, h_diag, lam, method, n_zeros, pattern, H)
-    with blas_threads_for(cols**3 / 3 + rows * cols**2):  # Cholesky + SparseGPT's products
+    with one_blas_thread():  # the products split themselves (onnx_obs.threads)
         A = _decoupled(H, dead)
         L, lam = damped_cholesky(A, lam, float(h_diag.max()))
         if fast:
@@ -275,7 +276,7 @@ def error_curve(W: np.ndarray, H: np.ndarray, counts, *, method: str = "obs", so
     if dead.all():  # E does not depend on W
         return np.zeros(len(counts))
     h_diag[dead] = 0.0
-    with blas_threads_for(cols**3 / 3):
+    with one_blas_thread():
         L, _ = damped_cholesky(_decoupled(H, dead), damping(h_diag, damp), float(h_diag.max()))
         Hinv = _inverse(L)
     m = min(rows, max(16, min(math.ceil(TRACE_ROW_SHARE * rows), TRACE_MAX_WORK // cols**3)))
@@ -295,7 +296,7 @@ class FastLevels:
         self.dead = ~(h_diag > 0)
         if self.W.size and not self.dead.all():
             h_diag[self.dead] = 0.0
-            with blas_threads_for(self.W.shape[1] ** 3 / 3):
+            with one_blas_thread():
                 self.L, self.lam = damped_cholesky(_decoupled(self.H, self.dead), damping(h_diag, damp),
                                                    float(h_diag.max()))
 
@@ -308,7 +309,7 @@ class FastLevels:
         work = _float_copy(W, np.float32 if W.dtype.itemsize <= 4 else np.float64)
         if self.dead.any():
             _remove_needed_dead(work, self.dead, n_zeros, None)
-        with blas_threads_for(W.shape[0] * W.shape[1] ** 2):
+        with one_blas_thread():
             weight, removed, predicted = sparsegpt_prune(work, self.L, n_zeros=n_zeros, block_size=self.block_size)
         return LayerResult(weight, ~removed, predicted, self.lam, "fast")
 
@@ -329,7 +330,7 @@ class FastLevels:
                 work[:] = W
                 if self.dead.any():
                     _remove_needed_dead(work, self.dead, k, None)
-            with blas_threads_for(stacked.shape[0] * W.shape[1] ** 2):
+            with one_blas_thread():
                 out.append(sparsegpt_prune(stacked, self.L, n_zeros=part, block_size=self.block_size)[2])
         return np.concatenate(out)
 
@@ -345,8 +346,9 @@ def _inverse(L: np.ndarray) -> np.ndarray:
     """H^-1 = L^-T L^-1 (both triangles) from the lower Cholesky factor of H. (LAPACK's dpotri
     took 15 ms for a 25x25 factor with this machine's OpenBLAS, and 2-3x longer than this for
     256-576 columns.)"""
-    Li = np.tril(lapack.dtrtri(L, lower=1)[0])  # the upper triangle holds leftovers
-    Hinv = Li.T @ Li
+    with one_blas_thread():
+        Li = np.tril(lapack.dtrtri(L, lower=1)[0])  # the upper triangle holds leftovers
+    Hinv = panel_matmul(Li.T, Li)
     return np.tril(Hinv) + np.tril(Hinv, -1).T
 
 
@@ -399,7 +401,7 @@ def _float_copy(W: np.ndarray, dtype) -> np.ndarray:
 
 def _half_quadratic(dW: np.ndarray, H: np.ndarray) -> float:
     """1/2 sum_r dW_r^T H dW_r."""
-    return 0.5 * float(np.einsum("ij,ij->", dW @ H, dW, dtype=np.float64))
+    return 0.5 * float(np.einsum("ij,ij->", panel_matmul(dW, H), dW, dtype=np.float64))
 
 
 def _decoupled(H: np.ndarray, dead: np.ndarray) -> np.ndarray:

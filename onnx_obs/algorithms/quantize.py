@@ -26,10 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import lapack
 
-from onnx_obs.algorithms.blas_threads import blas_threads_for
+from onnx_obs.algorithms.blas_threads import one_blas_thread
 from onnx_obs.algorithms.damping import damped_cholesky, damping
 from onnx_obs.algorithms.layerwise import EXACT_MAX_WORK, _decoupled, check_hessian, layer_error
 from onnx_obs.algorithms.obc import _greedy
+from onnx_obs.threads import panel_matmul
 
 QUANT_METHODS = ("auto", "obq", "gptq", "rtn")
 BITS = (4, 8)
@@ -162,7 +163,7 @@ def quantize_layer(W: np.ndarray, H: np.ndarray | None, bits: int, *, symmetric:
     h_diag[dead] = 0.0
     lam = damping(h_diag, damp)
     order = np.argsort(-h_diag, kind="stable") if act_order and method == "gptq" else np.arange(cols)
-    with blas_threads_for(cols**3):
+    with one_blas_thread():  # a threaded factorisation rounds differently with the count
         A = _decoupled(np.asarray(H)[np.ix_(order, order)], dead[order])
         L, lam = damped_cholesky(A, lam, float(h_diag.max(initial=0.0)))
         Hinv, _ = lapack.dpotri(L, lower=1, overwrite_c=1)
@@ -173,7 +174,8 @@ def quantize_layer(W: np.ndarray, H: np.ndarray | None, bits: int, *, symmetric:
         weight, _, losses, _ = _greedy(W, Hinv, pinned, np.full(rows, cols), grid=per_weight)
         predicted = float(losses.sum())
     else:
-        U, info = lapack.dpotrf(Hinv, lower=0, clean=1)
+        with one_blas_thread():
+            U, info = lapack.dpotrf(Hinv, lower=0, clean=1)
         if info != 0:
             raise ValueError("H^-1 is not positive definite: raise damp")
         permuted = Grid(grid.scale, grid.zero, grid.groups[order], grid.qmin, grid.qmax, grid.clip)
@@ -204,7 +206,7 @@ def gptq(W: np.ndarray, U: np.ndarray, grid: Grid, pinned: np.ndarray,
             W[:, i + 1 : i2] -= np.outer(err, U[i, i + 1 : i2])
             W[:, i] = c
             Err[:, i - i1] = err
-        W[:, i2:] -= Err @ U[i1:i2, i2:]
+        W[:, i2:] -= panel_matmul(Err, U[i1:i2, i2:])
     return W, predicted
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnx_obs.threads import panel_matmul
+
 
 def refit_flops(rows: int, cols: int) -> float:
     """Flops of one conjugate-gradient iteration on a (rows, cols) layer."""
@@ -34,7 +36,7 @@ def refit_kept(W0: np.ndarray, W: np.ndarray, H: np.ndarray, removed: np.ndarray
     keep = ~removed
     D = np.where(keep, W, 0).astype(dtype) - W0.astype(dtype)  # the change from W0, -w0 on removed
     precond = np.where(keep, 1 / H.diagonal(), 0).astype(dtype)
-    R = D @ H  # kept up to date below: E and the gradient need no further product
+    R = panel_matmul(D, H)  # kept up to date below: E and the gradient need no further product
     G = R * keep  # gradient of E over the kept weights
     Z = G * precond
     P = -Z
@@ -43,7 +45,7 @@ def refit_kept(W0: np.ndarray, W: np.ndarray, H: np.ndarray, removed: np.ndarray
     for _ in range(iterations):
         if gz.sum() <= tol * start:
             break
-        HP = P @ H  # P is 0 on removed weights, so P . HP is the curvature over the kept ones
+        HP = panel_matmul(P, H)  # P is 0 on removed weights: P . HP is the curvature over the kept
         curvature = np.einsum("ij,ij->i", P, HP)
         alpha = np.divide(gz, curvature, out=np.zeros_like(gz), where=curvature > 0)
         D += alpha[:, None] * P

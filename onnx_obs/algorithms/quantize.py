@@ -28,7 +28,12 @@ from scipy.linalg import lapack
 
 from onnx_obs.algorithms.blas_threads import one_blas_thread
 from onnx_obs.algorithms.damping import damped_cholesky, damping
-from onnx_obs.algorithms.layerwise import EXACT_MAX_WORK, _decoupled, check_hessian, layer_error
+from onnx_obs.algorithms.layerwise import (
+    EXACT_MAX_WORK,
+    _decoupled,
+    check_hessian,
+    layer_error,
+)
 from onnx_obs.algorithms.obc import _greedy
 from onnx_obs.threads import panel_matmul
 

@@ -29,8 +29,9 @@ def refit_kept(W0: np.ndarray, W: np.ndarray, H: np.ndarray, removed: np.ndarray
     `removed`) towards the kept weights minimising E = 1/2 sum_r (w_r - w0_r)^T H (w_r - w0_r);
     stops early once the preconditioned squared residual falls below tol times its start.
     H: symmetric positive definite (the damped H). Works in W's floating type: float32 for a
-    float32 W (the fast solver's), twice as fast as float64 at the same error to 1e-5 (measured
-    by scripts/bench_layerwise.py --auto); float64 otherwise."""
+    float32 W (the fast solver's), float64 otherwise. On correlated random layers float32 took
+    0.84 s against 1.56 s (512x4608, 3 iterations) and 0.63 against 1.11 s (256x2304, 20), its E
+    within 3e-10 of float64's."""
     dtype = np.float32 if W.dtype == np.float32 else np.float64
     H = H.astype(dtype, copy=False)
     keep = ~removed

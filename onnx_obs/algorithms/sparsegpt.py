@@ -37,7 +37,6 @@ from scipy.linalg.blas import get_blas_funcs
 
 from onnx_obs.algorithms.blas_threads import one_blas_thread
 from onnx_obs.algorithms.masks import nm_mask, smallest_overall, spread_zeros
-from onnx_obs.threads import PANEL, map_ordered
 
 # Columns handled by rank-1 steps before a matrix product takes over (a sub-block of the output
 # stays in L2 cache); 16 and 32 were fastest of 8/16/32/64/128 on the 4096x4096 benchmark.
@@ -66,6 +65,8 @@ def sparsegpt_prune(
     own count as if alone, and the predicted errors come per slab: one layer at several sparsity
     levels in one pass over the columns, whose per-column steps cost Python overhead rather than
     arithmetic on the few rows of an allocation table.
+    BLAS runs with the caller's threads: prune_layer and FastLevels keep it on one, so that the
+    result does not depend on the thread count (onnx_obs.threads).
     """
     rows, cols = W0.shape
     dtype = W0.dtype.type
@@ -102,22 +103,12 @@ def sparsegpt_prune(
         with one_blas_thread():
             _visit_block(w0, forced, S_b, L_bb, inv_diag[i1:i2], drop, Z, current, sub, pattern, blas)
         if i1 > 0:  # the block's changes reach every column still to visit
-            _spread(Z[:, : i2 - i1], L_rows[:, :i1], S[:, :i1], blas[0])
+            blas[0](1.0, Z[:, : i2 - i1], L_rows[:, :i1], beta=1.0, c=S[:, :i1], overwrite_c=True)
         pruned = np.where(drop, current[:, : i2 - i1], 0.0)  # w_i of the removed weights
         for i, rs in enumerate(slabs):
             norms = np.einsum("ij,ij->j", pruned[rs], pruned[rs], dtype=np.float64)
             predicted[i] += 0.5 * float(norms @ diag[i1:i2] ** 2)  # Eq. 6
     return S, removed, (float(predicted[0]) if np.isscalar(n_zeros) else predicted)
-
-
-def _spread(Z: np.ndarray, L: np.ndarray, S: np.ndarray, gemm) -> None:
-    """S += Z L in column panels of PANEL, each on one BLAS thread, current_threads() at a time:
-    the same numbers whatever the thread count (onnx_obs.threads)."""
-    def panel(j: int) -> None:
-        gemm(1.0, Z, L[:, j:j + PANEL], beta=1.0, c=S[:, j:j + PANEL], overwrite_c=True)
-
-    with one_blas_thread():
-        map_ordered(panel, list(range(0, S.shape[1], PANEL)))
 
 
 def _visit_block(w0, forced, S, L, inv_diag, drop, Z, current, sub, pattern, blas) -> None:

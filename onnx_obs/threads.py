@@ -9,7 +9,8 @@ CPUs it may run on (affinity mask, cgroup quota) that are idle now, or the numbe
 /proc/stat, not read off the load average: the 1-minute average still counts work that ended
 seconds ago (a prune right after another one, or after exporting its model, saw a load of 1 on an
 idle 2-core machine and ran on one thread: ResNet-18 took 103 s instead of 81 s).
-The pruned model does not depend on the count (tests/test_threads.py checks byte equality).
+A layer-wise prune or quantization (the default paths) does not depend on the count
+(tests/test_threads.py checks byte equality; structured and full-network OBS still let BLAS thread).
 OpenBLAS's own threads would break that: its threaded products and Cholesky factorisations round
 differently with the count (about 1e-6 relative on a 256x2304 layer, enough to flip near-tied
 mask choices: ResNet-18's output MSE moved from 0.01116 on two threads to 0.01096 on one). So the

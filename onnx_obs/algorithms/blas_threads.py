@@ -3,9 +3,10 @@
 A small matrix product or rank-1 update (well under a millisecond) loses more to waking and
 waiting for BLAS worker threads than it gains, and far more when other processes hold the cores:
 on the shared 2-core test machine, loops of such calls ran 10-40x slower with two OpenBLAS threads
-than with one, and a whole 384x384 fast-mode prune took 0.78 s instead of 0.01 s. The solvers run
-small layers, and the loops of small calls inside large ones, under `one_blas_thread()`; the
-large products of large layers keep the default threads.
+than with one, and a whole 384x384 fast-mode prune took 0.78 s instead of 0.01 s. Threaded BLAS
+also rounds differently with the thread count. So the solvers' factorisations, SparseGPT and the
+greedy loops run under `one_blas_thread()`, and their large products split themselves over the
+run's threads in pieces of fixed shape (onnx_obs/threads.py: panel_matmul).
 
 The thread count is set through threadpoolctl where it is installed, else by calling OpenBLAS's
 own `openblas_set_num_threads` (numpy's and scipy's copies, found among the loaded libraries);

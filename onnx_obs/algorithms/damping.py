@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.linalg import lapack
 
+from onnx_obs.algorithms.blas_threads import one_blas_thread
+
 
 def damping(diag: np.ndarray, damp: float) -> float:
     """lambda = damp * the mean of the positive diagonal entries (0 when there are none)."""
@@ -21,12 +23,14 @@ def damping(diag: np.ndarray, damp: float) -> float:
 
 def damped_cholesky(A: np.ndarray, lam: float, scale: float) -> tuple[np.ndarray, float]:
     """Lower Cholesky factor (Fortran order) of A + lam I, and the lam used (see the module
-    docstring); scale: max diag H. A is left unchanged."""
+    docstring); scale: max diag H. A is left unchanged. On one BLAS thread: a threaded dpotrf
+    rounds differently with the thread count (onnx_obs/threads.py)."""
     scale = max(scale, np.finfo(np.float64).tiny)
     while True:
         B = np.array(A, dtype=np.float64, order="F")
         B.flat[:: B.shape[0] + 1] += lam
-        L, info = lapack.dpotrf(B, lower=1, clean=0, overwrite_a=1)
+        with one_blas_thread():
+            L, info = lapack.dpotrf(B, lower=1, clean=0, overwrite_a=1)
         if info == 0 and L.diagonal().min() ** 2 > 1e-12 * scale:
             return L, lam
         lam = max(10.0 * lam, 1e-10 * scale)

@@ -168,11 +168,11 @@ def quantize_layer(W: np.ndarray, H: np.ndarray | None, bits: int, *, symmetric:
     h_diag[dead] = 0.0
     lam = damping(h_diag, damp)
     order = np.argsort(-h_diag, kind="stable") if act_order and method == "gptq" else np.arange(cols)
+    A = _decoupled(np.asarray(H)[np.ix_(order, order)], dead[order])
+    L, lam = damped_cholesky(A, lam, float(h_diag.max(initial=0.0)))
     with one_blas_thread():  # a threaded factorisation rounds differently with the count
-        A = _decoupled(np.asarray(H)[np.ix_(order, order)], dead[order])
-        L, lam = damped_cholesky(A, lam, float(h_diag.max(initial=0.0)))
         Hinv, _ = lapack.dpotri(L, lower=1, overwrite_c=1)
-        Hinv = np.tril(Hinv) + np.tril(Hinv, -1).T
+    Hinv = np.tril(Hinv) + np.tril(Hinv, -1).T
     if method == "obq":
         per_weight = (grid.scale[:, grid.groups].astype(np.float64),
                       grid.zero[:, grid.groups].astype(np.float64), grid.qmin, grid.qmax)

@@ -33,9 +33,9 @@ def refit_kept(W0: np.ndarray, W: np.ndarray, H: np.ndarray, removed: np.ndarray
     0.84 s against 1.56 s (512x4608, 3 iterations) and 0.63 against 1.11 s (256x2304, 20), its E
     within 3e-10 of float64's."""
     dtype = np.float32 if W.dtype == np.float32 else np.float64
-    H = H.astype(dtype, copy=False)
+    H, W0 = H.astype(dtype, copy=False), W0.astype(dtype, copy=False)
     keep = ~removed
-    D = np.where(keep, W, 0).astype(dtype) - W0.astype(dtype)  # the change from W0, -w0 on removed
+    D = np.where(keep, W, 0).astype(dtype) - W0  # the change from W0, -w0 on removed
     precond = np.where(keep, 1 / H.diagonal(), 0).astype(dtype)
     R = panel_matmul(D, H)  # kept up to date below: E and the gradient need no further product
     G = R * keep  # gradient of E over the kept weights
@@ -57,4 +57,4 @@ def refit_kept(W0: np.ndarray, W: np.ndarray, H: np.ndarray, removed: np.ndarray
         beta = np.divide(gz_next, gz, out=np.zeros_like(gz), where=gz > 0)
         P = beta[:, None] * P - Z
         gz = gz_next
-    return W0.astype(dtype) + D, 0.5 * float(np.einsum("ij,ij->", D, R, dtype=np.float64))
+    return W0 + D, 0.5 * float(np.einsum("ij,ij->", D, R, dtype=np.float64))

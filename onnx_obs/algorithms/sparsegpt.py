@@ -65,8 +65,8 @@ def sparsegpt_prune(
     own count as if alone, and the predicted errors come per slab: one layer at several sparsity
     levels in one pass over the columns, whose per-column steps cost Python overhead rather than
     arithmetic on the few rows of an allocation table.
-    BLAS runs with the caller's threads: prune_layer and FastLevels keep it on one, so that the
-    result does not depend on the thread count (onnx_obs.threads).
+    BLAS runs on one thread, so that the result does not depend on the thread count
+    (onnx_obs.threads).
     """
     rows, cols = W0.shape
     dtype = W0.dtype.type
@@ -90,24 +90,24 @@ def sparsegpt_prune(
     Z = np.empty((rows, block), dtype=dtype, order="F")
     current = np.empty((rows, block), dtype=dtype, order="F")
     predicted = np.zeros(len(counts))
-    for b, i1 in enumerate(starts):
-        i2 = min(i1 + block, cols)
-        w0, S_b, drop = W0[:, i1:i2], S[:, i1:i2], removed[:, i1:i2]
-        L_rows = L[i1:i2, :i2].astype(dtype, order="F")  # the block's rows of L: all it needs
-        L_bb = L_rows[:, i1:]
-        forced = w0 == 0.0
-        if pattern is None:  # Alg. 1 line 9: adaptive mask over the whole block
-            saliency = _saliency(w0, S_b, L_bb, blas)
-            for quota, rs in zip(quotas, slabs):
-                drop[rs] = smallest_overall(saliency[rs], forced[rs], quota[b])
-        with one_blas_thread():
+    with one_blas_thread():  # the result must not depend on the thread count (module doc)
+        for b, i1 in enumerate(starts):
+            i2 = min(i1 + block, cols)
+            w0, S_b, drop = W0[:, i1:i2], S[:, i1:i2], removed[:, i1:i2]
+            L_rows = L[i1:i2, :i2].astype(dtype, order="F")  # the block's rows of L: all it needs
+            L_bb = L_rows[:, i1:]
+            forced = w0 == 0.0
+            if pattern is None:  # Alg. 1 line 9: adaptive mask over the whole block
+                saliency = _saliency(w0, S_b, L_bb, blas)
+                for quota, rs in zip(quotas, slabs):
+                    drop[rs] = smallest_overall(saliency[rs], forced[rs], quota[b])
             _visit_block(w0, forced, S_b, L_bb, inv_diag[i1:i2], drop, Z, current, sub, pattern, blas)
-        if i1 > 0:  # the block's changes reach every column still to visit
-            blas[0](1.0, Z[:, : i2 - i1], L_rows[:, :i1], beta=1.0, c=S[:, :i1], overwrite_c=True)
-        pruned = np.where(drop, current[:, : i2 - i1], 0.0)  # w_i of the removed weights
-        for i, rs in enumerate(slabs):
-            norms = np.einsum("ij,ij->j", pruned[rs], pruned[rs], dtype=np.float64)
-            predicted[i] += 0.5 * float(norms @ diag[i1:i2] ** 2)  # Eq. 6
+            if i1 > 0:  # the block's changes reach every column still to visit
+                blas[0](1.0, Z[:, : i2 - i1], L_rows[:, :i1], beta=1.0, c=S[:, :i1], overwrite_c=True)
+            pruned = np.where(drop, current[:, : i2 - i1], 0.0)  # w_i of the removed weights
+            for i, rs in enumerate(slabs):
+                norms = np.einsum("ij,ij->j", pruned[rs], pruned[rs], dtype=np.float64)
+                predicted[i] += 0.5 * float(norms @ diag[i1:i2] ** 2)  # Eq. 6
     return S, removed, (float(predicted[0]) if np.isscalar(n_zeros) else predicted)
 
 
